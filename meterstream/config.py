@@ -1,0 +1,150 @@
+"""Settings: one object per concern, validated at start-up.
+
+Every value comes from the environment (prefix ``METERSTREAM_``, nested with
+``__``) or a ``.env`` file, never from module constants. ``config.example.env``
+at the repository root comments every key.
+
+Examples::
+
+    METERSTREAM_KAFKA__BOOTSTRAP_SERVERS=broker1:9092,broker2:9092
+    METERSTREAM_CLICKHOUSE__DSN=http://default:secret@clickhouse:8123/meterstream
+    METERSTREAM_WORKER__BATCH_SIZE=2000
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Where local, git-ignored state lives (broker data, chDB files, logs).
+DEFAULT_STATE_DIR = Path(".local")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class KafkaSettings(_Section):
+    """How clients reach Kafka. Security settings are optional (SASL/TLS)."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    #: Prefix for every topic name, so tests and tenants can share a broker.
+    topic_prefix: str = ""
+    #: Partitions for topics that meterstream creates; keyed by customer.
+    partitions: int = Field(default=3, ge=1, le=1024)
+    replication_factor: int = Field(default=1, ge=1)
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+    def confluent_config(self) -> dict[str, str]:
+        """librdkafka properties for confluent-kafka clients (secrets unwrapped here only)."""
+        conf: dict[str, str] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "security.protocol": self.security_protocol,
+        }
+        if self.sasl_mechanism:
+            conf["sasl.mechanism"] = self.sasl_mechanism
+        if self.sasl_username:
+            conf["sasl.username"] = self.sasl_username
+        if self.sasl_password is not None:
+            conf["sasl.password"] = self.sasl_password.get_secret_value()
+        if self.ssl_cafile:
+            conf["ssl.ca.location"] = str(self.ssl_cafile)
+        return conf
+
+
+class ClickHouseSettings(_Section):
+    """Where rated usage is stored.
+
+    ``chdb://PATH`` runs the ClickHouse engine in-process (the default, data in
+    a git-ignored folder); ``http://user:password@host:8123/database`` talks to
+    a server through the same clickhouse-connect code.
+    """
+
+    dsn: SecretStr = SecretStr(f"chdb://{DEFAULT_STATE_DIR / 'clickhouse'}")
+    database: str = "meterstream"
+    #: Seconds between insert retries while the store is unavailable (doubles, capped).
+    retry_backoff_initial: float = Field(default=0.5, gt=0)
+    retry_backoff_max: float = Field(default=10.0, gt=0)
+
+    @field_validator("dsn")
+    @classmethod
+    def _known_scheme(cls, value: SecretStr) -> SecretStr:
+        raw = value.get_secret_value()
+        if not raw.startswith(("chdb://", "http://", "https://")):
+            raise ValueError("clickhouse.dsn must start with chdb://, http:// or https://")
+        return value
+
+    @property
+    def embedded(self) -> bool:
+        return self.dsn.get_secret_value().startswith("chdb://")
+
+    @property
+    def chdb_path(self) -> Path:
+        if not self.embedded:
+            raise ValueError("chdb_path is only defined for a chdb:// DSN")
+        return Path(self.dsn.get_secret_value().removeprefix("chdb://"))
+
+
+class LocalServicesSettings(_Section):
+    """The local, Docker-free services started by ``meterstream services``."""
+
+    state_dir: Path = DEFAULT_STATE_DIR
+    kafka_port: int = Field(default=9092, ge=1, le=65535)
+    kafka_controller_port: int = Field(default=9093, ge=1, le=65535)
+    kafka_heap: str = "768m"
+    start_timeout: float = Field(default=90.0, gt=0)
+
+    @property
+    def kafka_dir(self) -> Path:
+        return self.state_dir / "kafka"
+
+
+class WorkerSettings(_Section):
+    """The Faust worker: identity, batching and the price file."""
+
+    app_id: str = "meterstream"
+    #: Max events per processing batch, and the longest a batch waits to fill.
+    batch_size: int = Field(default=1000, ge=1, le=100_000)
+    batch_timeout: float = Field(default=0.5, gt=0)
+    #: Tumbling window for the real-time per-customer counters.
+    window_seconds: int = Field(default=60, ge=1)
+    #: How long windowed counters are kept before Faust expires them.
+    window_expires_seconds: int = Field(default=3600, ge=60)
+    web_port: int = Field(default=6066, ge=1, le=65535)
+    #: Price file (YAML); empty means the curated default shipped with the package.
+    price_file: Path | None = None
+    #: Budgets file (YAML); empty means no budgets (no alerts).
+    budgets_file: Path | None = None
+    data_dir: Path = DEFAULT_STATE_DIR / "worker"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="METERSTREAM_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="ignore",
+        frozen=True,
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    clickhouse: ClickHouseSettings = ClickHouseSettings()
+    services: LocalServicesSettings = LocalServicesSettings()
+    worker: WorkerSettings = WorkerSettings()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

@@ -1,0 +1,1 @@
+"""Data files shipped with meterstream (the curated default price book)."""

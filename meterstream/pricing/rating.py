@@ -1,0 +1,100 @@
+"""Rating: one event in, credits and cost to serve out. Pure: no Kafka, no ClickHouse.
+
+The stream worker, the invoice and the offline commands all call
+:func:`rate_event`, so there is exactly one definition of what an event costs.
+"""
+
+from __future__ import annotations
+
+from datetime import timezone
+from decimal import Decimal
+
+from meterstream.pricing.pricebook import MILLION, PriceBook, TokenRates
+from meterstream.schemas.events import Attribution, Meter, OutcomeEvent, UsageEvent
+from meterstream.schemas.records import RatedUsage
+
+THOUSAND = Decimal(1000)
+
+
+class RatingError(ValueError):
+    """The event is valid but this price book cannot price it (e.g. an unknown model)."""
+
+
+def _token_amount(rates: TokenRates, per: Decimal, event: UsageEvent) -> Decimal:
+    # input_tokens includes the cached part (OpenAI's convention, which the SDK normalises to).
+    uncached = event.input_tokens - event.cached_input_tokens
+    return (
+        Decimal(uncached) * rates.input
+        + Decimal(event.cached_input_tokens) * rates.cached_input_rate
+        + Decimal(event.output_tokens) * rates.output
+    ) / per
+
+
+def rate_event(event: UsageEvent | OutcomeEvent, book: PriceBook) -> RatedUsage:
+    """Price one event under ``book``; raises :class:`RatingError` if the book has no price for it."""
+    common = {
+        "event_id": event.event_id,
+        "customer_id": event.customer_id,
+        "occurred_at": event.occurred_at.astimezone(timezone.utc),
+        "period": event.period,
+        "workflow_id": event.workflow_id or "",
+        "run_id": event.run_id or "",
+        "currency": book.currency,
+        "price_book_version": book.version,
+    }
+    if isinstance(event, OutcomeEvent):
+        price = book.outcomes.get(event.outcome_type)
+        if price is None:
+            raise RatingError(f"no outcome price for {event.outcome_type!r} in price book {book.version}")
+        credits = price.ai_only if event.attribution is Attribution.AI_ONLY else price.human_assisted
+        cost = price.cost_per_outcome
+        rule = f"outcome:{event.outcome_type}:{event.attribution.value}"
+        if event.reversal_of:
+            # A reversal credits back the outcome it reverses.
+            credits, cost, rule = -credits, -cost, f"{rule}:reversal"
+        return RatedUsage(
+            kind="outcome",
+            meter="outcome",
+            quantity=Decimal(1),
+            outcome_type=event.outcome_type,
+            attribution=event.attribution.value,
+            credits=credits,
+            cost_to_serve=cost,
+            rule=rule,
+            **common,
+        )
+
+    if event.meter is Meter.TOKENS:
+        assert event.model is not None  # enforced by the schema
+        model = book.models.get(event.model)
+        if model is None:
+            raise RatingError(f"no price for model {event.model!r} in price book {book.version}")
+        credits = _token_amount(model.credits_per_1k, THOUSAND, event)
+        cost = _token_amount(model.cost_per_1m, MILLION, event)
+        rule = f"tokens:{event.model}"
+        provider = event.provider or model.provider
+    else:
+        meter_price = book.meters.get(event.meter.value)
+        if meter_price is None:
+            raise RatingError(f"no price for meter {event.meter.value!r} in price book {book.version}")
+        credits = event.quantity * meter_price.credits_per_unit
+        cost = event.quantity * meter_price.cost_per_unit
+        rule = f"meter:{event.meter.value}"
+        provider = event.provider or ""
+    return RatedUsage(
+        kind="usage",
+        meter=event.meter.value,
+        model=event.model or "",
+        provider=provider,
+        input_tokens=event.input_tokens,
+        cached_input_tokens=event.cached_input_tokens,
+        output_tokens=event.output_tokens,
+        quantity=event.quantity,
+        unit=event.unit or "",
+        credits=credits,
+        cost_to_serve=cost,
+        rule=rule,
+        **common,
+    )
+
+

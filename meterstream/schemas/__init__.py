@@ -1,0 +1,22 @@
+"""Wire formats and derived records. The pydantic models are the single definition."""
+
+from meterstream.schemas.events import (
+    SCHEMA_VERSION,
+    Attribution,
+    Meter,
+    OutcomeEvent,
+    UsageEvent,
+)
+from meterstream.schemas.records import BudgetAlert, DeadLetter, RatedUsage, ThresholdAction
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Attribution",
+    "BudgetAlert",
+    "DeadLetter",
+    "Meter",
+    "OutcomeEvent",
+    "RatedUsage",
+    "ThresholdAction",
+    "UsageEvent",
+]

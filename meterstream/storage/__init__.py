@@ -1,0 +1,1 @@
+"""ClickHouse storage: DDL migrations, the batch sink and saved queries."""

@@ -1,0 +1,234 @@
+"""ClickHouse behind a small interface: connect, migrate, insert a batch, query.
+
+The same code serves chDB embedded (``chdb://PATH``, the ClickHouse engine in
+this process) and a server (``http://...``), both through clickhouse-connect.
+chDB allows one process per data directory: in embedded mode the worker owns
+the store while it runs and serves the CLI's reads (see :mod:`meterstream.storage.owner`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import clickhouse_connect
+from clickhouse_connect.driver.client import Client
+
+from meterstream.config import ClickHouseSettings
+from meterstream.schemas.records import BudgetAlert, RatedUsage, RawEvent
+
+log = logging.getLogger(__name__)
+
+#: Numbered DDL files live at the repository root in ``sql/``.
+SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
+_MIGRATION_NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
+
+
+class StoreError(RuntimeError):
+    """The store cannot be reached or refused a write; the caller may retry the same batch."""
+
+
+def connect(settings: ClickHouseSettings, *, create_database: bool = True) -> Client:
+    """A clickhouse-connect client for the configured DSN, on the configured database."""
+    dsn = settings.dsn.get_secret_value()
+    try:
+        if settings.embedded:
+            settings.chdb_path.mkdir(parents=True, exist_ok=True)
+            client = clickhouse_connect.get_client(dsn=f"chdb://{settings.chdb_path.resolve()}")
+        else:
+            client = clickhouse_connect.get_client(dsn=dsn)
+        if create_database:
+            client.command(f"CREATE DATABASE IF NOT EXISTS {_ident(settings.database)}")
+        if settings.embedded:
+            client.close()
+            client = clickhouse_connect.get_client(
+                dsn=f"chdb://{settings.chdb_path.resolve()}", database=settings.database
+            )
+        else:
+            client.database = settings.database
+        return client
+    except Exception as exc:  # clickhouse-connect raises several unrelated types
+        where = f"chDB at {settings.chdb_path}" if settings.embedded else "the ClickHouse server"
+        raise StoreError(f"cannot open {where}: {exc}") from exc
+
+
+def _ident(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise ValueError(f"invalid ClickHouse identifier {name!r}")
+    return name
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def discover_migrations(sql_dir: Path = SQL_DIR) -> list[Migration]:
+    migrations = []
+    for path in sorted(sql_dir.glob("*.sql")):
+        match = _MIGRATION_NAME.match(path.name)
+        if match:
+            migrations.append(Migration(int(match.group(1)), path.name, path.read_text()))
+    versions = [m.version for m in migrations]
+    if len(set(versions)) != len(versions):
+        raise ValueError(f"duplicate migration numbers in {sql_dir}: {versions}")
+    return migrations
+
+
+def _statements(sql: str) -> list[str]:
+    # DDL files hold no semicolons inside strings, so a split on ';' is exact here.
+    lines = [line for line in sql.splitlines() if not line.strip().startswith("--")]
+    return [stmt.strip() for stmt in "\n".join(lines).split(";") if stmt.strip()]
+
+
+def migrate(client: Client, sql_dir: Path = SQL_DIR) -> list[str]:
+    """Apply the numbered DDL not yet applied; returns the names applied now. Idempotent."""
+    client.command(
+        "CREATE TABLE IF NOT EXISTS schema_migrations "
+        "(version UInt32, name String, applied_at DateTime64(3, 'UTC')) "
+        "ENGINE = ReplacingMergeTree ORDER BY version"
+    )
+    applied = {row[0] for row in client.query("SELECT version FROM schema_migrations FINAL").result_rows}
+    done = []
+    for migration in discover_migrations(sql_dir):
+        if migration.version in applied:
+            continue
+        for statement in _statements(migration.sql):
+            client.command(statement)
+        client.insert(
+            "schema_migrations",
+            [(migration.version, migration.name, datetime.now(timezone.utc))],
+            column_names=["version", "name", "applied_at"],
+        )
+        done.append(migration.name)
+        log.info("applied migration %s", migration.name)
+    return done
+
+
+RATED_COLUMNS = [
+    "event_id", "kind", "customer_id", "occurred_at", "period", "meter", "model", "provider",
+    "workflow_id", "run_id", "input_tokens", "cached_input_tokens", "output_tokens", "quantity",
+    "unit", "outcome_type", "attribution", "credits", "cost_to_serve", "currency",
+    "price_book_version", "rule",
+]  # fmt: skip
+RAW_COLUMNS = [
+    "event_id", "customer_id", "kind", "occurred_at", "period", "payload",
+    "source_topic", "source_partition", "source_offset", "ingested_at",
+]  # fmt: skip
+ALERT_COLUMNS = [
+    "alert_id", "customer_id", "period", "threshold_percent", "budget_credits",
+    "spent_credits", "action", "crossed_at", "triggering_event_id",
+]  # fmt: skip
+
+
+@dataclass
+class QueryResult:
+    columns: list[str]
+    types: list[str]
+    rows: list[list[Any]]
+
+    def dicts(self) -> list[dict[str, Any]]:
+        return [dict(zip(self.columns, row)) for row in self.rows]
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """Decimals and datetimes as text, so a reader can restore them exactly from ``types``."""
+        return {
+            "columns": self.columns,
+            "types": self.types,
+            "rows": [[v if isinstance(v, (int, str, type(None))) else str(v) for v in row] for row in self.rows],
+        }
+
+    @classmethod
+    def from_json_dict(cls, data: dict[str, Any]) -> QueryResult:
+        types = data["types"]
+        rows = [
+            [Decimal(v) if t.startswith("Decimal") and v is not None else v for v, t in zip(row, types)]
+            for row in data["rows"]
+        ]
+        return cls(columns=data["columns"], types=types, rows=rows)
+
+
+class ClickHouseStore:
+    """The sink's storage: one call writes one batch, or raises :class:`StoreError`."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def insert_batch(
+        self,
+        raw: Sequence[RawEvent],
+        rated: Sequence[RatedUsage],
+        alerts: Sequence[BudgetAlert] = (),
+    ) -> None:
+        now = datetime.now(timezone.utc)
+        try:
+            if raw:
+                self.client.insert(
+                    "events_raw",
+                    [
+                        (
+                            r.event_id, r.customer_id, r.kind, r.occurred_at, r.period,
+                            r.payload.decode("utf-8", "replace"), r.source_topic,
+                            r.source_partition, r.source_offset, now,
+                        )  # fmt: skip
+                        for r in raw
+                    ],
+                    column_names=RAW_COLUMNS,
+                )
+            if rated:
+                self.client.insert(
+                    "usage_rated",
+                    [_rated_tuple(row, now) for row in rated],
+                    column_names=[*RATED_COLUMNS, "rated_at"],
+                )
+            if alerts:
+                self.client.insert(
+                    "budget_alerts",
+                    [
+                        (
+                            a.alert_id, a.customer_id, a.period, a.threshold_percent,
+                            a.budget_credits, a.spent_credits, a.action.value, a.crossed_at,
+                            a.triggering_event_id,
+                        )  # fmt: skip
+                        for a in alerts
+                    ],
+                    column_names=ALERT_COLUMNS,
+                )
+        except Exception as exc:
+            raise StoreError(f"insert of {len(rated)} rated rows failed: {exc}") from exc
+
+    def query(self, sql: str, parameters: dict[str, Any] | None = None) -> QueryResult:
+        try:
+            result = self.client.query(sql, parameters=parameters or {})
+        except Exception as exc:
+            raise StoreError(f"query failed: {exc}") from exc
+        return QueryResult(
+            columns=list(result.column_names),
+            types=[t.name for t in result.column_types],
+            rows=[list(row) for row in result.result_rows],
+        )
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _rated_tuple(row: RatedUsage, rated_at: datetime) -> tuple[Any, ...]:
+    values = row.model_dump()
+    return (*(values[name] for name in RATED_COLUMNS), rated_at)
+
+
+def open_store(settings: ClickHouseSettings, *, apply_migrations: bool = True) -> ClickHouseStore:
+    client = connect(settings)
+    if apply_migrations:
+        migrate(client)
+    return ClickHouseStore(client)
+
+

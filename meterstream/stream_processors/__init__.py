@@ -1,0 +1,1 @@
+"""The Faust worker that rates, dedupes, counts and alerts."""
