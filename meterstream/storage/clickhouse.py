@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
@@ -154,6 +154,16 @@ class QueryResult:
             for row in data["rows"]
         ]
         return cls(columns=data["columns"], types=types, rows=rows)
+
+
+class Storage(Protocol):
+    """What the worker needs from a store: write a batch, run a saved query."""
+
+    def insert_batch(
+        self, raw: Sequence[RawEvent], rated: Sequence[RatedUsage], alerts: Sequence[BudgetAlert] = ()
+    ) -> None: ...
+
+    def query(self, sql: str, parameters: dict[str, Any] | None = None) -> QueryResult: ...
 
 
 class ClickHouseStore:

@@ -33,8 +33,7 @@ from aiokafka.partitioner import murmur2
 from meterstream.budgets import load_budgets
 from meterstream.config import Settings
 from meterstream.pricing.pricebook import load_price_book
-from meterstream.storage.clickhouse import ClickHouseStore, StoreError, open_store
-from meterstream.storage.owner import StoreOwnership
+from meterstream.storage.clickhouse import Storage, StoreError
 from meterstream.storage.queries import UnknownQuery, query_parameters, saved_query
 from meterstream.stream_processors.processing import (
     BatchProcessor,
@@ -90,8 +89,8 @@ class WorkerStats:
         }
 
 
-def create_app(settings: Settings) -> faust.App:
-    """Build the worker app from settings (nothing is read from module globals)."""
+def create_app(settings: Settings, store: Storage) -> faust.App:
+    """Build the worker app from settings and an open store (nothing is read from module globals)."""
     worker = settings.worker
     kafka = settings.kafka
     topics = Topics.from_settings(kafka)
@@ -128,30 +127,13 @@ def create_app(settings: Settings) -> faust.App:
     alerts_topic = app.topic(topics.budget_alerts.name, key_serializer="raw", value_serializer="raw")
     dead_letter_topic = app.topic(topics.dead_letter.name, key_serializer="raw", value_serializer="raw")
 
-    month_to_date = app.Table("month-to-date", default=None, key_serializer="raw", value_serializer="json")
-    usage_windows = app.Table("usage-windows", default=None, key_serializer="raw", value_serializer="json")
+    table_schema = faust.Schema(key_type=bytes, value_type=dict, key_serializer="raw", value_serializer="json")
+    month_to_date = app.Table("month-to-date", default=None, schema=table_schema)
+    usage_windows = app.Table("usage-windows", default=None, schema=table_schema)
 
-    state: dict[str, Any] = {"store": None}
+    # One store call at a time: chDB runs in this process and inserts and reads share it.
     store_lock = asyncio.Lock()
-    ownership = StoreOwnership(settings.clickhouse, web_port=worker.web_port)
-
-    def store() -> ClickHouseStore:
-        if state["store"] is None:
-            raise StoreError("the store is not open yet")
-        return state["store"]
-
-    @app.on_startup.connect
-    async def _open_store(app: faust.App, **_: Any) -> None:
-        ownership.claim()
-        state["store"] = await asyncio.to_thread(open_store, settings.clickhouse)
-        log.info("store open; price book %s; %d budgets", price_book.version, len(budgets.customers))
-
-    @app.on_shutdown.connect
-    async def _close_store(app: faust.App, **_: Any) -> None:
-        if state["store"] is not None:
-            state["store"].close()
-            state["store"] = None
-        ownership.release()
+    log.info("price book %s; %d customer budgets", price_book.version, len(budgets.customers))
 
     def kind_of(topic_name: str) -> str:
         return "outcome" if topic_name == topics.outcomes.name else "usage"
@@ -164,7 +146,7 @@ def create_app(settings: Settings) -> faust.App:
         while True:
             try:
                 async with store_lock:
-                    await asyncio.to_thread(store().insert_batch, result.raw, result.rated, result.alerts)
+                    await asyncio.to_thread(store.insert_batch, result.raw, result.rated, result.alerts)
                 return
             except StoreError as exc:
                 stats.store_retries += 1
@@ -227,7 +209,10 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.page("/stats/")
     async def stats_view(web: Any, request: Any) -> Any:
-        return web.bytes(orjson.dumps(stats.as_dict()), content_type="application/json")
+        assigned = sorted(f"{tp.topic}:{tp.partition}" for tp in app.assignor.assigned_actives())
+        ready = bool(assigned) and not app.rebalancing and app.tables.recovery.completed.is_set()
+        body = {**stats.as_dict(), "assigned": assigned, "ready": ready}
+        return web.bytes(orjson.dumps(body), content_type="application/json")
 
     @app.page("/store/query/{name}/")
     async def query_view(web: Any, request: Any, name: str) -> Any:
@@ -239,7 +224,7 @@ def create_app(settings: Settings) -> faust.App:
         params = {p: request.query.get(p, "") for p in query_parameters(name)}
         try:
             async with store_lock:
-                rows = await asyncio.to_thread(store().query, sql, params)
+                rows = await asyncio.to_thread(store.query, sql, params)
         except StoreError as exc:
             return web.bytes(orjson.dumps({"error": str(exc)}), status=503)
         return web.bytes(orjson.dumps(rows.to_json_dict()), content_type="application/json")

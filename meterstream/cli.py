@@ -1,0 +1,290 @@
+"""The ``meterstream`` command: services, migrate, worker, demo, usage, alerts, schemas."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from meterstream.config import Settings, get_settings
+
+app = typer.Typer(help="Usage metering for AI products: SDK -> Kafka -> Faust -> ClickHouse.", no_args_is_help=True)
+services_app = typer.Typer(help="Local Kafka broker for machines without Docker.", no_args_is_help=True)
+alerts_app = typer.Typer(help="Budget alerts.", no_args_is_help=True)
+schemas_app = typer.Typer(help="Event schemas for producers in other languages.", no_args_is_help=True)
+app.add_typer(services_app, name="services")
+app.add_typer(alerts_app, name="alerts")
+app.add_typer(schemas_app, name="schemas")
+
+console = Console()
+err_console = Console(stderr=True)
+
+PeriodOption = Annotated[
+    str | None, typer.Option("--period", help="Billing period YYYY-MM (UTC); default: the current month.")
+]
+CustomerOption = Annotated[str | None, typer.Option("--customer", help="Only this customer.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+def current_period() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m")
+
+
+def _check_period(period: str | None) -> str:
+    period = period or current_period()
+    try:
+        datetime.strptime(period, "%Y-%m")
+    except ValueError:
+        raise fail(f"--period must look like 2026-11, got {period!r}") from None
+    return period
+
+
+# -- services ---------------------------------------------------------------------------------
+
+
+@services_app.command("up")
+def services_up() -> None:
+    """Start the local Kafka broker (KRaft, 127.0.0.1 only); harmless if it already runs."""
+    from meterstream.services.kafka import KafkaBroker, ServiceError
+
+    settings = get_settings()
+    broker = KafkaBroker(settings.services)
+    try:
+        with console.status("starting Kafka") as status:
+            result = broker.up(on_step=lambda step: status.update(f"Kafka: {step}"))
+    except ServiceError as exc:
+        raise fail(str(exc)) from None
+    console.print(f"Kafka ready at [bold]{result.bootstrap}[/] (pid {result.pid}, data in {result.data_dir})")
+
+
+@services_app.command("down")
+def services_down() -> None:
+    """Stop the local Kafka broker; harmless if it is not running."""
+    from meterstream.services.kafka import KafkaBroker, ServiceError
+
+    try:
+        stopped = KafkaBroker(get_settings().services).down()
+    except ServiceError as exc:
+        raise fail(str(exc)) from None
+    console.print("Kafka stopped" if stopped else "Kafka was not running")
+
+
+@services_app.command("status")
+def services_status(as_json: JsonOption = False) -> None:
+    """Show whether the local broker runs, where, and with which data directory."""
+    from meterstream.services.kafka import KafkaBroker
+
+    status = KafkaBroker(get_settings().services).status()
+    if as_json:
+        console.print_json(json.dumps(status.__dict__, default=str))
+        return
+    state = "[green]running[/]" if status.running else "[yellow]stopped[/]"
+    console.print(f"Kafka {state}  pid={status.pid}  bootstrap={status.bootstrap}  data={status.data_dir}")
+    if not status.running:
+        raise typer.Exit(3)
+
+
+# -- store ------------------------------------------------------------------------------------
+
+
+@app.command()
+def migrate() -> None:
+    """Apply the numbered ClickHouse DDL in sql/ (idempotent)."""
+    from meterstream.storage.clickhouse import StoreError, connect
+    from meterstream.storage.clickhouse import migrate as apply_migrations
+    from meterstream.storage.owner import current_owner
+
+    settings = get_settings()
+    owner = current_owner(settings.clickhouse)
+    if owner is not None:
+        raise fail(
+            f"the worker (pid {owner.pid}) owns the embedded store and applied the migrations when it started"
+        )
+    try:
+        client = connect(settings.clickhouse)
+        applied = apply_migrations(client)
+        client.close()
+    except StoreError as exc:
+        raise fail(str(exc)) from None
+    if applied:
+        for name in applied:
+            console.print(f"applied {name}")
+    else:
+        console.print("schema is up to date")
+
+
+# -- worker -----------------------------------------------------------------------------------
+
+
+@app.command()
+def worker(
+    loglevel: Annotated[str, typer.Option(help="crit, error, warn, info or debug")] = "info",
+) -> None:
+    """Run the Faust worker: rate, dedupe, count, alert, and write to ClickHouse."""
+    import faust
+
+    from meterstream.budgets import BudgetBookError
+    from meterstream.pricing.pricebook import PriceBookError
+    from meterstream.storage.clickhouse import StoreError, open_store
+    from meterstream.storage.owner import StoreOwnership
+    from meterstream.stream_processors.app import create_app
+    from meterstream.topics import TopicError, ensure_topics
+
+    settings = get_settings()
+    ownership = StoreOwnership(settings.clickhouse, web_port=settings.worker.web_port)
+    try:
+        ensure_topics(settings.kafka)
+        ownership.claim()
+        store = open_store(settings.clickhouse)
+    except (TopicError, StoreError) as exc:
+        ownership.release()
+        raise fail(str(exc)) from None
+    try:
+        faust_app = create_app(settings, store)
+        faust.Worker(faust_app, loglevel=loglevel).execute_from_commandline()
+    except (PriceBookError, BudgetBookError) as exc:
+        raise fail(str(exc)) from None
+    finally:
+        store.close()
+        ownership.release()
+
+
+# -- demo -------------------------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    customers: Annotated[int, typer.Option(min=3, max=1000, help="How many customers send traffic.")] = 40,
+    events: Annotated[int, typer.Option(min=100, max=2_000_000, help="How many usage events to send.")] = 20_000,
+    seed: Annotated[int, typer.Option(help="Random seed for the traffic.")] = 7,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the worker to catch up.")] = 300.0,
+) -> None:
+    """Start the services, run the worker, send realistic traffic and print what was billed."""
+    from meterstream.demo import DemoError, run_demo
+
+    try:
+        run_demo(get_settings(), customers=customers, events=events, seed=seed, timeout=timeout, console=console)
+    except DemoError as exc:
+        raise fail(str(exc)) from None
+
+
+# -- queries ----------------------------------------------------------------------------------
+
+
+def _run_query(settings: Settings, name: str, **params: str) -> Any:
+    from meterstream.storage.clickhouse import StoreError
+    from meterstream.storage.owner import run_saved_query
+
+    try:
+        return run_saved_query(settings.clickhouse, name, **params)
+    except StoreError as exc:
+        raise fail(str(exc)) from None
+
+
+def _fmt(value: Any, places: int | None = None) -> str:
+    if isinstance(value, Decimal):
+        if places is not None:
+            from meterstream.pricing.money import round_money
+
+            return f"{round_money(value):,}" if places == 2 else f"{value.quantize(Decimal(1).scaleb(-places)):,}"
+        return f"{value.normalize():,f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _emit_json(result: Any) -> None:
+    console.print_json(json.dumps(result.dicts(), default=str))
+
+
+def usage_table(rows: list[dict[str, Any]], title: str) -> Table:
+    table = Table(title=title)
+    for column in ("customer", "events", "input tok", "cached tok", "output tok", "credits", "cost to serve $"):
+        table.add_column(column, justify="left" if column == "customer" else "right")
+    for row in rows:
+        table.add_row(
+            row["customer_id"],
+            _fmt(row["events"]),
+            _fmt(row["input_tokens"]),
+            _fmt(row["cached_input_tokens"]),
+            _fmt(row["output_tokens"]),
+            _fmt(row["credits"], 2),
+            _fmt(row["cost_to_serve"], 4),
+        )
+    return table
+
+
+def alerts_table(rows: list[dict[str, Any]], title: str) -> Table:
+    table = Table(title=title)
+    for column in ("crossed at", "customer", "threshold", "spent credits", "budget credits", "action"):
+        table.add_column(column)
+    for row in rows:
+        crossed = row["crossed_at"]
+        table.add_row(
+            crossed.strftime("%Y-%m-%d %H:%M:%S") if isinstance(crossed, datetime) else str(crossed),
+            row["customer_id"],
+            f"{row['threshold_percent']}%",
+            _fmt(row["spent_credits"], 2),
+            _fmt(row["budget_credits"], 2),
+            row["action"],
+        )
+    return table
+
+
+@app.command()
+def usage(period: PeriodOption = None, customer: CustomerOption = None, as_json: JsonOption = False) -> None:
+    """Month-to-date usage, credits and cost to serve per customer (deduplicated)."""
+    settings = get_settings()
+    period = _check_period(period)
+    result = _run_query(settings, "month_to_date", period=period, customer=customer or "")
+    if as_json:
+        _emit_json(result)
+        return
+    console.print(usage_table(result.dicts(), f"Month-to-date usage, {period}"))
+
+
+@alerts_app.command("list")
+def alerts_list(period: PeriodOption = None, customer: CustomerOption = None, as_json: JsonOption = False) -> None:
+    """Budget alerts raised in a period, in the order they were crossed."""
+    settings = get_settings()
+    period = _check_period(period)
+    result = _run_query(settings, "budget_alerts", period=period, customer=customer or "")
+    if as_json:
+        _emit_json(result)
+        return
+    console.print(alerts_table(result.dicts(), f"Budget alerts, {period}"))
+
+
+# -- schemas ----------------------------------------------------------------------------------
+
+
+@schemas_app.command("export")
+def schemas_export(
+    directory: Annotated[Path, typer.Argument(help="Where to write *.schema.json")] = Path("docs/schemas"),
+) -> None:
+    """Write the JSON Schema of each event, for producers in other languages."""
+    from meterstream.schemas.jsonschema import export_json_schemas
+
+    for path in export_json_schemas(directory):
+        console.print(f"wrote {path}")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,1 @@
+"""Local, Docker-free services (the Kafka broker) for development and tests."""
