@@ -233,7 +233,7 @@ def alerts_table(rows: list[dict[str, Any]], title: str) -> Table:
     for row in rows:
         crossed = row["crossed_at"]
         table.add_row(
-            crossed.strftime("%Y-%m-%d %H:%M:%S") if isinstance(crossed, datetime) else str(crossed),
+            crossed.strftime("%m-%d %H:%M:%S") if isinstance(crossed, datetime) else str(crossed),
             row["customer_id"],
             f"{row['threshold_percent']}%",
             _fmt(row["spent_credits"], 2),

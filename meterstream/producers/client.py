@@ -133,7 +133,8 @@ class MeterClient:
 
     def record_quantity(self, customer_id: str, meter: Meter | str, quantity: Decimal | int, **fields: Any) -> UsageEvent:
         """A non-token meter: requests, actions, documents, seats."""
-        return self.record_usage(customer_id, meter=Meter(meter), quantity=Decimal(quantity), **fields)
+        # The schema converts quantity (refusing booleans, reading floats via repr), so pass it as given.
+        return self.record_usage(customer_id, meter=Meter(meter), quantity=quantity, **fields)
 
     def record_outcome(
         self, customer_id: str, outcome_type: str, attribution: Attribution | str, **fields: Any

@@ -87,7 +87,12 @@ def _not_in_future(value: datetime) -> datetime:
         raise ValueError(
             f"occurred_at {value.isoformat()} is more than {int(MAX_FUTURE_SKEW.total_seconds())} s in the future"
         )
-    return value.astimezone(timezone.utc)
+    try:
+        return value.astimezone(timezone.utc)
+    except OverflowError:
+        # e.g. 0001-01-01T00:00:00+01:00 is before datetime.min in UTC; a ValueError
+        # makes it a validation error (a Rejection), not an exception in the worker.
+        raise ValueError(f"occurred_at {value.isoformat()} is out of range in UTC") from None
 
 
 OccurredAt = Annotated[AwareDatetime, AfterValidator(_not_in_future)]

@@ -149,11 +149,18 @@ class QueryResult:
     @classmethod
     def from_json_dict(cls, data: dict[str, Any]) -> QueryResult:
         types = data["types"]
-        rows = [
-            [Decimal(v) if t.startswith("Decimal") and v is not None else v for v, t in zip(row, types)]
-            for row in data["rows"]
-        ]
+        rows = [[_revive(v, t) for v, t in zip(row, types)] for row in data["rows"]]
         return cls(columns=data["columns"], types=types, rows=rows)
+
+
+def _revive(value: Any, clickhouse_type: str) -> Any:
+    if value is None:
+        return None
+    if "Decimal" in clickhouse_type:
+        return Decimal(value)
+    if "DateTime" in clickhouse_type:
+        return datetime.fromisoformat(value)
+    return value
 
 
 class Storage(Protocol):

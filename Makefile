@@ -1,0 +1,50 @@
+# Two commands on a fresh machine:  make demo   and   make test
+# Everything they need is set up here, once, and reused by a second run: the
+# virtualenv and Python packages below; the Kafka jars by `meterstream services up`
+# (Maven, services/kafka/pom.xml, cached in .local/kafka/lib). Nothing by hand.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+STATE  := .local
+KAFKA_LIB := $(STATE)/kafka/lib
+
+.PHONY: demo test test-unit test-integration services-up services-down install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+services-up: $(STAMP)
+	$(BIN)/meterstream services up
+
+services-down: $(STAMP)
+	-$(BIN)/meterstream services down
+
+demo: $(STAMP)
+	$(BIN)/meterstream demo
+
+# The whole suite: starts the local broker, runs unit and integration tests,
+# and stops the broker again if this run started it.
+test: $(STAMP)
+	@started=0; \
+	if ! $(BIN)/meterstream services status >/dev/null 2>&1; then started=1; fi; \
+	$(BIN)/meterstream services up || exit 1; \
+	$(BIN)/python -m pytest -ra $(PYTEST_ARGS); rc=$$?; \
+	if [ $$started = 1 ]; then $(BIN)/meterstream services down; fi; \
+	exit $$rc
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -ra tests/unit $(PYTEST_ARGS)
+
+test-integration: $(STAMP) services-up
+	$(BIN)/python -m pytest -ra tests/integration $(PYTEST_ARGS)
+
+clean:
+	-$(BIN)/meterstream services down
+	rm -rf $(STATE) .pytest_cache .hypothesis
