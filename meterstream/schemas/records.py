@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_serializer,
+    field_validator,
+)
 
 
 class RatedUsage(BaseModel):
@@ -72,16 +81,27 @@ class BudgetAlert(BaseModel):
 
 
 class DeadLetter(BaseModel):
-    """A rejected message: raw bytes (base64 in JSON) and why, with where it came from."""
+    """A rejected message: raw bytes (standard, padded base64 in JSON) and why, with where it came from."""
 
-    model_config = ConfigDict(frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
+    model_config = ConfigDict(frozen=True)
 
     reason: str
-    raw: bytes
+    raw: bytes = Field(description="The message value exactly as received, base64 (RFC 4648) in JSON.")
     source_topic: str | None = None
     source_partition: int | None = None
     source_offset: int | None = None
     rejected_at: datetime
+
+    @field_serializer("raw", when_used="json")
+    def _raw_as_base64(self, raw: bytes) -> str:
+        return base64.b64encode(raw).decode("ascii")
+
+    @field_validator("raw", mode="before")
+    @classmethod
+    def _raw_from_base64(cls, value: object, info: ValidationInfo) -> object:
+        if info.mode == "json" and isinstance(value, str):
+            return base64.b64decode(value, validate=True)
+        return value
 
 
 @dataclass(frozen=True)

@@ -229,7 +229,9 @@ def create_app(settings: Settings, store: Storage) -> faust.App:
             return web.bytes(orjson.dumps({"error": str(exc)}), status=503)
         return web.bytes(orjson.dumps(rows.to_json_dict()), content_type="application/json")
 
+    # Handles for tests and the CLI (agents are unit-tested through ``rate_events.test_context()``).
     app.meterstream_stats = stats  # type: ignore[attr-defined]
-    app.meterstream_processor = processor  # type: ignore[attr-defined]
+    app.meterstream_agent = rate_events  # type: ignore[attr-defined]
+    app.meterstream_topics = {"alerts": alerts_topic, "dead_letter": dead_letter_topic}  # type: ignore[attr-defined]
     return app
 
