@@ -1,0 +1,127 @@
+"""The Faust agent, driven through ``agent.test_context()``: no broker, no ClickHouse.
+
+The store is an in-memory stand-in for the one-method storage interface, and the
+side-topic sends are captured, so this checks the agent's wiring: one batch in,
+rows to the store, rejections to the dead-letter topic, alerts to budget-alerts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from decimal import Decimal
+from pathlib import Path
+from unittest.mock import AsyncMock
+
+import pytest
+
+from meterstream.config import Settings, WorkerSettings
+from meterstream.storage.clickhouse import QueryResult
+from meterstream.stream_processors.app import create_app
+
+
+class MemoryStore:
+    def __init__(self, failures: int = 0) -> None:
+        self.raw: list = []
+        self.rated: list = []
+        self.alerts: list = []
+        self.failures = failures
+
+    def insert_batch(self, raw, rated, alerts=()) -> None:
+        from meterstream.storage.clickhouse import StoreError
+
+        if self.failures:
+            self.failures -= 1
+            raise StoreError("store down")
+        self.raw += raw
+        self.rated += rated
+        self.alerts += alerts
+
+    def query(self, sql, parameters=None) -> QueryResult:
+        return QueryResult([], [], [])
+
+
+def _event(event_id: str, customer: str = "acme", input_tokens: int = 10_000) -> bytes:
+    return json.dumps(
+        {
+            "event_id": event_id,
+            "customer_id": customer,
+            "occurred_at": "2026-11-01T00:00:00Z",
+            "model": "gpt-4o",
+            "input_tokens": input_tokens,
+        }
+    ).encode()
+
+
+def _sent_future() -> asyncio.Future:
+    future = asyncio.get_running_loop().create_future()
+    future.set_result(None)
+    return future
+
+
+async def _run(store: MemoryStore, values: list[bytes], tmp_path: Path, budgets: str | None = None):
+    budgets_file = None
+    if budgets:
+        budgets_file = tmp_path / "budgets.yaml"
+        budgets_file.write_text(budgets)
+    settings = Settings(
+        worker=WorkerSettings(app_id="unit", batch_timeout=0.05, budgets_file=budgets_file, data_dir=tmp_path)
+    )
+    app = create_app(settings, store)
+    sent: dict[str, list[bytes]] = {"alerts": [], "dead_letter": []}
+    for name, topic in app.meterstream_topics.items():
+
+        async def capture(*, key=None, value=None, _name=name, **_):
+            sent[_name].append(value)
+            return _sent_future()
+
+        topic.send = AsyncMock(side_effect=capture)
+    async with app.meterstream_agent.test_context() as agent:
+        for value in values:
+            await asyncio.wait_for(agent.put(value, key=b"acme"), 5)
+        for _ in range(200):
+            if app.meterstream_stats.messages >= len(values):
+                break
+            await asyncio.sleep(0.02)
+    return app, sent
+
+
+def test_agent_rates_a_batch_and_writes_it_to_the_store(tmp_path):
+    store = MemoryStore()
+    app, sent = asyncio.run(_run(store, [_event("e1"), _event("e2"), _event("e1")], tmp_path))
+    assert [row.event_id for row in store.rated] == ["e1", "e2"]
+    assert all(row.credits == Decimal("5") for row in store.rated)  # 10K tokens x 0.5 per 1K
+    assert len(store.raw) == 2
+    assert app.meterstream_stats.duplicates == 1
+    assert sent == {"alerts": [], "dead_letter": []}
+
+
+def test_agent_sends_rejections_to_the_dead_letter_topic_and_keeps_going(tmp_path):
+    store = MemoryStore()
+    app, sent = asyncio.run(_run(store, [b"{broken", _event("ok-1"), b"\xff"], tmp_path))
+    assert [row.event_id for row in store.rated] == ["ok-1"]
+    letters = [json.loads(v) for v in sent["dead_letter"]]
+    assert len(letters) == 2
+    assert {letter["reason"].split(":")[0] for letter in letters} == {"invalid event"}
+
+
+def test_agent_raises_each_threshold_once(tmp_path):
+    budgets = 'customers:\n  acme: {monthly_credits: "10", thresholds: [50, 100]}\n'
+    store = MemoryStore()
+    # 3 events x 5 credits = 15 credits against a budget of 10: 50% and 100%, once each.
+    app, sent = asyncio.run(_run(store, [_event(f"e{i}") for i in range(3)], tmp_path, budgets))
+    alerts = [json.loads(v) for v in sent["alerts"]]
+    assert sorted(a["threshold_percent"] for a in alerts) == [50, 100]
+    assert len(store.alerts) == 2
+
+
+def test_agent_retries_the_store_and_loses_nothing(tmp_path):
+    store = MemoryStore(failures=2)
+    app, _ = asyncio.run(_run(store, [_event("r1"), _event("r2")], tmp_path))
+    assert [row.event_id for row in store.rated] == ["r1", "r2"]
+    assert app.meterstream_stats.store_retries == 2
+
+
+@pytest.fixture(autouse=True)
+def _fast_backoff(monkeypatch):
+    monkeypatch.setenv("METERSTREAM_CLICKHOUSE__RETRY_BACKOFF_INITIAL", "0.01")
