@@ -122,6 +122,8 @@ class WorkerSettings(_Section):
     #: How long windowed counters are kept before Faust expires them.
     window_expires_seconds: int = Field(default=3600, ge=60)
     web_port: int = Field(default=6066, ge=1, le=65535)
+    #: The worker's HTTP endpoint (/stats/, saved-query reads) listens here only.
+    web_bind: str = "127.0.0.1"
     #: Price file (YAML); empty means the curated default shipped with the package.
     price_file: Path | None = None
     #: Budgets file (YAML); empty means no budgets (no alerts).
