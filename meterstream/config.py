@@ -138,6 +138,8 @@ class Settings(BaseSettings):
         env_file=".env",
         extra="ignore",
         frozen=True,
+        # A rejected value may be a DSN with a password in it: errors name the field, not the input.
+        hide_input_in_errors=True,
     )
 
     kafka: KafkaSettings = KafkaSettings()

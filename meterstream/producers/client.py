@@ -149,7 +149,9 @@ class MeterClient:
 
     @property
     def pending(self) -> int:
-        return len(self._producer)
+        """Events produced whose delivery has been neither confirmed nor reported failed."""
+        with self._lock:
+            return self.sent - self.delivered - self.failed
 
     def poll(self, timeout: float = 0) -> int:
         """Serve delivery callbacks; call it now and then if you produce without flushing."""

@@ -18,6 +18,7 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
@@ -81,21 +82,35 @@ def _check_attributes(attributes: dict[str, AttributeValue]) -> dict[str, Attrib
 Attributes = Annotated[dict[str, AttributeValue], AfterValidator(_check_attributes)]
 
 
-def _not_in_future(value: datetime) -> datetime:
+#: Earlier timestamps are not plausible usage and do not fit ClickHouse's DateTime64.
+EARLIEST_OCCURRED_AT = datetime(2000, 1, 1, tzinfo=timezone.utc)
+
+
+def _rfc3339_only(value: object) -> object:
+    # pydantic would read a bare number as Unix seconds; the wire format is an RFC 3339 string.
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        raise ValueError("occurred_at must be an RFC 3339 date-time string with a timezone, not a number")
+    return value
+
+
+def _plausible_time(value: datetime) -> datetime:
     now = datetime.now(timezone.utc)
     if value - now > MAX_FUTURE_SKEW:
         raise ValueError(
             f"occurred_at {value.isoformat()} is more than {int(MAX_FUTURE_SKEW.total_seconds())} s in the future"
         )
     try:
-        return value.astimezone(timezone.utc)
+        utc = value.astimezone(timezone.utc)
     except OverflowError:
         # e.g. 0001-01-01T00:00:00+01:00 is before datetime.min in UTC; a ValueError
         # makes it a validation error (a Rejection), not an exception in the worker.
         raise ValueError(f"occurred_at {value.isoformat()} is out of range in UTC") from None
+    if utc < EARLIEST_OCCURRED_AT:
+        raise ValueError(f"occurred_at {value.isoformat()} is before {EARLIEST_OCCURRED_AT.date()}")
+    return utc
 
 
-OccurredAt = Annotated[AwareDatetime, AfterValidator(_not_in_future)]
+OccurredAt = Annotated[AwareDatetime, BeforeValidator(_rfc3339_only), AfterValidator(_plausible_time)]
 
 
 class _Event(BaseModel):

@@ -139,7 +139,11 @@ json_values = st.recursive(
     max_leaves=20,
 )
 offsets = st.builds(lambda minutes: timezone(timedelta(minutes=minutes)), st.integers(-23 * 60 - 59, 23 * 60 + 59))
-timestamps = st.datetimes(timezones=offsets).map(lambda d: d.isoformat()) | st.text(max_size=30)
+# Both ends of the datetime range on purpose: a non-UTC offset there used to escape as OverflowError.
+edge_datetimes = st.datetimes(max_value=datetime(1, 1, 2), timezones=offsets) | st.datetimes(
+    min_value=datetime(9999, 12, 30), timezones=offsets
+)
+timestamps = (st.datetimes(timezones=offsets) | edge_datetimes).map(lambda d: d.isoformat()) | st.text(max_size=30)
 event_fields = st.fixed_dictionaries(
     {},
     optional={
@@ -173,3 +177,13 @@ def test_event_shaped_json_never_raises(fields: dict[str, Any]) -> None:
     raw = json.dumps(fields).encode()
     for kind in ("usage", "outcome"):
         assert isinstance(decode_event(raw, kind), Rejection | UsageEvent | OutcomeEvent)
+
+
+@given(st.datetimes(timezones=offsets) | edge_datetimes)
+def test_any_aware_occurred_at_never_raises(when: datetime) -> None:
+    raw = encode({**USAGE, "occurred_at": when.isoformat()})
+    result = decode_event(raw, "usage")
+    assert isinstance(result, Rejection | UsageEvent)
+    if isinstance(result, UsageEvent):
+        assert result.occurred_at == when
+        assert result.occurred_at.utcoffset() == timedelta(0)

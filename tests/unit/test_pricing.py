@@ -24,10 +24,8 @@ from meterstream.pricing.pricebook import (
 from meterstream.pricing.rating import RatingError, rate_event
 from meterstream.schemas.events import OutcomeEvent, UsageEvent
 
-LITELLM_PRICES = Path(__file__).resolve().parents[2].parent / "shared/data/provider-prices.litellm.json"
-needs_litellm_table = pytest.mark.skipif(
-    not LITELLM_PRICES.is_file(), reason=f"LiteLLM price table not found at {LITELLM_PRICES}"
-)
+# The default price book's models, copied verbatim from LiteLLM's table (see tests/fixtures/README.md).
+LITELLM_PRICES = Path(__file__).resolve().parents[1] / "fixtures" / "litellm-sample.json"
 
 
 def valid_book_data() -> dict[str, Any]:
@@ -283,7 +281,7 @@ def test_yaml_floats_never_become_binary_floats(tmp_path: Path) -> None:
         "  m:\n"
         "    provider: p\n"
         "    credits_per_1k: {input: 0.1, output: 0.3}\n"  # unquoted YAML floats
-        "    cost_per_1m: {input: 0.1, output: 3e-7}\n"
+        "    cost_per_1m: {input: 0.1, output: 3e-7, cached_input: 0.12345678901234567891}\n"
         "meters:\n"
         "  requests: {credits_per_unit: 0.1}\n"
     )
@@ -293,6 +291,8 @@ def test_yaml_floats_never_become_binary_floats(tmp_path: Path) -> None:
     assert str(rates.input) == "0.1"
     assert str(rates.output) == "0.3"
     assert loaded.models["m"].cost_per_1m.output == Decimal("3E-7")
+    # More digits than a binary float holds: only a parser that never makes a float keeps them all.
+    assert loaded.models["m"].cost_per_1m.cached_input == Decimal("0.12345678901234567891")
     assert loaded.meters["requests"].credits_per_unit == Decimal("0.1")
     # With binary floats, 0.1 + 0.2-style sums drift; here 10,000 x 0.1 / 1K + 1,000 x 0.3 / 1K is exactly 1.3.
     event = UsageEvent(event_id="e", customer_id="c", occurred_at="2025-03-15T12:00:00Z", model="m",
@@ -322,7 +322,6 @@ def test_default_price_book_charges_twice_the_cost_to_serve() -> None:
 # -- LiteLLM import -------------------------------------------------------------------------------
 
 
-@needs_litellm_table
 def test_costs_from_litellm_reads_gpt_4o_exactly() -> None:
     provider, rates = costs_from_litellm(LITELLM_PRICES, ["gpt-4o"])["gpt-4o"]
     assert provider == "openai"
@@ -331,7 +330,6 @@ def test_costs_from_litellm_reads_gpt_4o_exactly() -> None:
     assert rates.cached_input == Decimal("1.25")
 
 
-@needs_litellm_table
 def test_default_price_book_costs_match_the_litellm_table() -> None:
     default = load_price_book()
     imported = costs_from_litellm(LITELLM_PRICES, list(default.models))
@@ -342,7 +340,6 @@ def test_default_price_book_costs_match_the_litellm_table() -> None:
             assert getattr(rates, rate) == getattr(model.cost_per_1m, rate), f"{name}.{rate}"
 
 
-@needs_litellm_table
 def test_costs_from_litellm_unknown_model() -> None:
     with pytest.raises(PriceBookError, match="'no-such-model-xyz'"):
         costs_from_litellm(LITELLM_PRICES, ["no-such-model-xyz"])

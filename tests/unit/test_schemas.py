@@ -281,21 +281,29 @@ def test_budget_alert_id_is_deterministic_and_pinned() -> None:
 
 
 def test_dead_letter_json_keeps_raw_bytes_exactly() -> None:
-    raw = bytes(range(256)) + b"\xff\xfe not utf-8 \x00"
+    # Every byte value, invalid UTF-8, and a length whose base64 needs padding and contains + and /.
+    raw = bytes(range(256)) + b"\xff\xfe not utf-8 \x00\xfb\xff"
     letter = DeadLetter(reason="invalid event: x", raw=raw, source_topic="usage.events", source_partition=2,
                         source_offset=41, rejected_at=T0)
     wire = letter.model_dump_json()
     encoded = json.loads(wire)["raw"]
     assert isinstance(encoded, str)
-    # The exported schema declares base64url, and that is what is on the wire.
-    assert base64.urlsafe_b64decode(encoded) == raw
+    # Standard, padded base64 (RFC 4648 section 4), so any language's default decoder reads it.
+    assert base64.b64decode(encoded, validate=True) == raw
     assert DeadLetter.model_validate_json(wire).raw == raw
     assert DeadLetter.model_validate_json(wire) == letter
 
 
-def test_dead_letter_schema_declares_the_encoding_used() -> None:
-    schema = DeadLetter.model_json_schema(mode="serialization")
-    assert schema["properties"]["raw"]["format"] == "base64url"
+def test_dead_letter_python_mode_keeps_bytes() -> None:
+    letter = DeadLetter(reason="r", raw=b"\x00\x01", rejected_at=T0)
+    assert letter.model_dump()["raw"] == b"\x00\x01"
+
+
+def test_dead_letter_json_with_invalid_base64_is_rejected() -> None:
+    wire = json.dumps({"reason": "r", "raw": "not base64!", "rejected_at": "2025-03-15T12:00:00Z"})
+    with pytest.raises(ValidationError) as info:
+        DeadLetter.model_validate_json(wire)
+    assert [tuple(e["loc"]) for e in info.value.errors()] == [("raw",)]
 
 
 # -- exported JSON Schema -------------------------------------------------------------------------

@@ -1,0 +1,345 @@
+"""The SDK client: events built and validated before producing, delivery failures never silent.
+
+One test uses the real librdkafka producer against an address where nothing listens
+(``127.0.0.1:1``) with a 10 ms message timeout, as confluent-kafka's own tests do, to
+prove the failure path end to end. The others use a stand-in producer that records
+what would be sent, so they are fast and can inspect the exact key, topic and value.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaException
+from pydantic import ValidationError
+
+from meterstream.config import KafkaSettings
+from meterstream.producers import client as client_module
+from meterstream.producers.client import DeliveryFailure, MeterClient, ProducerClosed
+from meterstream.schemas.events import Attribution, Meter, OutcomeEvent, UsageEvent
+from meterstream.stream_processors.decode import decode_event
+
+T0 = datetime(2025, 3, 15, 12, 0, 0, tzinfo=timezone.utc)
+
+
+class FakeProducer:
+    """Stands in for confluent_kafka.Producer: records the config and every produce call."""
+
+    instances: list[FakeProducer] = []
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self.produced: list[dict[str, Any]] = []
+        self.callbacks: list[Callable[[Any, Any], None]] = []
+        self.flushes = 0
+        self.polls = 0
+        self.buffer_errors = 0  # raise BufferError this many times before accepting
+        self.produce_error: Exception | None = None
+        FakeProducer.instances.append(self)
+
+    def produce(self, topic: str, value: bytes, key: bytes, on_delivery: Callable[[Any, Any], None]) -> None:
+        if self.produce_error is not None:
+            raise self.produce_error
+        if self.buffer_errors:
+            self.buffer_errors -= 1
+            raise BufferError("Local: Queue full")
+        self.produced.append({"topic": topic, "value": value, "key": key})
+        self.callbacks.append(on_delivery)
+
+    def poll(self, timeout: float = 0) -> int:
+        self.polls += 1
+        return 0
+
+    def flush(self, timeout: float = 0) -> int:
+        self.flushes += 1
+        callbacks, self.callbacks = self.callbacks, []
+        for callback in callbacks:
+            callback(None, SimpleNamespace())  # delivered
+        return 0
+
+    def __len__(self) -> int:
+        return len(self.callbacks)
+
+
+@pytest.fixture()
+def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., tuple[MeterClient, FakeProducer]]]:
+    """Factory: a MeterClient on a FakeProducer."""
+    monkeypatch.setattr(client_module, "Producer", FakeProducer)
+    FakeProducer.instances = []
+
+    def make(**kwargs: Any) -> tuple[MeterClient, FakeProducer]:
+        kafka = kwargs.pop("kafka", KafkaSettings(bootstrap_servers="broker.invalid:9092"))
+        meter = MeterClient(kafka, **kwargs)
+        return meter, FakeProducer.instances[-1]
+
+    yield make
+
+
+# -- the failure path, with a real producer and no broker -----------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_undeliverable_event_is_reported_not_lost() -> None:
+    failures: list[DeliveryFailure] = []
+    prefix = f"t{uuid.uuid4().hex[:8]}-"
+    meter = MeterClient(
+        KafkaSettings(bootstrap_servers="127.0.0.1:1", topic_prefix=prefix),
+        on_delivery_error=failures.append,
+        producer_config={"message.timeout.ms": 10},
+    )
+    event = UsageEvent(event_id="evt-undeliverable", customer_id="acme", occurred_at=T0, model="gpt-4o",
+                       input_tokens=10, output_tokens=5)
+    meter.record(event)
+    assert meter.sent == 1
+    assert meter.flush(30) == 0
+    assert meter.failed == 1
+    assert meter.delivered == 0
+    assert len(failures) == 1
+    failure = failures[0]
+    assert failure.event_id == "evt-undeliverable"
+    assert failure.customer_id == "acme"
+    assert failure.topic == f"{prefix}usage.events"
+    assert failure.error  # librdkafka's reason, e.g. "Local: Message timed out"
+    # The exact bytes that were to be sent: the wire format, ready to resend or keep.
+    assert failure.value == (
+        b'{"schema_version":1,"event_id":"evt-undeliverable","customer_id":"acme",'
+        b'"occurred_at":"2025-03-15T12:00:00Z","attributes":{},"type":"usage","meter":"tokens",'
+        b'"model":"gpt-4o","input_tokens":10,"output_tokens":5,"cached_input_tokens":0,"quantity":"0"}'
+    )
+    assert decode_event(failure.value, "usage") == event
+    # Nothing is left to wait for: a failed event is reported once, not retried forever.
+    assert meter.flush(5) == 0
+    assert meter.failed == 1 and len(failures) == 1
+    meter.close(1)
+    with pytest.raises(ProducerClosed):
+        meter.record(event)
+
+
+# -- building events ------------------------------------------------------------------------------
+
+
+def _recent(moment: datetime) -> bool:
+    return moment.tzinfo is not None and abs(datetime.now(timezone.utc) - moment) < timedelta(minutes=1)
+
+
+def test_record_openai_chat_usage(fake: Callable[..., tuple[MeterClient, FakeProducer]]) -> None:
+    meter, producer = fake()
+    usage = SimpleNamespace(prompt_tokens=1200, completion_tokens=300, prompt_tokens_details=SimpleNamespace(
+        cached_tokens=1000))
+    event = meter.record_openai_usage("acme", "gpt-4o-mini", usage, workflow_id="support-bot")
+    assert isinstance(event, UsageEvent)
+    assert (event.customer_id, event.model, event.provider, event.meter) == ("acme", "gpt-4o-mini", "openai",
+                                                                             Meter.TOKENS)
+    assert (event.input_tokens, event.output_tokens, event.cached_input_tokens) == (1200, 300, 1000)
+    assert event.workflow_id == "support-bot"
+    assert _recent(event.occurred_at)
+    uuid.UUID(event.event_id)  # a fresh idempotency key
+    [sent] = producer.produced
+    assert sent["topic"] == "usage.events"
+    assert sent["key"] == b"acme"
+    assert decode_event(sent["value"], "usage") == event
+    assert meter.sent == 1
+
+
+def test_record_openai_responses_usage(fake: Callable[..., tuple[MeterClient, FakeProducer]]) -> None:
+    meter, _ = fake()
+    usage = {"input_tokens": 900, "output_tokens": 250, "input_tokens_details": {"cached_tokens": 512}}
+    event = meter.record_openai_usage("acme", "gpt-4o", usage, provider="azure")
+    assert (event.input_tokens, event.output_tokens, event.cached_input_tokens) == (900, 250, 512)
+    assert event.provider == "azure"  # an explicit provider wins over the default
+
+
+def test_record_anthropic_usage(fake: Callable[..., tuple[MeterClient, FakeProducer]]) -> None:
+    meter, producer = fake()
+    usage = SimpleNamespace(input_tokens=50, output_tokens=400, cache_read_input_tokens=2000,
+                            cache_creation_input_tokens=300)
+    event = meter.record_anthropic_usage("acme", "claude-sonnet-4-5", usage)
+    assert (event.input_tokens, event.output_tokens, event.cached_input_tokens) == (2350, 400, 2000)
+    assert event.provider == "anthropic"
+    assert decode_event(producer.produced[0]["value"], "usage") == event
+
+
+def test_record_llm_call_keeps_given_id_and_time(fake: Callable[..., tuple[MeterClient, FakeProducer]]) -> None:
+    meter, producer = fake()
+    event = meter.record_llm_call("acme", "gpt-4o", input_tokens=10, output_tokens=2, event_id="call-42",
+                                  occurred_at=T0, attributes={"feature": "search"})
+    assert event.event_id == "call-42"
+    assert event.occurred_at == T0
+    assert event.attributes == {"feature": "search"}
+    assert decode_event(producer.produced[0]["value"], "usage") == event
+
+
+def test_each_event_gets_its_own_id(fake: Callable[..., tuple[MeterClient, FakeProducer]]) -> None:
+    meter, _ = fake()
+    ids = {meter.record_llm_call("acme", "gpt-4o", input_tokens=1, output_tokens=1).event_id for _ in range(5)}
+    assert len(ids) == 5
+
+
+def test_record_quantity(fake: Callable[..., tuple[MeterClient, FakeProducer]]) -> None:
+    meter, producer = fake()
+    event = meter.record_quantity("acme", "documents", Decimal("2.5"), unit="pages")
+    assert (event.meter, event.quantity, event.unit, event.model) == (Meter.DOCUMENTS, Decimal("2.5"), "pages", None)
+    assert decode_event(producer.produced[0]["value"], "usage") == event
+    assert meter.record_quantity("acme", Meter.REQUESTS, 3).quantity == Decimal(3)
+
+
+def test_record_quantity_reads_floats_exactly(fake: Callable[..., tuple[MeterClient, FakeProducer]]) -> None:
+    meter, _ = fake()
+    assert meter.record_quantity("acme", "actions", 0.1).quantity == Decimal("0.1")
+
+
+def test_record_outcome_goes_to_the_outcome_topic(fake: Callable[..., tuple[MeterClient, FakeProducer]]) -> None:
+    meter, producer = fake(kafka=KafkaSettings(topic_prefix="tenant1."))
+    event = meter.record_outcome("acme", "resolved_ticket", "human_assisted", run_id="run-1")
+    assert isinstance(event, OutcomeEvent)
+    assert event.attribution is Attribution.HUMAN_ASSISTED
+    [sent] = producer.produced
+    assert sent["topic"] == "tenant1.outcome.events"
+    assert sent["key"] == b"acme"
+    assert decode_event(sent["value"], "outcome") == event
+
+
+def test_successful_delivery_is_counted(fake: Callable[..., tuple[MeterClient, FakeProducer]]) -> None:
+    failures: list[DeliveryFailure] = []
+    meter, _ = fake(on_delivery_error=failures.append)
+    meter.record_llm_call("acme", "gpt-4o", input_tokens=1, output_tokens=1)
+    meter.record_outcome("acme", "resolved_ticket", "ai_only")
+    assert meter.pending == 2
+    assert meter.flush() == 0
+    assert (meter.sent, meter.delivered, meter.failed) == (2, 2, 0)
+    assert failures == []
+
+
+# -- invalid input is refused before anything is produced -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda m: m.record_llm_call("acme", "gpt-4o", input_tokens="12", output_tokens=1), "input_tokens"),
+        (lambda m: m.record_llm_call("acme", "gpt-4o", input_tokens=True, output_tokens=1), "input_tokens"),
+        (lambda m: m.record_llm_call("acme", "gpt-4o", input_tokens=5, output_tokens=1, cached_input_tokens=6), ""),
+        (lambda m: m.record_llm_call("acme", "gpt-4o", input_tokens=1, output_tokens=1,
+                                     occurred_at=datetime(2025, 3, 15)), "occurred_at"),
+        (lambda m: m.record_llm_call("acme", "gpt-4o", input_tokens=1, output_tokens=1, colour="red"), "colour"),
+        (lambda m: m.record_llm_call("has space", "gpt-4o", input_tokens=1, output_tokens=1), "customer_id"),
+        (lambda m: m.record_quantity("acme", "documents", -1), "quantity"),
+        (lambda m: m.record_quantity("acme", "documents", True), "quantity"),
+        (lambda m: m.record_quantity("acme", "tokens", 3), ""),
+        (lambda m: m.record_outcome("acme", "", "ai_only"), "outcome_type"),
+        (lambda m: m.record_openai_usage("acme", "", {"prompt_tokens": 1, "completion_tokens": 1}), "model"),
+    ],
+)
+def test_invalid_input_raises_before_producing(
+    fake: Callable[..., tuple[MeterClient, FakeProducer]], call: Callable[[MeterClient], Any], field: str
+) -> None:
+    meter, producer = fake()
+    with pytest.raises(ValidationError) as info:
+        call(meter)
+    assert field in {str(e["loc"][0]) if e["loc"] else "" for e in info.value.errors()}
+    assert meter.sent == 0
+    assert producer.produced == []
+
+
+def test_unknown_attribution_raises_before_producing(fake: Callable[..., tuple[MeterClient, FakeProducer]]) -> None:
+    meter, producer = fake()
+    with pytest.raises(ValueError, match="robot"):
+        meter.record_outcome("acme", "resolved_ticket", "robot")
+    assert producer.produced == []
+
+
+# -- producer configuration -----------------------------------------------------------------------
+
+
+def test_required_idempotence_settings_cannot_be_overridden(
+    fake: Callable[..., tuple[MeterClient, FakeProducer]],
+) -> None:
+    _, producer = fake(producer_config={"enable.idempotence": False, "acks": "1", "partitioner": "random",
+                                        "linger.ms": 50})
+    assert producer.config["enable.idempotence"] is True
+    assert producer.config["acks"] == "all"
+    assert producer.config["partitioner"] == "murmur2_random"
+    # Other settings are the caller's to choose.
+    assert producer.config["linger.ms"] == 50
+    assert producer.config["bootstrap.servers"] == "broker.invalid:9092"
+
+
+def test_real_producer_accepts_the_config() -> None:
+    # The merged config is valid for librdkafka (a bad key would raise KafkaException here).
+    meter = MeterClient(KafkaSettings(bootstrap_servers="127.0.0.1:1"), producer_config={"message.timeout.ms": 10})
+    meter.close(0)
+
+
+# -- queue full and producer errors ---------------------------------------------------------------
+
+
+def test_full_local_queue_is_retried_while_serving_callbacks(
+    fake: Callable[..., tuple[MeterClient, FakeProducer]],
+) -> None:
+    meter, producer = fake()
+    producer.buffer_errors = 3
+    meter.record_llm_call("acme", "gpt-4o", input_tokens=1, output_tokens=1)
+    assert len(producer.produced) == 1
+    assert producer.polls >= 3
+    assert meter.sent == 1
+
+
+def test_full_local_queue_gives_up_after_the_enqueue_timeout(
+    fake: Callable[..., tuple[MeterClient, FakeProducer]],
+) -> None:
+    meter, producer = fake(enqueue_timeout=0.0)
+    producer.buffer_errors = 10**9
+    with pytest.raises(BufferError):
+        meter.record_llm_call("acme", "gpt-4o", input_tokens=1, output_tokens=1)
+    assert meter.sent == 0
+
+
+def test_producer_error_names_the_event(fake: Callable[..., tuple[MeterClient, FakeProducer]]) -> None:
+    meter, producer = fake()
+    producer.produce_error = KafkaException("boom")
+    with pytest.raises(RuntimeError, match="cannot produce event evt-9"):
+        meter.record_llm_call("acme", "gpt-4o", input_tokens=1, output_tokens=1, event_id="evt-9")
+    assert meter.sent == 0
+
+
+# -- closing --------------------------------------------------------------------------------------
+
+
+def test_using_the_client_after_close_raises(fake: Callable[..., tuple[MeterClient, FakeProducer]]) -> None:
+    meter, producer = fake()
+    meter.close()
+    assert producer.flushes == 1
+    with pytest.raises(ProducerClosed):
+        meter.record_llm_call("acme", "gpt-4o", input_tokens=1, output_tokens=1)
+    with pytest.raises(ProducerClosed):
+        meter.record_outcome("acme", "resolved_ticket", "ai_only")
+    with pytest.raises(ProducerClosed):
+        meter.record_quantity("acme", "requests", 1)
+    assert producer.produced == []
+    meter.close()  # closing twice is harmless and does not flush again
+    assert producer.flushes == 1
+
+
+def test_context_manager_flushes_and_closes(fake: Callable[..., tuple[MeterClient, FakeProducer]]) -> None:
+    with fake()[0] as meter:
+        meter.record_llm_call("acme", "gpt-4o", input_tokens=1, output_tokens=1)
+        producer = FakeProducer.instances[-1]
+        assert producer.flushes == 0
+    assert producer.flushes == 1
+    assert meter.delivered == 1
+    with pytest.raises(ProducerClosed):
+        meter.record_llm_call("acme", "gpt-4o", input_tokens=1, output_tokens=1)
+
+
+def test_context_manager_closes_on_error(fake: Callable[..., tuple[MeterClient, FakeProducer]]) -> None:
+    meter, _ = fake()
+    with pytest.raises(KeyError), meter:
+        raise KeyError("app failure")
+    with pytest.raises(ProducerClosed):
+        meter.record_llm_call("acme", "gpt-4o", input_tokens=1, output_tokens=1)
