@@ -1,15 +1,77 @@
 """Pricing rules in one place, free of Kafka and ClickHouse imports."""
 
+from meterstream.pricing.charges import (
+    Band,
+    Charge,
+    ChargeModel,
+    Tier,
+    flat,
+    graduated,
+    make_tiers,
+    package,
+    per_unit,
+    volume,
+)
+from meterstream.pricing.invoice import (
+    Invoice,
+    InvoiceError,
+    InvoiceLine,
+    OutcomeCount,
+    PeriodUsage,
+    compute_invoice,
+    render_invoice_text,
+)
 from meterstream.pricing.money import round_money, to_decimal
+from meterstream.pricing.plans import (
+    Catalog,
+    CatalogError,
+    CreditGrant,
+    CustomerPlan,
+    Plan,
+    PlanError,
+    PlanVersion,
+    UnknownCustomerError,
+    load_catalog,
+    parse_catalog,
+    period_bounds,
+)
 from meterstream.pricing.pricebook import PriceBook, PriceBookError, load_price_book
 from meterstream.pricing.rating import RatingError, rate_event
 
 __all__ = [
+    "Band",
+    "Catalog",
+    "CatalogError",
+    "Charge",
+    "ChargeModel",
+    "CreditGrant",
+    "CustomerPlan",
+    "Invoice",
+    "InvoiceError",
+    "InvoiceLine",
+    "OutcomeCount",
+    "PeriodUsage",
+    "Plan",
+    "PlanError",
+    "PlanVersion",
     "PriceBook",
     "PriceBookError",
     "RatingError",
+    "Tier",
+    "UnknownCustomerError",
+    "compute_invoice",
+    "flat",
+    "graduated",
+    "load_catalog",
     "load_price_book",
+    "make_tiers",
+    "package",
+    "parse_catalog",
+    "per_unit",
+    "period_bounds",
     "rate_event",
+    "render_invoice_text",
     "round_money",
     "to_decimal",
+    "volume",
 ]

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from meterstream.budgets import BudgetBook, thresholds_to_alert
 from meterstream.pricing.pricebook import PriceBook
@@ -106,11 +106,23 @@ class BatchResult:
     duplicates: int = 0
 
 
-class RecentIds:
-    """The idempotency keys seen most recently, bounded in count.
+class SeenEvents(Protocol):
+    """Where the worker remembers which events it has counted (see :func:`dedupe_key`)."""
 
-    The real-time counters skip a resent event while its id is remembered; the
-    store collapses every resend by ``event_id`` regardless (ReplacingMergeTree + FINAL).
+    def __contains__(self, key: str) -> bool: ...
+
+    def add(self, key: str) -> None: ...
+
+
+def dedupe_key(customer_id: str, event_id: str) -> str:
+    """An event's identity: its idempotency key within its customer (as in the store's ORDER BY)."""
+    return f"{customer_id}|{event_id}"
+
+
+class RecentIds:
+    """An in-memory :class:`SeenEvents`, bounded in count (offline runs and tests).
+
+    The worker uses a Faust table instead, so what it has counted survives a restart.
     """
 
     def __init__(self, capacity: int = 1_000_000) -> None:
@@ -148,12 +160,12 @@ class BatchProcessor:
         budgets: BudgetBook,
         *,
         window_seconds: int = 60,
-        recent_ids: RecentIds | None = None,
+        seen: SeenEvents | None = None,
     ) -> None:
         self.price_book = price_book
         self.budgets = budgets
         self.window_seconds = window_seconds
-        self.recent_ids = recent_ids if recent_ids is not None else RecentIds()
+        self.seen: SeenEvents = seen if seen is not None else RecentIds()
 
     def process(
         self,
@@ -171,7 +183,8 @@ class BatchProcessor:
             if isinstance(decoded, Rejection):
                 result.dead_letters.append(self._dead_letter(message, decoded.reason, now))
                 continue
-            if decoded.event_id in batch_ids or decoded.event_id in self.recent_ids:
+            key = dedupe_key(decoded.customer_id, decoded.event_id)
+            if key in batch_ids or key in self.seen:
                 result.duplicates += 1
                 continue
             try:
@@ -179,7 +192,7 @@ class BatchProcessor:
             except RatingError as exc:
                 result.dead_letters.append(self._dead_letter(message, str(exc), now))
                 continue
-            batch_ids.add(decoded.event_id)
+            batch_ids.add(key)
             accepted.append((decoded, rated))
             result.rated.append(rated)
             result.raw.append(
@@ -232,9 +245,9 @@ class BatchProcessor:
         return result
 
     def commit(self, result: BatchResult) -> None:
-        """Remember the batch's ids once its writes have succeeded."""
+        """Remember the batch's events once its writes have succeeded."""
         for row in result.rated:
-            self.recent_ids.add(row.event_id)
+            self.seen.add(dedupe_key(row.customer_id, row.event_id))
 
     @staticmethod
     def _dead_letter(message: InboundMessage, reason: str, now: datetime) -> DeadLetter:

@@ -1,0 +1,622 @@
+"""The invoice: one customer, one period, from a usage aggregate and the plan catalog. Pure.
+
+``compute_invoice(customer_id, "2026-11", usage, catalog)`` turns a
+:class:`PeriodUsage` (built from rated rows, or by the stream store) into an
+:class:`Invoice`. The rules, in the order the lines appear:
+
+1. **Version.** Period charges come from the plan version in effect at the
+   start of the period (see :mod:`meterstream.pricing.plans`). Usage credits
+   were already computed per event with the version in effect when each event
+   occurred; outcome prices likewise come from the version that rated the
+   outcome (``OutcomeCount.plan_version``), or the period's version if unknown.
+2. **Base fee** (``base_fee``): the version's flat fee.
+3. **Included usage** (``included_usage``): credits up to ``included_credits``
+   are covered by the base fee; the line shows how many were used, at 0.
+4. **Overage** (``overage``): credits above the allowance are charged with the
+   version's overage model; one line per band (e.g. 100,000 at 0.012, 30,000
+   at 0.010). The lines show what *all* overage credits cost.
+5. **Credits applied** (``credits_applied``, negative). Credit grants are
+   drawn down before overage is billed: free grants first (earliest expiry
+   first), then prepaid (earliest expiry first), up to the overage credits
+   and each grant's remaining balance. Only grants usable in the period count:
+   granted by its last day and not expiring before it ends. The billed overage
+   is then ``overage_model(overage − drawn)``: grants act as extra allowance,
+   so billed credits start again at the first tier. To show that, the
+   credits_applied lines credit back the *last* ``drawn`` overage credits at
+   the tiers they fell in (free grants the top slice, prepaid the slice below
+   it). For per-unit and graduated overage there is one line per grant and
+   band, with the tier's unit price; for volume and package overage a slice
+   has no unit price of its own, so there is one line per grant without one.
+   Grants never pay for base fees, seats or outcomes. ``credit_value`` does
+   not enter the amounts: a drawn credit is worth what it would have cost at
+   the overage tiers, or the customer would still pay the difference between
+   the tier price and the credit value for credits already granted. The
+   invoice lists each grant's opening, drawn and closing balance; pass the
+   closing balances as the next period's ``grant_balances``.
+6. **Outcomes** (``outcomes``): per outcome type and attribution, count × the
+   plan's money price; reversals are separate negative lines at the same price.
+   (Outcome credits in the price book are for budgets, not for the invoice.)
+7. **Seats** (``seats``): ``seat_fee`` × active seats (the period's maximum
+   ``seats`` meter quantity), when the version has a seat fee.
+8. **Discount** (``discount``, negative): ``discount_percent`` of the
+   *usage-based lines* — overage, credits_applied and outcomes (reversals
+   included) — when their sum is positive. Base fee, seats and the
+   commitment true-up are never discounted: they are negotiated amounts.
+9. **Commitment true-up** (``commitment_true_up``): if the usage-based lines
+   plus the discount fall short of ``minimum_commitment``, the gap is billed,
+   so the customer pays at least the commitment for usage (base fee and seats
+   are on top).
+
+**Rounding — the one rule.** Every amount is computed at full ``Decimal``
+precision, and each invoice line is rounded *once*, half-up to the currency's
+minor unit (:func:`meterstream.pricing.money.round_money`). Three kinds of line are
+derived from lines already rounded, so they are exact differences or a single
+rounding of rounded figures: a credits_applied amount is the overage lines'
+rounded amounts with the grant's credits minus without them (so overage plus
+credits applied is exactly the rounded overage on the billed credits, the
+same total as if the grant had been extra allowance; it may differ by a cent
+from rounding its own quantity × unit price); the discount is the percentage
+of the sum of the rounded usage-based lines, rounded once; the true-up is the
+commitment minus rounded figures. ``subtotal`` is the sum of the lines before
+discount and true-up, and ``total`` is the sum of all lines, so the lines
+always add up to the total the customer sees. ``usage.cost_to_serve`` is
+rounded the same way and ``margin`` is ``total − cost_to_serve``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from meterstream.pricing.charges import Band, ChargeModel
+from meterstream.pricing.money import round_money
+from meterstream.pricing.plans import (
+    Catalog,
+    CreditGrant,
+    GrantKind,
+    PlanVersion,
+    period_bounds,
+)
+from meterstream.schemas.events import Attribution, Meter
+from meterstream.schemas.records import RatedUsage
+
+ZERO = Decimal(0)
+HUNDRED = Decimal(100)
+
+LineKind = Literal[
+    "base_fee",
+    "included_usage",
+    "overage",
+    "credits_applied",
+    "outcomes",
+    "seats",
+    "discount",
+    "commitment_true_up",
+]
+
+#: The lines an enterprise discount applies to, and the commitment is measured against.
+USAGE_BASED_KINDS: frozenset[str] = frozenset({"overage", "credits_applied", "outcomes"})
+
+Count = Annotated[int, Field(ge=0)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- the usage aggregate -----------------------------------------------------------------------
+
+
+class OutcomeCount(_Frozen):
+    """Outcomes of one type and attribution, and reversals of them, rated by one plan version."""
+
+    outcome_type: str
+    attribution: Attribution
+    #: ``price_book_version`` of the rated rows; "" if unknown (priced at the period's version).
+    plan_version: str = ""
+    count: Count = 0
+    reversals: Count = 0
+
+
+class MeterSubtotal(_Frozen):
+    """Credits and cost to serve for one meter and model, for display and margin analysis."""
+
+    meter: str
+    model: str = ""
+    events: Count = 0
+    credits: Decimal = ZERO
+    cost_to_serve: Decimal = ZERO
+
+
+class PeriodUsage(_Frozen):
+    """What one customer used in one period: everything an invoice needs, nothing per event.
+
+    Both the stream store and an offline file can produce it. From the
+    ``usage_rated`` table it is, per customer and period (with ``FINAL`` so a
+    resent event counts once)::
+
+        credits        = sum(credits)        WHERE kind = 'usage'
+        cost_to_serve  = sum(cost_to_serve)                        -- usage and outcomes
+        active_seats   = max(quantity)       WHERE kind = 'usage' AND meter = 'seats'
+        outcomes       = GROUP BY outcome_type, attribution, price_book_version
+                         countIf(NOT endsWith(rule, ':reversal')), countIf(endsWith(rule, ':reversal'))
+        by_meter       = GROUP BY meter, model WHERE kind = 'usage'
+    """
+
+    customer_id: str | None = None
+    period: str | None = None
+    #: Usage credits (kind == "usage"); outcome rows' credits are not counted.
+    credits: Decimal = ZERO
+    cost_to_serve: Decimal = ZERO
+    active_seats: Annotated[Decimal, Field(ge=0)] = ZERO
+    outcomes: tuple[OutcomeCount, ...] = ()
+    by_meter: tuple[MeterSubtotal, ...] = ()
+
+    @classmethod
+    def from_rated(cls, rows: Iterable[RatedUsage]) -> PeriodUsage:
+        """Aggregate rated rows of one customer and period; a repeated ``event_id`` counts once."""
+        seen: set[str] = set()
+        customers: set[str] = set()
+        periods: set[str] = set()
+        credits = cost = seats = ZERO
+        outcomes: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])
+        meters: dict[tuple[str, str], list[Decimal]] = defaultdict(lambda: [ZERO, ZERO, ZERO])
+        for row in rows:
+            if row.event_id in seen:
+                continue  # at-least-once delivery: the same id is billed once
+            seen.add(row.event_id)
+            customers.add(row.customer_id)
+            periods.add(row.period)
+            cost += row.cost_to_serve
+            if row.kind == "outcome":
+                counts = outcomes[(row.outcome_type, row.attribution, row.price_book_version)]
+                counts[1 if row.rule.endswith(":reversal") else 0] += 1
+                continue
+            credits += row.credits
+            subtotal = meters[(row.meter, row.model)]
+            subtotal[0] += 1
+            subtotal[1] += row.credits
+            subtotal[2] += row.cost_to_serve
+            if row.meter == Meter.SEATS.value:
+                seats = max(seats, row.quantity)
+        if len(customers) > 1 or len(periods) > 1:
+            raise ValueError(
+                f"rated rows mix customers {sorted(customers)} or periods {sorted(periods)}; "
+                "an invoice aggregate is for one customer and one period"
+            )
+        return cls(
+            customer_id=next(iter(customers), None),
+            period=next(iter(periods), None),
+            credits=credits,
+            cost_to_serve=cost,
+            active_seats=seats,
+            outcomes=tuple(
+                OutcomeCount(outcome_type=t, attribution=Attribution(a), plan_version=v, count=n, reversals=r)
+                for (t, a, v), (n, r) in sorted(outcomes.items())
+            ),
+            by_meter=tuple(
+                MeterSubtotal(meter=m, model=model, events=int(n), credits=c, cost_to_serve=k)
+                for (m, model), (n, c, k) in sorted(meters.items())
+            ),
+        )
+
+
+# --- the invoice ---------------------------------------------------------------------------------
+
+
+class InvoiceLine(_Frozen):
+    """One line; ``amount`` is rounded, ``quantity × unit_price`` is the unrounded amount when both are set."""
+
+    kind: LineKind
+    description: str
+    quantity: Decimal | None = None
+    unit_price: Decimal | None = None
+    amount: Decimal
+
+
+class GrantDraw(_Frozen):
+    """What one credit grant did in this period."""
+
+    grant_id: str
+    kind: GrantKind
+    expires: date | None = None
+    usable: bool
+    opening_credits: Decimal
+    drawn_credits: Decimal
+    closing_credits: Decimal
+
+
+class UsageSummary(_Frozen):
+    credits_used: Decimal
+    included_credits: Decimal
+    included_used: Decimal
+    overage_credits: Decimal
+    #: Overage credits paid for by grants.
+    grant_credits_applied: Decimal
+    #: Overage credits billed: ``overage_credits − grant_credits_applied``.
+    billed_overage_credits: Decimal
+    active_seats: Decimal
+    cost_to_serve: Decimal
+    margin: Decimal
+
+
+class Invoice(_Frozen):
+    """An invoice or a preview of one; ``model_dump_json()`` writes Decimals as strings."""
+
+    customer_id: str
+    period: str
+    period_start: datetime
+    period_end: datetime
+    plan_id: str
+    plan_version: str
+    currency: str
+    status: Literal["preview", "final"]
+    as_of: datetime
+    lines: tuple[InvoiceLine, ...]
+    subtotal: Decimal
+    total: Decimal
+    usage: UsageSummary
+    grants: tuple[GrantDraw, ...] = ()
+    by_meter: tuple[MeterSubtotal, ...] = ()
+
+    def closing_grant_balances(self) -> dict[str, Decimal]:
+        """Each grant's remaining credits: the next period's ``grant_balances``."""
+        return {g.grant_id: g.closing_credits for g in self.grants}
+
+
+class InvoiceError(ValueError):
+    """The usage cannot be invoiced as given (wrong customer or period, a price missing from the plan)."""
+
+
+# --- computing it --------------------------------------------------------------------------------
+
+
+def _num(value: Decimal) -> str:
+    """A quantity for a description: thousands separators, no exponent, no trailing zeros."""
+    return f"{value.normalize():,f}"
+
+
+def _draw_order(grant: CreditGrant) -> tuple[int, date]:
+    # Free credits first (they are use-it-or-lose-it), then prepaid; soonest expiry first.
+    return (0 if grant.kind is GrantKind.FREE else 1, grant.expires or date.max)
+
+
+def _draw_grants(
+    grants: tuple[CreditGrant, ...], period: str, overage: Decimal, balances: Mapping[str, Decimal] | None
+) -> list[GrantDraw]:
+    """Draw grants against the overage credits in the documented order; report every grant."""
+    order = sorted(range(len(grants)), key=lambda i: (*_draw_order(grants[i]), i))
+    needed = overage
+    draws: dict[int, GrantDraw] = {}
+    for index in order:
+        grant = grants[index]
+        opening = grant.credits if balances is None else balances.get(grant.id, grant.credits)
+        opening = max(opening, ZERO)
+        usable = grant.usable_for(period)
+        drawn = min(opening, needed) if usable else ZERO
+        needed -= drawn
+        draws[index] = GrantDraw(
+            grant_id=grant.id,
+            kind=grant.kind,
+            expires=grant.expires,
+            usable=usable,
+            opening_credits=opening,
+            drawn_credits=drawn,
+            closing_credits=opening - drawn,
+        )
+    return [draws[i] for i in order]
+
+
+def _overage_lines(overage_model: ChargeModel, overage: Decimal, currency: str) -> list[InvoiceLine]:
+    charge = overage_model.charge(overage)
+    lines = []
+    for band in charge.bands:
+        if overage_model.model == "package":
+            size = _num(overage_model.package_size or ZERO)
+            text = f"Overage: {_num(band.quantity)} started package(s) of {size} credits"
+        elif overage_model.model == "volume":
+            text = f"Overage: {_num(band.quantity)} credits, all at the tier reached"
+        elif overage_model.model == "graduated":
+            text = f"Overage credits {_num(band.start)}–{_num(band.end)}"
+        else:
+            text = f"Overage: {_num(band.quantity)} credits"
+        lines.append(
+            InvoiceLine(
+                kind="overage",
+                description=text,
+                quantity=band.quantity,
+                unit_price=band.unit_price,
+                amount=round_money(band.amount, currency),
+            )
+        )
+    return lines
+
+
+def _credit_lines(
+    overage_model: ChargeModel, overage: Decimal, draws: list[GrantDraw], currency: str
+) -> list[InvoiceLine]:
+    """Credit back the top ``drawn`` overage credits, grant by grant (module docstring, rule 5).
+
+    Each amount is the difference between the *rounded* overage lines with and
+    without the grant's credits, so overage + credits applied is exactly the
+    rounded overage the customer owes on the billed credits.
+    """
+    lines = []
+    upper = overage
+    for draw in draws:
+        if not draw.drawn_credits:
+            continue
+        lower = upper - draw.drawn_credits
+        above, below = overage_model.charge(upper).bands, overage_model.charge(lower).bands
+        label = f"{draw.kind.value.capitalize()} credits ({draw.grant_id})"
+        slice_ = overage_model.between(lower, upper)
+        if slice_.bands:
+            # Positional pricing: band i of a charge is tier i, and a slice band ends where
+            # the upper charge's band for the same tier ends.
+            for band in slice_.bands:
+                tier = next(i for i, b in enumerate(above) if b.end == band.end)
+                before = round_money(below[tier].amount, currency) if tier < len(below) else ZERO
+                lines.append(
+                    InvoiceLine(
+                        kind="credits_applied",
+                        description=f"{label}: overage {_num(band.start)}–{_num(band.end)}",
+                        quantity=-band.quantity,
+                        unit_price=band.unit_price,
+                        amount=before - round_money(above[tier].amount, currency),
+                    )
+                )
+        else:
+            # Volume and package pricing: a slice of units has no unit price of its own.
+            lines.append(
+                InvoiceLine(
+                    kind="credits_applied",
+                    description=f"{label}: overage billed on {_num(lower)} credits",
+                    quantity=-draw.drawn_credits,
+                    amount=_rounded_sum(below, currency) - _rounded_sum(above, currency),
+                )
+            )
+        upper = lower
+    return lines
+
+
+def _rounded_sum(bands: Iterable[Band], currency: str) -> Decimal:
+    return sum((round_money(b.amount, currency) for b in bands), ZERO)
+
+
+def _outcome_lines(
+    usage: PeriodUsage, period_version: PlanVersion, catalog: Catalog, currency: str
+) -> list[InvoiceLine]:
+    counts: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])
+    versions: dict[str, PlanVersion] = {period_version.version: period_version}
+    for oc in usage.outcomes:
+        version = (catalog.version_named(oc.plan_version) if oc.plan_version else None) or period_version
+        versions[version.version] = version
+        entry = counts[(oc.outcome_type, oc.attribution.value, version.version)]
+        entry[0] += oc.count
+        entry[1] += oc.reversals
+    lines = []
+    for (outcome_type, attribution, version_name), (count, reversals) in sorted(counts.items()):
+        try:
+            price = versions[version_name].outcome_price(outcome_type, attribution)
+        except ValueError as exc:
+            raise InvoiceError(str(exc)) from None
+        label = f"{outcome_type} ({attribution.replace('_', ' ')})"
+        if version_name != period_version.version:
+            label += f", rated under {version_name}"
+        for quantity, text in ((count, f"Outcomes: {label}"), (-reversals, f"Outcome reversals: {label}")):
+            if quantity:
+                lines.append(
+                    InvoiceLine(
+                        kind="outcomes",
+                        description=text,
+                        quantity=Decimal(quantity),
+                        unit_price=price,
+                        amount=round_money(quantity * price, currency),
+                    )
+                )
+    return lines
+
+
+def _sum(lines: Iterable[InvoiceLine]) -> Decimal:
+    return sum((line.amount for line in lines), ZERO)
+
+
+def compute_invoice(
+    customer_id: str,
+    period: str,
+    usage: PeriodUsage,
+    catalog: Catalog,
+    *,
+    as_of: datetime | None = None,
+    grant_balances: Mapping[str, Decimal] | None = None,
+) -> Invoice:
+    """The invoice for ``customer_id`` in ``period`` ("YYYY-MM", UTC), by the rules in the module docstring.
+
+    ``as_of`` (default: now) decides the status: "final" once the period has
+    ended, else "preview". ``grant_balances`` are the grants' remaining credits
+    at the start of the period (the previous invoice's
+    :meth:`Invoice.closing_grant_balances`); ``None`` means every grant is whole.
+    """
+    start, end = period_bounds(period)
+    if usage.customer_id is not None and usage.customer_id != customer_id:
+        raise InvoiceError(f"usage is for customer {usage.customer_id!r}, not {customer_id!r}")
+    if usage.period is not None and usage.period != period:
+        raise InvoiceError(f"usage is for period {usage.period}, not {period}")
+    as_of = datetime.now(timezone.utc) if as_of is None else as_of
+    if as_of.tzinfo is None or as_of.utcoffset() is None:
+        raise ValueError("as_of must be timezone-aware")
+
+    customer = catalog.customer(customer_id)
+    plan_id = customer.plan
+    version = catalog.period_version(customer_id, period)
+    currency = catalog.currency
+
+    lines: list[InvoiceLine] = []
+    if version.base_fee:
+        lines.append(
+            InvoiceLine(
+                kind="base_fee",
+                description=f"Base fee, {period}",
+                quantity=Decimal(1),
+                unit_price=version.base_fee,
+                amount=round_money(version.base_fee, currency),
+            )
+        )
+
+    used = max(usage.credits, ZERO)
+    included_used = min(used, version.included_credits)
+    overage = used - included_used
+    if version.included_credits:
+        lines.append(
+            InvoiceLine(
+                kind="included_usage",
+                description=f"Included credits: {_num(included_used)} of {_num(version.included_credits)} used",
+                quantity=included_used,
+                unit_price=ZERO,
+                amount=round_money(ZERO, currency),
+            )
+        )
+
+    lines += _overage_lines(version.overage, overage, currency)
+    draws = _draw_grants(customer.grants, period, overage, grant_balances)
+    lines += _credit_lines(version.overage, overage, draws, currency)
+    lines += _outcome_lines(usage, version, catalog, currency)
+
+    if version.seat_fee:
+        lines.append(
+            InvoiceLine(
+                kind="seats",
+                description=f"Seats: {_num(usage.active_seats)} active (period maximum)",
+                quantity=usage.active_seats,
+                unit_price=version.seat_fee,
+                amount=round_money(usage.active_seats * version.seat_fee, currency),
+            )
+        )
+    subtotal = _sum(lines)
+
+    usage_based = _sum(line for line in lines if line.kind in USAGE_BASED_KINDS)
+    discount = ZERO
+    if customer.discount_percent and usage_based > 0:
+        discount = -round_money(usage_based * customer.discount_percent / HUNDRED, currency)
+        lines.append(
+            InvoiceLine(
+                kind="discount",
+                description=f"Discount {_num(customer.discount_percent)}% of usage-based charges {_money(usage_based)}",
+                amount=discount,
+            )
+        )
+    committed_usage = usage_based + discount
+    if committed_usage < version.minimum_commitment:
+        shortfall = round_money(version.minimum_commitment - committed_usage, currency)
+        lines.append(
+            InvoiceLine(
+                kind="commitment_true_up",
+                description=(
+                    f"Commitment true-up: {_money(version.minimum_commitment)} minimum, "
+                    f"usage-based {_money(committed_usage)}"
+                ),
+                amount=shortfall,
+            )
+        )
+    total = _sum(lines)
+
+    cost_to_serve = round_money(usage.cost_to_serve, currency)
+    granted = sum((d.drawn_credits for d in draws), ZERO)
+    return Invoice(
+        customer_id=customer_id,
+        period=period,
+        period_start=start,
+        period_end=end,
+        plan_id=plan_id,
+        plan_version=version.version,
+        currency=currency,
+        status="final" if as_of >= end else "preview",
+        as_of=as_of,
+        lines=tuple(lines),
+        subtotal=subtotal,
+        total=total,
+        usage=UsageSummary(
+            credits_used=usage.credits,
+            included_credits=version.included_credits,
+            included_used=included_used,
+            overage_credits=overage,
+            grant_credits_applied=granted,
+            billed_overage_credits=overage - granted,
+            active_seats=usage.active_seats,
+            cost_to_serve=cost_to_serve,
+            margin=total - cost_to_serve,
+        ),
+        grants=tuple(draws),
+        by_meter=usage.by_meter,
+    )
+
+
+# --- plain text ----------------------------------------------------------------------------------
+
+
+def _money(amount: Decimal) -> str:
+    return f"{amount:,f}"
+
+
+def render_invoice_text(invoice: Invoice) -> str:
+    """A readable plain-text invoice: header, one row per line, totals, usage and grants."""
+    width = 108
+    last_day = (invoice.period_end - timedelta(days=1)).date()
+    title = "INVOICE" if invoice.status == "final" else "INVOICE PREVIEW (period not closed)"
+    out = [
+        title,
+        f"Customer: {invoice.customer_id}",
+        f"Period:   {invoice.period} ({invoice.period_start.date()} to {last_day}, UTC)",
+        f"Plan:     {invoice.plan_id} (version {invoice.plan_version})",
+        f"Currency: {invoice.currency}    As of: {invoice.as_of.isoformat()}",
+        "",
+        f"{'Description':<66}{'Quantity':>14}{'Unit price':>12}{'Amount':>16}",
+        "-" * width,
+    ]
+
+    def row(label: str, quantity: str, unit: str, amount: str) -> str:
+        if len(label) > 65:
+            label = label[:64] + "…"
+        return f"{label:<66}{quantity:>14}{unit:>12}{amount:>16}"
+
+    for line in invoice.lines:
+        quantity = "" if line.quantity is None else _num(line.quantity)
+        unit = "" if line.unit_price is None else _money(line.unit_price)
+        out.append(row(line.description, quantity, unit, _money(line.amount)))
+    out += [
+        "-" * width,
+        row("Subtotal", "", "", _money(invoice.subtotal)),
+        row(f"Total ({invoice.currency})", "", "", _money(invoice.total)),
+        "",
+        "Usage",
+        f"  Credits used:            {_num(invoice.usage.credits_used)}",
+        f"  Included in plan:        {_num(invoice.usage.included_credits)}",
+        f"  Overage credits:         {_num(invoice.usage.overage_credits)}",
+        f"    paid by credit grants: {_num(invoice.usage.grant_credits_applied)}",
+        f"    billed:                {_num(invoice.usage.billed_overage_credits)}",
+    ]
+    if invoice.usage.active_seats:
+        out.append(f"  Active seats:            {_num(invoice.usage.active_seats)}")
+    if invoice.grants:
+        out += [
+            "",
+            "Credit grants (credits)",
+            f"  {'grant':<20}{'kind':<10}{'expires':<12}{'opening':>14}{'drawn':>14}{'closing':>14}",
+        ]
+        for g in invoice.grants:
+            expires = str(g.expires) if g.expires else "never"
+            note = "" if g.usable else "  (not usable this period)"
+            out.append(
+                f"  {g.grant_id:<20}{g.kind.value:<10}{expires:<12}{_num(g.opening_credits):>14}"
+                f"{_num(g.drawn_credits):>14}{_num(g.closing_credits):>14}{note}"
+            )
+    if invoice.by_meter:
+        out += ["", "Credits by meter", f"  {'meter':<12}{'model':<32}{'events':>10}{'credits':>20}"]
+        for m in invoice.by_meter:
+            out.append(f"  {m.meter:<12}{m.model or '-':<32}{m.events:>10}{_num(m.credits):>20}")
+    return "\n".join(out) + "\n"
