@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 STATE  := .local
 KAFKA_LIB := $(STATE)/kafka/lib
 
-.PHONY: demo test test-unit test-integration services-up services-down install clean
+.PHONY: demo test test-unit test-integration test-faults services-up services-down install clean
 
 install: $(STAMP)
 
@@ -44,6 +44,10 @@ test-unit: $(STAMP)
 
 test-integration: $(STAMP) services-up
 	$(BIN)/python -m pytest -ra tests/integration $(PYTEST_ARGS)
+
+# Known-failing fault tests (worker restarts); see tests/faults/test_worker_crash.py.
+test-faults: $(STAMP) services-up
+	$(BIN)/python -m pytest -ra tests/faults $(PYTEST_ARGS)
 
 clean:
 	-$(BIN)/meterstream services down

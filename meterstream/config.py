@@ -121,6 +121,15 @@ class WorkerSettings(_Section):
     window_seconds: int = Field(default=60, ge=1)
     #: How long windowed counters are kept before Faust expires them.
     window_expires_seconds: int = Field(default=3600, ge=60)
+    #: How long the real-time counters remember an event id to skip resends (seconds).
+    #: Invoices dedupe by (customer_id, event_id) in ClickHouse regardless of this horizon.
+    dedupe_horizon_seconds: int = Field(default=86_400, ge=60)
+    #: How often the worker commits (offsets, table changelogs and side-topic messages
+    #: in one Kafka transaction); alerts become visible to consumers at each commit.
+    commit_interval: float = Field(default=0.5, gt=0, le=60)
+    #: A worker that stops heartbeating for this long is dropped from the group and its
+    #: partitions move; short enough that a crashed worker's partitions resume quickly.
+    session_timeout: float = Field(default=10.0, ge=6, le=300)
     web_port: int = Field(default=6066, ge=1, le=65535)
     #: The worker's HTTP endpoint (/stats/, saved-query reads) listens here only.
     web_bind: str = "127.0.0.1"

@@ -96,7 +96,6 @@ def create_app(settings: Settings, store: Storage) -> faust.App:
     topics = Topics.from_settings(kafka)
     price_book = load_price_book(worker.price_file)
     budgets = load_budgets(worker.budgets_file)
-    processor = BatchProcessor(price_book, budgets, window_seconds=worker.window_seconds)
     stats = WorkerStats()
 
     app = faust.App(
@@ -112,7 +111,14 @@ def create_app(settings: Settings, store: Storage) -> faust.App:
         datadir=str(worker.data_dir),
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
+        # Offsets, table changelogs, alerts and dead letters commit in one Kafka
+        # transaction: after a crash the tables, the side topics and the consumer
+        # position agree, so nothing is counted twice or alerted twice.
+        processing_guarantee="exactly_once",
         broker_commit_every=worker.batch_size,
+        broker_commit_interval=worker.commit_interval,
+        broker_session_timeout=worker.session_timeout,
+        broker_heartbeat_interval=worker.session_timeout / 4,
         stream_wait_empty=False,
     )
 
@@ -130,6 +136,22 @@ def create_app(settings: Settings, store: Storage) -> faust.App:
     table_schema = faust.Schema(key_type=bytes, value_type=dict, key_serializer="raw", value_serializer="json")
     month_to_date = app.Table("month-to-date", default=None, schema=table_schema)
     usage_windows = app.Table("usage-windows", default=None, schema=table_schema)
+    seen_events = app.Table(
+        "seen-events",
+        default=None,
+        schema=faust.Schema(key_type=bytes, value_type=int, key_serializer="raw", value_serializer="json"),
+    )
+
+    class TableSeenEvents:
+        """Counted events (``customer|event_id`` -> unix time), kept for the dedupe horizon."""
+
+        def __contains__(self, key: str) -> bool:
+            return key.encode() in seen_events
+
+        def add(self, key: str) -> None:
+            seen_events[key.encode()] = int(time.time())
+
+    processor = BatchProcessor(price_book, budgets, window_seconds=worker.window_seconds, seen=TableSeenEvents())
 
     # One store call at a time: chDB runs in this process and inserts and reads share it.
     store_lock = asyncio.Lock()
@@ -206,6 +228,14 @@ def create_app(settings: Settings, store: Storage) -> faust.App:
         stale = [key for key in list(usage_windows.keys()) if key.decode().split("|", 1)[1] < cutoff]
         for key in stale:
             del usage_windows[key]
+
+    @app.timer(interval=60.0)
+    async def expire_seen_events() -> None:
+        """Forget counted event ids older than the dedupe horizon."""
+        cutoff = int(time.time()) - worker.dedupe_horizon_seconds
+        stale = [key for key, seen_at in list(seen_events.items()) if seen_at < cutoff]
+        for key in stale:
+            del seen_events[key]
 
     @app.page("/stats/")
     async def stats_view(web: Any, request: Any) -> Any:
