@@ -136,6 +136,7 @@ def worker(
     import faust
 
     from meterstream.budgets import BudgetBookError
+    from meterstream.pricing.plans import PlanError
     from meterstream.pricing.pricebook import PriceBookError
     from meterstream.storage.clickhouse import StoreError, open_store
     from meterstream.storage.owner import StoreOwnership
@@ -154,7 +155,7 @@ def worker(
     try:
         faust_app = create_app(settings, store)
         faust.Worker(faust_app, loglevel=loglevel).execute_from_commandline()
-    except (PriceBookError, BudgetBookError) as exc:
+    except (PriceBookError, PlanError, BudgetBookError) as exc:
         raise fail(str(exc)) from None
     finally:
         store.close()

@@ -133,8 +133,9 @@ class WorkerSettings(_Section):
     web_port: int = Field(default=6066, ge=1, le=65535)
     #: The worker's HTTP endpoint (/stats/, saved-query reads) listens here only.
     web_bind: str = "127.0.0.1"
-    #: Price file (YAML); empty means the curated default shipped with the package.
-    price_file: Path | None = None
+    #: Plan catalog (YAML: plans, versions, their price books, customer assignments);
+    #: empty means the shipped default (pay as you go on the default price book).
+    plans_file: Path | None = None
     #: Budgets file (YAML); empty means no budgets (no alerts).
     budgets_file: Path | None = None
     data_dir: Path = DEFAULT_STATE_DIR / "worker"

@@ -30,8 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from meterstream.config import ClickHouseSettings, Settings
 from meterstream.pricing.money import round_money
-from meterstream.pricing.pricebook import PriceBook, load_price_book
-from meterstream.pricing.rating import rate_event
+from meterstream.pricing.plans import Catalog, load_catalog
 from meterstream.producers.client import DeliveryFailure, MeterClient
 from meterstream.schemas.events import Attribution, OutcomeEvent, UsageEvent
 
@@ -134,10 +133,10 @@ def _outcome(
     )
 
 
-def expected_credits(traffic: Traffic, book: PriceBook) -> dict[str, Decimal]:
+def expected_credits(traffic: Traffic, catalog: Catalog) -> dict[str, Decimal]:
     totals: dict[str, Decimal] = defaultdict(Decimal)
     for event in traffic.unique:
-        totals[event.customer_id] += rate_event(event, book).credits
+        totals[event.customer_id] += catalog.rate(event).credits
     return dict(totals)
 
 
@@ -196,10 +195,10 @@ def run_demo(settings: Settings, *, customers: int, events: int, seed: int, time
         clickhouse = ClickHouseSettings(dsn=f"chdb://{store_path}")
     else:
         clickhouse = settings.clickhouse.model_copy(update={"database": f"meterstream_demo_{run_id}"})
-    book = load_price_book(settings.worker.price_file)
+    catalog = load_catalog(settings.worker.plans_file)
     names = customer_ids(customers)
     traffic = generate_traffic(names, events, seed, now)
-    credits = expected_credits(traffic, book)
+    credits = expected_credits(traffic, catalog)
     demo_dir.mkdir(parents=True, exist_ok=True)
     budgets_file = demo_dir / "budgets.yaml"
     budgets_file.write_text(budgets_yaml(credits, names))
@@ -217,8 +216,8 @@ def run_demo(settings: Settings, *, customers: int, events: int, seed: int, time
         "METERSTREAM_WORKER__BUDGETS_FILE": str(budgets_file.resolve()),
         "METERSTREAM_WORKER__DATA_DIR": str((demo_dir / "worker").resolve()),
     }
-    if settings.worker.price_file:
-        env["METERSTREAM_WORKER__PRICE_FILE"] = str(settings.worker.price_file.resolve())
+    if settings.worker.plans_file:
+        env["METERSTREAM_WORKER__PLANS_FILE"] = str(settings.worker.plans_file.resolve())
     worker = WorkerProcess(env, web_port, demo_dir / "worker.log")
     try:
         with console.status("starting the worker (joining the consumer group)"):

@@ -57,6 +57,7 @@ from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from enum import StrEnum
 from functools import cache
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -397,6 +398,20 @@ class Catalog(_Strict):
                 return found
         return None
 
+    @classmethod
+    def for_price_book(cls, book: PriceBook, *, plan: str = "payg") -> Catalog:
+        """Every customer on one pay-as-you-go plan over ``book`` (offline runs and tests)."""
+        version = {
+            "version": book.version,
+            "effective_from": "2000-01-01",
+            "price_book": book.model_dump(mode="json"),
+            "overage": {"model": "per_unit", "unit_price": "0"},
+        }
+        return parse_catalog(
+            {"currency": book.currency, "default_plan": plan, "plans": {plan: {"versions": [version]}}},
+            source=f"<price book {book.version}>",
+        )
+
     def price_book_for(self, customer_id: str, at: datetime) -> PriceBook:
         return self.version_for(customer_id, at).price_book
 
@@ -430,7 +445,10 @@ def parse_catalog(data: Any, *, source: str = "<data>", base_dir: Path | None = 
         raise CatalogError(format_errors(source, exc)) from None
 
 
-def load_catalog(path: Path | str) -> Catalog:
+def load_catalog(path: Path | str | None = None) -> Catalog:
+    """Load a plan catalog; ``None`` loads the default shipped with meterstream (pay as you go)."""
+    if path is None:
+        path = Path(str(resources.files("meterstream.data").joinpath("plans.yaml")))
     path = Path(path)
     try:
         text = path.read_text()

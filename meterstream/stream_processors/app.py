@@ -32,7 +32,7 @@ from aiokafka.partitioner import murmur2
 
 from meterstream.budgets import load_budgets
 from meterstream.config import Settings
-from meterstream.pricing.pricebook import load_price_book
+from meterstream.pricing.plans import load_catalog
 from meterstream.storage.clickhouse import Storage, StoreError
 from meterstream.storage.queries import UnknownQuery, query_parameters, saved_query
 from meterstream.stream_processors.processing import (
@@ -94,7 +94,7 @@ def create_app(settings: Settings, store: Storage) -> faust.App:
     worker = settings.worker
     kafka = settings.kafka
     topics = Topics.from_settings(kafka)
-    price_book = load_price_book(worker.price_file)
+    catalog = load_catalog(worker.plans_file)
     budgets = load_budgets(worker.budgets_file)
     stats = WorkerStats()
 
@@ -151,11 +151,12 @@ def create_app(settings: Settings, store: Storage) -> faust.App:
         def add(self, key: str) -> None:
             seen_events[key.encode()] = int(time.time())
 
-    processor = BatchProcessor(price_book, budgets, window_seconds=worker.window_seconds, seen=TableSeenEvents())
+    processor = BatchProcessor(catalog, budgets, window_seconds=worker.window_seconds, seen=TableSeenEvents())
 
     # One store call at a time: chDB runs in this process and inserts and reads share it.
     store_lock = asyncio.Lock()
-    log.info("price book %s; %d customer budgets", price_book.version, len(budgets.customers))
+    log.info("%d plans, %d customers assigned; %d customer budgets", len(catalog.plans), len(catalog.customers),
+             len(budgets.customers))
 
     def kind_of(topic_name: str) -> str:
         return "outcome" if topic_name == topics.outcomes.name else "usage"

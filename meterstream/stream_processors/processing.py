@@ -17,8 +17,8 @@ from decimal import Decimal
 from typing import Any, Literal, Protocol
 
 from meterstream.budgets import BudgetBook, thresholds_to_alert
-from meterstream.pricing.pricebook import PriceBook
-from meterstream.pricing.rating import RatingError, rate_event
+from meterstream.pricing.plans import Catalog, PlanError
+from meterstream.pricing.rating import RatingError
 from meterstream.schemas.events import OutcomeEvent, UsageEvent
 from meterstream.schemas.records import BudgetAlert, DeadLetter, RatedUsage, RawEvent, ThresholdAction
 from meterstream.stream_processors.decode import Rejection, decode_event
@@ -156,13 +156,13 @@ class BatchProcessor:
 
     def __init__(
         self,
-        price_book: PriceBook,
+        catalog: Catalog,
         budgets: BudgetBook,
         *,
         window_seconds: int = 60,
         seen: SeenEvents | None = None,
     ) -> None:
-        self.price_book = price_book
+        self.catalog = catalog
         self.budgets = budgets
         self.window_seconds = window_seconds
         self.seen: SeenEvents = seen if seen is not None else RecentIds()
@@ -188,8 +188,9 @@ class BatchProcessor:
                 result.duplicates += 1
                 continue
             try:
-                rated = rate_event(decoded, self.price_book)
-            except RatingError as exc:
+                # The rate card of the customer's plan version in effect when the event occurred.
+                rated = self.catalog.rate(decoded)
+            except (RatingError, PlanError) as exc:
                 result.dead_letters.append(self._dead_letter(message, str(exc), now))
                 continue
             batch_ids.add(key)

@@ -24,8 +24,7 @@ from decimal import Decimal
 import pytest
 
 from meterstream.budgets import BudgetBook, thresholds_to_alert
-from meterstream.pricing.pricebook import load_price_book
-from meterstream.pricing.rating import rate_event
+from meterstream.pricing.plans import load_catalog
 from meterstream.producers import MeterClient
 from meterstream.schemas.events import UsageEvent
 from meterstream.storage.owner import run_saved_query
@@ -95,12 +94,10 @@ def test_worker_interrupted_mid_stream_restarts_with_exact_totals_and_alerts_onc
         meter.record_llm_call("crash-marker", "gpt-4o-mini", input_tokens=1, output_tokens=1, event_id="marker")
     _wait_rows(pipeline, len(events) + 1)
 
-    book = load_price_book()
+    catalog = load_catalog()
     expected_credits: dict[str, Decimal] = {}
     for event in events:
-        expected_credits[event.customer_id] = expected_credits.get(event.customer_id, Decimal(0)) + rate_event(
-            event, book
-        ).credits
+        expected_credits[event.customer_id] = expected_credits.get(event.customer_id, Decimal(0)) + catalog.rate(event).credits
     stored = {
         row["customer_id"]: row
         for row in run_saved_query(pipeline.clickhouse, "month_to_date", period=PERIOD, customer="").dicts()

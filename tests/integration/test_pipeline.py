@@ -16,8 +16,7 @@ from decimal import Decimal
 
 import pytest
 
-from meterstream.pricing.pricebook import load_price_book
-from meterstream.pricing.rating import rate_event
+from meterstream.pricing.plans import load_catalog
 from meterstream.producers import MeterClient
 from meterstream.schemas.events import Attribution, Meter, OutcomeEvent, UsageEvent
 from meterstream.storage.owner import run_saved_query
@@ -52,7 +51,7 @@ def _usage(customer: str, i: int, **fields) -> UsageEvent:
 
 def test_n_events_arrive_as_exactly_n_rated_rows_with_exact_totals(pipeline_factory):
     pipeline = pipeline_factory()
-    book = load_price_book()
+    catalog = load_catalog()
     customers = [f"cust-{c}" for c in range(7)]
     events: list[UsageEvent | OutcomeEvent] = []
     for i in range(1400):
@@ -84,7 +83,7 @@ def test_n_events_arrive_as_exactly_n_rated_rows_with_exact_totals(pipeline_fact
     expected_cost: dict[str, Decimal] = defaultdict(Decimal)
     expected_count: Counter[str] = Counter()
     for event in events:
-        rated = rate_event(event, book)
+        rated = catalog.rate(event)
         expected_credits[event.customer_id] += rated.credits
         expected_cost[event.customer_id] += rated.cost_to_serve
         expected_count[event.customer_id] += 1
@@ -121,8 +120,8 @@ def test_resent_events_are_counted_once(pipeline_factory):
     assert stats["duplicates"] == 10
     row = _month_to_date(pipeline, "dupes")["dupes"]
     assert row["events"] == 30
-    book = load_price_book()
-    assert row["credits"] == sum((rate_event(e, book).credits for e in events), Decimal(0))
+    catalog = load_catalog()
+    assert row["credits"] == sum((catalog.rate(e).credits for e in events), Decimal(0))
 
 
 BUDGETS = """

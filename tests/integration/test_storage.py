@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from meterstream.config import ClickHouseSettings
-from meterstream.pricing.pricebook import load_price_book
-from meterstream.pricing.rating import rate_event
+from meterstream.pricing.plans import load_catalog
 from meterstream.schemas.events import UsageEvent
 from meterstream.schemas.records import RawEvent
 from meterstream.storage.clickhouse import connect, discover_migrations, migrate, open_store
@@ -61,7 +60,7 @@ def test_a_rated_row_reads_back_exactly_and_resends_collapse(clickhouse):
             event_id="ev-1", customer_id="acme", occurred_at=datetime(2026, 11, 3, tzinfo=timezone.utc),
             model="gpt-4o-mini", input_tokens=123_457, cached_input_tokens=1_001, output_tokens=9_999,
         )  # fmt: skip
-        rated = rate_event(event, load_price_book())
+        rated = load_catalog().rate(event)
         raw = RawEvent("ev-1", "acme", "usage", rated.occurred_at, "2026-11", event.model_dump_json().encode(),
                        "usage.events", 0, 42)  # fmt: skip
         for _ in range(3):  # the sink retried, or the event was resent: one row before any merge

@@ -38,7 +38,7 @@ def test_env_vars_with_prefix_and_nested_delimiter(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("METERSTREAM_KAFKA__PARTITIONS", "12")
     monkeypatch.setenv("METERSTREAM_KAFKA__TOPIC_PREFIX", "staging.")
     monkeypatch.setenv("METERSTREAM_WORKER__BATCH_SIZE", "2000")
-    monkeypatch.setenv("METERSTREAM_WORKER__PRICE_FILE", "/etc/meterstream/prices.yaml")
+    monkeypatch.setenv("METERSTREAM_WORKER__PLANS_FILE", "/etc/meterstream/plans.yaml")
     monkeypatch.setenv("METERSTREAM_CLICKHOUSE__DSN", "http://default:secret@clickhouse:8123/meterstream")
     monkeypatch.setenv("METERSTREAM_SERVICES__KAFKA_PORT", "29092")
     settings = Settings()
@@ -46,7 +46,7 @@ def test_env_vars_with_prefix_and_nested_delimiter(monkeypatch: pytest.MonkeyPat
     assert settings.kafka.partitions == 12
     assert settings.kafka.topic("usage.events") == "staging.usage.events"
     assert settings.worker.batch_size == 2000
-    assert settings.worker.price_file == Path("/etc/meterstream/prices.yaml")
+    assert settings.worker.plans_file == Path("/etc/meterstream/plans.yaml")
     assert settings.clickhouse.embedded is False
     assert settings.services.kafka_port == 29092
 

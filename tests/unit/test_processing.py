@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from meterstream.budgets import Budget, BudgetBook
 from meterstream.pricing.pricebook import PriceBook
 from meterstream.schemas.records import BudgetAlert, RatedUsage, ThresholdAction
+from meterstream.pricing.plans import Catalog
 from meterstream.stream_processors.processing import (
     BatchProcessor,
     BatchResult,
@@ -91,7 +92,7 @@ def budgets(credits: str = "100", action: str = "block", thresholds: tuple[int, 
 
 
 def test_n_messages_give_n_rated_rows_with_exact_totals(book: PriceBook, msg: Stream, store: Store) -> None:
-    processor = BatchProcessor(book, NO_BUDGETS)
+    processor = BatchProcessor(Catalog.for_price_book(book), NO_BUDGETS)
     messages = [msg(usage(f"e{i}")) for i in range(7)]
     result = processor.process(messages, store.get, now=NOW)
     assert len(result.rated) == 7
@@ -107,7 +108,7 @@ def test_n_messages_give_n_rated_rows_with_exact_totals(book: PriceBook, msg: St
 def test_raw_events_keep_the_payload_and_where_it_came_from(book: PriceBook, msg: Stream, store: Store) -> None:
     value = usage("e1")
     message = msg(value, partition=2)
-    raw = BatchProcessor(book, NO_BUDGETS).process([message], store.get, now=NOW).raw[0]
+    raw = BatchProcessor(Catalog.for_price_book(book), NO_BUDGETS).process([message], store.get, now=NOW).raw[0]
     assert raw.payload == value
     assert (raw.event_id, raw.customer_id, raw.kind, raw.period) == ("e1", "acme", "usage", "2025-03")
     assert (raw.source_topic, raw.source_partition, raw.source_offset) == ("usage.events", 2, message.offset)
@@ -116,7 +117,7 @@ def test_raw_events_keep_the_payload_and_where_it_came_from(book: PriceBook, msg
 
 def test_outcomes_and_reversals_in_a_batch(book: PriceBook, msg: Stream, store: Store) -> None:
     messages = [msg(outcome("o1"), "outcome"), msg(outcome("o2", reversal_of="o1"), "outcome"), msg(usage("u1"))]
-    result = BatchProcessor(book, NO_BUDGETS).process(messages, store.get, now=NOW)
+    result = BatchProcessor(Catalog.for_price_book(book), NO_BUDGETS).process(messages, store.get, now=NOW)
     assert [r.credits for r in result.rated] == [Decimal("150"), Decimal("-150"), Decimal("6")]
     assert result.month_to_date["acme|2025-03"].credits == Decimal("6")
     assert [r.kind for r in result.raw] == ["outcome", "outcome", "usage"]
@@ -127,7 +128,7 @@ def test_outcomes_and_reversals_in_a_batch(book: PriceBook, msg: Stream, store: 
 
 def test_duplicates_within_a_batch_are_skipped_and_counted(book: PriceBook, msg: Stream, store: Store) -> None:
     messages = [msg(usage("e1")), msg(usage("e2")), msg(usage("e1")), msg(usage("e1", input_tokens=1))]
-    result = BatchProcessor(book, NO_BUDGETS).process(messages, store.get, now=NOW)
+    result = BatchProcessor(Catalog.for_price_book(book), NO_BUDGETS).process(messages, store.get, now=NOW)
     assert [r.event_id for r in result.rated] == ["e1", "e2"]
     assert result.duplicates == 2
     # The first copy wins: the resend with different counts is not billed.
@@ -136,7 +137,7 @@ def test_duplicates_within_a_batch_are_skipped_and_counted(book: PriceBook, msg:
 
 
 def test_duplicates_across_batches_are_skipped_after_commit(book: PriceBook, msg: Stream, store: Store) -> None:
-    processor = BatchProcessor(book, NO_BUDGETS)
+    processor = BatchProcessor(Catalog.for_price_book(book), NO_BUDGETS)
     first = processor.process([msg(usage("e1")), msg(usage("e2"))], store.get, now=NOW)
     processor.commit(first)
     store.save(first)
@@ -149,7 +150,7 @@ def test_duplicates_across_batches_are_skipped_after_commit(book: PriceBook, msg
 
 def test_without_commit_a_redelivered_batch_is_processed_again(book: PriceBook, msg: Stream, store: Store) -> None:
     # commit() is only called once the writes succeeded; a retried batch must not be dropped as duplicates.
-    processor = BatchProcessor(book, NO_BUDGETS)
+    processor = BatchProcessor(Catalog.for_price_book(book), NO_BUDGETS)
     messages = [msg(usage("e1"))]
     processor.process(messages, store.get, now=NOW)
     again = processor.process(messages, store.get, now=NOW)
@@ -173,7 +174,7 @@ def test_malformed_and_unknown_model_messages_become_dead_letters(book: PriceBoo
     malformed = b'{"event_id": "e2", "customer_id": "acme", \xff'
     unknown = usage("e3", model="mystery-model")
     messages = [msg(usage("e1")), msg(malformed, partition=0), msg(None), msg(unknown, partition=3), msg(usage("e4"))]
-    result = BatchProcessor(book, NO_BUDGETS).process(messages, store.get, now=NOW)
+    result = BatchProcessor(Catalog.for_price_book(book), NO_BUDGETS).process(messages, store.get, now=NOW)
     # The good messages around them are still rated.
     assert [r.event_id for r in result.rated] == ["e1", "e4"]
     assert len(result.dead_letters) == 3
@@ -198,14 +199,14 @@ def test_malformed_and_unknown_model_messages_become_dead_letters(book: PriceBoo
 def test_dead_letters_are_not_counted_as_duplicates(book: PriceBook, msg: Stream, store: Store) -> None:
     # An id that failed to rate is not remembered: a corrected resend is billed.
     messages = [msg(usage("e1", model="mystery-model")), msg(usage("e1"))]
-    result = BatchProcessor(book, NO_BUDGETS).process(messages, store.get, now=NOW)
+    result = BatchProcessor(Catalog.for_price_book(book), NO_BUDGETS).process(messages, store.get, now=NOW)
     assert len(result.dead_letters) == 1
     assert [r.event_id for r in result.rated] == ["e1"]
     assert result.duplicates == 0
 
 
 def test_event_on_the_wrong_topic_is_a_dead_letter(book: PriceBook, msg: Stream, store: Store) -> None:
-    result = BatchProcessor(book, NO_BUDGETS).process([msg(outcome("o1"), "usage")], store.get, now=NOW)
+    result = BatchProcessor(Catalog.for_price_book(book), NO_BUDGETS).process([msg(outcome("o1"), "usage")], store.get, now=NOW)
     assert result.rated == []
     assert [d.source_topic for d in result.dead_letters] == ["usage.events"]
 
@@ -225,7 +226,7 @@ def test_month_to_date_is_per_customer_and_period(book: PriceBook, msg: Stream, 
         msg(usage("g1", customer="globex", input_tokens=4_000, output_tokens=0)),
         msg(usage("a4")),
     ]
-    result = BatchProcessor(book, NO_BUDGETS).process(messages, store.get, now=NOW)
+    result = BatchProcessor(Catalog.for_price_book(book), NO_BUDGETS).process(messages, store.get, now=NOW)
     assert set(result.month_to_date) == {"acme|2025-03", "acme|2025-04", "globex|2025-03"}
     assert result.month_to_date["acme|2025-03"] == MonthToDate(
         credits=Decimal("22"), cost_to_serve=Decimal("0.22"), events=4, tokens=500 + 30_000)
@@ -262,7 +263,7 @@ def test_window_counts_per_customer_and_window(book: PriceBook, msg: Stream, sto
         msg(usage("e3", at=T0 + timedelta(seconds=65))),
         msg(usage("g1", customer="globex", at=T0 + timedelta(seconds=10))),
     ]
-    result = BatchProcessor(book, NO_BUDGETS, window_seconds=60).process(messages, store.get, now=NOW)
+    result = BatchProcessor(Catalog.for_price_book(book), NO_BUDGETS, window_seconds=60).process(messages, store.get, now=NOW)
     windows = result.windows
     assert set(windows) == {"acme|2025-03-15T12:00:00Z", "acme|2025-03-15T12:01:00Z", "globex|2025-03-15T12:00:00Z"}
     first = windows["acme|2025-03-15T12:00:00Z"]
@@ -282,7 +283,7 @@ def test_window_counts_merge_into_previous_json() -> None:
 
 def test_alerts_fire_at_the_event_that_crosses_each_threshold(book: PriceBook, msg: Stream, store: Store) -> None:
     # Budget 20 credits; each event is 6: running totals 6, 12, 18, 24.
-    processor = BatchProcessor(book, budgets("20"))
+    processor = BatchProcessor(Catalog.for_price_book(book), budgets("20"))
     result = processor.process([msg(usage(f"e{i}")) for i in range(1, 5)], store.get, now=NOW)
     assert [(a.threshold_percent, a.triggering_event_id, a.spent_credits) for a in result.alerts] == [
         (50, "e2", Decimal("12")), (80, "e3", Decimal("18")), (100, "e4", Decimal("24"))]
@@ -297,12 +298,12 @@ def test_alerts_fire_at_the_event_that_crosses_each_threshold(book: PriceBook, m
 
 def test_exactly_at_a_threshold_alerts(book: PriceBook, msg: Stream, store: Store) -> None:
     # 6 credits of a 12-credit budget is exactly 50%.
-    result = BatchProcessor(book, budgets("12")).process([msg(usage("e1"))], store.get, now=NOW)
+    result = BatchProcessor(Catalog.for_price_book(book), budgets("12")).process([msg(usage("e1"))], store.get, now=NOW)
     assert [a.threshold_percent for a in result.alerts] == [50]
 
 
 def test_each_threshold_alerts_once_across_batches(book: PriceBook, msg: Stream, store: Store) -> None:
-    processor = BatchProcessor(book, budgets("30"))
+    processor = BatchProcessor(Catalog.for_price_book(book), budgets("30"))
 
     def run(*ids: str) -> list[int]:
         result = processor.process([msg(usage(i)) for i in ids], store.get, now=NOW)
@@ -318,7 +319,7 @@ def test_each_threshold_alerts_once_across_batches(book: PriceBook, msg: Stream,
 
 
 def test_a_new_period_alerts_again(book: PriceBook, msg: Stream, store: Store) -> None:
-    processor = BatchProcessor(book, budgets("6", thresholds=(100,)))
+    processor = BatchProcessor(Catalog.for_price_book(book), budgets("6", thresholds=(100,)))
     march = processor.process([msg(usage("m1"))], store.get, now=NOW)
     store.save(march)
     april = processor.process([msg(usage("a1", at=datetime(2025, 4, 2, tzinfo=timezone.utc)))], store.get, now=NOW)
@@ -328,7 +329,7 @@ def test_a_new_period_alerts_again(book: PriceBook, msg: Stream, store: Store) -
 
 
 def test_customers_without_a_budget_never_alert(book: PriceBook, msg: Stream, store: Store) -> None:
-    result = BatchProcessor(book, budgets("1")).process(
+    result = BatchProcessor(Catalog.for_price_book(book), budgets("1")).process(
         [msg(usage("g1", customer="globex"))], store.get, now=NOW)
     assert result.alerts == []
     assert result.month_to_date["globex|2025-03"].alerted == frozenset()
@@ -336,7 +337,7 @@ def test_customers_without_a_budget_never_alert(book: PriceBook, msg: Stream, st
 
 def test_default_budget_applies_to_unlisted_customers(book: PriceBook, msg: Stream, store: Store) -> None:
     book_with_default = BudgetBook(default=Budget(monthly_credits=Decimal("6"), thresholds=(100,)))
-    result = BatchProcessor(book, book_with_default).process(
+    result = BatchProcessor(Catalog.for_price_book(book), book_with_default).process(
         [msg(usage("g1", customer="globex"))], store.get, now=NOW)
     assert [(a.customer_id, a.threshold_percent, a.action) for a in result.alerts] == [
         ("globex", 100, ThresholdAction.ALERT)]
@@ -380,7 +381,7 @@ def test_splitting_a_stream_into_batches_changes_nothing(
     values += resent  # redelivered after their batch committed, or within the same batch
 
     def run(batches: list[list[bytes]]) -> tuple[MonthToDate, list[tuple[int, str]], list[RatedUsage], int]:
-        processor = BatchProcessor(book, budgets("50", thresholds=(10, 50, 80, 100, 150)))
+        processor = BatchProcessor(Catalog.for_price_book(book), budgets("50", thresholds=(10, 50, 80, 100, 150)))
         local = Store()
         alerts: list[tuple[int, str]] = []
         rated: list[RatedUsage] = []
