@@ -268,6 +268,194 @@ def alerts_list(period: PeriodOption = None, customer: CustomerOption = None, as
     console.print(alerts_table(result.dicts(), f"Budget alerts, {period}"))
 
 
+# -- billing ----------------------------------------------------------------------------------
+
+PlansOption = Annotated[
+    Path | None, typer.Option("--plans", help="Plan catalog (YAML); default: METERSTREAM_WORKER__PLANS_FILE or the shipped one.")
+]
+
+
+def _catalog(path: Path | None, settings: Settings) -> Any:
+    from meterstream.pricing.plans import PlanError, load_catalog
+
+    try:
+        return load_catalog(path or settings.worker.plans_file)
+    except PlanError as exc:
+        raise fail(str(exc)) from None
+
+
+def _store_runner(settings: Settings) -> Any:
+    def run(name: str, **params: str) -> Any:
+        return _run_query(settings, name, **params)
+
+    return run
+
+
+def _print_invoice_json(invoices: list[Any]) -> None:
+    # Decimals as strings, exactly as computed: machines must not re-round them.
+    print(json.dumps([inv.model_dump(mode="json") for inv in invoices], indent=2))
+
+
+@app.command()
+def invoice(
+    customer: Annotated[str, typer.Option("--customer", help="The customer to invoice.")],
+    period: PeriodOption = None,
+    plans: PlansOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """The invoice for one customer and period, from the rated rows in ClickHouse.
+
+    Mid-period it is a preview. Totals equal `meterstream rate` on the same events, to the cent.
+    """
+    from meterstream.billing import invoice_from_store
+    from meterstream.pricing.invoice import InvoiceError, render_invoice_text
+    from meterstream.pricing.plans import PlanError
+
+    settings = get_settings()
+    period = _check_period(period)
+    catalog = _catalog(plans, settings)
+    try:
+        result = invoice_from_store(_store_runner(settings), catalog, customer, period)
+    except (InvoiceError, PlanError) as exc:
+        raise fail(str(exc)) from None
+    if as_json:
+        _print_invoice_json([result])
+    else:
+        console.print(render_invoice_text(result), highlight=False)
+
+
+@app.command()
+def rate(
+    plan: Annotated[Path, typer.Option("--plan", help="Plan catalog (YAML) to rate with.")],
+    events: Annotated[Path, typer.Option("--events", help="Events, one JSON object per line (the wire format).")],
+    period: PeriodOption = None,
+) -> None:
+    """Rate a file of events offline (no Kafka, no ClickHouse) and print the invoices as JSON.
+
+    Invalid lines and events the plan cannot price are reported on stderr and make the
+    exit code 2; the invoices of everything else are still printed.
+    """
+    from meterstream.billing import invoices_from_rated, rate_events, read_events
+    from meterstream.pricing.invoice import InvoiceError
+
+    settings = get_settings()
+    if period is not None:
+        period = _check_period(period)
+    catalog = _catalog(plan, settings)
+    if not events.is_file():
+        raise fail(f"no such events file: {events}")
+    parsed, bad = read_events(events)
+    rated, unpriced = rate_events(catalog, parsed)
+    for line in bad:
+        err_console.print(f"{events}:{line.line}: {line.reason}", highlight=False)
+    for message in unpriced:
+        err_console.print(f"not priced: {message}", highlight=False)
+    try:
+        invoices = invoices_from_rated(catalog, rated, period=period)
+    except InvoiceError as exc:
+        raise fail(str(exc)) from None
+    _print_invoice_json(invoices)
+    if bad or unpriced:
+        raise typer.Exit(2)
+
+
+@app.command()
+def rerate(
+    plans: Annotated[Path, typer.Option("--plans", help="The new plan catalog to re-rate with.")],
+    period: PeriodOption = None,
+    current: Annotated[
+        Path | None, typer.Option("--current", help="The catalog the period was billed with; default as for invoice.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Re-rate a period's stored events under another catalog: old total, new total, difference.
+
+    Read-only: nothing stored changes, and closed invoices stay as they were billed.
+    """
+    from meterstream.billing import invoice_from_store, invoices_from_rated, iter_raw_events, rate_events
+    from meterstream.pricing.invoice import InvoiceError
+    from meterstream.pricing.plans import PlanError
+
+    settings = get_settings()
+    period = _check_period(period)
+    old_catalog = _catalog(current, settings)
+    new_catalog = _catalog(plans, settings)
+    run = _store_runner(settings)
+    customers = [row["customer_id"] for row in run("period_customers", period=period).dicts()]
+    rows = []
+    try:
+        for customer in customers:
+            old = invoice_from_store(run, old_catalog, customer, period)
+            rated, unpriced = rate_events(new_catalog, iter_raw_events(run, period, customer))
+            if unpriced:
+                raise fail(f"the new catalog cannot price {len(unpriced)} events of {customer}: {unpriced[0]}")
+            new = invoices_from_rated(new_catalog, rated, period=period)
+            new_total = new[0].total if new else Decimal(0)
+            rows.append({"customer_id": customer, "old_total": old.total, "new_total": new_total,
+                         "difference": new_total - old.total, "old_plan_version": old.plan_version,
+                         "new_plan_version": new[0].plan_version if new else ""})  # fmt: skip
+    except (InvoiceError, PlanError) as exc:
+        raise fail(str(exc)) from None
+    if as_json:
+        print(json.dumps(rows, indent=2, default=str))
+        return
+    table = Table(title=f"Re-rating {period}: {current or 'current catalog'} -> {plans}")
+    for column in ("customer", "old plan", "old total", "new plan", "new total", "difference"):
+        table.add_column(column, justify="left" if column in ("customer", "old plan", "new plan") else "right")
+    for row in rows:
+        table.add_row(row["customer_id"], row["old_plan_version"], f"{row['old_total']:,}", row["new_plan_version"],
+                      f"{row['new_total']:,}", f"{row['difference']:+,}")  # fmt: skip
+    total_old = sum((r["old_total"] for r in rows), Decimal(0))
+    total_new = sum((r["new_total"] for r in rows), Decimal(0))
+    table.add_row("[bold]all", "", f"{total_old:,}", "", f"{total_new:,}", f"{total_new - total_old:+,}")
+    console.print(table)
+
+
+@app.command()
+def margin(
+    period: PeriodOption = None,
+    by: Annotated[str, typer.Option("--by", help="customer, workflow or model")] = "customer",
+    plans: PlansOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Revenue, cost to serve and margin for a period, per customer, workflow or model.
+
+    Revenue is each customer's invoice total, spread over its usage by credits
+    (outcome lines over its outcomes).
+    """
+    from meterstream.billing import allocate_revenue, group_margin, invoice_from_store
+    from meterstream.pricing.invoice import InvoiceError
+    from meterstream.pricing.money import round_money
+
+    if by not in ("customer", "workflow", "model"):
+        raise fail("--by must be customer, workflow or model")
+    settings = get_settings()
+    period = _check_period(period)
+    catalog = _catalog(plans, settings)
+    run = _store_runner(settings)
+    rows = run("margin", period=period).dicts()
+    try:
+        invoices = {c: invoice_from_store(run, catalog, c, period) for c in sorted({r["customer_id"] for r in rows})}
+    except InvoiceError as exc:
+        raise fail(str(exc)) from None
+    grouped = group_margin(allocate_revenue(rows, invoices), by)
+    if as_json:
+        print(json.dumps([{by: r.customer_id or r.workflow_id or r.model, "events": r.events,
+                           "credits": str(r.credits), "revenue": str(round_money(r.revenue)),
+                           "cost_to_serve": str(round_money(r.cost_to_serve)),
+                           "margin": str(round_money(r.margin))} for r in grouped], indent=2))  # fmt: skip
+        return
+    table = Table(title=f"Margin by {by}, {period}")
+    for column in (by, "events", "credits", "revenue $", "cost to serve $", "margin $", "margin %"):
+        table.add_column(column, justify="left" if column == by else "right")
+    for r in grouped:
+        pct = f"{r.margin / r.revenue * 100:.1f}" if r.revenue else "-"
+        table.add_row(r.customer_id or r.workflow_id or r.model, f"{r.events:,}", _fmt(r.credits, 2),
+                      f"{round_money(r.revenue):,}", f"{round_money(r.cost_to_serve):,}",
+                      f"{round_money(r.margin):,}", pct)  # fmt: skip
+    console.print(table)
+
+
 # -- schemas ----------------------------------------------------------------------------------
 
 

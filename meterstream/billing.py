@@ -1,0 +1,318 @@
+"""Billing from stored or offline events: invoices, re-rating and margins.
+
+The thin layer between the pure pricing engine (:mod:`meterstream.pricing`) and
+its two sources of usage:
+
+- the store: ``usage_rated`` rows the worker wrote, aggregated by the saved
+  query ``sql/queries/invoice_usage.sql`` (``meterstream invoice``, ``margin``);
+- a file of events in the wire format, rated here with the same catalog
+  (``meterstream rate``): a dry run for a plan change and the reference the
+  tests compare the stream against.
+
+Both end in :func:`invoice_series`, so a customer's invoice is computed one way.
+Prepaid and free credit grants are balances: an invoice for a period is computed
+after the invoices of every earlier period since the customer's first grant,
+carrying the closing balances forward.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from meterstream.pricing.invoice import Invoice, MeterSubtotal, OutcomeCount, PeriodUsage, compute_invoice
+from meterstream.pricing.plans import Catalog
+from meterstream.schemas.events import Attribution, OutcomeEvent, UsageEvent
+from meterstream.schemas.records import RatedUsage
+from meterstream.stream_processors.decode import describe_validation_error
+
+ZERO = Decimal(0)
+
+
+def next_period(period: str) -> str:
+    year, month = int(period[:4]), int(period[5:7])
+    return f"{year + month // 12:04d}-{month % 12 + 1:02d}"
+
+
+def periods_between(first: str, last: str) -> list[str]:
+    periods = [first]
+    while periods[-1] < last:
+        periods.append(next_period(periods[-1]))
+    return periods
+
+
+def first_billed_period(catalog: Catalog, customer_id: str, period: str, first_usage: str | None) -> str:
+    """Where a customer's grant balances start.
+
+    The month of its earliest grant; a grant without ``granted_on`` has been
+    usable since the customer's first period with usage (``first_usage``).
+    Without grants, ``period`` itself: nothing carries over.
+    """
+    customer = catalog.customers.get(customer_id)
+    grants = customer.grants if customer else ()
+    starts = [period]
+    for grant in grants:
+        if grant.granted_on is not None:
+            starts.append(grant.granted_on.strftime("%Y-%m"))
+        elif first_usage is not None:
+            starts.append(first_usage)
+    return min(starts)
+
+
+def invoice_series(
+    catalog: Catalog,
+    customer_id: str,
+    period: str,
+    usage_for: Callable[[str], PeriodUsage],
+    *,
+    first_usage: str | None = None,
+    as_of: datetime | None = None,
+) -> list[Invoice]:
+    """Invoices from where the customer's grant balances start up to ``period``, carried forward."""
+    invoices: list[Invoice] = []
+    balances: dict[str, Decimal] | None = None
+    for month in periods_between(first_billed_period(catalog, customer_id, period, first_usage), period):
+        invoice = compute_invoice(
+            customer_id, month, usage_for(month), catalog, as_of=as_of, grant_balances=balances
+        )
+        balances = invoice.closing_grant_balances()
+        invoices.append(invoice)
+    return invoices
+
+
+# -- from the store ---------------------------------------------------------------------------
+
+
+def period_usage_from_aggregates(customer_id: str, period: str, rows: Iterable[dict[str, Any]]) -> PeriodUsage:
+    """Build :class:`PeriodUsage` from ``invoice_usage`` rows (same rules as ``PeriodUsage.from_rated``)."""
+    credits = cost = seats = ZERO
+    outcomes: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])
+    by_meter: list[MeterSubtotal] = []
+    for row in rows:
+        cost += row["cost_to_serve"]
+        if row["kind"] == "outcome":
+            outcomes[(row["outcome_type"], row["attribution"], row["plan_version"])][
+                1 if row["is_reversal"] else 0
+            ] += int(row["events"])
+            continue
+        credits += row["credits"]
+        if row["meter"] == "seats":
+            seats = max(seats, row["max_quantity"])
+        by_meter.append(
+            MeterSubtotal(
+                meter=row["meter"], model=row["model"], events=int(row["events"]),
+                credits=row["credits"], cost_to_serve=row["cost_to_serve"],
+            )  # fmt: skip
+        )
+    merged: dict[tuple[str, str], MeterSubtotal] = {}
+    for sub in by_meter:  # one row per plan version in SQL; one subtotal per meter and model here
+        key = (sub.meter, sub.model)
+        if key in merged:
+            prev = merged[key]
+            sub = MeterSubtotal(
+                meter=sub.meter, model=sub.model, events=prev.events + sub.events,
+                credits=prev.credits + sub.credits, cost_to_serve=prev.cost_to_serve + sub.cost_to_serve,
+            )  # fmt: skip
+        merged[key] = sub
+    return PeriodUsage(
+        customer_id=customer_id,
+        period=period,
+        credits=credits,
+        cost_to_serve=cost,
+        active_seats=seats,
+        outcomes=tuple(
+            OutcomeCount(outcome_type=t, attribution=Attribution(a), plan_version=v, count=n, reversals=r)
+            for (t, a, v), (n, r) in sorted(outcomes.items())
+        ),
+        by_meter=tuple(merged[k] for k in sorted(merged)),
+    )
+
+
+QueryRunner = Callable[..., Any]  # (name, **params) -> QueryResult
+
+
+def store_usage_for(run_query: QueryRunner, customer_id: str) -> Callable[[str], PeriodUsage]:
+    def usage_for(period: str) -> PeriodUsage:
+        rows = run_query("invoice_usage", customer=customer_id, period=period).dicts()
+        return period_usage_from_aggregates(customer_id, period, rows)
+
+    return usage_for
+
+
+def invoice_from_store(
+    run_query: QueryRunner, catalog: Catalog, customer_id: str, period: str, *, as_of: datetime | None = None
+) -> Invoice:
+    periods = [row["period"] for row in run_query("customer_periods", customer=customer_id).dicts()]
+    usage_for = store_usage_for(run_query, customer_id)
+    return invoice_series(
+        catalog, customer_id, period, usage_for, first_usage=periods[0] if periods else None, as_of=as_of
+    )[-1]
+
+
+# -- from a file of events ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BadLine:
+    line: int
+    reason: str
+
+
+def read_events(path: Path) -> tuple[list[UsageEvent | OutcomeEvent], list[BadLine]]:
+    """Events from a JSON Lines file in the wire format; ``"type": "outcome"`` marks outcomes.
+
+    Invalid lines are reported with their line number, never silently skipped.
+    """
+    events: list[UsageEvent | OutcomeEvent] = []
+    bad: list[BadLine] = []
+    with Path(path).open("rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            if not raw.strip():
+                continue
+            model = OutcomeEvent if b'"outcome"' in raw and b'"type"' in raw else UsageEvent
+            try:
+                events.append(model.model_validate_json(raw))
+            except ValidationError as exc:
+                if model is OutcomeEvent:  # the marker was in a string elsewhere: try as usage
+                    try:
+                        events.append(UsageEvent.model_validate_json(raw))
+                        continue
+                    except ValidationError:
+                        pass
+                bad.append(BadLine(number, describe_validation_error(exc)))
+    return events, bad
+
+
+def rate_events(catalog: Catalog, events: Iterable[UsageEvent | OutcomeEvent]) -> tuple[list[RatedUsage], list[str]]:
+    """Rate events offline; duplicates (same customer and ``event_id``) count once, as in the stream."""
+    rated: list[RatedUsage] = []
+    errors: list[str] = []
+    seen: set[tuple[str, str]] = set()
+    for event in events:
+        key = (event.customer_id, event.event_id)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            rated.append(catalog.rate(event))
+        except ValueError as exc:  # RatingError, PlanError: the stream would dead-letter it
+            errors.append(f"{event.event_id}: {exc}")
+    return rated, errors
+
+
+def invoices_from_rated(
+    catalog: Catalog, rated: Iterable[RatedUsage], *, period: str | None = None, as_of: datetime | None = None
+) -> list[Invoice]:
+    """One invoice per customer and period present (or only ``period``), balances carried forward."""
+    rows: dict[tuple[str, str], list[RatedUsage]] = defaultdict(list)
+    for row in rated:
+        rows[(row.customer_id, row.period)].append(row)
+    customers = sorted({c for c, _ in rows})
+    invoices: list[Invoice] = []
+    for customer in customers:
+        periods = sorted(p for c, p in rows if c == customer)
+        last = period or periods[-1]
+        if period is not None and period not in periods:
+            continue
+
+        def usage_for(month: str, customer: str = customer) -> PeriodUsage:
+            got = rows.get((customer, month))
+            return PeriodUsage.from_rated(got) if got else PeriodUsage(customer_id=customer, period=month)
+
+        series = invoice_series(catalog, customer, last, usage_for, first_usage=periods[0], as_of=as_of)
+        wanted = {last} if period is not None else set(periods)
+        invoices.extend(inv for inv in series if inv.period in wanted)
+    return invoices
+
+
+# -- margin ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MarginRow:
+    customer_id: str
+    workflow_id: str
+    model: str
+    events: int
+    credits: Decimal
+    revenue: Decimal
+    cost_to_serve: Decimal
+
+    @property
+    def margin(self) -> Decimal:
+        return self.revenue - self.cost_to_serve
+
+
+def allocate_revenue(rows: list[dict[str, Any]], invoices: dict[str, Invoice]) -> list[MarginRow]:
+    """Spread each customer's invoice total over its rows in proportion to credits.
+
+    Outcome lines go to the rows of outcomes (by their share of outcome rows' events);
+    everything else (base fee, overage, seats, discounts) by usage credits. With no
+    credits at all, the usage part is spread by events.
+    """
+    by_customer: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_customer[row["customer_id"]].append(row)
+    out: list[MarginRow] = []
+    for customer, group in sorted(by_customer.items()):
+        invoice = invoices[customer]
+        outcome_money = sum((line.amount for line in invoice.lines if line.kind == "outcomes"), ZERO)
+        usage_money = invoice.total - outcome_money
+        outcome_rows = [r for r in group if r["model"].startswith("outcome:")]
+        usage_rows = [r for r in group if not r["model"].startswith("outcome:")]
+        outcome_events = sum(int(r["events"]) for r in outcome_rows)
+        usage_credits = sum((r["credits"] for r in usage_rows), ZERO)
+        usage_events = sum(int(r["events"]) for r in usage_rows)
+        for row in group:
+            if row in outcome_rows:
+                share = Decimal(int(row["events"])) / outcome_events if outcome_events else ZERO
+                revenue = outcome_money * share
+            elif usage_credits:
+                revenue = usage_money * row["credits"] / usage_credits
+            else:
+                revenue = usage_money * Decimal(int(row["events"])) / usage_events if usage_events else ZERO
+            out.append(
+                MarginRow(
+                    customer_id=customer, workflow_id=row["workflow_id"], model=row["model"],
+                    events=int(row["events"]), credits=row["credits"], revenue=revenue,
+                    cost_to_serve=row["cost_to_serve"],
+                )  # fmt: skip
+            )
+    return out
+
+
+def group_margin(rows: Iterable[MarginRow], by: str) -> list[MarginRow]:
+    """Roll margin rows up to ``customer``, ``workflow`` or ``model``."""
+    totals: dict[str, list[Any]] = {}
+    for row in rows:
+        key = {"customer": row.customer_id, "workflow": row.workflow_id or "(none)", "model": row.model}[by]
+        t = totals.setdefault(key, [0, ZERO, ZERO, ZERO])
+        t[0] += row.events
+        t[1] += row.credits
+        t[2] += row.revenue
+        t[3] += row.cost_to_serve
+    return [
+        MarginRow(
+            customer_id=key if by == "customer" else "", workflow_id=key if by == "workflow" else "",
+            model=key if by == "model" else "", events=t[0], credits=t[1], revenue=t[2], cost_to_serve=t[3],
+        )  # fmt: skip
+        for key, t in sorted(totals.items(), key=lambda kv: kv[1][2] - kv[1][3], reverse=True)
+    ]
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def iter_raw_events(run_query: QueryRunner, period: str, customer: str = "") -> Iterator[UsageEvent | OutcomeEvent]:
+    """Stored raw events of a period, parsed again (they were valid when accepted)."""
+    for row in run_query("raw_events", period=period, customer=customer).dicts():
+        model = OutcomeEvent if row["kind"] == "outcome" else UsageEvent
+        yield model.model_validate_json(row["payload"])
