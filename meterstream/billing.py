@@ -147,10 +147,26 @@ def store_usage_for(run_query: QueryRunner, customer_id: str) -> Callable[[str],
 
 
 def invoice_from_store(
-    run_query: QueryRunner, catalog: Catalog, customer_id: str, period: str, *, as_of: datetime | None = None
+    run_query: QueryRunner,
+    catalog: Catalog,
+    customer_id: str,
+    period: str,
+    *,
+    as_of: datetime | None = None,
+    period_usage: PeriodUsage | None = None,
 ) -> Invoice:
+    """The customer's invoice for ``period``, grant balances carried from the earlier periods.
+
+    ``period_usage`` replaces the stored aggregate of ``period`` itself (earlier periods
+    still come from the store): the dispute audit recomputes the invoice from the rows
+    it exported to show they add up to the same lines.
+    """
     periods = [row["period"] for row in run_query("customer_periods", customer=customer_id).dicts()]
-    usage_for = store_usage_for(run_query, customer_id)
+    stored_usage_for = store_usage_for(run_query, customer_id)
+
+    def usage_for(month: str) -> PeriodUsage:
+        return period_usage if period_usage is not None and month == period else stored_usage_for(month)
+
     return invoice_series(
         catalog, customer_id, period, usage_for, first_usage=periods[0] if periods else None, as_of=as_of
     )[-1]
@@ -305,6 +321,23 @@ def group_margin(rows: Iterable[MarginRow], by: str) -> list[MarginRow]:
         )  # fmt: skip
         for key, t in sorted(totals.items(), key=lambda kv: kv[1][2] - kv[1][3], reverse=True)
     ]
+
+
+MARGIN_DIMENSIONS = ("customer", "workflow", "model")
+
+
+def margin_report(run_query: QueryRunner, catalog: Catalog, period: str, by: str) -> list[MarginRow]:
+    """Revenue, cost to serve and margin for a period, grouped by customer, workflow or model.
+
+    The rows come from ``sql/queries/margin.sql``; each customer's revenue is its
+    invoice total (:func:`invoice_from_store`) spread by :func:`allocate_revenue`.
+    ``meterstream margin`` and ``meterstream usage margin`` both print this.
+    """
+    if by not in MARGIN_DIMENSIONS:
+        raise ValueError(f"margin is grouped by one of {', '.join(MARGIN_DIMENSIONS)}, not {by!r}")
+    rows = run_query("margin", period=period).dicts()
+    invoices = {c: invoice_from_store(run_query, catalog, c, period) for c in sorted({r["customer_id"] for r in rows})}
+    return group_margin(allocate_revenue(rows, invoices), by)
 
 
 def utcnow() -> datetime:

@@ -1,4 +1,4 @@
-"""The ``meterstream`` command: services, migrate, worker, demo, usage, alerts, schemas."""
+"""The ``meterstream`` command: services, migrate, worker, demo, usage, audit, alerts, schemas."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from meterstream.config import Settings, get_settings
+from meterstream.cs.commands import audit_command, margin_command, usage_app
 
 app = typer.Typer(help="Usage metering for AI products: SDK -> Kafka -> Faust -> ClickHouse.", no_args_is_help=True)
 services_app = typer.Typer(help="Local Kafka broker for machines without Docker.", no_args_is_help=True)
@@ -134,28 +135,34 @@ def worker(
 ) -> None:
     """Run the Faust worker: rate, dedupe, count, alert, and write to ClickHouse."""
     import faust
+    from confluent_kafka import KafkaException
 
-    from meterstream.budgets import BudgetBookError
+    from meterstream.budgets import BudgetBookError, load_budgets
     from meterstream.pricing.plans import PlanError
     from meterstream.pricing.pricebook import PriceBookError
     from meterstream.storage.clickhouse import StoreError, open_store
     from meterstream.storage.owner import StoreOwnership
+    from meterstream.stream_processors.alerts import reconcile_alerts
     from meterstream.stream_processors.app import create_app
     from meterstream.topics import TopicError, ensure_topics
 
     settings = get_settings()
     ownership = StoreOwnership(settings.clickhouse, web_port=settings.worker.web_port)
     try:
-        ensure_topics(settings.kafka)
+        topics = ensure_topics(settings.kafka)
         ownership.claim()
         store = open_store(settings.clickhouse)
     except (TopicError, StoreError) as exc:
         ownership.release()
         raise fail(str(exc)) from None
     try:
-        faust_app = create_app(settings, store)
+        budgets = load_budgets(settings.worker.budgets_file)
+        published, sent = reconcile_alerts(store, budgets, settings.kafka, topics.budget_alerts.name)
+        if sent:
+            err_console.print(f"published {sent} budget alerts that a previous run recorded but had not sent")
+        faust_app = create_app(settings, store, published)
         faust.Worker(faust_app, loglevel=loglevel).execute_from_commandline()
-    except (PriceBookError, PlanError, BudgetBookError) as exc:
+    except (PriceBookError, PlanError, BudgetBookError, StoreError, KafkaException, TimeoutError) as exc:
         raise fail(str(exc)) from None
     finally:
         store.close()
@@ -244,16 +251,10 @@ def alerts_table(rows: list[dict[str, Any]], title: str) -> Table:
     return table
 
 
-@app.command()
-def usage(period: PeriodOption = None, customer: CustomerOption = None, as_json: JsonOption = False) -> None:
-    """Month-to-date usage, credits and cost to serve per customer (deduplicated)."""
-    settings = get_settings()
-    period = _check_period(period)
-    result = _run_query(settings, "month_to_date", period=period, customer=customer or "")
-    if as_json:
-        _emit_json(result)
-        return
-    console.print(usage_table(result.dicts(), f"Month-to-date usage, {period}"))
+# `meterstream usage` (month to date and spend; top-customers, margin, cache-savings,
+# cost-per-outcome, hourly, daily) and `meterstream audit` live in meterstream/cs/.
+app.add_typer(usage_app, name="usage")
+app.command("audit")(audit_command)
 
 
 @alerts_app.command("list")
@@ -411,49 +412,115 @@ def rerate(
     console.print(table)
 
 
+# Revenue, cost to serve and margin; also `meterstream usage margin` (meterstream/cs/commands.py).
+app.command("margin")(margin_command)
+
+
+# -- usage profiles and the threshold advisor (meterstream/advisor.py) ------------------------
+
+
 @app.command()
-def margin(
+def profile(
     period: PeriodOption = None,
-    by: Annotated[str, typer.Option("--by", help="customer, workflow or model")] = "customer",
+    by: Annotated[
+        str, typer.Option("--by", help="plan (the catalog's assignment) or cohort (first-seen month).")
+    ] = "plan",
+    cohorts: Annotated[
+        Path | None, typer.Option("--cohorts", help="YAML mapping customer_id: cohort label; implies --by cohort.")
+    ] = None,
     plans: PlansOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Revenue, cost to serve and margin for a period, per customer, workflow or model.
+    """p50/p75/p90 of each meter's period total per customer, by plan or cohort (nearest rank)."""
+    from meterstream import advisor
 
-    Revenue is each customer's invoice total, spread over its usage by credits
-    (outcome lines over its outcomes).
-    """
-    from meterstream.billing import allocate_revenue, group_margin, invoice_from_store
-    from meterstream.pricing.invoice import InvoiceError
-    from meterstream.pricing.money import round_money
-
-    if by not in ("customer", "workflow", "model"):
-        raise fail("--by must be customer, workflow or model")
+    if by not in ("plan", "cohort"):
+        raise fail("--by must be plan or cohort")
     settings = get_settings()
     period = _check_period(period)
-    catalog = _catalog(plans, settings)
     run = _store_runner(settings)
-    rows = run("margin", period=period).dicts()
     try:
-        invoices = {c: invoice_from_store(run, catalog, c, period) for c in sorted({r["customer_id"] for r in rows})}
-    except InvoiceError as exc:
+        if cohorts is not None:
+            by, group_of = "cohort", advisor.cohort_grouping(advisor.load_cohorts(cohorts))
+        elif by == "cohort":
+            group_of = advisor.cohort_grouping(advisor.first_periods(run, period))
+        else:
+            group_of = advisor.plan_grouping(_catalog(plans, settings))
+        profiles = advisor.profiles_from_store(run, period, group_of)
+    except advisor.AdvisorError as exc:
         raise fail(str(exc)) from None
-    grouped = group_margin(allocate_revenue(rows, invoices), by)
     if as_json:
-        print(json.dumps([{by: r.customer_id or r.workflow_id or r.model, "events": r.events,
-                           "credits": str(r.credits), "revenue": str(round_money(r.revenue)),
-                           "cost_to_serve": str(round_money(r.cost_to_serve)),
-                           "margin": str(round_money(r.margin))} for r in grouped], indent=2))  # fmt: skip
+        print(advisor.profiles_json(period, by, profiles))
+    elif not profiles:
+        console.print(f"no rated usage in {period}")
+    else:
+        console.print(advisor.profile_table(profiles, f"Usage profiles, {period}, by {by}"))
+
+
+@app.command()
+def advise(
+    plan: Annotated[Path, typer.Option("--plan", help="Plan catalog (YAML) holding the candidate plan.")],
+    period: PeriodOption = None,
+    plan_id: Annotated[str | None, typer.Option("--plan-id", help="Default: the only plan, else default_plan.")] = None,
+    plan_version: Annotated[
+        str | None, typer.Option("--plan-version", help="Default: the one in effect at the period start.")
+    ] = None,
+    included: Annotated[str | None, typer.Option("--included", help="Override the included credits.")] = None,
+    overage_rate: Annotated[
+        str | None, typer.Option("--overage-rate", help="Override the overage: this price per credit.")
+    ] = None,
+    percentile: Annotated[
+        str, typer.Option("--percentile", help="Show the allowance that keeps this % of customers within it.")
+    ] = "75",
+    all_customers: Annotated[
+        bool, typer.Option("--all-customers", help="Replay every customer of the period, not only the plan's.")
+    ] = False,
+    png: Annotated[Path | None, typer.Option("--png", help="Also draw the figures to this PNG file.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Replay a period under a candidate plan: who stays within the allowance, revenue, cost, margin."""
+    from meterstream import advisor
+    from meterstream.pricing.invoice import InvoiceError
+    from meterstream.pricing.plans import PlanError
+
+    settings = get_settings()
+    period = _check_period(period)
+    catalog = _catalog(plan, settings)
+    try:
+        advice = advisor.advice_from_store(
+            _store_runner(settings), catalog, period, plan_id=plan_id, version=plan_version, included=included,
+            overage_rate=overage_rate, percentile=percentile, all_customers=all_customers,
+        )  # fmt: skip
+    except (advisor.AdvisorError, InvoiceError, PlanError) as exc:
+        raise fail(str(exc)) from None
+    if png is not None:
+        advisor.write_advice_chart(advice, png)
+    if as_json:
+        print(json.dumps(advice.to_json(), indent=2))
         return
-    table = Table(title=f"Margin by {by}, {period}")
-    for column in (by, "events", "credits", "revenue $", "cost to serve $", "margin $", "margin %"):
-        table.add_column(column, justify="left" if column == by else "right")
-    for r in grouped:
-        pct = f"{r.margin / r.revenue * 100:.1f}" if r.revenue else "-"
-        table.add_row(r.customer_id or r.workflow_id or r.model, f"{r.events:,}", _fmt(r.credits, 2),
-                      f"{round_money(r.revenue):,}", f"{round_money(r.cost_to_serve):,}",
-                      f"{round_money(r.margin):,}", pct)  # fmt: skip
-    console.print(table)
+    console.print(advisor.advice_table(advice))
+    for line in advisor.advice_summary(advice):
+        console.print(line, highlight=False)
+    if png is not None:
+        console.print(f"chart: {png}", highlight=False)
+
+
+# -- customer-visible usage (meterstream/web/) ------------------------------------------------
+
+
+@app.command()
+def serve(
+    port: Annotated[int | None, typer.Option(help="Port; default METERSTREAM_WEB__PORT (8088).")] = None,
+    bind: Annotated[str | None, typer.Option(help="Address; default METERSTREAM_WEB__BIND (127.0.0.1).")] = None,
+) -> None:
+    """Serve each customer its usage, budget burn-down and enforcement state (page + JSON API, per-customer tokens)."""
+    from meterstream.web.server import WebError
+    from meterstream.web.server import serve as serve_web
+
+    try:
+        serve_web(get_settings(), port=port, bind=bind)
+    except WebError as exc:
+        raise fail(str(exc)) from None
 
 
 # -- schemas ----------------------------------------------------------------------------------

@@ -121,12 +121,14 @@ class WorkerSettings(_Section):
     window_seconds: int = Field(default=60, ge=1)
     #: How long windowed counters are kept before Faust expires them.
     window_expires_seconds: int = Field(default=3600, ge=60)
-    #: How long the real-time counters remember an event id to skip resends (seconds).
-    #: Invoices dedupe by (customer_id, event_id) in ClickHouse regardless of this horizon.
-    dedupe_horizon_seconds: int = Field(default=86_400, ge=60)
-    #: How often the worker commits (offsets, table changelogs and side-topic messages
-    #: in one Kafka transaction); alerts become visible to consumers at each commit.
-    commit_interval: float = Field(default=0.5, gt=0, le=60)
+    #: The real-time counters skip a client's resend of an event stored within this many
+    #: seconds (reloaded from the store after a restart), remembering at most
+    #: ``recent_ids`` ids (~200 bytes each). Replays after a crash are always checked
+    #: against the store, and invoices dedupe in ClickHouse with no horizon at all.
+    dedupe_horizon_seconds: int = Field(default=3600, ge=0)
+    recent_ids: int = Field(default=1_000_000, ge=1_000)
+    #: How often acknowledged offsets are committed (seconds); a crash replays at most this much.
+    commit_interval: float = Field(default=1.0, gt=0, le=60)
     #: A worker that stops heartbeating for this long is dropped from the group and its
     #: partitions move; short enough that a crashed worker's partitions resume quickly.
     session_timeout: float = Field(default=10.0, ge=6, le=300)
@@ -139,6 +141,54 @@ class WorkerSettings(_Section):
     #: Budgets file (YAML); empty means no budgets (no alerts).
     budgets_file: Path | None = None
     data_dir: Path = DEFAULT_STATE_DIR / "worker"
+
+
+class WebSettings(_Section):
+    """``meterstream serve``: the customer-visible usage page and its read-only JSON API."""
+
+    #: YAML mapping ``sha256:<hex of the token's SHA-256>`` -> customer_id (see meterstream/web/tokens.py).
+    #: Required by ``serve``; plaintext tokens are refused.
+    tokens_file: Path | None = None
+    port: int = Field(default=8088, ge=1, le=65535)
+    bind: str = "127.0.0.1"
+    #: Usage-over-time window: the default, the longest, and the longest in hourly buckets (days).
+    default_days: int = Field(default=30, ge=1, le=366)
+    max_days: int = Field(default=92, ge=1, le=366)
+    max_hourly_days: int = Field(default=14, ge=1, le=92)
+    #: Whether customers see the provider cost of their usage (cost to serve) beside credits.
+    show_cost_to_serve: bool = True
+    #: Embedded mode: seconds to wait for the worker to answer one saved query.
+    query_timeout: float = Field(default=30.0, gt=0)
+
+
+class AlertForwarderSettings(_Section):
+    """``meterstream alerts forward``: budget alerts POSTed to a webhook (rules in meterstream/alerting/)."""
+
+    #: Where alerts are POSTed (http:// or https://); ``--url`` overrides it. A secret, since webhook
+    #: URLs often carry a token in their path: logs and reprs show only the origin, or nothing.
+    url: SecretStr | None = None
+    #: The NAME of the environment variable holding the HMAC-SHA256 signing secret (never the
+    #: secret itself); unset means bodies are not signed. ``--secret-env`` overrides it.
+    secret_env: str | None = None
+    #: Consumer group; also names the delivery ledger and the dead-letter file. ``--group`` overrides it.
+    group_id: str = Field(default="meterstream-alert-forwarder", pattern=r"^[A-Za-z0-9._-]{1,200}$")
+    #: Where a group with no committed offsets starts; earliest forwards every alert still on the topic.
+    start_at: Literal["earliest", "latest"] = "earliest"
+    #: Attempts per alert, and the waits between them: doubling from initial, capped at max (seconds).
+    max_attempts: int = Field(default=8, ge=1, le=100)
+    backoff_initial: float = Field(default=0.5, gt=0)
+    backoff_max: float = Field(default=30.0, gt=0)
+    #: Seconds one POST may take (connect, send, answer).
+    request_timeout: float = Field(default=10.0, gt=0)
+    #: Delivery ledger ``<group>.sqlite3`` and dead-letter file ``<group>.dead-letters.jsonl``.
+    state_dir: Path = DEFAULT_STATE_DIR / "alert-forwarder"
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(("http://", "https://")):
+            raise ValueError("alert_forwarder.url must start with http:// or https://")
+        return value
 
 
 class Settings(BaseSettings):
@@ -156,6 +206,8 @@ class Settings(BaseSettings):
     clickhouse: ClickHouseSettings = ClickHouseSettings()
     services: LocalServicesSettings = LocalServicesSettings()
     worker: WorkerSettings = WorkerSettings()
+    web: WebSettings = WebSettings()
+    alert_forwarder: AlertForwarderSettings = AlertForwarderSettings()
 
 
 @lru_cache(maxsize=1)

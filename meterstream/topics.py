@@ -25,6 +25,7 @@ class Topics:
     outcomes: TopicSpec
     budget_alerts: TopicSpec
     dead_letter: TopicSpec
+    enforcement: TopicSpec
 
     @classmethod
     def from_settings(cls, kafka: KafkaSettings) -> Topics:
@@ -33,10 +34,12 @@ class Topics:
             outcomes=TopicSpec(kafka.topic("outcome.events"), "OutcomeEvent (JSON)"),
             budget_alerts=TopicSpec(kafka.topic("budget-alerts"), "BudgetAlert (JSON)"),
             dead_letter=TopicSpec(kafka.topic("meterstream.dead-letter"), "DeadLetter (JSON)"),
+            # Compacted: the latest decision per customer (or customer|run) is all a guard needs.
+            enforcement=TopicSpec(kafka.topic("enforcement-state"), "EnforcementState (JSON)", compacted=True),
         )
 
     def all(self) -> list[TopicSpec]:
-        return [self.usage, self.outcomes, self.budget_alerts, self.dead_letter]
+        return [self.usage, self.outcomes, self.budget_alerts, self.dead_letter, self.enforcement]
 
 
 class TopicError(RuntimeError):

@@ -6,6 +6,7 @@ The stream worker, the invoice and the offline commands all call
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import timezone
 from decimal import Decimal
 
@@ -28,6 +29,35 @@ def _token_amount(rates: TokenRates, per: Decimal, event: UsageEvent) -> Decimal
         + Decimal(event.cached_input_tokens) * rates.cached_input_rate
         + Decimal(event.output_tokens) * rates.output
     ) / per
+
+
+@dataclass(frozen=True)
+class CacheSaving:
+    """What prompt caching saved on some cached input tokens of one model, under one price book."""
+
+    #: Customer side: credits the cached tokens would have cost more at the uncached input rate.
+    credits: Decimal
+    #: Our side: provider cost the cached tokens would have cost more at the uncached input rate.
+    cost_to_serve: Decimal
+
+
+def cache_saving(book: PriceBook, model: str, cached_input_tokens: int) -> CacheSaving:
+    """The saving of ``cached_input_tokens`` billed at the cached rate instead of the input rate.
+
+    ``credits = cached × (credits input − credits cached input) / 1,000`` and
+    ``cost_to_serve = cached × (cost input − cost cached input) / 1,000,000``: the
+    counterfactual of :func:`_token_amount` with every cached token uncached.
+    Raises :class:`RatingError` if the book has no price for the model.
+    """
+    prices = book.models.get(model)
+    if prices is None:
+        raise RatingError(f"no price for model {model!r} in price book {book.version}")
+    cached = Decimal(cached_input_tokens)
+    credits, cost = prices.credits_per_1k, prices.cost_per_1m
+    return CacheSaving(
+        credits=cached * (credits.input - credits.cached_input_rate) / THOUSAND,
+        cost_to_serve=cached * (cost.input - cost.cached_input_rate) / MILLION,
+    )
 
 
 def rate_event(event: UsageEvent | OutcomeEvent, book: PriceBook) -> RatedUsage:

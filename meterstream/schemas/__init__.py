@@ -7,10 +7,21 @@ from meterstream.schemas.events import (
     OutcomeEvent,
     UsageEvent,
 )
-from meterstream.schemas.records import BudgetAlert, DeadLetter, RatedUsage, ThresholdAction
+from meterstream.schemas.records import (
+    AlertKind,
+    BudgetAlert,
+    DeadLetter,
+    Decision,
+    EnforcementState,
+    RatedUsage,
+    ThresholdAction,
+)
 
 __all__ = [
     "SCHEMA_VERSION",
+    "AlertKind",
+    "Decision",
+    "EnforcementState",
     "Attribution",
     "BudgetAlert",
     "DeadLetter",

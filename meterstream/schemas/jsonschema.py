@@ -9,13 +9,14 @@ from typing import Any
 from pydantic import BaseModel
 
 from meterstream.schemas.events import OutcomeEvent, UsageEvent
-from meterstream.schemas.records import BudgetAlert, DeadLetter
+from meterstream.schemas.records import BudgetAlert, DeadLetter, EnforcementState
 
 EXPORTED: dict[str, type[BaseModel]] = {
     "usage_event": UsageEvent,
     "outcome_event": OutcomeEvent,
     "budget_alert": BudgetAlert,
     "dead_letter": DeadLetter,
+    "enforcement_state": EnforcementState,
 }
 
 

@@ -59,25 +59,68 @@ class ThresholdAction(StrEnum):
     BLOCK = "block"
 
 
+class AlertKind(StrEnum):
+    THRESHOLD = "threshold"  # month-to-date spend crossed a budget threshold
+    RUN_CAP = "run_cap"  # one workflow run reached its cap on credits or steps (a runaway agent loop)
+    SPEND_SPIKE = "spend_spike"  # recent spend far above the customer's own trailing baseline
+
+
 class BudgetAlert(BaseModel):
-    """Sent once per customer, period and threshold when month-to-date spend crosses it."""
+    """Sent once per customer, period and threshold (or run, or spike hour) to ``budget-alerts``."""
 
     model_config = ConfigDict(frozen=True)
 
     alert_id: str = Field(description="Deterministic: consumers dedupe on it.")
+    kind: AlertKind = AlertKind.THRESHOLD
     customer_id: str
     period: str
+    #: For a threshold alert the percentage of the monthly budget; 100 for a run cap; 0 for a spike.
     threshold_percent: int
     budget_credits: Decimal
     spent_credits: Decimal
     crossed_at: AwareDatetime
     triggering_event_id: str
     action: ThresholdAction = ThresholdAction.ALERT
+    run_id: str = ""
+    #: When the budget runs out at the spend velocity of the last hour (None: no recent spend).
+    projected_exhaustion_at: AwareDatetime | None = None
+    detail: str = ""
 
     @staticmethod
-    def make_id(customer_id: str, period: str, threshold_percent: int) -> str:
-        digest = hashlib.sha256(f"{customer_id}|{period}|{threshold_percent}".encode()).hexdigest()
-        return f"alert-{digest[:24]}"
+    def make_id(customer_id: str, period: str, threshold_percent: int, *, scope: str = "") -> str:
+        """Deterministic id: a threshold per customer and period; ``scope`` names a run or a spike hour."""
+        basis = f"{customer_id}|{period}|{threshold_percent}" + (f"|{scope}" if scope else "")
+        return f"alert-{hashlib.sha256(basis.encode()).hexdigest()[:24]}"
+
+
+class Decision(StrEnum):
+    OK = "ok"
+    WARN = "warn"
+    DOWNGRADE = "downgrade"
+    BLOCK = "block"
+
+
+class EnforcementState(BaseModel):
+    """The current decision for a customer (or one of its runs): the value of the compacted
+    ``enforcement-state`` topic, keyed by :attr:`key`. SDK guards keep a local view of it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str = Field(description="customer_id, or customer_id|run_id for a run cap.")
+    customer_id: str
+    run_id: str = ""
+    period: str
+    decision: Decision
+    reason: str
+    cap_credits: Decimal | None = None
+    spent_credits: Decimal
+    remaining_credits: Decimal | None = None
+    #: What happens when the cap is reached (the guard refuses calls that would pass it).
+    at_cap: ThresholdAction = ThresholdAction.ALERT
+    downgrade_to: str = ""
+    #: The latest ``occurred_at`` of this customer's events that the spend includes.
+    watermark: AwareDatetime
+    updated_at: AwareDatetime
 
 
 class DeadLetter(BaseModel):

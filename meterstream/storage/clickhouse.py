@@ -21,7 +21,7 @@ import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
 from meterstream.config import ClickHouseSettings
-from meterstream.schemas.records import BudgetAlert, RatedUsage, RawEvent
+from meterstream.schemas.records import AlertKind, BudgetAlert, RatedUsage, RawEvent
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,7 @@ RAW_COLUMNS = [
 ALERT_COLUMNS = [
     "alert_id", "customer_id", "period", "threshold_percent", "budget_credits",
     "spent_credits", "action", "crossed_at", "triggering_event_id",
+    "kind", "scope", "run_id", "projected_exhaustion_at", "detail",
 ]  # fmt: skip
 
 
@@ -213,7 +214,9 @@ class ClickHouseStore:
                         (
                             a.alert_id, a.customer_id, a.period, a.threshold_percent,
                             a.budget_credits, a.spent_credits, a.action.value, a.crossed_at,
-                            a.triggering_event_id,
+                            a.triggering_event_id, a.kind.value,
+                            "" if a.kind is AlertKind.THRESHOLD else a.alert_id,
+                            a.run_id, a.projected_exhaustion_at, a.detail,
                         )  # fmt: skip
                         for a in alerts
                     ],

@@ -78,13 +78,19 @@ def current_owner(settings: ClickHouseSettings) -> Owner | None:
     return owner if _pid_alive(owner.pid) else None
 
 
-def run_saved_query(settings: ClickHouseSettings, name: str, timeout: float = 30.0, **params: str) -> QueryResult:
+def run_saved_query(
+    settings: ClickHouseSettings, name: str, timeout: float = 30.0, *, open_directly: bool = True, **params: str
+) -> QueryResult:
     """Run a saved query wherever the store is: through the owning worker, or directly.
 
-    Decimal columns come back as :class:`~decimal.Decimal` either way.
+    Decimal columns come back as :class:`~decimal.Decimal` either way. A long-running
+    reader (``meterstream serve``) passes ``open_directly=False``: opening the embedded
+    store would hold the data directory and keep the worker from starting.
     """
     sql = saved_query(name)
     owner = current_owner(settings)
+    if owner is None and settings.embedded and not open_directly:
+        raise StoreError(f"no worker owns the embedded store {settings.chdb_path}; start `meterstream worker`")
     if owner is not None and owner.pid != os.getpid():
         url = f"http://127.0.0.1:{owner.web_port}/store/query/{name}/"
         try:

@@ -1,19 +1,25 @@
 """The Faust worker: usage and outcome topics in; rated rows, counters, alerts and dead letters out.
 
 One agent consumes both event topics in batches (``take_events``). For each
-batch, in this order, so that an offset is committed only after everything the
-batch produced is durable:
+batch, in this order, so that a message is acknowledged only after everything
+it produced is durable:
 
-1. :class:`~meterstream.stream_processors.processing.BatchProcessor` decodes,
+1. :class:`~meterstream.stream_processors.state.StoreBackedState` loads from
+   ClickHouse what the batch needs (month-to-date totals of new keys, which
+   replayed events are already stored), then
+   :class:`~meterstream.stream_processors.processing.BatchProcessor` decodes,
    dedupes, rates and aggregates (pure code);
 2. the sink writes raw events, rated rows and alerts to ClickHouse, retrying
    with backoff while the store is unavailable (backpressure: the batch is not
-   acked, so offsets do not move past unwritten rows);
-3. rejections go to the dead-letter topic and alerts to ``budget-alerts``,
-   and the worker waits for the broker to confirm both;
-4. the month-to-date and tumbling-window tables are updated, one write per key.
+   acknowledged, so offsets do not move past unwritten rows);
+3. rejections go to the dead-letter topic and alerts to ``budget-alerts``;
+   the worker waits for the broker to confirm both;
+4. the in-memory state takes the batch's totals.
 
-Faust acks the batch's messages when the agent asks for the next batch.
+Faust acknowledges the batch's messages when the agent asks for the next batch
+and commits acknowledged offsets (at least once). A replayed batch is
+recognised through the store, so nothing is counted or alerted twice; see
+:mod:`meterstream.stream_processors.state` for why the state is not in Faust tables.
 """
 
 from __future__ import annotations
@@ -22,44 +28,24 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import faust
 import orjson
-from aiokafka.partitioner import murmur2
 
 from meterstream.budgets import load_budgets
 from meterstream.config import Settings
 from meterstream.pricing.plans import load_catalog
 from meterstream.storage.clickhouse import Storage, StoreError
 from meterstream.storage.queries import UnknownQuery, query_parameters, saved_query
-from meterstream.stream_processors.processing import (
-    BatchProcessor,
-    BatchResult,
-    InboundMessage,
-    MonthToDate,
-)
+from meterstream.stream_processors.processing import BatchProcessor, BatchResult, InboundMessage
+from meterstream.stream_processors.state import StoreBackedState
 from meterstream.topics import Topics
 
 log = logging.getLogger(__name__)
-
-
-class CustomerPartitionedTable(faust.Table):
-    """A table whose changelog partition follows the customer, not the current event.
-
-    Keys look like ``customer|...``. Faust's default takes the partition from the
-    event being processed, which does not exist in a batch (``take_events``).
-    Hashing the customer part with Kafka's default partitioner (murmur2, which
-    the SDK also uses) puts each key on the partition its customer's events
-    arrive on, so a worker that owns that partition recovers that key.
-    """
-
-    def partition_for_key(self, key: Any) -> int | None:
-        customer = str(key[0] if isinstance(key, tuple) else key).split("|", 1)[0]
-        partitions = self.partitions or self.app.conf.topic_partitions
-        return (murmur2(customer.encode()) & 0x7FFFFFFF) % partitions
+T = TypeVar("T")
 
 
 @dataclass
@@ -89,14 +75,28 @@ class WorkerStats:
         }
 
 
-def create_app(settings: Settings, store: Storage) -> faust.App:
-    """Build the worker app from settings and an open store (nothing is read from module globals)."""
+def create_app(settings: Settings, store: Storage, published_alerts: set[str] | None = None) -> faust.App:
+    """Build the worker app from settings and an open store (nothing is read from module globals).
+
+    ``published_alerts`` holds the alert ids already on the ``budget-alerts`` topic
+    (read at start-up), so an alert is never published twice.
+    """
     worker = settings.worker
     kafka = settings.kafka
     topics = Topics.from_settings(kafka)
     catalog = load_catalog(worker.plans_file)
     budgets = load_budgets(worker.budgets_file)
     stats = WorkerStats()
+    published = published_alerts if published_alerts is not None else set()
+    state = StoreBackedState(
+        store,  # type: ignore[arg-type]
+        topics=[topics.usage.name, topics.outcomes.name],
+        window_seconds=worker.window_seconds,
+        window_expires_seconds=worker.window_expires_seconds,
+        recent_capacity=worker.recent_ids,
+        dedupe_horizon_seconds=worker.dedupe_horizon_seconds,
+    )
+    processor = BatchProcessor(catalog, budgets, window_seconds=worker.window_seconds, seen=state)
 
     app = faust.App(
         worker.app_id,
@@ -104,17 +104,13 @@ def create_app(settings: Settings, store: Storage) -> faust.App:
         store="memory://",
         topic_partitions=kafka.partitions,
         topic_replication_factor=kafka.replication_factor,
-        Table=CustomerPartitionedTable,
         web_port=worker.web_port,
         web_bind=worker.web_bind,
         web_host=worker.web_bind,
         datadir=str(worker.data_dir),
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
-        # Offsets, table changelogs, alerts and dead letters commit in one Kafka
-        # transaction: after a crash the tables, the side topics and the consumer
-        # position agree, so nothing is counted twice or alerted twice.
-        processing_guarantee="exactly_once",
+        processing_guarantee="at_least_once",
         broker_commit_every=worker.batch_size,
         broker_commit_interval=worker.commit_interval,
         broker_session_timeout=worker.session_timeout,
@@ -132,48 +128,30 @@ def create_app(settings: Settings, store: Storage) -> faust.App:
     )
     alerts_topic = app.topic(topics.budget_alerts.name, key_serializer="raw", value_serializer="raw")
     dead_letter_topic = app.topic(topics.dead_letter.name, key_serializer="raw", value_serializer="raw")
-
-    table_schema = faust.Schema(key_type=bytes, value_type=dict, key_serializer="raw", value_serializer="json")
-    month_to_date = app.Table("month-to-date", default=None, schema=table_schema)
-    usage_windows = app.Table("usage-windows", default=None, schema=table_schema)
-    seen_events = app.Table(
-        "seen-events",
-        default=None,
-        schema=faust.Schema(key_type=bytes, value_type=int, key_serializer="raw", value_serializer="json"),
-    )
-
-    class TableSeenEvents:
-        """Counted events (``customer|event_id`` -> unix time), kept for the dedupe horizon."""
-
-        def __contains__(self, key: str) -> bool:
-            return key.encode() in seen_events
-
-        def add(self, key: str) -> None:
-            seen_events[key.encode()] = int(time.time())
-
-    processor = BatchProcessor(catalog, budgets, window_seconds=worker.window_seconds, seen=TableSeenEvents())
+    enforcement_topic = app.topic(topics.enforcement.name, key_serializer="raw", value_serializer="raw")
 
     # One store call at a time: chDB runs in this process and inserts and reads share it.
     store_lock = asyncio.Lock()
-    log.info("%d plans, %d customers assigned; %d customer budgets", len(catalog.plans), len(catalog.customers),
-             len(budgets.customers))
+    log.info(
+        "%d plans, %d customers assigned; %d customer budgets",
+        len(catalog.plans), len(catalog.customers), len(budgets.customers),
+    )  # fmt: skip
 
-    def kind_of(topic_name: str) -> str:
-        return "outcome" if topic_name == topics.outcomes.name else "usage"
+    @app.on_partitions_assigned.connect
+    async def _reassigned(app: faust.App, assigned: Any, **_: Any) -> None:
+        # Another worker may have written for these partitions meanwhile.
+        state.reset()
 
-    def current_month_to_date(key: str) -> MonthToDate:
-        return MonthToDate.from_json(month_to_date.get(key.encode()))
-
-    async def write_rows(result: BatchResult) -> None:
+    async def with_store(call: Callable[[], T], what: str) -> T:
+        """Run a store call in a thread; while the store is unavailable, retry with backoff."""
         delay = settings.clickhouse.retry_backoff_initial
         while True:
             try:
                 async with store_lock:
-                    await asyncio.to_thread(store.insert_batch, result.raw, result.rated, result.alerts)
-                return
+                    return await asyncio.to_thread(call)
             except StoreError as exc:
                 stats.store_retries += 1
-                log.warning("store write failed (%s); retrying in %.1f s without committing offsets", exc, delay)
+                log.warning("%s failed (%s); retrying in %.1f s, offsets held", what, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, settings.clickhouse.retry_backoff_max)
 
@@ -181,20 +159,24 @@ def create_app(settings: Settings, store: Storage) -> faust.App:
         futures = []
         for letter, key in zip(result.dead_letters, keys, strict=True):
             futures.append(await dead_letter_topic.send(key=key, value=letter.model_dump_json().encode()))
-        for alert in result.alerts:
+        fresh = [alert for alert in result.alerts if alert.alert_id not in published]
+        for alert in fresh:
             futures.append(
                 await alerts_topic.send(key=alert.customer_id.encode(), value=alert.model_dump_json().encode())
             )
-        # Wait for the broker to confirm before the batch's offsets are committed.
+        for key, decision in result.enforcement.items():
+            futures.append(await enforcement_topic.send(key=key.encode(), value=decision.model_dump_json().encode()))
+        # Wait for the broker to confirm before the batch is acknowledged.
         for fut in futures:
             await fut
+        published.update(alert.alert_id for alert in fresh)
 
     @app.agent(events_topic)
     async def rate_events(stream: faust.Stream) -> None:
         async for events in stream.take_events(worker.batch_size, within=worker.batch_timeout):
             messages = [
                 InboundMessage(
-                    kind=kind_of(event.message.topic),  # type: ignore[arg-type]
+                    kind="outcome" if event.message.topic == topics.outcomes.name else "usage",
                     value=event.message.value,
                     topic=event.message.topic,
                     partition=event.message.partition,
@@ -203,17 +185,16 @@ def create_app(settings: Settings, store: Storage) -> faust.App:
                 for event in events
             ]
             keys_by_offset = {(e.message.topic, e.message.partition, e.message.offset): e.message.key for e in events}
-            result = processor.process(messages, current_month_to_date)
-            await write_rows(result)
+            result = await with_store(
+                lambda: processor.process(messages, state.month_to_date, prepare=state.prepare, history=state),
+                "loading state",
+            )
+            await with_store(lambda: store.insert_batch(result.raw, result.rated, result.alerts), "store write")
             dead_letter_keys = [
                 keys_by_offset.get((d.source_topic, d.source_partition, d.source_offset)) for d in result.dead_letters
             ]
             await publish(result, dead_letter_keys)
-            for key, value in result.month_to_date.items():
-                month_to_date[key.encode()] = value.to_json()
-            for key, counts in result.windows.items():
-                usage_windows[key.encode()] = counts.merged_json(usage_windows.get(key.encode()))
-            processor.commit(result)
+            state.commit(result)
             stats.messages += len(messages)
             stats.rated += len(result.rated)
             stats.duplicates += result.duplicates
@@ -224,25 +205,13 @@ def create_app(settings: Settings, store: Storage) -> faust.App:
     @app.timer(interval=60.0)
     async def expire_windows() -> None:
         """Drop tumbling-window counters older than the configured horizon."""
-        horizon = datetime.now(timezone.utc) - timedelta(seconds=worker.window_expires_seconds)
-        cutoff = horizon.strftime("%Y-%m-%dT%H:%M:%SZ")
-        stale = [key for key in list(usage_windows.keys()) if key.decode().split("|", 1)[1] < cutoff]
-        for key in stale:
-            del usage_windows[key]
-
-    @app.timer(interval=60.0)
-    async def expire_seen_events() -> None:
-        """Forget counted event ids older than the dedupe horizon."""
-        cutoff = int(time.time()) - worker.dedupe_horizon_seconds
-        stale = [key for key, seen_at in list(seen_events.items()) if seen_at < cutoff]
-        for key in stale:
-            del seen_events[key]
+        state.expire_windows()
 
     @app.page("/stats/")
     async def stats_view(web: Any, request: Any) -> Any:
         assigned = sorted(f"{tp.topic}:{tp.partition}" for tp in app.assignor.assigned_actives())
-        ready = bool(assigned) and not app.rebalancing and app.tables.recovery.completed.is_set()
-        body = {**stats.as_dict(), "assigned": assigned, "ready": ready}
+        ready = bool(assigned) and not app.rebalancing
+        body = {**stats.as_dict(), "assigned": assigned, "ready": ready, "store_lookups": state.lookups}
         return web.bytes(orjson.dumps(body), content_type="application/json")
 
     @app.page("/store/query/{name}/")
@@ -262,7 +231,11 @@ def create_app(settings: Settings, store: Storage) -> faust.App:
 
     # Handles for tests and the CLI (agents are unit-tested through ``rate_events.test_context()``).
     app.meterstream_stats = stats  # type: ignore[attr-defined]
+    app.meterstream_state = state  # type: ignore[attr-defined]
     app.meterstream_agent = rate_events  # type: ignore[attr-defined]
-    app.meterstream_topics = {"alerts": alerts_topic, "dead_letter": dead_letter_topic}  # type: ignore[attr-defined]
+    app.meterstream_topics = {  # type: ignore[attr-defined]
+        "alerts": alerts_topic,
+        "dead_letter": dead_letter_topic,
+        "enforcement": enforcement_topic,
+    }
     return app
-

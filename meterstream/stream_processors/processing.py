@@ -12,15 +12,32 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
-from meterstream.budgets import BudgetBook, thresholds_to_alert
+from meterstream.budgets import (
+    Budget,
+    BudgetBook,
+    customer_decision,
+    is_spike,
+    projected_exhaustion,
+    run_decision,
+    thresholds_to_alert,
+)
 from meterstream.pricing.plans import Catalog, PlanError
 from meterstream.pricing.rating import RatingError
 from meterstream.schemas.events import OutcomeEvent, UsageEvent
-from meterstream.schemas.records import BudgetAlert, DeadLetter, RatedUsage, RawEvent, ThresholdAction
+from meterstream.schemas.records import (
+    AlertKind,
+    BudgetAlert,
+    DeadLetter,
+    Decision,
+    EnforcementState,
+    RatedUsage,
+    RawEvent,
+    ThresholdAction,
+)
 from meterstream.stream_processors.decode import Rejection, decode_event
 
 Kind = Literal["usage", "outcome"]
@@ -46,27 +63,6 @@ class MonthToDate:
     tokens: int = 0
     alerted: frozenset[int] = frozenset()
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "credits": str(self.credits),
-            "cost_to_serve": str(self.cost_to_serve),
-            "events": self.events,
-            "tokens": self.tokens,
-            "alerted": sorted(self.alerted),
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any] | None) -> MonthToDate:
-        if not data:
-            return cls()
-        return cls(
-            credits=Decimal(data["credits"]),
-            cost_to_serve=Decimal(data["cost_to_serve"]),
-            events=int(data["events"]),
-            tokens=int(data["tokens"]),
-            alerted=frozenset(int(t) for t in data.get("alerted", ())),
-        )
-
 
 @dataclass
 class WindowCounts:
@@ -83,15 +79,6 @@ class WindowCounts:
         self.events += 1
         self.tokens += row.input_tokens + row.output_tokens
 
-    def merged_json(self, previous: dict[str, Any] | None) -> dict[str, Any]:
-        prev = previous or {}
-        return {
-            "credits": str(Decimal(prev.get("credits", "0")) + self.credits),
-            "cost_to_serve": str(Decimal(prev.get("cost_to_serve", "0")) + self.cost_to_serve),
-            "events": int(prev.get("events", 0)) + self.events,
-            "tokens": int(prev.get("tokens", 0)) + self.tokens,
-        }
-
 
 @dataclass
 class BatchResult:
@@ -103,7 +90,29 @@ class BatchResult:
     #: Per ``customer|window-start`` deltas for the tumbling-window counters.
     windows: dict[str, WindowCounts] = field(default_factory=dict)
     alerts: list[BudgetAlert] = field(default_factory=list)
+    #: The latest decision per customer (and per capped run) the batch touched.
+    enforcement: dict[str, EnforcementState] = field(default_factory=dict)
+    #: New ``(credits, steps)`` totals per ``customer|run_id`` the batch touched.
+    runs: dict[str, tuple[Decimal, int]] = field(default_factory=dict)
     duplicates: int = 0
+
+
+class SpendHistory(Protocol):
+    """What the worker knows beyond the batch, for run caps, projections and spikes."""
+
+    def run_totals(self, customer_id: str, run_id: str) -> tuple[Decimal, int]: ...
+
+    def credits_between(self, customer_id: str, start: datetime, end: datetime) -> Decimal: ...
+
+
+class NoHistory:
+    """No runs and no recent spend known: offline runs and tests."""
+
+    def run_totals(self, customer_id: str, run_id: str) -> tuple[Decimal, int]:
+        return ZERO, 0
+
+    def credits_between(self, customer_id: str, start: datetime, end: datetime) -> Decimal:
+        return ZERO
 
 
 class SeenEvents(Protocol):
@@ -172,14 +181,23 @@ class BatchProcessor:
         messages: Sequence[InboundMessage],
         month_to_date: Callable[[str], MonthToDate],
         now: datetime | None = None,
+        prepare: Callable[[Sequence[tuple[InboundMessage, UsageEvent | OutcomeEvent]]], None] | None = None,
+        history: SpendHistory | None = None,
     ) -> BatchResult:
+        """Decode, dedupe, rate and aggregate one batch.
+
+        ``prepare`` sees the batch's valid events before dedupe and aggregation, so
+        a state that lives in the store can load what it needs in one round trip.
+        """
         now = now or datetime.now(timezone.utc)
         result = BatchResult()
         batch_ids: set[str] = set()
         accepted: list[tuple[UsageEvent | OutcomeEvent, RatedUsage]] = []
 
-        for message in messages:
-            decoded = decode_event(message.value, message.kind)
+        decoded_messages = [(message, decode_event(message.value, message.kind)) for message in messages]
+        if prepare is not None:
+            prepare([(m, d) for m, d in decoded_messages if not isinstance(d, Rejection)])
+        for message, decoded in decoded_messages:
             if isinstance(decoded, Rejection):
                 result.dead_letters.append(self._dead_letter(message, decoded.reason, now))
                 continue
@@ -210,7 +228,9 @@ class BatchProcessor:
                 )
             )
 
-        # Aggregate per key before touching any table: one table write per key per batch.
+        # Aggregate per key before deciding anything: one state change per key per batch.
+        history = history or NoHistory()
+        watermarks: dict[str, datetime] = {}
         for event, rated in accepted:
             key = month_key(rated.customer_id, rated.period)
             current = result.month_to_date.get(key) or month_to_date(key)
@@ -224,6 +244,9 @@ class BatchProcessor:
             budget = self.budgets.for_customer(rated.customer_id)
             if budget is not None:
                 crossed = thresholds_to_alert(updated.credits, budget, updated.alerted)
+                if crossed:
+                    velocity = self._velocity(history, rated.customer_id, now)
+                    eta = projected_exhaustion(updated.credits, budget.monthly_credits, velocity, now)
                 for threshold in crossed:
                     result.alerts.append(
                         BudgetAlert(
@@ -236,14 +259,105 @@ class BatchProcessor:
                             crossed_at=now,
                             triggering_event_id=event.event_id,
                             action=budget.action if threshold >= 100 else ThresholdAction.ALERT,
+                            projected_exhaustion_at=eta,
                         )
                     )
                 if crossed:
                     updated = replace(updated, alerted=updated.alerted | set(crossed))
+                if budget.run_cap is not None and rated.run_id and rated.kind == "usage":
+                    self._run_step(result, history, budget, event, rated, now)
             result.month_to_date[key] = updated
+            watermarks[key] = max(watermarks.get(key, rated.occurred_at), rated.occurred_at)
             wkey = window_key(rated.customer_id, rated.occurred_at, self.window_seconds)
             result.windows.setdefault(wkey, WindowCounts()).add(rated)
+
+        for key, totals in result.month_to_date.items():
+            customer_id, period = key.split("|", 1)
+            budget = self.budgets.for_customer(customer_id)
+            if budget is None:
+                continue
+            result.enforcement[customer_id] = customer_decision(
+                customer_id, period, totals.credits, budget, watermark=watermarks[key], now=now
+            )
+        if self.budgets.spike is not None:
+            self._spikes(result, history, now)
         return result
+
+    @staticmethod
+    def _velocity(history: SpendHistory, customer_id: str, now: datetime) -> Decimal:
+        """Credits per second over the last hour."""
+        return history.credits_between(customer_id, now - timedelta(hours=1), now) / 3600
+
+    def _run_step(
+        self,
+        result: BatchResult,
+        history: SpendHistory,
+        budget: Budget,
+        event: UsageEvent | OutcomeEvent,
+        rated: RatedUsage,
+        now: datetime,
+    ) -> None:
+        cap = budget.run_cap
+        assert cap is not None
+        key = f"{rated.customer_id}|{rated.run_id}"
+        credits, steps = result.runs.get(key) or history.run_totals(rated.customer_id, rated.run_id)
+        credits, steps = credits + rated.credits, steps + 1
+        result.runs[key] = (credits, steps)
+        state = run_decision(
+            rated.customer_id, rated.run_id, rated.period, credits, steps, cap,
+            downgrade_to=budget.downgrade_to or "", watermark=rated.occurred_at, now=now,
+        )  # fmt: skip
+        previous = result.enforcement.get(key)
+        result.enforcement[key] = state
+        reached = state.decision is not Decision.OK and (previous is None or previous.decision is Decision.OK)
+        if reached and (cap.max_credits is None or credits - rated.credits < cap.max_credits) and (
+            cap.max_steps is None or steps - 1 < cap.max_steps
+        ):
+            result.alerts.append(
+                BudgetAlert(
+                    alert_id=BudgetAlert.make_id(rated.customer_id, rated.period, 100, scope=f"run:{rated.run_id}"),
+                    kind=AlertKind.RUN_CAP,
+                    customer_id=rated.customer_id,
+                    period=rated.period,
+                    threshold_percent=100,
+                    budget_credits=cap.max_credits or Decimal(0),
+                    spent_credits=credits,
+                    crossed_at=now,
+                    triggering_event_id=event.event_id,
+                    action=cap.action,
+                    run_id=rated.run_id,
+                    detail=state.reason,
+                )
+            )
+
+    def _spikes(self, result: BatchResult, history: SpendHistory, now: datetime) -> None:
+        rule = self.budgets.spike
+        assert rule is not None
+        recent_start = now - timedelta(minutes=5)
+        for key in result.month_to_date:
+            customer_id, period = key.split("|", 1)
+            batch = sum(
+                (c.credits for k, c in result.windows.items() if k.split("|", 1)[0] == customer_id), ZERO
+            )
+            recent = history.credits_between(customer_id, recent_start, now) + batch
+            baseline = history.credits_between(customer_id, now - timedelta(minutes=65), recent_start) / 12
+            if not is_spike(recent, baseline, rule):
+                continue
+            hour = now.strftime("%Y-%m-%dT%H")
+            result.alerts.append(
+                BudgetAlert(
+                    alert_id=BudgetAlert.make_id(customer_id, period, 0, scope=f"spike:{hour}"),
+                    kind=AlertKind.SPEND_SPIKE,
+                    customer_id=customer_id,
+                    period=period,
+                    threshold_percent=0,
+                    budget_credits=baseline,
+                    spent_credits=recent,
+                    crossed_at=now,
+                    triggering_event_id="",
+                    detail=f"{recent} credits in 5 minutes against a trailing average of {baseline:.4f}",
+                )
+            )
 
     def commit(self, result: BatchResult) -> None:
         """Remember the batch's events once its writes have succeeded."""

@@ -1,15 +1,15 @@
 """Faults with real processes: the worker stopped or killed mid-stream and restarted.
 
-NOT part of `make test` yet: run with `make test-faults`. Both tests currently
-FAIL and document what the pipeline still gets wrong on restarts (the subject of
-the "nothing lost, nothing counted twice" issue), seen on faust-streaming 0.15.3
-with processing_guarantee="exactly_once" against Kafka 4.4:
+12,000 events (500 of them resent by the client) for 12 customers with budgets;
+the worker is stopped (SIGTERM) or killed (SIGKILL) after ~3,000 messages and
+a new one takes over. Invoice totals must be exact and every threshold each
+customer reached must be on the alert topic exactly once.
 
-- SIGKILL mid-stream: after the restart, 34-111 of 12,000 events were never
-  rated (their offsets were committed although they were not processed).
-- SIGTERM mid-stream: totals exact, but one alert repeated and three missing
-  (table state recovered ahead of the alerts that were aborted with the transaction).
-
+History: with Faust changelog tables and processing_guarantee="exactly_once"
+(faust-streaming 0.15.3, Kafka 4.4) these failed — 34-111 events never rated
+after SIGKILL; alerts repeated and missing after SIGTERM — which is why the
+worker's state now lives in the store (meterstream/stream_processors/state.py)
+and alerts go through an outbox (meterstream/stream_processors/alerts.py).
 Every wait is bounded.
 """
 

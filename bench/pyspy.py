@@ -1,0 +1,138 @@
+"""Profile a running process with py-spy (optional: not a project dependency) and summarise it.
+
+``py-spy record --format raw`` writes collapsed stacks (``frame;frame;... count``,
+each frame ``function (file:line)``, leaf last). :func:`summarise` turns them into
+the top functions by self time and by inclusive time, with the share of all
+samples, plus the shares of a few named stages of the worker's hot path.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+_FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
+
+#: Worker stages, recognised by a frame of the stack; the first match in this order wins.
+STAGES: list[tuple[str, tuple[str, ...]]] = [
+    ("agent: decode (pydantic JSON validation)", ("decode_event (",)),
+    ("agent: rate (rate_event -> RatedUsage)", ("rate_event (",)),
+    ("agent: table writes + dedupe ids -> changelog sends", ("ManagedUserDict.__setitem__", "BatchProcessor.commit")),
+    ("agent: dedupe/aggregate/thresholds", ("BatchProcessor.process (",)),
+    ("agent: publish alerts/dead letters", ("create_app.<locals>.publish",)),
+    ("agent: rest of the batch loop", ("create_app.<locals>.rate_events",)),
+    ("ClickHouse insert (insert_batch, worker thread)", ("insert_batch (",)),
+    ("Faust producer buffer -> aiokafka send", ("ProducerBuffer.", "Topic.publish_message")),
+    ("aiokafka producer sender (requests, transactions)", ("aiokafka/producer/",)),
+    ("Faust/aiokafka consumer, fetcher, commit", ("faust/transport/consumer", "aiokafka/consumer/", "faust/transport/conductor")),
+    ("Faust stream machinery", ("faust/streams", "faust/agents/")),
+    ("aiokafka connection I/O", ("aiokafka/conn.py", "aiokafka/client.py")),
+    ("web (/stats/, store reads)", ("aiohttp/",)),
+]
+#: Leaf frames of a thread that is waiting, not working.
+IDLE_LEAVES = {"select", "_worker", "wait", "_wait_for_tstate_lock", "get", "poll"}
+IDLE_FILES = ("selectors.py", "concurrent/futures/thread.py", "threading.py", "queue.py")
+
+
+def _is_idle(frame: str) -> bool:
+    match = _FRAME.match(frame.strip())
+    if not match:
+        return False
+    return match.group("func").rsplit(".", 1)[-1] in IDLE_LEAVES and match.group("file").endswith(IDLE_FILES)
+
+
+def available() -> str | None:
+    exe = Path(sys.executable).with_name("py-spy")
+    if exe.exists():
+        return str(exe)
+    return shutil.which("py-spy")
+
+
+class Recorder:
+    """``py-spy record`` attached to ``pid`` until :meth:`stop` (SIGINT makes it write the file)."""
+
+    def __init__(self, pid: int, out: Path, rate: int = 100) -> None:
+        exe = available()
+        if exe is None:
+            raise RuntimeError("py-spy is not installed (pip install py-spy)")
+        self.out = out
+        self.log = out.with_suffix(".log")
+        self.process = subprocess.Popen(
+            [exe, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw", "--output", str(out)],
+            stdout=self.log.open("wb"),
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def stop(self, timeout: float = 60.0) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+def _func(frame: str) -> str:
+    match = _FRAME.match(frame.strip())
+    if not match:
+        return frame.strip()
+    file = match.group("file")
+    short = "/".join(Path(file).parts[-3:]) if "/" in file else file
+    return f"{match.group('func')} ({short})"
+
+
+def summarise(raw_file: Path, top: int = 20) -> dict[str, Any]:
+    """Top functions (self and inclusive) and stage shares, over the samples where a thread was working."""
+    self_counts: Counter[str] = Counter()
+    incl_counts: Counter[str] = Counter()
+    stage_counts: Counter[str] = Counter()
+    total = idle = 0
+    for line in raw_file.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [f for f in stack.split(";") if f and not f.startswith(("process ", "thread "))]
+        if not frames:
+            continue
+        if _is_idle(frames[-1]):
+            idle += count
+            continue
+        total += count
+        self_counts[_func(frames[-1])] += count
+        for name in {_func(f) for f in frames}:
+            incl_counts[name] += count
+        for stage, needles in STAGES:
+            if any(n in f for f in frames for n in needles):
+                stage_counts[stage] += count
+                break
+        else:
+            stage_counts["other (event loop, timers, tasks)"] += count
+
+    def share(counter: Counter[str], only: str | None = None) -> list[dict[str, Any]]:
+        items = [(k, n) for k, n in counter.most_common() if only is None or only in k]
+        return [
+            {"function": name, "samples": n, "percent": round(100 * n / total, 1)} for name, n in items[:top]
+        ]
+
+    return {
+        "samples_working": total,
+        "samples_idle": idle,
+        "note": "percent of samples in which a thread was working (idle waits in select/queues excluded); "
+        "threads add up, so a stage's share is of all working samples",
+        "stages": [
+            {"stage": s, "samples": n, "percent": round(100 * n / total, 1) if total else 0.0}
+            for s, n in stage_counts.most_common()
+        ],
+        "top_self": share(self_counts),
+        "top_inclusive_meterstream": share(incl_counts, only="meterstream/"),
+        "top_inclusive": share(incl_counts),
+    }

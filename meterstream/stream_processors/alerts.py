@@ -1,0 +1,163 @@
+"""Budget alerts exactly once on the topic, across crashes: an outbox in ClickHouse.
+
+In a batch the worker stores rated rows, then the alert rows, then publishes
+the alerts and waits for the broker. A crash can stop it between any two of
+those steps, so at start-up, before consuming, :func:`reconcile_alerts`:
+
+1. reads the ids already on ``budget-alerts`` since the start of the previous
+   month (the topic is the record of what was sent);
+2. for every customer with a budget, compares month-to-date credits in the
+   store with the thresholds recorded in ``budget_alerts`` and records any that
+   were crossed but not recorded (a crash between rated rows and alert rows);
+3. publishes every recorded alert whose id is not on the topic yet.
+
+So each threshold crossing is published once, and none is missed. (Two workers
+starting at the same moment could both publish a missing one; the alert id is
+deterministic so consumers can still dedupe.)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime, timezone
+from decimal import Decimal
+
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+
+from meterstream.budgets import BudgetBook, thresholds_to_alert
+from meterstream.config import KafkaSettings
+from meterstream.schemas.records import AlertKind, BudgetAlert, ThresholdAction
+from meterstream.storage.clickhouse import ClickHouseStore
+
+log = logging.getLogger(__name__)
+
+_TOTALS = """
+SELECT customer_id, period, sum(credits) AS credits
+FROM usage_rated FINAL
+WHERE period IN {periods:Array(String)}
+GROUP BY customer_id, period
+"""
+_RECORDED = """
+SELECT alert_id, if(kind = '', 'threshold', kind) AS kind, customer_id, period, threshold_percent,
+       budget_credits, spent_credits, action, crossed_at, triggering_event_id, run_id,
+       projected_exhaustion_at, detail
+FROM budget_alerts FINAL
+WHERE period IN {periods:Array(String)}
+ORDER BY crossed_at, alert_id
+"""
+
+
+def previous_period(period: str) -> str:
+    year, month = int(period[:4]), int(period[5:7])
+    return f"{year - 1:04d}-12" if month == 1 else f"{year:04d}-{month - 1:02d}"
+
+
+def published_alert_ids(kafka: KafkaSettings, topic: str, since: datetime, timeout: float = 30.0) -> set[str]:
+    """Ids of the alerts on ``topic`` published since ``since``, read to the end of every partition."""
+    consumer = Consumer(
+        {
+            **kafka.confluent_config(),
+            "group.id": "meterstream-alert-ledger",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
+    )
+    ids: set[str] = set()
+    try:
+        metadata = consumer.list_topics(topic, timeout=timeout)
+        partitions = list(metadata.topics[topic].partitions) if topic in metadata.topics else []
+        if not partitions:
+            return ids
+        stamp = int(since.timestamp() * 1000)
+        starts = consumer.offsets_for_times([TopicPartition(topic, p, stamp) for p in partitions], timeout=timeout)
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[1] for p in partitions}
+        todo = {tp.partition for tp in starts if tp.offset >= 0 and tp.offset < ends[tp.partition]}
+        consumer.assign([tp for tp in starts if tp.partition in todo])
+        deadline = time.monotonic() + timeout
+        while todo:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"could not read {topic} to its end within {timeout:.0f} s")
+            message = consumer.poll(0.5)
+            if message is None:
+                continue
+            if message.error():
+                raise KafkaException(message.error())
+            try:
+                ids.add(BudgetAlert.model_validate_json(message.value()).alert_id)
+            except ValueError:
+                log.warning("skipping an unreadable message on %s at offset %d", topic, message.offset())
+            if message.offset() + 1 >= ends[message.partition()]:
+                todo.discard(message.partition())
+    finally:
+        consumer.close()
+    return ids
+
+
+def missing_alerts(store: ClickHouseStore, budgets: BudgetBook, periods: list[str], now: datetime) -> list[BudgetAlert]:
+    """Thresholds that month-to-date credits in the store have reached but ``budget_alerts`` lacks."""
+    recorded: dict[tuple[str, str], set[int]] = {}
+    for row in store.query(_RECORDED, {"periods": periods}).dicts():
+        if row["kind"] == AlertKind.THRESHOLD.value:
+            recorded.setdefault((row["customer_id"], row["period"]), set()).add(int(row["threshold_percent"]))
+    missing = []
+    for row in store.query(_TOTALS, {"periods": periods}).dicts():
+        budget = budgets.for_customer(row["customer_id"])
+        if budget is None:
+            continue
+        spent: Decimal = row["credits"]
+        for threshold in thresholds_to_alert(spent, budget, recorded.get((row["customer_id"], row["period"]), set())):
+            missing.append(
+                BudgetAlert(
+                    alert_id=BudgetAlert.make_id(row["customer_id"], row["period"], threshold),
+                    customer_id=row["customer_id"],
+                    period=row["period"],
+                    threshold_percent=threshold,
+                    budget_credits=budget.monthly_credits,
+                    spent_credits=spent,
+                    crossed_at=now,
+                    triggering_event_id="reconciled-at-start",
+                    action=budget.action if threshold >= 100 else ThresholdAction.ALERT,
+                )
+            )
+    return missing
+
+
+def reconcile_alerts(
+    store: ClickHouseStore,
+    budgets: BudgetBook,
+    kafka: KafkaSettings,
+    topic: str,
+    *,
+    now: datetime | None = None,
+    timeout: float = 30.0,
+) -> tuple[set[str], int]:
+    """Record and publish what a crash left undone; returns (ids on the topic, alerts published now)."""
+    now = now or datetime.now(timezone.utc)
+    period = now.strftime("%Y-%m")
+    periods = [previous_period(period), period]
+    since = datetime(int(periods[0][:4]), int(periods[0][5:7]), 1, tzinfo=timezone.utc)
+    published = published_alert_ids(kafka, topic, since, timeout)
+    missing = missing_alerts(store, budgets, periods, now)
+    if missing:
+        store.insert_batch([], [], missing)
+    pending = [
+        BudgetAlert.model_validate(row)
+        for row in store.query(_RECORDED, {"periods": periods}).dicts()
+        if row["alert_id"] not in published
+    ]
+    if pending:
+        producer = Producer({**kafka.confluent_config(), "enable.idempotence": True, "acks": "all"})
+        failures: list[str] = []
+        for alert in pending:
+            producer.produce(
+                topic,
+                key=alert.customer_id.encode(),
+                value=alert.model_dump_json().encode(),
+                on_delivery=lambda err, msg: failures.append(str(err)) if err else None,
+            )
+        if producer.flush(timeout) or failures:
+            raise KafkaException(f"could not publish {len(pending)} pending alerts: {failures[:1]}")
+        published.update(alert.alert_id for alert in pending)
+        log.warning("published %d alerts a previous run had recorded but not sent", len(pending))
+    return published, len(pending)

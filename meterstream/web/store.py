@@ -1,0 +1,63 @@
+"""How the web server reads the store: saved queries only, always bound to one customer.
+
+Embedded chDB: the running worker owns the store, so every query goes through
+its ``/store/query/NAME/`` endpoint, and the server never opens the data
+directory itself (that would keep the worker from starting). With a server DSN
+the web process holds one connection of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Protocol
+
+from meterstream.config import ClickHouseSettings
+from meterstream.storage.clickhouse import ClickHouseStore, StoreError, open_store
+from meterstream.storage.owner import run_saved_query
+from meterstream.storage.queries import query_parameters, saved_query
+
+
+class Rows(Protocol):
+    async def __call__(self, name: str, customer: str, **params: str) -> list[dict[str, Any]]: ...
+
+
+class CustomerQueries:
+    """Run a saved query for one customer; refuses queries that do not bind ``customer``."""
+
+    def __init__(self, settings: ClickHouseSettings, timeout: float) -> None:
+        self.settings = settings
+        self.timeout = timeout
+        self._store: ClickHouseStore | None = None
+        self._lock = asyncio.Lock()  # one query at a time on the server connection
+
+    async def __call__(self, name: str, customer: str, **params: str) -> list[dict[str, Any]]:
+        expected = query_parameters(name)
+        if "customer" not in expected:
+            raise ValueError(f"saved query {name} does not bind a customer; the web server cannot run it")
+        if not customer:
+            raise ValueError("a customer is required")
+        bound = {**params, "customer": customer}
+        if set(bound) != expected:
+            raise ValueError(f"saved query {name} takes {sorted(expected)}, got {sorted(bound)}")
+        if self.settings.embedded:
+            result = await asyncio.to_thread(
+                run_saved_query, self.settings, name, self.timeout, open_directly=False, **bound
+            )
+            return result.dicts()
+        async with self._lock:
+            if self._store is None:
+                # The worker applies migrations; a reader that ran them could race it.
+                self._store = await asyncio.to_thread(open_store, self.settings, apply_migrations=False)
+            store = self._store
+            try:
+                result = await asyncio.to_thread(store.query, saved_query(name), bound)
+            except StoreError:
+                self._store = None  # reconnect next time
+                await asyncio.to_thread(store.close)
+                raise
+        return result.dicts()
+
+    async def close(self) -> None:
+        if self._store is not None:
+            await asyncio.to_thread(self._store.close)
+            self._store = None

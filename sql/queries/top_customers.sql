@@ -1,0 +1,19 @@
+-- Customers ranked by cost to serve in a billing period, the most expensive to serve first:
+-- events, tokens, credits, cost to serve and each customer's share of the period's cost.
+-- Parameters: period (YYYY-MM), limit (how many customers; '' for 10).
+-- FINAL: a resent event counts once. cost_share is NULL when the period cost nothing.
+SELECT
+    customer_id,
+    count()                                                         AS events,
+    sum(input_tokens)                                               AS input_tokens,
+    sum(cached_input_tokens)                                        AS cached_input_tokens,
+    sum(output_tokens)                                              AS output_tokens,
+    sum(credits)                                                    AS credits,
+    sum(cost_to_serve)                                              AS cost_to_serve,
+    sum(rated.cost_to_serve) / nullIf(sum(sum(rated.cost_to_serve)) OVER (), 0) AS cost_share,
+    uniqExactIf(rated.model, rated.model != '')                     AS models
+FROM usage_rated AS rated FINAL
+WHERE period = {period:String}
+GROUP BY customer_id
+ORDER BY cost_to_serve DESC, customer_id
+LIMIT if({limit:String} = '', 10, toUInt64({limit:String}))
