@@ -63,7 +63,7 @@ from meterstream.pricing.pricebook import load_price_book
 from meterstream.pricing.rating import rate_event
 from meterstream.producers.client import DeliveryFailure, MeterClient
 from meterstream.storage.owner import run_saved_query
-from meterstream.stream_processors.runner import WorkerProcess
+from meterstream.stream_processors.runner import WorkerProcess, WorkerProcessError
 from meterstream.topics import Topics, ensure_topics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -1040,21 +1040,26 @@ def _fmt_rate(v: Any) -> str:
     return "—" if v is None else f"{v:,.0f}/s"
 
 
+def _ok_phase(results: dict[str, Any], name: str) -> dict[str, Any] | None:
+    phase = results.get(name)
+    return phase if phase and "error" not in phase else None
+
+
 def verdicts(results: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    sdk = results.get("sdk")
+    sdk = _ok_phase(results, "sdk")
     if sdk:
         out["sdk"] = sdk["sdk_events_per_s"]["median"] >= TARGETS["sdk_events_per_s"]
-    worker = results.get("worker")
+    worker = _ok_phase(results, "worker")
     if worker:
         out["worker_rate"] = worker["worker_events_per_s"]["median"] >= TARGETS["worker_events_per_s"]
         out["worker_share"] = worker["worker_share_of_aiokafka"] >= TARGETS["worker_share_of_aiokafka"]
         if worker["workload"]["active_customers"] >= TARGETS["active_customers"]:  # else not the target scenario
             out["memory"] = worker["vmhwm_bytes"]["max"] <= TARGETS["worker_vmhwm_bytes"]
-    latency = results.get("latency")
+    latency = _ok_phase(results, "latency")
     if latency and latency["offered_events_per_s"] >= TARGETS["alert_offered_events_per_s"]:
         out["alert_latency"] = latency["p99_s"]["median"] <= TARGETS["alert_p99_s"]
-    invoice = results.get("invoice")
+    invoice = _ok_phase(results, "invoice")
     if invoice and invoice["rows_in_period"] >= TARGETS["invoice_rows"]:
         out["invoice"] = invoice["queries"]["heaviest_customer"]["month_to_date"]["median_ms"] <= TARGETS["invoice_query_ms"]
     return out
@@ -1066,7 +1071,7 @@ def render(results: dict[str, Any]) -> Table:
     table = Table(title=f"meterstream benchmark {results['run_id']} ({results['mode']}, {results['workers']} worker(s))")
     for column in ("measure", "median", "min", "max", "target", ""):
         table.add_column(column, justify="left" if column in ("measure", "") else "right")
-    sdk = results.get("sdk")
+    sdk = _ok_phase(results, "sdk")
     if sdk:
         s, r = sdk["sdk_events_per_s"], sdk["raw_confluent_msgs_per_s"]
         table.add_row("1. SDK produce (MeterClient, validated)", _fmt_rate(s["median"]), _fmt_rate(s["min"]),
@@ -1077,7 +1082,7 @@ def render(results: dict[str, Any]) -> Table:
         table.add_row("   no Kafka: pydantic build+validate | model_dump_json",
                       f"{b['build_validate_events_per_s']:,}/s | {b['model_dump_json_events_per_s']:,}/s", "", "", "",
                       "diagnostic")
-    worker = results.get("worker")
+    worker = _ok_phase(results, "worker")
     if worker:
         w, a, c = worker["worker_events_per_s"], worker["aiokafka_bare_msgs_per_s"], worker["confluent_bare_msgs_per_s"]
         table.add_row("2. worker end to end (topic -> rated rows)", _fmt_rate(w["median"]), _fmt_rate(w["min"]),
@@ -1087,7 +1092,7 @@ def render(results: dict[str, Any]) -> Table:
                       _fmt_rate(c["max"]), "", "")
         table.add_row("   worker / aiokafka", f"{worker['worker_share_of_aiokafka']:.1%}", "", "", "≥ 25%",
                       ok[verdict.get("worker_share")])
-    latency = results.get("latency")
+    latency = _ok_phase(results, "latency")
     if latency:
         p50, p99 = latency["p50_s"], latency["p99_s"]
         run = latency["runs"][0]
@@ -1108,7 +1113,7 @@ def render(results: dict[str, Any]) -> Table:
             bound = "≥ " if lo["censored"] else ""
             table.add_row(f"   at {low['offered_events_per_s']:,}/s offered (half the worker rate): p50 / p99",
                           f"{ms(lo['p50'])} / {ms(lo['p99'])}", "", "", "", "diagnostic")
-    invoice = results.get("invoice")
+    invoice = _ok_phase(results, "invoice")
     if invoice:
         for label, name in (("heaviest_customer", "heaviest"), ("median_customer", "median")):
             q = invoice["queries"][label]
@@ -1124,6 +1129,10 @@ def render(results: dict[str, Any]) -> Table:
         table.add_row(f"5. worker VmHWM ({worker['workload']['active_customers']:,} active customers)",
                       f"{v['median'] / 2**20:,.0f} MiB", f"{v['min'] / 2**20:,.0f} MiB", f"{v['max'] / 2**20:,.0f} MiB",
                       "≤ 1,024 MiB", ok[verdict.get("memory")])
+    for name in ("sdk", "worker", "latency", "invoice"):
+        phase = results.get(name)
+        if phase and "error" in phase:
+            table.add_row(f"{name}: FAILED", phase["error"].splitlines()[0][:60], "", "", "", "[red]error[/]")
     return table
 
 
@@ -1224,15 +1233,27 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             console.rule(title)
             phase_started = time.monotonic()
-            results[phase] = fn()
+            try:
+                results[phase] = fn()
+            except BenchError as exc:  # a failed phase is reported; the others still run
+                exit_code = 1
+                results[phase] = {"error": str(exc)}
+                console.print(f"[bold red]{phase} failed:[/] {exc}")
+            except WorkerProcessError as exc:
+                exit_code = 1
+                results[phase] = {"error": f"worker failed: {exc}"}
+                console.print(f"[bold red]{phase} failed: the worker died[/]; log tail:\n{str(exc)[-1500:]}")
+            except Exception as exc:  # anything else in one phase: report it, run the next
+                exit_code = 1
+                results[phase] = {"error": f"{type(exc).__name__}: {exc}"}
+                console.print(f"[bold red]{phase} failed:[/] {type(exc).__name__}: {exc}")
             results[phase]["phase_seconds"] = round(time.monotonic() - phase_started, 1)
             console.print(f"  done in {results[phase]['phase_seconds']:.0f} s")
-    except (BenchError, Exception) as exc:
+    except Exception as exc:
         exit_code = 1
         results["error"] = f"{type(exc).__name__}: {exc}"
         console.print(f"[bold red]benchmark failed:[/] {results['error']}")
-        if not isinstance(exc, BenchError):
-            console.print_exception()
+        console.print_exception()
     except KeyboardInterrupt:
         exit_code = 130
         results["error"] = "interrupted"

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from meterstream.alerting.commands import forward_command, tail_command
 from meterstream.config import Settings, get_settings
 from meterstream.cs.commands import audit_command, margin_command, usage_app
 
@@ -142,7 +143,7 @@ def worker(
     from meterstream.pricing.pricebook import PriceBookError
     from meterstream.storage.clickhouse import StoreError, open_store
     from meterstream.storage.owner import StoreOwnership
-    from meterstream.stream_processors.alerts import reconcile_alerts
+    from meterstream.stream_processors.alerts import current_states, publish_states, reconcile_alerts
     from meterstream.stream_processors.app import create_app
     from meterstream.topics import TopicError, ensure_topics
 
@@ -160,6 +161,7 @@ def worker(
         published, sent = reconcile_alerts(store, budgets, settings.kafka, topics.budget_alerts.name)
         if sent:
             err_console.print(f"published {sent} budget alerts that a previous run recorded but had not sent")
+        publish_states(settings.kafka, topics.enforcement.name, current_states(store, budgets))
         faust_app = create_app(settings, store, published)
         faust.Worker(faust_app, loglevel=loglevel).execute_from_commandline()
     except (PriceBookError, PlanError, BudgetBookError, StoreError, KafkaException, TimeoutError) as exc:
@@ -267,6 +269,11 @@ def alerts_list(period: PeriodOption = None, customer: CustomerOption = None, as
         _emit_json(result)
         return
     console.print(alerts_table(result.dicts(), f"Budget alerts, {period}"))
+
+
+# `alerts tail` and `alerts forward` (the alert consumers) live in meterstream/alerting/.
+alerts_app.command("tail")(tail_command)
+alerts_app.command("forward")(forward_command)
 
 
 # -- billing ----------------------------------------------------------------------------------

@@ -135,6 +135,25 @@ class RetryPolicy:
 # -- the HTTP call ----------------------------------------------------------------------------
 
 
+class _HideWebhookUrls(logging.Filter):
+    """httpx logs each request's full URL at INFO; webhook URLs often hold a token, so show their origin."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.urls and isinstance(record.args, tuple):
+            record.args = tuple(
+                f"{url_origin(str(arg))}/..." if str(arg) in self.urls else arg for arg in record.args
+            )
+        return True
+
+
+_hide_urls = _HideWebhookUrls()
+logging.getLogger("httpx").addFilter(_hide_urls)
+
+
 class Outcome(StrEnum):
     DELIVERED = "delivered"
     #: A permanent status, or still failing after max_attempts.
@@ -172,6 +191,7 @@ class WebhookSender:
         self._secret = secret
         self._stop = stop or threading.Event()
         self._client = httpx.Client(timeout=request_timeout, follow_redirects=False, transport=transport)
+        _hide_urls.urls.add(str(self._client.build_request("POST", url).url))
 
     def close(self) -> None:
         self._client.close()

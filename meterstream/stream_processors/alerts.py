@@ -25,9 +25,9 @@ from decimal import Decimal
 
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
-from meterstream.budgets import BudgetBook, thresholds_to_alert
+from meterstream.budgets import BudgetBook, customer_decision, thresholds_to_alert
 from meterstream.config import KafkaSettings
-from meterstream.schemas.records import AlertKind, BudgetAlert, ThresholdAction
+from meterstream.schemas.records import AlertKind, BudgetAlert, EnforcementState, ThresholdAction
 from meterstream.storage.clickhouse import ClickHouseStore
 
 log = logging.getLogger(__name__)
@@ -161,3 +161,44 @@ def reconcile_alerts(
         published.update(alert.alert_id for alert in pending)
         log.warning("published %d alerts a previous run had recorded but not sent", len(pending))
     return published, len(pending)
+
+
+_CURRENT_SPEND = """
+SELECT customer_id, sum(credits) AS credits, max(occurred_at) AS watermark
+FROM usage_rated FINAL
+WHERE period = {period:String} AND customer_id IN {customers:Array(String)}
+GROUP BY customer_id
+"""
+
+
+def current_states(store: ClickHouseStore, budgets: BudgetBook, now: datetime | None = None) -> list[EnforcementState]:
+    """The decision for every customer the budgets file names, from this period's stored spend.
+
+    Published at start-up so SDK guards know each cap before the first event of
+    the period arrives (a customer under only the ``default`` budget gets its
+    first state with its first event).
+    """
+    now = now or datetime.now(timezone.utc)
+    period = now.strftime("%Y-%m")
+    names = sorted(budgets.customers)
+    if not names:
+        return []
+    rows = {r["customer_id"]: r for r in store.query(_CURRENT_SPEND, {"period": period, "customers": names}).dicts()}
+    epoch = datetime(2000, 1, 1, tzinfo=timezone.utc)
+    states = []
+    for customer in names:
+        row = rows.get(customer)
+        spent = row["credits"] if row else Decimal(0)
+        watermark = row["watermark"].astimezone(timezone.utc) if row else epoch
+        states.append(customer_decision(customer, period, spent, budgets.customers[customer], watermark=watermark, now=now))
+    return states
+
+
+def publish_states(kafka: KafkaSettings, topic: str, states: list[EnforcementState], timeout: float = 30.0) -> None:
+    if not states:
+        return
+    producer = Producer({**kafka.confluent_config(), "enable.idempotence": True, "acks": "all"})
+    for state in states:
+        producer.produce(topic, key=state.key.encode(), value=state.model_dump_json().encode())
+    if producer.flush(timeout):
+        raise KafkaException(f"could not publish {len(states)} enforcement states within {timeout:.0f} s")

@@ -6,9 +6,9 @@ strings (the page rounds only for display):
 - :func:`usage_view` — credits (and cost to serve) per hour or day, zero-filled;
 - :func:`burn_down_view` — month-to-date credits against the monthly budget,
   its thresholds, and a linear projection to the end of the month;
-- :func:`enforcement_view` — ok / warn / downgrade / block. Until an
-  enforcement-state topic exists this is *derived* from the budget alerts the
-  worker stored: the most severe action among the alerts of the period.
+- :func:`enforcement_view` — ok / warn / downgrade / block. Until this server
+  reads the enforcement-state topic, the state is *derived* from the budget
+  threshold alerts the worker stored: the most severe among the period's.
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ ZERO = Decimal(0)
 Bucket = Literal["hour", "day"]
 
 ENFORCEMENT_SOURCE = (
-    "Derived from the budget alerts stored in ClickHouse (no enforcement-state topic exists yet): "
-    "ok = no threshold crossed; warn = a threshold crossed, or 100% with an alert-only budget; "
-    "downgrade / block = the budget's action, carried on the alert at 100%."
+    "Derived from the budget threshold alerts stored in ClickHouse (this server does not read the "
+    "enforcement-state topic yet): ok = no threshold crossed; warn = a threshold crossed, or 100% "
+    "with an alert-only budget; downgrade / block = the budget's action, carried on the alert at 100%. "
+    "Run-cap and spend-spike alerts do not change it."
 )
 
 

@@ -44,7 +44,12 @@ ALPHA, BRAVO = "web-alpha", "web-bravo"
 BUDGETS = f"""
 customers:
   {ALPHA}: {{monthly_credits: "100", thresholds: [50, 80, 100], action: block}}
-  {BRAVO}: {{monthly_credits: "10", thresholds: [50, 80, 100], action: downgrade, downgrade_to: gpt-4o-mini}}
+  {BRAVO}:
+    monthly_credits: "10"
+    thresholds: [50, 80, 100]
+    action: downgrade
+    downgrade_to: gpt-4o-mini
+    run_cap: {{max_steps: 1, action: block}}   # its one run is capped: that blocks the run, not bravo
 """
 
 
@@ -130,14 +135,15 @@ def web(base_settings: Settings, clickhouse_server_dsn: str | None, tmp_path_fac
                     meter.record_llm_call(ALPHA, "gpt-4o", input_tokens=10_000, output_tokens=0,
                                           event_id=f"a-old-{i}", occurred_at=now - timedelta(days=3))  # fmt: skip
                 )
-            # 15,540 input tokens = 7.77 credits: 77.7% of bravo's 10 -> warn.
+            # 15,540 input tokens = 7.77 credits: 77.7% of bravo's 10 -> warn (and a run-cap alert).
             expected[BRAVO].events.append(
-                meter.record_llm_call(BRAVO, "gpt-4o", input_tokens=15_540, output_tokens=0, event_id="b-0")
+                meter.record_llm_call(BRAVO, "gpt-4o", input_tokens=15_540, output_tokens=0, event_id="b-0",
+                                      run_id="b-run")  # fmt: skip
             )
             assert meter.flush(30) == 0
         assert meter.failed == 0
         stats = pipeline.wait_processed(26)
-        assert stats["rated"] == 26 and stats["alerts"] == 4, stats
+        assert stats["rated"] == 26 and stats["alerts"] == 5, stats  # alpha 50/80/100, bravo 50 and its run
 
         tokens = {ALPHA: new_token(), BRAVO: new_token()}
         tokens_file = root / "tokens.yaml"
@@ -191,7 +197,9 @@ def test_the_api_returns_a_customers_own_figures_exactly(web: WebSetup):
 
     bravo = web.get(f"/api/v1/customers/{BRAVO}/budget", web.tokens[BRAVO]).json()
     assert Decimal(bravo["month_to_date"]["credits"]) == web.expected[BRAVO].credits() == Decimal("7.77")
-    assert web.get(f"/api/v1/customers/{BRAVO}/enforcement", web.tokens[BRAVO]).json()["state"] == "warn"
+    # Bravo's run-cap alert (100%, block) concerns one run: the customer is only warned.
+    bravo_state = web.get(f"/api/v1/customers/{BRAVO}/enforcement", web.tokens[BRAVO]).json()
+    assert bravo_state["state"] == "warn" and [a["threshold_percent"] for a in bravo_state["alerts"]] == [50]
 
 
 def test_a_token_cannot_read_another_customer_and_no_token_reads_nothing(web: WebSetup):

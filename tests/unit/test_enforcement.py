@@ -1,0 +1,180 @@
+"""Enforcement rules (pure) and the SDK guard's local decisions, without a broker."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+
+import pytest
+
+from meterstream.budgets import (
+    Budget,
+    BudgetBook,
+    RunCap,
+    SpikeRule,
+    customer_decision,
+    is_spike,
+    projected_exhaustion,
+    run_decision,
+)
+from meterstream.config import KafkaSettings
+from meterstream.pricing.plans import load_catalog
+from meterstream.producers.guard import BudgetGuard, Verdict
+from meterstream.schemas.events import UsageEvent
+from meterstream.schemas.records import Decision
+
+NOW = datetime(2026, 11, 20, 12, 0, tzinfo=timezone.utc)
+
+
+def test_customer_decision_by_spend():
+    budget = Budget(monthly_credits="100", thresholds=(50, 80, 100), action="block")
+    decide = lambda spent: customer_decision("c", "2026-11", Decimal(spent), budget, watermark=NOW, now=NOW)  # noqa: E731
+    assert decide("49.99").decision is Decision.OK
+    assert decide("50").decision is Decision.WARN and "50%" in decide("50").reason
+    assert decide("100").decision is Decision.BLOCK
+    assert decide("30").remaining_credits == Decimal(70)
+    alert_only = Budget(monthly_credits="100")
+    assert customer_decision("c", "p", Decimal(150), alert_only, watermark=NOW, now=NOW).decision is Decision.WARN
+
+
+def test_downgrade_needs_a_model_and_profiles_resolve():
+    with pytest.raises(ValueError, match="downgrade_to"):
+        Budget(monthly_credits="10", action="downgrade")
+    book = BudgetBook.model_validate(
+        {"profiles": {"free": {"monthly_credits": "1000", "action": "block"}},
+         "customers": {"hobby": {"profile": "free", "thresholds": ["100"]}}}
+    )  # fmt: skip
+    assert book.for_customer("hobby").monthly_credits == Decimal(1000)
+    assert book.for_customer("hobby").thresholds == (100,)
+    with pytest.raises(ValueError, match="unknown profile"):
+        BudgetBook.model_validate({"customers": {"x": {"profile": "nope"}}})
+
+
+def test_run_decision_on_steps_or_credits():
+    cap = RunCap(max_credits="5", max_steps=10)
+    state = run_decision("c", "r", "p", Decimal(5), 3, cap, downgrade_to="", watermark=NOW, now=NOW)
+    assert state.decision is Decision.BLOCK and state.key == "c|r" and "5 of 5 credits" in state.reason
+    assert run_decision("c", "r", "p", Decimal(1), 9, cap, downgrade_to="", watermark=NOW, now=NOW).decision is Decision.OK
+    with pytest.raises(ValueError):
+        RunCap()
+
+
+def test_projection_and_spikes():
+    assert projected_exhaustion(Decimal(50), Decimal(100), Decimal(0), NOW) is None
+    assert projected_exhaustion(Decimal(50), Decimal(100), Decimal("0.5"), NOW) == NOW + timedelta(seconds=100)
+    rule = SpikeRule(factor="5", min_credits="10")
+    assert is_spike(Decimal(50), Decimal(10), rule)
+    assert not is_spike(Decimal(49), Decimal(10), rule)
+    assert not is_spike(Decimal(9), Decimal(1), rule)  # below the minimum
+    assert not is_spike(Decimal(50), Decimal(0), rule)  # no baseline: a new customer is not a spike
+
+
+@pytest.fixture
+def guard():
+    # No consumer is started: states are placed in the view directly.
+    return BudgetGuard(KafkaSettings(bootstrap_servers="127.0.0.1:1"), catalog=load_catalog())
+
+
+def _state(spent: str, *, cap: str = "10", action: str = "block", watermark: datetime = NOW, **kw):
+    budget = Budget(monthly_credits=cap, action=action, **kw)
+    return customer_decision("acme", "2026-11", Decimal(spent), budget, watermark=watermark, now=NOW)
+
+
+def test_reservations_stop_concurrent_calls_at_the_cap(guard):
+    guard.view.states["acme"] = _state("7")  # 3 credits left
+    decisions = [guard.check("acme", "gpt-4o", input_tokens=2000) for _ in range(4)]  # 1 credit each
+    assert [d.verdict for d in decisions] == [Verdict.ALLOW] * 3 + [Verdict.BLOCK]
+    assert "0.0000 left" in decisions[3].reason and "needs about 1.0000" in decisions[3].reason
+    guard.release(decisions[0])
+    assert guard.check("acme", "gpt-4o", input_tokens=2000).verdict is Verdict.ALLOW
+
+
+def test_settled_calls_count_until_the_worker_has_counted_them(guard):
+    guard.view.states["acme"] = _state("9")  # 1 credit left
+    decision = guard.check("acme", "gpt-4o", input_tokens=2000)
+    event = UsageEvent(event_id="e1", customer_id="acme", occurred_at=NOW + timedelta(seconds=1), model="gpt-4o",
+                       input_tokens=2000)  # fmt: skip
+    guard.settle(decision, event)
+    assert guard.in_flight("acme") == Decimal(1)
+    assert guard.check("acme", "gpt-4o", input_tokens=2000).blocked
+    # The worker counted it: its state's watermark passes the event, spend includes it.
+    guard._on_state(_state("10", watermark=NOW + timedelta(seconds=1)))
+    assert guard.in_flight("acme") == 0
+
+
+def test_block_and_downgrade_decisions(guard):
+    guard.view.states["acme"] = _state("10")
+    assert guard.check("acme", "gpt-4o", input_tokens=1).verdict is Verdict.BLOCK
+    guard.view.states["acme"] = _state("10", action="downgrade", downgrade_to="gpt-4o-mini")
+    decision = guard.check("acme", "gpt-4o", input_tokens=2000)
+    assert (decision.verdict, decision.model) == (Verdict.DOWNGRADE, "gpt-4o-mini")
+
+
+def test_unknown_customers_follow_the_fail_mode(guard):
+    assert guard.check("new", "gpt-4o", input_tokens=10).verdict is Verdict.ALLOW
+    strict = BudgetGuard(KafkaSettings(bootstrap_servers="127.0.0.1:1"), catalog=load_catalog(), fail_closed=True)
+    assert strict.check("new", "gpt-4o", input_tokens=10).blocked
+    assert guard.check("acme", "no-such-model", input_tokens=10).blocked
+
+
+# -- the batch processor's side of enforcement ------------------------------------------------------
+
+from meterstream.pricing.plans import Catalog  # noqa: E402
+from meterstream.stream_processors.processing import BatchProcessor, InboundMessage, MonthToDate  # noqa: E402
+
+
+class History:
+    def __init__(self, runs=None, spend=Decimal(0), recent_baseline=(Decimal(0), Decimal(0))):
+        self.runs = runs or {}
+        self.spend = spend
+        self.baseline = recent_baseline
+
+    def run_totals(self, customer_id, run_id):
+        return self.runs.get(f"{customer_id}|{run_id}", (Decimal(0), 0))
+
+    def credits_between(self, customer_id, start, end):
+        # 65..5 minutes ago -> baseline window, last 5 minutes -> recent
+        return self.baseline[1] * 12 if end - start > timedelta(minutes=30) else self.baseline[0]
+
+
+def _message(i: int, customer: str = "acme", run_id: str = "r1", tokens: int = 2000) -> InboundMessage:
+    event = UsageEvent(event_id=f"e{i}", customer_id=customer, occurred_at=NOW, model="gpt-4o",
+                       input_tokens=tokens, run_id=run_id)  # fmt: skip
+    return InboundMessage("usage", event.model_dump_json().encode(), "usage.events", 0, i)
+
+
+def test_a_run_reaching_its_cap_alerts_once_and_is_blocked():
+    budgets = BudgetBook.model_validate(
+        {"customers": {"acme": {"monthly_credits": "1000", "run_cap": {"max_steps": 3}}}}
+    )
+    processor = BatchProcessor(load_catalog(), budgets)
+    history = History(runs={"acme|r1": (Decimal(2), 2)})
+    result = processor.process([_message(i) for i in range(3)], lambda k: MonthToDate(), now=NOW, history=history)
+    run_alerts = [a for a in result.alerts if a.kind == "run_cap"]
+    assert len(run_alerts) == 1 and run_alerts[0].triggering_event_id == "e0"  # step 3 of 3
+    assert result.enforcement["acme|r1"].decision is Decision.BLOCK
+    assert result.runs["acme|r1"] == (Decimal(5), 5)
+    assert result.enforcement["acme"].decision is Decision.OK
+
+
+def test_a_spend_spike_is_alerted_with_its_hour():
+    budgets = BudgetBook.model_validate({"customers": {"acme": {"monthly_credits": "1000"}}, "spike": {"factor": "5"}})
+    processor = BatchProcessor(load_catalog(), budgets)
+    calm = processor.process([_message(1, tokens=2000)], lambda k: MonthToDate(), now=NOW,
+                             history=History(recent_baseline=(Decimal(1), Decimal(1))))  # fmt: skip
+    assert [a for a in calm.alerts if a.kind == "spend_spike"] == []
+    spike = processor.process([_message(2, tokens=2000)], lambda k: MonthToDate(), now=NOW,
+                              history=History(recent_baseline=(Decimal(20), Decimal(2))))  # fmt: skip
+    [alert] = [a for a in spike.alerts if a.kind == "spend_spike"]
+    assert alert.spent_credits == Decimal(21) and alert.budget_credits == Decimal(2)
+
+
+def test_threshold_alerts_carry_a_projected_exhaustion():
+    budgets = BudgetBook.model_validate({"customers": {"acme": {"monthly_credits": "2", "thresholds": [50]}}})
+    processor = BatchProcessor(load_catalog(), budgets)
+    # 3600 credits in the last hour -> 1 credit/s; after this event 1 of 2 credits spent -> 1 s left.
+    result = processor.process([_message(1)], lambda k: MonthToDate(), now=NOW,
+                               history=History(recent_baseline=(Decimal(3600), Decimal(300))))  # fmt: skip
+    [alert] = result.alerts
+    assert alert.projected_exhaustion_at == NOW + timedelta(seconds=1)
+    assert isinstance(processor.catalog, Catalog)
