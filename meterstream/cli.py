@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from meterstream.alerting.commands import forward_command, tail_command
+from meterstream.alerting.commands import forward_command, redeliver_command, tail_command
 from meterstream.config import Settings, get_settings
 from meterstream.cs.commands import audit_command, margin_command, usage_app
 
@@ -271,9 +271,10 @@ def alerts_list(period: PeriodOption = None, customer: CustomerOption = None, as
     console.print(alerts_table(result.dicts(), f"Budget alerts, {period}"))
 
 
-# `alerts tail` and `alerts forward` (the alert consumers) live in meterstream/alerting/.
+# `alerts tail`, `alerts forward` and `alerts redeliver` (the alert consumers) live in meterstream/alerting/.
 alerts_app.command("tail")(tail_command)
 alerts_app.command("forward")(forward_command)
+alerts_app.command("redeliver")(redeliver_command)
 
 
 # -- billing ----------------------------------------------------------------------------------

@@ -46,6 +46,21 @@ class KafkaSettings(_Section):
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"
 
+    def producer_config(self) -> dict[str, str | bool]:
+        """librdkafka producer properties every meterstream producer uses.
+
+        Keys are partitioned with murmur2 (the Java client's and aiokafka's default),
+        not librdkafka's CRC32 default: the worker's side topics are produced by
+        aiokafka, and one key must land on one partition whoever produces it, or a
+        compacted topic would hold two "latest" values for it.
+        """
+        return {
+            **self.confluent_config(),
+            "enable.idempotence": True,
+            "acks": "all",
+            "partitioner": "murmur2_random",
+        }
+
     def confluent_config(self) -> dict[str, str]:
         """librdkafka properties for confluent-kafka clients (secrets unwrapped here only)."""
         conf: dict[str, str] = {
@@ -156,7 +171,8 @@ class WebSettings(_Section):
     max_days: int = Field(default=92, ge=1, le=366)
     max_hourly_days: int = Field(default=14, ge=1, le=92)
     #: Whether customers see the provider cost of their usage (cost to serve) beside credits.
-    show_cost_to_serve: bool = True
+    #: Off by default: with credits and cost side by side a customer can read our margin.
+    show_cost_to_serve: bool = False
     #: Embedded mode: seconds to wait for the worker to answer one saved query.
     query_timeout: float = Field(default=30.0, gt=0)
 
@@ -175,11 +191,14 @@ class AlertForwarderSettings(_Section):
     #: Where a group with no committed offsets starts; earliest forwards every alert still on the topic.
     start_at: Literal["earliest", "latest"] = "earliest"
     #: Attempts per alert, and the waits between them: doubling from initial, capped at max (seconds).
-    max_attempts: int = Field(default=8, ge=1, le=100)
+    #: The defaults retry one alert for about 3 minutes before it goes to the dead-letter file.
+    max_attempts: int = Field(default=10, ge=1, le=100)
     backoff_initial: float = Field(default=0.5, gt=0)
-    backoff_max: float = Field(default=30.0, gt=0)
+    backoff_max: float = Field(default=60.0, gt=0)
     #: Seconds one POST may take (connect, send, answer).
     request_timeout: float = Field(default=10.0, gt=0)
+    #: A forwarder silent this long leaves its group; a restart after a crash waits up to this long.
+    session_timeout: float = Field(default=10.0, ge=6, le=300)
     #: Delivery ledger ``<group>.sqlite3`` and dead-letter file ``<group>.dead-letters.jsonl``.
     state_dir: Path = DEFAULT_STATE_DIR / "alert-forwarder"
 

@@ -265,7 +265,7 @@ def _send(traffic: Traffic, kafka, topics, console: Console) -> int:  # type: ig
         progress.update(task, completed=len(events))
         remaining = meter.flush(60)
     # Malformed messages, as a buggy service in another language might send them.
-    raw = Producer({**kafka.confluent_config(), "enable.idempotence": True})
+    raw = Producer(kafka.producer_config())
     for value in MALFORMED:
         raw.produce(topics.usage.name, key=b"malformed", value=value)
     if raw.flush(30) or remaining or failures:

@@ -28,7 +28,10 @@ it was sent is retried the same way; HTTP cannot tell whether it arrived.)
 
 Dead letters: ``<state_dir>/<group>.dead-letters.jsonl``, one JSON object per
 line (``reason``, ``status``, ``attempts``, ``alert`` or base64 ``raw``, and
-the source topic/partition/offset). They are not retried automatically.
+the source topic/partition/offset), appended and fsynced before the ledger
+says ``dead``. They are not retried automatically: once the cause is fixed,
+``meterstream alerts redeliver`` (:meth:`AlertForwarder.redeliver_dead`) sends
+each dead alert again under the same rules, and the file keeps its history.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from meterstream.alerting.ledger import DeliveryLedger, DeliveryState
 from meterstream.alerting.source import AlertMessage, AlertSourceError, consumer_config, decode_alert, topic_partitions
 from meterstream.alerting.webhook import Delivery, Outcome, RetryPolicy, WebhookSender
 from meterstream.config import AlertForwarderSettings, KafkaSettings
+from meterstream.schemas.records import BudgetAlert
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +163,34 @@ class AlertForwarder:
         self.sender.close()
         self.ledger.close()
 
+    def redeliver_dead(self, on_handled: Callable[[Handled], None] | None = None) -> ForwarderStats:
+        """Send every alert the ledger has as dead once more (the forwarder must not be running)."""
+        latest: dict[str, AlertMessage] = {}
+        if self.dead_letters.path.exists():
+            for line in self.dead_letters.path.read_text(encoding="utf-8").splitlines():
+                record = json.loads(line)
+                if record.get("alert") is not None:
+                    latest[record["alert_id"]] = AlertMessage(
+                        BudgetAlert.model_validate(record["alert"]), "", b"", record["source_topic"],
+                        record["source_partition"], record["source_offset"],
+                    )  # fmt: skip
+        for entry in self.ledger.in_state(DeliveryState.DEAD):
+            if self.stop.is_set():
+                break
+            message = latest.get(entry.alert_id)
+            if message is None:
+                log.warning("alert %s is dead in the ledger but not in %s; skipped", entry.alert_id,
+                            self.dead_letters.path)  # fmt: skip
+                continue
+            self.ledger.reopen_dead(entry.alert_id)
+            handled = self._deliver(message, message.alert, keep_marker=True)  # type: ignore[arg-type]
+            if handled.action == "abandoned":  # stopped between attempts: dead again, for the next redeliver
+                self.ledger.mark_dead(entry.alert_id, entry.attempts, entry.status, entry.detail)
+            self.stats.messages += 1
+            if on_handled is not None:
+                on_handled(handled)
+        return self.stats
+
     def handle(self, message: AlertMessage) -> Handled:
         alert = message.alert
         if alert is None:
@@ -177,6 +209,14 @@ class AlertForwarder:
             )  # fmt: skip
         else:
             self.ledger.mark_sending(alert)
+        return self._deliver(message, alert, keep_marker=known is not None)
+
+    def _deliver(self, message: AlertMessage, alert: BudgetAlert, *, keep_marker: bool) -> Handled:
+        """POST an alert already marked ``sending`` and record the outcome.
+
+        If a stop abandons it, the ``sending`` marker is dropped only when no attempt
+        can have reached the receiver and ``keep_marker`` is false (the marker is ours).
+        """
         delivery = self.sender.deliver(alert)
         if delivery.outcome is Outcome.DELIVERED:
             # First thing after the 2xx: this update is the end of the post-then-crash window.
@@ -190,7 +230,7 @@ class AlertForwarder:
             self.ledger.mark_dead(alert.alert_id, delivery.attempts, delivery.status, delivery.reason)
             self.stats.dead_lettered += 1
             return Handled(message, "dead-lettered", delivery, delivery.reason)
-        if known is None and not delivery.maybe_received:
+        if not keep_marker and not delivery.maybe_received:
             self.ledger.forget_sending(alert.alert_id)  # no attempt reached the receiver: nothing to warn about
         return Handled(message, "abandoned", delivery, delivery.reason)
 
@@ -219,7 +259,12 @@ def run_forwarder(
     stop = stop or threading.Event()
     deadline = time.monotonic() + timeout if timeout is not None else None
     forwarder = AlertForwarder(settings, url, group_id=group_id, secret=secret, stop=stop, transport=transport)
-    consumer = Consumer(consumer_config(kafka, group_id, **{"auto.offset.reset": settings.start_at}))
+    consumer = Consumer(
+        consumer_config(
+            kafka, group_id,
+            **{"auto.offset.reset": settings.start_at, "session.timeout.ms": int(settings.session_timeout * 1000)},
+        )  # fmt: skip
+    )
     stats = forwarder.stats
     try:
         topic_partitions(consumer, topic)

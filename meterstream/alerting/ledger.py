@@ -11,8 +11,9 @@ One row per ``alert_id``, in one of three states:
     written the moment a POST was answered 2xx, before anything else happens. An
     alert in this state is never POSTed again, whatever the topic holds.
 ``dead``
-    a permanent failure (see :mod:`meterstream.alerting.webhook`); the alert is
-    in the dead-letter file and is not retried automatically.
+    a permanent failure, or retries exhausted (see :mod:`meterstream.alerting.webhook`);
+    the alert is in the dead-letter file, and only ``meterstream alerts redeliver``
+    sends it again (through ``sending``, like a first delivery).
 
 ``synchronous=FULL`` with the write-ahead log makes every state change durable
 when :meth:`DeliveryLedger` returns. An exclusive lock on ``<ledger>.lock`` keeps
@@ -132,6 +133,14 @@ class DeliveryLedger:
 
     def mark_dead(self, alert_id: str, attempts: int, status: int | None, reason: str) -> None:
         self._set(alert_id, DeliveryState.DEAD, attempts, status, reason)
+
+    def reopen_dead(self, alert_id: str) -> bool:
+        """Move a dead alert back to ``sending`` before a redelivery; False if it is not dead."""
+        cursor = self._db.execute(
+            "UPDATE deliveries SET state = 'sending', updated_at = ? WHERE alert_id = ? AND state = 'dead'",
+            (_now(), alert_id),
+        )
+        return cursor.rowcount == 1
 
     def forget_sending(self, alert_id: str) -> None:
         """Drop an in-flight marker when no attempt can have reached the receiver (a clean stop)."""

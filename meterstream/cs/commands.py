@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Annotated, Any, TextIO
 
 import typer
@@ -123,7 +123,7 @@ def pricing_errors() -> Iterator[None]:
         raise fail(str(exc)) from None
 
 
-def show(report: Report, fmt: Format, problems: list[str] = ()) -> None:  # type: ignore[assignment]
+def show(report: Report, fmt: Format, problems: Sequence[str] = ()) -> None:
     for problem in problems:
         warn(problem)
     emit(report, fmt, console)
@@ -273,8 +273,11 @@ def cache_savings_command(
         total = {keys[0]: "all"} | {k: sum((r[k] for r in result.rows), 0) for k in
                                     ("events", "input_tokens", "cached_input_tokens", "cost_saved", "cost_to_serve",
                                      "credits_saved", "credits")}  # fmt: skip
-    notes = ["cost saved = cached tokens × (provider input − cached input $/1M) / 1M; "
-             "credits saved = cached tokens × (input − cached input credits/1K) / 1K"]  # fmt: skip
+    formula = (
+        "cost saved = cached tokens × (provider input − cached input $/1M) / 1M; "
+        "credits saved = cached tokens × (input − cached input credits/1K) / 1K"
+    )
+    notes = [formula]
     show(Report(f"Prompt-cache savings, {period}", columns, result.rows, fields, total, notes), fmt, result.problems)
 
 
@@ -370,14 +373,16 @@ def daily_command(
 # -- audit -------------------------------------------------------------------------------------
 
 
+LINE_HELP = (
+    "Invoice line kind: base_fee, included_usage, overage, credits_applied, outcomes, seats, discount, "
+    "commitment_true_up; default: all."
+)
+
+
 def audit_command(
     customer: Annotated[str, typer.Option("--customer", help="The customer whose invoice is disputed.")],
     period: PeriodOption = None,
-    line: Annotated[
-        str | None,
-        typer.Option("--line", help="Invoice line kind: base_fee, included_usage, overage, credits_applied, "
-                                    "outcomes, seats, discount, commitment_true_up; default: all."),
-    ] = None,  # fmt: skip
+    line: Annotated[str | None, typer.Option("--line", help=LINE_HELP)] = None,
     csv_file: Annotated[
         str | None, typer.Option("--csv", help="Write the rows behind the line(s) to this CSV file ('-': stdout).")
     ] = None,

@@ -147,7 +147,7 @@ def reconcile_alerts(
         if row["alert_id"] not in published
     ]
     if pending:
-        producer = Producer({**kafka.confluent_config(), "enable.idempotence": True, "acks": "all"})
+        producer = Producer(kafka.producer_config())
         failures: list[str] = []
         for alert in pending:
             producer.produce(
@@ -197,7 +197,7 @@ def current_states(store: ClickHouseStore, budgets: BudgetBook, now: datetime | 
 def publish_states(kafka: KafkaSettings, topic: str, states: list[EnforcementState], timeout: float = 30.0) -> None:
     if not states:
         return
-    producer = Producer({**kafka.confluent_config(), "enable.idempotence": True, "acks": "all"})
+    producer = Producer(kafka.producer_config())
     for state in states:
         producer.produce(topic, key=state.key.encode(), value=state.model_dump_json().encode())
     if producer.flush(timeout):

@@ -271,11 +271,12 @@ class BatchProcessor:
             wkey = window_key(rated.customer_id, rated.occurred_at, self.window_seconds)
             result.windows.setdefault(wkey, WindowCounts()).add(rated)
 
+        current_period = now.strftime("%Y-%m")
         for key, totals in result.month_to_date.items():
             customer_id, period = key.split("|", 1)
             budget = self.budgets.for_customer(customer_id)
-            if budget is None:
-                continue
+            if budget is None or period != current_period:
+                continue  # enforcement is about this month's budget; late events for a past month only bill
             result.enforcement[customer_id] = customer_decision(
                 customer_id, period, totals.credits, budget, watermark=watermarks[key], now=now
             )

@@ -9,7 +9,7 @@ that customer server-side. Routes:
     GET /api/v1/me                                     the token's customer, the current period
     GET /api/v1/customers/{id}/usage?days=30&bucket=day|hour
     GET /api/v1/customers/{id}/budget                  month-to-date vs budget, thresholds, projection
-    GET /api/v1/customers/{id}/enforcement             ok | warn | downgrade | block (derived from alerts)
+    GET /api/v1/customers/{id}/enforcement             ok | warn | downgrade | block (the worker's decision)
 
 A missing or unknown token is 401; a customer id other than the token's is 403,
 whether or not that customer exists. Tokens never reach a log: the access log
@@ -32,7 +32,9 @@ from meterstream.budgets import BudgetBook, BudgetBookError, load_budgets
 from meterstream.config import Settings
 from meterstream.pricing.plans import period_bounds
 from meterstream.storage.clickhouse import StoreError
+from meterstream.producers.guard import EnforcementView
 from meterstream.storage.owner import current_owner
+from meterstream.topics import Topics
 from meterstream.web.store import CustomerQueries, Rows
 from meterstream.web.tokens import ReloadingTokenBook, TokenFileError, TokenLookup
 from meterstream.web.views import burn_down_view, enforcement_view, sql_time, usage_view, usage_window
@@ -47,6 +49,8 @@ TOKENS: web.AppKey[TokenLookup] = web.AppKey("tokens")
 QUERIES: web.AppKey[Rows] = web.AppKey("queries")
 BUDGETS: web.AppKey[BudgetBook] = web.AppKey("budgets")
 CLOCK: web.AppKey[Callable[[], datetime]] = web.AppKey("clock")
+#: The worker's decisions from the compacted enforcement-state topic (None: not followed).
+DECISIONS: web.AppKey[dict[str, Any] | None] = web.AppKey("decisions")
 #: The customer the request's token resolved to; set before any /api/ handler runs.
 CUSTOMER: web.RequestKey[str] = web.RequestKey("customer_id")
 
@@ -200,7 +204,20 @@ async def enforcement(request: web.Request) -> web.Response:
     period = _period(request.app[CLOCK]())
     queries: Rows = request.app[QUERIES]
     alerts = await queries("customer_budget_alerts", customer, period=period)
-    return _json(enforcement_view(customer, period, alerts))
+    view = enforcement_view(customer, period, alerts)
+    decisions = request.app.get(DECISIONS)
+    decided = decisions.get(customer) if decisions is not None else None
+    if decided is not None and decided.period == period:
+        # The worker's own decision, as SDK guards see it, replaces the one derived from alerts.
+        view.update(
+            state=decided.decision.value,
+            derived_from="enforcement-state",
+            note="The worker's current decision from the enforcement-state topic, as SDK guards see it.",
+            reason=decided.reason,
+            remaining_credits=None if decided.remaining_credits is None else str(decided.remaining_credits),
+            since=decided.updated_at.isoformat(),
+        )
+    return _json(view)
 
 
 async def page(request: web.Request) -> web.FileResponse:
@@ -221,8 +238,10 @@ def create_app(
     queries: Rows,
     budgets: BudgetBook,
     clock: Callable[[], datetime] = utcnow,
+    decisions: dict[str, Any] | None = None,
 ) -> web.Application:
     app = web.Application(middlewares=[security_headers, authenticate])
+    app[DECISIONS] = decisions
     app[SETTINGS] = settings
     app[TOKENS] = tokens
     app[QUERIES] = queries
@@ -260,10 +279,13 @@ def serve(settings: Settings, *, port: int | None = None, bind: str | None = Non
     except (TokenFileError, BudgetBookError) as exc:
         raise WebError(str(exc)) from None
     queries = CustomerQueries(settings.clickhouse, web_settings.query_timeout)
-    app = create_app(settings, tokens, queries, budgets)
+    # Follow the worker's decisions (the same local view SDK guards keep).
+    view = EnforcementView(settings.kafka, Topics.from_settings(settings.kafka).enforcement.name).start()
+    app = create_app(settings, tokens, queries, budgets, decisions=view.states)
 
     async def close_queries(_: web.Application) -> None:
         await queries.close()
+        view.stop()
 
     app.on_cleanup.append(close_queries)
     for name in ("meterstream.web", "aiohttp.access"):

@@ -26,8 +26,8 @@ ZERO = Decimal(0)
 Bucket = Literal["hour", "day"]
 
 ENFORCEMENT_SOURCE = (
-    "Derived from the budget threshold alerts stored in ClickHouse (this server does not read the "
-    "enforcement-state topic yet): ok = no threshold crossed; warn = a threshold crossed, or 100% "
+    "Derived from the budget threshold alerts stored in ClickHouse (used until the worker's decision "
+    "arrives on the enforcement-state topic): ok = no threshold crossed; warn = a threshold crossed, or 100% "
     "with an alert-only budget; downgrade / block = the budget's action, carried on the alert at 100%. "
     "Run-cap and spend-spike alerts do not change it."
 )

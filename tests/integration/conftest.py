@@ -121,7 +121,7 @@ class Pipeline:
         return stats
 
     def produce_raw(self, topic: str, values: list[bytes], key: bytes = b"raw") -> None:
-        producer = Producer({**self.kafka.confluent_config(), "enable.idempotence": True})
+        producer = Producer(self.kafka.producer_config())
         for value in values:
             producer.produce(topic, key=key, value=value)
         assert producer.flush(30) == 0

@@ -35,7 +35,13 @@ from meterstream.cs import reports
 from meterstream.pricing.plans import load_catalog
 from meterstream.schemas.events import Attribution, Meter, OutcomeEvent, UsageEvent
 from meterstream.schemas.records import RawEvent
-from meterstream.storage.clickhouse import SQL_DIR, ClickHouseStore, connect, migrate, open_store
+from meterstream.storage.clickhouse import (
+    SQL_DIR,
+    ClickHouseStore,
+    connect,
+    migrate,
+    open_store,
+)
 from meterstream.storage.queries import saved_query
 
 pytestmark = pytest.mark.integration
@@ -173,8 +179,10 @@ def catalog(catalog_file):
 def _load(store: ClickHouseStore, catalog) -> None:
     rated = [catalog.rate(event) for event in EVENTS]
     raw = [
-        RawEvent(e.event_id, e.customer_id, e.type, r.occurred_at, r.period, e.model_dump_json().encode(),
-                 f"{e.type}.events", 0, offset)  # fmt: skip
+        RawEvent(
+            e.event_id, e.customer_id, e.type, r.occurred_at, r.period, e.model_dump_json().encode(),
+            f"{e.type}.events", 0, offset,
+        )
         for offset, (e, r) in enumerate(zip(EVENTS, rated))
     ]
     store.insert_batch(raw, rated)
@@ -472,8 +480,10 @@ def test_cli_audit_is_reproducible_and_reconciles_with_the_invoice(loaded, catal
     [inv] = json.loads(invoice.stdout)
     first, second = tmp_path / "first.csv", tmp_path / "second.csv"
     runs = [
-        _cli(loaded, catalog_file, "audit", "--customer", "acme", "--period", PERIOD, "--csv", str(path), "--json",
-             "--page-size", size)  # fmt: skip
+        _cli(
+            loaded, catalog_file, "audit", "--customer", "acme", "--period", PERIOD,
+            "--csv", str(path), "--json", "--page-size", size,
+        )
         for path, size in ((first, "4"), (second, "10000"))
     ]
     for run in runs:
@@ -501,3 +511,49 @@ def test_cli_audit_is_reproducible_and_reconciles_with_the_invoice(loaded, catal
     assert [r["event_id"] for r in csv.DictReader(io.StringIO(to_stdout.stdout))] == ["o1", "o2", "o3", "o4", "o5"]
     unknown = _cli(loaded, catalog_file, "audit", "--customer", "acme", "--period", PERIOD, "--line", "tip")
     assert unknown.returncode != 0 and "--line must be one of" in unknown.stderr
+
+
+# -- through a running worker (it owns the embedded store and serves the saved queries) -----------
+
+
+def test_reports_and_audit_read_through_the_running_worker(pipeline_factory, tmp_path):
+    from datetime import timedelta
+
+    from meterstream.producers import MeterClient
+
+    pipeline = pipeline_factory()
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    period = now.strftime("%Y-%m")
+    with MeterClient(pipeline.kafka) as meter:
+        for i in range(12):
+            # Even calls fully cached: 10,000 x 0.25 / 1K = 2.5 credits, 10,000 x 1.25 / 1M = $0.0125;
+            # odd ones uncached: 5 credits, $0.025. Total 45 credits, $0.225.
+            meter.record_llm_call("cs-worker", "gpt-4o", input_tokens=10_000, output_tokens=0,
+                                  cached_input_tokens=10_000 if i % 2 == 0 else 0, event_id=f"w{i}",
+                                  run_id=f"run{i % 3}", workflow_id="support", occurred_at=now - timedelta(seconds=i))  # fmt: skip
+        meter.record_outcome("cs-worker", "resolved_ticket", "ai_only", event_id="wo1", run_id="run0", occurred_at=now)
+    pipeline.wait_processed(13)
+
+    def cli(*args: str) -> str:
+        result = subprocess.run([sys.executable, "-m", "meterstream.cli", *args], env={**pipeline.worker.env, "COLUMNS": "200"},
+                                capture_output=True, text=True, timeout=120, cwd=ROOT)  # fmt: skip
+        assert result.returncode == 0, (args, result.stderr)
+        return result.stdout
+
+    [saving] = json.loads(cli("usage", "cache-savings", "--period", period, "--customer", "cs-worker", "--json"))
+    # 6 x 10,000 cached tokens: 60,000 x (2.50 - 1.25) / 1M = $0.075 and 60,000 x (0.5 - 0.25) / 1K = 15 credits
+    assert (D(saving["cost_saved"]), D(saving["credits_saved"])) == (D("0.075"), D("15"))
+    for grain in ("hourly", "daily"):
+        rows = json.loads(cli("usage", grain, "--period", period, "--customer", "cs-worker", "--json"))
+        assert sum(r["events"] for r in rows) == 13 and {r["source"] for r in rows} == {"rollup"}
+        assert sum(D(r["credits"]) for r in rows) == D("45") + D("90")
+    # run0 = w0, w3, w6, w9: 2 x 0.0125 + 2 x 0.025 = $0.075 for its one outcome
+    [outcome] = json.loads(cli("usage", "cost-per-outcome", "--period", period, "--customer", "cs-worker", "--json"))
+    assert D(outcome["cost_per_outcome"]) == D("0.075")
+    [invoice] = json.loads(cli("invoice", "--customer", "cs-worker", "--period", period, "--json"))
+    assert D(invoice["total"]) == D("1.35")  # 45 x 0.01 + 0.90
+    first, second = tmp_path / "a.csv", tmp_path / "b.csv"
+    summaries = [json.loads(cli("audit", "--customer", "cs-worker", "--period", period, "--csv", str(path),
+                                "--page-size", size, "--json")) for path, size in ((first, "5"), (second, "100"))]  # fmt: skip
+    assert first.read_bytes() == second.read_bytes() and len(first.read_text().splitlines()) == 14
+    assert all(s["reconciled"] and D(s["invoice_total"]) == D("1.35") for s in summaries)

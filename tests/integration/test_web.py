@@ -149,7 +149,11 @@ def web(base_settings: Settings, clickhouse_server_dsn: str | None, tmp_path_fac
         tokens_file = root / "tokens.yaml"
         tokens_file.write_text("".join(f'"{token_hash(t)}": {c}\n' for c, t in tokens.items()))
         port = free_port()
-        env = {**pipeline.worker.env, "METERSTREAM_WEB__TOKENS_FILE": str(tokens_file)}
+        env = {
+            **pipeline.worker.env,
+            "METERSTREAM_WEB__TOKENS_FILE": str(tokens_file),
+            "METERSTREAM_WEB__SHOW_COST_TO_SERVE": "true",  # off by default; the test checks the figure
+        }
         log_path = root / "serve.log"
         server = _start_server(env, port, log_path)
         yield WebSetup(pipeline, f"http://127.0.0.1:{port}", tokens, expected, log_path)
@@ -191,15 +195,21 @@ def test_the_api_returns_a_customers_own_figures_exactly(web: WebSetup):
     assert all(t["reached"] for t in budget["thresholds"]) and budget["projection"]["budget_reached"] is True
     assert Decimal(budget["days"][-1]["cumulative_credits"]) == month_to_date
 
-    state = web.get(f"{base}/enforcement", token).json()
-    assert state["state"] == "block" and state["derived_from"] == "budget_alerts"
+    deadline = time.monotonic() + 30  # the server follows the worker's decisions on the enforcement-state topic
+    while (state := web.get(f"{base}/enforcement", token).json())["state"] != "block" or state[
+        "derived_from"
+    ] != "enforcement-state":
+        assert time.monotonic() < deadline, f"the worker's decision never reached the server: {state}"
+        time.sleep(0.2)
+    assert state["state"] == "block" and "monthly budget of 100 credits reached" in state["reason"]
     assert [a["threshold_percent"] for a in state["alerts"]] == [50, 80, 100]
 
     bravo = web.get(f"/api/v1/customers/{BRAVO}/budget", web.tokens[BRAVO]).json()
     assert Decimal(bravo["month_to_date"]["credits"]) == web.expected[BRAVO].credits() == Decimal("7.77")
     # Bravo's run-cap alert (100%, block) concerns one run: the customer is only warned.
     bravo_state = web.get(f"/api/v1/customers/{BRAVO}/enforcement", web.tokens[BRAVO]).json()
-    assert bravo_state["state"] == "warn" and [a["threshold_percent"] for a in bravo_state["alerts"]] == [50]
+    assert bravo_state["state"] == "warn", bravo_state
+    assert [a["threshold_percent"] for a in bravo_state["alerts"]] == [50]
 
 
 def test_a_token_cannot_read_another_customer_and_no_token_reads_nothing(web: WebSetup):
@@ -266,7 +276,7 @@ def test_the_page_shows_the_customer_its_own_usage(web: WebSetup):
     assert _element(dom, "enforcement-state")[1] == "block"
     assert _element(dom, "budget-credits")[1] == "100.00"
     assert _element(dom, "usage-credits")[1] == "125.00"
-    assert "budget alerts" in _element(dom, "enforcement-note")[1]
+    assert "enforcement-state topic" in _element(dom, "enforcement-note")[1]
     assert dom.count('class="bar"') == 30  # one bar per day of the default 30 days
     # Nothing of the other customer (its id, or its month-to-date figure as any figure on the page),
     # and the token is not left in the page.

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from email.utils import format_datetime
@@ -272,7 +273,8 @@ def test_a_stop_between_attempts_abandons_the_alert() -> None:
 # -- one forwarder step: ledger + webhook + dead letters ---------------------------------------
 
 
-def _forwarder(tmp_path: Path, hook: Hook, stop: threading.Event | None = None) -> AlertForwarder:
+def _forwarder(tmp_path: Path, hook: Callable[[httpx.Request], httpx.Response],
+               stop: threading.Event | None = None) -> AlertForwarder:
     settings = AlertForwarderSettings(state_dir=tmp_path, max_attempts=3, backoff_initial=0.001, backoff_max=0.002)
     return AlertForwarder(settings, URL, group_id="g", secret=SecretStr(SECRET), stop=stop or threading.Event(),
                           transport=httpx.MockTransport(hook))  # fmt: skip
@@ -326,6 +328,47 @@ def test_a_clean_stop_leaves_nothing_in_flight(tmp_path: Path) -> None:
         assert forwarder.ledger.get(alert.alert_id) is None  # the 503 proves it was not accepted
     finally:
         forwarder.close()
+
+
+def test_redeliver_sends_each_dead_alert_again_until_delivered(tmp_path: Path) -> None:
+    refused, delivered = _alert(customer="gone", threshold=50), _alert(threshold=50)
+    forwarder = _forwarder(tmp_path, Hook(404, 200))
+    try:
+        forwarder.handle(_message(refused))
+        forwarder.handle(_message(delivered))
+    finally:
+        forwarder.close()
+    hook = Hook(503, 200)
+    again = _forwarder(tmp_path, hook)
+    try:
+        stats = again.redeliver_dead()
+        assert (stats.messages, stats.delivered, stats.attempts) == (1, 1, 2)
+        assert again.redeliver_dead().messages == 1  # nothing dead is left: no second try
+        assert again.ledger.get(refused.alert_id).state is DeliveryState.DELIVERED
+    finally:
+        again.close()
+    assert [r.headers[IDEMPOTENCY_HEADER] for r in hook.requests] == [refused.alert_id] * 2
+
+
+def test_a_stopped_redelivery_leaves_the_alert_dead(tmp_path: Path) -> None:
+    refused = _alert(customer="gone", threshold=50)
+    forwarder = _forwarder(tmp_path, Hook(404))
+    try:
+        forwarder.handle(_message(refused))
+    finally:
+        forwarder.close()
+    stop = threading.Event()
+
+    def stop_then_fail(request: httpx.Request) -> httpx.Response:
+        stop.set()  # SIGTERM arrives during the first attempt
+        return httpx.Response(503)
+
+    again = _forwarder(tmp_path, stop_then_fail, stop)
+    try:
+        assert again.redeliver_dead().messages == 1
+        assert again.ledger.get(refused.alert_id).state is DeliveryState.DEAD
+    finally:
+        again.close()
 
 
 # -- tail -------------------------------------------------------------------------------------

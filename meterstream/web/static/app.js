@@ -210,7 +210,12 @@ function renderEnforcement(view) {
   badge.className = "badge state-" + view.state;
   let detail = STATE_TEXT[view.state];
   if (view.since) detail += " Since " + view.since.replace("T", " ").replace("Z", " UTC") + ".";
+  if (view.reason) detail += " " + view.reason + ".";
   $("enforcement-detail").textContent = detail;
+  $("enforcement-note").textContent = view.derived_from === "enforcement-state"
+    ? "The live decision from the enforcement-state topic: the same one your SDK guard enforces."
+    : "Derived from your monthly budget alerts until the live decision arrives: warn = a budget threshold " +
+      "was crossed; downgrade or block = your budget's action at 100%.";
   $("alerts").replaceChildren(...view.alerts.map((a) => {
     const item = document.createElement("li");
     item.textContent = `${a.threshold_percent}% crossed at ${a.crossed_at.slice(0, 16).replace("T", " ")}` +
