@@ -11,7 +11,7 @@ Budgets file (YAML)::
         action: block
     customers:
       acme:
-        monthly_credits: "25000"
+        monthly_credits: "25000"     # or monthly_amount: "250" (money, at the plan's credit_value)
         thresholds: [50, 80, 100]
         action: downgrade        # at 100%: alert | downgrade | block
         downgrade_to: gpt-4o-mini
@@ -27,7 +27,8 @@ No pricing or Kafka here: the worker, the SDK guard and the tests call
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
@@ -36,6 +37,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from meterstream.pricing.money import to_decimal
+from meterstream.pricing.plans import Catalog
 from meterstream.schemas.records import Decision, EnforcementState, ThresholdAction
 
 Credits = Annotated[Decimal, BeforeValidator(lambda v: to_decimal(v, field="monthly_credits")), Field(gt=0)]
@@ -61,6 +63,9 @@ class Budget(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     monthly_credits: Credits
+    #: The cap as set in money (``monthly_amount`` in the file), converted to credits at
+    #: the plan's ``credit_value`` when the file is loaded; informational afterwards.
+    monthly_amount: Annotated[Decimal, BeforeValidator(lambda v: to_decimal(v, field="monthly_amount"))] | None = None
     thresholds: tuple[int, ...] = (50, 80, 100)
     action: ThresholdAction = ThresholdAction.ALERT
     #: The cheaper model callers are moved to when ``action`` is downgrade.
@@ -134,7 +139,34 @@ class BudgetBookError(ValueError):
     pass
 
 
-def load_budgets(path: Path | None) -> BudgetBook:
+def _amounts_to_credits(data: dict[str, Any], credit_value: Callable[[str | None], Decimal | None]) -> None:
+    """Turn ``monthly_amount`` (money) into ``monthly_credits`` at the plan's credit value."""
+
+    def convert(entry: Any, where: str, customer: str | None) -> None:
+        if not isinstance(entry, dict) or "monthly_amount" not in entry:
+            return
+        if "monthly_credits" in entry:
+            raise BudgetBookError(f"{where}: give monthly_credits or monthly_amount, not both")
+        value = credit_value(customer)
+        if not value:
+            raise BudgetBookError(
+                f"{where}.monthly_amount: the plan has no credit_value to convert money to credits"
+            )
+        entry["monthly_credits"] = format(to_decimal(entry["monthly_amount"], field=f"{where}.monthly_amount") / value, "f")
+
+    convert(data.get("default"), "default", None)
+    for name, entry in (data.get("profiles") or {}).items():
+        convert(entry, f"profiles.{name}", None)
+    for name, entry in (data.get("customers") or {}).items():
+        convert(entry, f"customers.{name}", name)
+
+
+def load_budgets(path: Path | None, catalog: Catalog | None = None) -> BudgetBook:
+    """Load a budgets file; ``catalog`` converts caps given in money (``monthly_amount``) to credits.
+
+    A customer's money cap uses the ``credit_value`` of its plan version in effect
+    now; ``default`` and ``profiles`` use the catalog's default plan.
+    """
     if path is None:
         return BudgetBook()
     try:
@@ -143,6 +175,23 @@ def load_budgets(path: Path | None) -> BudgetBook:
         raise BudgetBookError(f"cannot read budgets file {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         raise BudgetBookError(f"budgets file {path} is not valid YAML: {exc}") from None
+
+    def credit_value(customer: str | None) -> Decimal | None:
+        if catalog is None:
+            return None
+        now = datetime.now(timezone.utc)
+        try:
+            if customer is not None:
+                return catalog.version_for(customer, now).credit_value
+            if catalog.default_plan is not None:
+                version = catalog.plans[catalog.default_plan].version_at(now)
+                return version.credit_value if version else None
+        except ValueError:
+            return None
+        return None
+
+    if isinstance(data, dict):
+        _amounts_to_credits(data, credit_value)
     try:
         return BudgetBook.model_validate(data)
     except ValidationError as exc:

@@ -139,7 +139,7 @@ def worker(
     from confluent_kafka import KafkaException
 
     from meterstream.budgets import BudgetBookError, load_budgets
-    from meterstream.pricing.plans import PlanError
+    from meterstream.pricing.plans import PlanError, load_catalog
     from meterstream.pricing.pricebook import PriceBookError
     from meterstream.storage.clickhouse import StoreError, open_store
     from meterstream.storage.owner import StoreOwnership
@@ -157,7 +157,7 @@ def worker(
         ownership.release()
         raise fail(str(exc)) from None
     try:
-        budgets = load_budgets(settings.worker.budgets_file)
+        budgets = load_budgets(settings.worker.budgets_file, load_catalog(settings.worker.plans_file))
         published, sent = reconcile_alerts(store, budgets, settings.kafka, topics.budget_alerts.name)
         if sent:
             err_console.print(f"published {sent} budget alerts that a previous run recorded but had not sent")

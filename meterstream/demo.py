@@ -33,6 +33,7 @@ from meterstream.pricing.money import round_money
 from meterstream.pricing.plans import Catalog, load_catalog
 from meterstream.producers.client import DeliveryFailure, MeterClient
 from meterstream.schemas.events import Attribution, OutcomeEvent, UsageEvent
+from meterstream.topics import Topics
 
 #: Model mix: cheap models carry most calls, frontier models most of the cost.
 MODEL_MIX = {
@@ -172,7 +173,7 @@ def run_demo(settings: Settings, *, customers: int, events: int, seed: int, time
     from meterstream.storage.clickhouse import StoreError
     from meterstream.storage.owner import run_saved_query
     from meterstream.stream_processors.runner import WorkerProcess, WorkerProcessError
-    from meterstream.topics import Topics, ensure_topics
+    from meterstream.topics import ensure_topics
 
     started = time.monotonic()
     now = datetime.now(timezone.utc)

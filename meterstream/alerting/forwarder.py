@@ -259,12 +259,8 @@ def run_forwarder(
     stop = stop or threading.Event()
     deadline = time.monotonic() + timeout if timeout is not None else None
     forwarder = AlertForwarder(settings, url, group_id=group_id, secret=secret, stop=stop, transport=transport)
-    consumer = Consumer(
-        consumer_config(
-            kafka, group_id,
-            **{"auto.offset.reset": settings.start_at, "session.timeout.ms": int(settings.session_timeout * 1000)},
-        )  # fmt: skip
-    )
+    group_config = {"auto.offset.reset": settings.start_at, "session.timeout.ms": int(settings.session_timeout * 1000)}
+    consumer = Consumer(consumer_config(kafka, group_id, **group_config))
     stats = forwarder.stats
     try:
         topic_partitions(consumer, topic)

@@ -85,7 +85,7 @@ def create_app(settings: Settings, store: Storage, published_alerts: set[str] | 
     kafka = settings.kafka
     topics = Topics.from_settings(kafka)
     catalog = load_catalog(worker.plans_file)
-    budgets = load_budgets(worker.budgets_file)
+    budgets = load_budgets(worker.budgets_file, catalog)
     stats = WorkerStats()
     published = published_alerts if published_alerts is not None else set()
     state = StoreBackedState(

@@ -30,7 +30,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from meterstream.budgets import BudgetBook, BudgetBookError, load_budgets
 from meterstream.config import Settings
-from meterstream.pricing.plans import period_bounds
+from meterstream.pricing.plans import load_catalog, period_bounds
 from meterstream.storage.clickhouse import StoreError
 from meterstream.producers.guard import EnforcementView
 from meterstream.storage.owner import current_owner
@@ -275,7 +275,7 @@ def serve(settings: Settings, *, port: int | None = None, bind: str | None = Non
         raise WebError("set METERSTREAM_WEB__TOKENS_FILE to the tokens file (see meterstream/web/tokens.py)")
     try:
         tokens = ReloadingTokenBook(web_settings.tokens_file)
-        budgets = load_budgets(settings.worker.budgets_file)
+        budgets = load_budgets(settings.worker.budgets_file, load_catalog(settings.worker.plans_file))
     except (TokenFileError, BudgetBookError) as exc:
         raise WebError(str(exc)) from None
     queries = CustomerQueries(settings.clickhouse, web_settings.query_timeout)

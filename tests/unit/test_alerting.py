@@ -195,9 +195,8 @@ def test_ledger_records_states_durably_and_reopens(tmp_path: Path) -> None:
 
 def test_one_process_per_ledger(tmp_path: Path) -> None:
     path = tmp_path / "fwd.sqlite3"
-    with DeliveryLedger(path):
-        with pytest.raises(LedgerError, match="in use by pid"):
-            DeliveryLedger(path)
+    with DeliveryLedger(path), pytest.raises(LedgerError, match="in use by pid"):
+        DeliveryLedger(path)
     DeliveryLedger(path).close()  # released on close
 
 

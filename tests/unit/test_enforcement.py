@@ -178,3 +178,20 @@ def test_threshold_alerts_carry_a_projected_exhaustion():
     [alert] = result.alerts
     assert alert.projected_exhaustion_at == NOW + timedelta(seconds=1)
     assert isinstance(processor.catalog, Catalog)
+
+
+def test_a_cap_in_money_is_converted_at_the_plan_credit_value(tmp_path):
+    from pathlib import Path
+
+    from meterstream.budgets import BudgetBookError, load_budgets
+
+    plans = Path(__file__).resolve().parents[2] / "examples" / "plans.yaml"
+    path = tmp_path / "budgets.yaml"
+    path.write_text('customers:\n  acme: {monthly_amount: "250", action: block}\n')
+    book = load_budgets(path, load_catalog(plans))
+    # acme is on growth, credit_value 0.01 -> 25,000 credits
+    assert book.for_customer("acme").monthly_credits == Decimal(25_000)
+    assert book.for_customer("acme").monthly_amount == Decimal(250)
+    path.write_text('customers:\n  acme: {monthly_amount: "250", monthly_credits: "1"}\n')
+    with pytest.raises(BudgetBookError, match="not both"):
+        load_budgets(path, load_catalog(plans))
