@@ -7,6 +7,8 @@ when a command runs, so ``meterstream --help`` stays quick.
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated
@@ -83,6 +85,7 @@ def tail_command(
         except AlertSourceError as exc:
             raise fail(str(exc)) from None
         except BrokenPipeError:  # `... | head`: the reader has gone, which is not an error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
             raise typer.Exit(0) from None
     if result.timed_out and max_alerts is not None:
         raise fail(f"timed out after {timeout:g} s with {result.shown} of {max_alerts} alerts", code=2)

@@ -260,7 +260,11 @@ def run_forwarder(
     deadline = time.monotonic() + timeout if timeout is not None else None
     forwarder = AlertForwarder(settings, url, group_id=group_id, secret=secret, stop=stop, transport=transport)
     group_config = {"auto.offset.reset": settings.start_at, "session.timeout.ms": int(settings.session_timeout * 1000)}
-    consumer = Consumer(consumer_config(kafka, group_id, **group_config))
+    try:
+        consumer = Consumer(consumer_config(kafka, group_id, **group_config))
+    except BaseException:
+        forwarder.close()
+        raise
     stats = forwarder.stats
     try:
         topic_partitions(consumer, topic)

@@ -165,7 +165,8 @@ def usage(
                Column("credits", "credits", "credits"), Column("cost_to_serve", "cost to serve $", "cost")]  # fmt: skip
     fields = [c.key for c in columns] + ["models"]
     if spend:
-        columns += [Column("spend", "spend (preview) $", "money"), Column("plan_version", "plan version")]
+        columns += [Column("spend", "spend $", "money"), Column("invoice_status", "invoice"),
+                    Column("plan_version", "plan version")]  # fmt: skip
         fields += ["spend", "currency", "plan_version", "invoice_status"]
     show(Report(f"Month-to-date usage and spend, {period}", columns, result.rows, fields), fmt, result.problems)
 
