@@ -8,7 +8,6 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 STATE  := .local
-KAFKA_LIB := $(STATE)/kafka/lib
 
 .PHONY: demo test test-unit test-integration services-up services-down install browser clean
 

@@ -276,6 +276,11 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def _first(version: Any) -> str:
+    """confluent-kafka's version()/libversion() give (text, int) tuples in some releases, text in others."""
+    return str(version[0] if isinstance(version, tuple) else version)
+
+
 def versions(broker_version: str | None) -> dict[str, Any]:
     import aiokafka
     import chdb
@@ -291,8 +296,8 @@ def versions(broker_version: str | None) -> dict[str, Any]:
         java = (done.stderr or done.stdout).splitlines()[0]
     return {
         "python": platform.python_version(),
-        "confluent_kafka": confluent_kafka.version()[0],
-        "librdkafka": confluent_kafka.libversion()[0],
+        "confluent_kafka": _first(confluent_kafka.version()),
+        "librdkafka": _first(confluent_kafka.libversion()),
         "aiokafka": aiokafka.__version__,
         "faust_streaming": faust.__version__,
         "pydantic": pydantic.__version__,

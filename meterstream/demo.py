@@ -157,7 +157,10 @@ def budgets_yaml(credits: dict[str, Decimal], customers: list[str]) -> str:
         else:
             budget, action = spent * 3, "alert"  # ~33%: no alert
         budget = max(round_money(budget), Decimal("1.00"))
-        lines.append(f'  {customer}: {{monthly_credits: "{budget}", thresholds: [50, 80, 100], action: {action}}}')
+        extra = ", downgrade_to: gpt-4o-mini" if action == "downgrade" else ""
+        lines.append(
+            f'  {customer}: {{monthly_credits: "{budget}", thresholds: [50, 80, 100], action: {action}{extra}}}'
+        )
     return "\n".join(lines) + "\n"
 
 
