@@ -193,6 +193,21 @@ def pipeline_factory(
         pipeline.stop()
 
 
+@pytest.fixture(scope="session")
+def chdb_dir(tmp_path_factory) -> Path:
+    """One chDB data directory for the whole session: chDB serves one directory per process."""
+    return tmp_path_factory.mktemp("chdb")
+
+
+@pytest.fixture
+def clickhouse(chdb_dir: Path, clickhouse_server_dsn: str | None) -> ClickHouseSettings:
+    """A fresh database per test, on the session's chDB directory or on the server."""
+    database = f"t_{uuid.uuid4().hex[:12]}"
+    if clickhouse_server_dsn:
+        return ClickHouseSettings(dsn=clickhouse_server_dsn, database=database)
+    return ClickHouseSettings(dsn=f"chdb://{chdb_dir}", database=database)
+
+
 @pytest.fixture
 def kafka_settings(base_settings: Settings) -> KafkaSettings:
     return base_settings.kafka.model_copy(update={"topic_prefix": f"t{uuid.uuid4().hex[:10]}."})

@@ -8,16 +8,14 @@ directory and each gets a fresh database (as in test_storage.py).
 from __future__ import annotations
 
 import json
-import uuid
 from datetime import datetime, timezone
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from meterstream import advisor
-from meterstream.config import ClickHouseSettings, get_settings
+from meterstream.config import get_settings
 from meterstream.pricing.plans import load_catalog
 from meterstream.schemas.records import RatedUsage
 from meterstream.storage.clickhouse import open_store
@@ -91,19 +89,6 @@ ROWS = [
     _row("c1", "s1", period="2025-09", model="gpt-4o", input_tokens=1_000, credits="777", cost="1"),
     _row("c2", "s2", period="2025-09", model="gpt-4o", input_tokens=1_000, credits="888", cost="1"),
 ]
-
-
-@pytest.fixture(scope="session")
-def chdb_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("chdb")
-
-
-@pytest.fixture
-def clickhouse(chdb_dir, clickhouse_server_dsn) -> ClickHouseSettings:
-    database = f"t_{uuid.uuid4().hex[:12]}"
-    if clickhouse_server_dsn:
-        return ClickHouseSettings(dsn=clickhouse_server_dsn, database=database)
-    return ClickHouseSettings(dsn=f"chdb://{chdb_dir}", database=database)
 
 
 @pytest.fixture

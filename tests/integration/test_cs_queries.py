@@ -22,7 +22,6 @@ import json
 import shutil
 import subprocess
 import sys
-import uuid
 from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -149,19 +148,6 @@ ACME_TOTAL = D("193.55")
 GLOBEX_TOTAL = D("1.05")
 # initech: 0.15 x 0.01 = 0.0015 -> 0.00
 INITECH_TOTAL = D("0.00")
-
-
-@pytest.fixture(scope="session")
-def chdb_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("chdb")
-
-
-@pytest.fixture
-def clickhouse(chdb_dir, clickhouse_server_dsn) -> ClickHouseSettings:
-    database = f"t_{uuid.uuid4().hex[:12]}"
-    if clickhouse_server_dsn:
-        return ClickHouseSettings(dsn=clickhouse_server_dsn, database=database)
-    return ClickHouseSettings(dsn=f"chdb://{chdb_dir}", database=database)
 
 
 @pytest.fixture(scope="module")

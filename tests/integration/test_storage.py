@@ -7,10 +7,8 @@ own test style).
 
 from __future__ import annotations
 
-import uuid
 from datetime import datetime, timezone
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 
@@ -23,19 +21,6 @@ from meterstream.storage.owner import StoreOwnership, current_owner
 from meterstream.storage.queries import query_parameters, saved_query, saved_query_names
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="session")
-def chdb_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("chdb")
-
-
-@pytest.fixture
-def clickhouse(chdb_dir, clickhouse_server_dsn) -> ClickHouseSettings:
-    database = f"t_{uuid.uuid4().hex[:12]}"
-    if clickhouse_server_dsn:
-        return ClickHouseSettings(dsn=clickhouse_server_dsn, database=database)
-    return ClickHouseSettings(dsn=f"chdb://{chdb_dir}", database=database)
 
 
 def test_migrations_apply_to_a_fresh_database_once(clickhouse):
