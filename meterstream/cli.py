@@ -16,6 +16,7 @@ from rich.table import Table
 from meterstream.alerting.commands import forward_command, redeliver_command, tail_command
 from meterstream.config import Settings, get_settings
 from meterstream.cs.commands import audit_command, margin_command, usage_app
+from meterstream.ops.commands import dlq_app, reconcile_command
 
 app = typer.Typer(help="Usage metering for AI products: SDK -> Kafka -> Faust -> ClickHouse.", no_args_is_help=True)
 services_app = typer.Typer(help="Local Kafka broker for machines without Docker.", no_args_is_help=True)
@@ -422,6 +423,10 @@ def rerate(
 
 # Revenue, cost to serve and margin; also `meterstream usage margin` (meterstream/cs/commands.py).
 app.command("margin")(margin_command)
+
+# `dlq list|show|replay` and `reconcile` (nothing lost, nothing counted twice) live in meterstream/ops/.
+app.add_typer(dlq_app, name="dlq")
+app.command("reconcile")(reconcile_command)
 
 
 # -- usage profiles and the threshold advisor (meterstream/advisor.py) ------------------------

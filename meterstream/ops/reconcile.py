@@ -1,0 +1,223 @@
+"""Reconcile one billing period: what Kafka holds, what ClickHouse stored, what the invoices total.
+
+- **Kafka**: the usage and outcome topics are read to their high watermarks and each
+  message decoded with :func:`~meterstream.stream_processors.decode.decode_event`. Valid
+  events whose period is the one asked form the expected set, distinct by
+  ``(customer_id, event_id)`` (first occurrence wins, as in the worker); each is rated
+  offline with the catalog. Invalid messages and events the catalog cannot price are
+  counted (the worker dead-letters them); the dead-letter topic is counted separately.
+- **Store**: ``events_raw FINAL`` and ``usage_rated FINAL`` rows of the period
+  (saved query ``reconcile_rows``), through the worker when it owns the embedded store.
+- **Invoices**: the sum of :func:`~meterstream.billing.invoice_from_store` totals of every
+  customer with rated usage in the period (reported, not compared).
+
+Differences: events priced offline but missing raw or rated in the store, events in the
+store that Kafka does not hold, and per-customer credits that differ between the stored
+rated rows and the offline rating. A low watermark above 0 means retention dropped old
+messages; store rows of such events then show up as "extra" and the report says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+from meterstream.config import Settings
+from meterstream.ops.dlq import read_dead_letters
+from meterstream.ops.kafka_read import TopicRead, read_topic
+from meterstream.pricing.plans import Catalog, PlanError
+from meterstream.pricing.rating import RatingError
+from meterstream.stream_processors.decode import Rejection, decode_event
+from meterstream.topics import Topics
+
+log = logging.getLogger(__name__)
+
+ZERO = Decimal(0)
+#: Stored credits are Decimal(38, 18); offline figures are compared at that scale.
+SCALE = Decimal(1).scaleb(-18)
+Key = tuple[str, str]
+
+
+@dataclass
+class KafkaSide:
+    events: dict[Key, Decimal] = field(default_factory=dict)  # priced events of the period -> credits
+    unpriced: dict[Key, str] = field(default_factory=dict)  # valid events of the period the catalog cannot price
+    messages: int = 0
+    duplicates: int = 0  # messages repeating an event already seen (same customer and event id)
+    invalid: int = 0  # messages decode_event rejects (the worker dead-letters them)
+    other_periods: int = 0
+    dead_letters: int = 0
+    retention: list[str] = field(default_factory=list)  # topics whose low watermark is above 0
+    lag: dict[str, int] = field(default_factory=dict)  # topic -> messages the worker's group has not committed
+
+
+@dataclass
+class StoreSide:
+    raw: set[Key] = field(default_factory=set)
+    rated: dict[Key, Decimal] = field(default_factory=dict)
+    invoice_totals: dict[str, Decimal] = field(default_factory=dict)
+    invoice_errors: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    period: str
+    kafka: KafkaSide
+    store: StoreSide
+    missing_raw: list[Key]
+    missing_rated: list[Key]
+    extra: list[Key]  # in the store (raw or rated) but not on the topics
+    raw_not_rated: list[Key]
+    credit_mismatches: list[dict[str, Any]]
+
+    @property
+    def reconciled(self) -> bool:
+        return not (self.missing_raw or self.missing_rated or self.extra or self.raw_not_rated or self.credit_mismatches)
+
+    def as_dict(self) -> dict[str, Any]:
+        def keys(items: list[Key]) -> list[dict[str, str]]:
+            return [{"customer_id": c, "event_id": e} for c, e in items]
+
+        k, s = self.kafka, self.store
+        return {
+            "period": self.period,
+            "reconciled": self.reconciled,
+            "kafka": {
+                "messages": k.messages, "events": len(k.events), "unpriced": len(k.unpriced),
+                "duplicates": k.duplicates, "invalid": k.invalid, "other_periods": k.other_periods,
+                "dead_letters": k.dead_letters, "credits": _d(sum(k.events.values(), ZERO)),
+                "retention_dropped": k.retention, "worker_lag": k.lag,
+            },
+            "store": {
+                "raw_events": len(s.raw), "rated_rows": len(s.rated), "credits": _d(sum(s.rated.values(), ZERO)),
+                "customers": len({c for c, _ in s.rated}),
+                "invoice_total": _d(sum(s.invoice_totals.values(), ZERO)),
+                "invoice_totals": {c: str(v) for c, v in sorted(s.invoice_totals.items())},
+                "invoice_errors": s.invoice_errors,
+            },
+            "missing_in_store": keys(sorted(set(self.missing_raw) | set(self.missing_rated))),
+            "missing_raw": keys(self.missing_raw),
+            "missing_rated": keys(self.missing_rated),
+            "extra_in_store": keys(self.extra),
+            "raw_not_rated": keys(self.raw_not_rated),
+            "credit_mismatches": [
+                {**m, "stored": _d(m["stored"]), "kafka": _d(m["kafka"]), "difference": _d(m["difference"])}
+                for m in self.credit_mismatches
+            ],
+        }  # fmt: skip
+
+
+def _d(value: Decimal) -> str:
+    """Exact, without the store's trailing zeros: 90.990160000000000000 -> 90.99016."""
+    return f"{value.normalize():f}"
+
+
+def kafka_side(settings: Settings, catalog: Catalog, period: str, timeout: float = 60.0) -> KafkaSide:
+    topics = Topics.from_settings(settings.kafka)
+    side = KafkaSide()
+    reads: list[tuple[str, TopicRead]] = [
+        ("usage", read_topic(settings.kafka, topics.usage.name, timeout)),
+        ("outcome", read_topic(settings.kafka, topics.outcomes.name, timeout)),
+    ]
+    for kind, read in reads:
+        if read.retention_dropped:
+            side.retention.append(read.topic)
+        for message in sorted(read.messages, key=lambda m: (m.timestamp_ms or 0, m.partition, m.offset)):
+            side.messages += 1
+            decoded = decode_event(message.value, kind)  # type: ignore[arg-type]
+            if isinstance(decoded, Rejection):
+                side.invalid += 1
+                continue
+            if decoded.period != period:
+                side.other_periods += 1
+                continue
+            key = (decoded.customer_id, decoded.event_id)
+            if key in side.events or key in side.unpriced:
+                side.duplicates += 1
+                continue
+            try:
+                side.events[key] = catalog.rate(decoded).credits
+            except (RatingError, PlanError) as exc:
+                side.unpriced[key] = str(exc)
+    side.dead_letters = len(read_dead_letters(settings.kafka, timeout))
+    side.lag = worker_lag(settings, reads, timeout)
+    return side
+
+
+def worker_lag(settings: Settings, reads: list[tuple[str, TopicRead]], timeout: float) -> dict[str, int]:
+    """Messages below the high watermarks that the worker's consumer group has not committed yet."""
+    consumer = Consumer({**settings.kafka.confluent_config(), "group.id": settings.worker.app_id})
+    lag: dict[str, int] = {}
+    try:
+        for _, read in reads:
+            if not read.watermarks:
+                continue
+            committed = consumer.committed([TopicPartition(read.topic, p) for p in read.watermarks], timeout=timeout)
+            behind = 0
+            for tp in committed:
+                low, high = read.watermarks[tp.partition]
+                behind += high - max(tp.offset, low) if tp.offset >= 0 else high - low
+            if behind:
+                lag[read.topic] = behind
+    except KafkaException as exc:  # diagnostic only: the comparison stands without it
+        log.warning("could not read the worker's committed offsets: %s", exc)
+    finally:
+        consumer.close()
+    return lag
+
+
+def store_side(run_query: Callable[..., Any], catalog: Catalog, period: str) -> StoreSide:
+    from meterstream.billing import invoice_from_store
+    from meterstream.pricing.invoice import InvoiceError
+
+    side = StoreSide()
+    for row in run_query("reconcile_rows", period=period).dicts():
+        key = (row["customer_id"], row["event_id"])
+        if row["source"] == "raw":
+            side.raw.add(key)
+        else:
+            side.rated[key] = row["credits"]
+    for customer in sorted({c for c, _ in side.rated}):
+        try:
+            side.invoice_totals[customer] = invoice_from_store(run_query, catalog, customer, period).total
+        except (InvoiceError, PlanError) as exc:
+            side.invoice_errors[customer] = str(exc)
+    return side
+
+
+def compare(period: str, kafka: KafkaSide, store: StoreSide) -> Report:
+    expected = set(kafka.events)
+    on_topics = expected | set(kafka.unpriced)
+    stored = store.raw | set(store.rated)
+    kafka_credits: dict[str, Decimal] = defaultdict(Decimal)
+    stored_credits: dict[str, Decimal] = defaultdict(Decimal)
+    for (customer, _), credits in kafka.events.items():
+        kafka_credits[customer] += credits
+    for (customer, _), credits in store.rated.items():
+        stored_credits[customer] += credits
+    mismatches = []
+    for customer in sorted(set(kafka_credits) | set(stored_credits)):
+        want = kafka_credits.get(customer, ZERO).quantize(SCALE)
+        have = stored_credits.get(customer, ZERO).quantize(SCALE)
+        if want != have:
+            mismatches.append({"customer_id": customer, "stored": have, "kafka": want, "difference": have - want})
+    return Report(
+        period=period,
+        kafka=kafka,
+        store=store,
+        missing_raw=sorted(expected - store.raw),
+        missing_rated=sorted(expected - set(store.rated)),
+        extra=sorted(stored - on_topics),
+        raw_not_rated=sorted((store.raw - set(store.rated)) | (set(store.rated) - store.raw)),
+        credit_mismatches=mismatches,
+    )
+
+
+def reconcile(settings: Settings, run_query: Callable[..., Any], catalog: Catalog, period: str, timeout: float = 60.0) -> Report:
+    return compare(period, kafka_side(settings, catalog, period, timeout), store_side(run_query, catalog, period))
