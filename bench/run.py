@@ -818,11 +818,15 @@ class Bench:
         ]
         p50 = [r["latency_to_consumer_s"]["p50"] for r in runs]
         p99 = [r["latency_to_consumer_s"]["p99"] for r in runs]
+        state_p50 = [r["latency_to_enforcement_state_s"]["p50"] for r in runs]
+        state_p99 = [r["latency_to_enforcement_state_s"]["p99"] for r in runs]
         out: dict[str, Any] = {
             "offered_events_per_s": plan.latency_rate,
             "seconds": plan.latency_seconds,
             "p50_s": summary(p50, 4),
             "p99_s": summary(p99, 4),
+            "enforcement_state_p50_s": summary([v for v in state_p50 if v is not None], 4),
+            "enforcement_state_p99_s": summary([v for v in state_p99 if v is not None], 4),
             "p99_is_lower_bound": any(r["latency_to_consumer_s"]["censored"] for r in runs),
             "runs": runs,
         }
@@ -857,6 +861,13 @@ class Bench:
             target=self._read_alerts, args=(kafka, topics.budget_alerts.name, alerts, stop), daemon=True
         )
         reader.start()
+        # The enforcement-state topic: each state carries the newest event time it includes
+        # (watermark), which in this run is the moment that event was built and sent.
+        states: list[tuple[float, float, dict[str, Any]]] = []
+        state_reader = threading.Thread(
+            target=self._read_alerts, args=(kafka, topics.enforcement.name, states, stop), daemon=True
+        )
+        state_reader.start()
         workers: list[BenchWorker] = []
         monitor: threading.Thread | None = None
         try:
@@ -872,6 +883,7 @@ class Bench:
             window = CpuWindow({"broker": self.broker_pid, **{f"worker{i}": w.pid for i, w in enumerate(workers)}})
             messages = workload.messages
             started = time.monotonic()
+            started_wall = time.time()
             send_deadline = started + seconds * 3 + 30
             i = 0
             try:
@@ -915,6 +927,7 @@ class Bench:
             if monitor is not None:
                 monitor.join(5)
             reader.join(10)
+            state_reader.join(10)
             self.stop_workers(workers)
 
         to_consumer, to_kafka, unmatched = [], [], 0
@@ -934,6 +947,13 @@ class Bench:
         missing = max(0, alerts_expected - len(seen))
         censored_at = stopped_wall - last_send_wall
         lags = [sent - done for _, sent, done in progress]
+        # produce -> enforcement-state: from the send of the newest event a state includes to its arrival.
+        to_state = [
+            received - datetime.fromisoformat(state["watermark"]).timestamp()
+            for received, _, state in states
+            if state.get("watermark") and not state.get("run_id")
+            and datetime.fromisoformat(state["watermark"]).timestamp() >= started_wall
+        ]
 
         def dist(values: list[float], censored: int) -> dict[str, Any]:
             values = sorted(values + [censored_at] * censored)
@@ -967,6 +987,7 @@ class Bench:
             "alerts_unmatched": unmatched,
             "latency_to_consumer_s": dist(to_consumer, missing),
             "latency_to_alert_kafka_timestamp_s": dist(to_kafka, missing),
+            "latency_to_enforcement_state_s": dist(to_state, 0),
             "vmhwm_bytes": [m.get("VmHWM") for m in memory],
             "cpu": cpu,
             "backlog_samples": [(round(t, 1), s, d) for t, s, d in progress[:: max(1, len(progress) // 60)]],
@@ -1153,12 +1174,19 @@ def render(results: dict[str, Any]) -> Table:
         note = f", {lat['censored']:,} not raised by the end" if lat["censored"] else ""
         table.add_row(f"   p99 ({lat['count']:,} alerts{note})", ms(p99["median"]), ms(p99["min"]), ms(p99["max"]),
                       "≤ 1,000 ms", ok[verdict.get("alert_latency")])
+        sp50, sp99 = latency.get("enforcement_state_p50_s", {}), latency.get("enforcement_state_p99_s", {})
+        if sp50.get("median") is not None:
+            table.add_row("   produce -> enforcement-state p50 / p99",
+                          f"{sp50['median'] * 1000:,.0f} / {sp99['median'] * 1000:,.0f} ms", "", "", "", "diagnostic")
         low = latency.get("sustainable_load")
         if low:
             lo = low["latency_to_consumer_s"]
             bound = "≥ " if lo["censored"] else ""
             table.add_row(f"   at {low['offered_events_per_s']:,}/s offered (half the worker rate): p50 / p99",
                           f"{ms(lo['p50'])} / {ms(lo['p99'])}", "", "", "", "diagnostic")
+            st = low["latency_to_enforcement_state_s"]
+            table.add_row("   same load, produce -> enforcement-state p50 / p99",
+                          f"{ms(st['p50'])} / {ms(st['p99'])}", "", "", "", "diagnostic")
     invoice = _ok_phase(results, "invoice")
     if invoice:
         for label, name in (("heaviest_customer", "heaviest"), ("median_customer", "median")):
