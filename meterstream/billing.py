@@ -27,7 +27,15 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from meterstream.pricing.invoice import Invoice, MeterSubtotal, OutcomeCount, PeriodUsage, compute_invoice
+from meterstream.pricing.invoice import (
+    Invoice,
+    InvoiceLine,
+    MeterSubtotal,
+    OutcomeCount,
+    PeriodUsage,
+    compute_invoice,
+    late_adjustment,
+)
 from meterstream.pricing.plans import Catalog
 from meterstream.schemas.events import Attribution, OutcomeEvent, UsageEvent
 from meterstream.schemas.records import RatedUsage
@@ -138,9 +146,11 @@ def period_usage_from_aggregates(customer_id: str, period: str, rows: Iterable[d
 QueryRunner = Callable[..., Any]  # (name, **params) -> QueryResult
 
 
-def store_usage_for(run_query: QueryRunner, customer_id: str) -> Callable[[str], PeriodUsage]:
+def store_usage_for(run_query: QueryRunner, customer_id: str, late_until: str = "") -> Callable[[str], PeriodUsage]:
+    """Stored usage per period: as issued (``late_until=""``), or with the late usage billed up to a period."""
+
     def usage_for(period: str) -> PeriodUsage:
-        rows = run_query("invoice_usage", customer=customer_id, period=period).dicts()
+        rows = run_query("invoice_usage", customer=customer_id, period=period, late_until=late_until).dicts()
         return period_usage_from_aggregates(customer_id, period, rows)
 
     return usage_for
@@ -162,14 +172,56 @@ def invoice_from_store(
     it exported to show they add up to the same lines.
     """
     periods = [row["period"] for row in run_query("customer_periods", customer=customer_id).dicts()]
+    first_usage = periods[0] if periods else None
     stored_usage_for = store_usage_for(run_query, customer_id)
 
     def usage_for(month: str) -> PeriodUsage:
         return period_usage if period_usage is not None and month == period else stored_usage_for(month)
 
-    return invoice_series(
-        catalog, customer_id, period, usage_for, first_usage=periods[0] if periods else None, as_of=as_of
-    )[-1]
+    adjustments = late_adjustments(run_query, catalog, customer_id, period, first_usage=first_usage, as_of=as_of)
+    series = invoice_series(catalog, customer_id, period, usage_for, first_usage=first_usage, as_of=as_of)
+    if not adjustments:
+        return series[-1]
+    balances = series[-2].closing_grant_balances() if len(series) > 1 else None
+    return compute_invoice(
+        customer_id, period, usage_for(period), catalog, as_of=as_of, grant_balances=balances,
+        adjustments=adjustments,
+    )  # fmt: skip
+
+
+def late_adjustments(
+    run_query: QueryRunner,
+    catalog: Catalog,
+    customer_id: str,
+    period: str,
+    *,
+    first_usage: str | None,
+    as_of: datetime | None = None,
+) -> list[InvoiceLine]:
+    """Flagged lines on ``period``'s invoice for usage of closed periods that arrived late.
+
+    For each closed period P with usage billed in ``period``: P's invoice with the
+    late usage billed up to ``period`` minus P's invoice with the late usage billed
+    before it. A closed invoice is never rewritten; its rules price the difference.
+    (Grant balances carried out of P are not re-drawn.)
+    """
+    lines = []
+    for row in run_query("late_usage", customer=customer_id, billed_in=period).dicts():
+        closed = row["period"]
+
+        def total_of(late_until: str, closed: str = closed) -> Invoice:
+            usage = store_usage_for(run_query, customer_id, late_until)
+            return invoice_series(catalog, customer_id, closed, usage, first_usage=first_usage, as_of=as_of)[-1]
+
+        before = total_of(previous_period(period) if previous_period(period) > closed else "")
+        after = total_of(period)
+        lines.append(late_adjustment(closed, before, after, int(row["events"]), row["credits"]))
+    return lines
+
+
+def previous_period(period: str) -> str:
+    year, month = int(period[:4]), int(period[5:7])
+    return f"{year - 1:04d}-12" if month == 1 else f"{year:04d}-{month - 1:02d}"
 
 
 # -- from a file of events ---------------------------------------------------------------------

@@ -142,6 +142,9 @@ class WorkerSettings(_Section):
     #: against the store, and invoices dedupe in ClickHouse with no horizon at all.
     dedupe_horizon_seconds: int = Field(default=3600, ge=0)
     recent_ids: int = Field(default=1_000_000, ge=1_000)
+    #: A billing period closes this many seconds after it ends. Later events for it are
+    #: kept in their own period and billed on the next open invoice as a flagged adjustment.
+    late_grace_seconds: int = Field(default=3 * 86_400, ge=0)
     #: How often acknowledged offsets are committed (seconds); a crash replays at most this much.
     commit_interval: float = Field(default=1.0, gt=0, le=60)
     #: A worker that stops heartbeating for this long is dropped from the group and its

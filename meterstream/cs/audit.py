@@ -51,6 +51,8 @@ LINE_ROWS: dict[str, tuple[str, str] | None] = {
     "seats": ("usage", "seats"),
     "discount": ("", ""),
     "commitment_true_up": ("", ""),
+    # Late usage of a closed period: its rows belong to that period (audit it there).
+    "late_adjustment": None,
 }
 LINE_KINDS = tuple(LINE_ROWS)
 
@@ -272,6 +274,9 @@ def _check(kind: str, invoice: Invoice, recomputed: Invoice, stats: RowStats) ->
     if kind == "base_fee":
         rows, credits, cost = 0, ZERO, ZERO
         figure = f"fixed fee of plan version {invoice.plan_version}; no rated rows behind it"
+    elif kind == "late_adjustment":
+        rows, credits, cost = 0, ZERO, ZERO
+        figure = "late usage of a closed period: its rows are in that period (billed_in = this period)"
     elif kind == "outcomes":
         rows, credits, cost = stats.outcome_rows, stats.outcome_credits, stats.outcome_cost
         counted = stats.outcome_rows - 2 * stats.outcome_reversals

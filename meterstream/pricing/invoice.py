@@ -66,7 +66,7 @@ rounded the same way and ``margin`` is ``total − cost_to_serve``.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Annotated, Literal
@@ -97,6 +97,7 @@ LineKind = Literal[
     "seats",
     "discount",
     "commitment_true_up",
+    "late_adjustment",
 ]
 
 #: The lines an enterprise discount applies to, and the commitment is measured against.
@@ -434,8 +435,13 @@ def compute_invoice(
     *,
     as_of: datetime | None = None,
     grant_balances: Mapping[str, Decimal] | None = None,
+    adjustments: Sequence[InvoiceLine] = (),
 ) -> Invoice:
     """The invoice for ``customer_id`` in ``period`` ("YYYY-MM", UTC), by the rules in the module docstring.
+
+    ``adjustments`` are flagged lines for late usage of periods already closed
+    (see :func:`late_adjustment`); they are added after the commitment true-up,
+    neither discounted nor counted toward the commitment again.
 
     ``as_of`` (default: now) decides the status: "final" once the period has
     ended, else "preview". ``grant_balances`` are the grants' remaining credits
@@ -523,6 +529,7 @@ def compute_invoice(
                 amount=shortfall,
             )
         )
+    lines.extend(adjustments)
     total = _sum(lines)
 
     cost_to_serve = round_money(usage.cost_to_serve, currency)
@@ -553,6 +560,25 @@ def compute_invoice(
         ),
         grants=tuple(draws),
         by_meter=usage.by_meter,
+    )
+
+
+def late_adjustment(closed_period: str, before: Invoice, after: Invoice, events: int, credits: Decimal) -> InvoiceLine:
+    """A flagged line for usage that arrived after ``closed_period`` closed.
+
+    The closed invoice is never rewritten: the amount is what that invoice
+    would total with the late usage (``after``) minus what it totalled without
+    it (``before``), so every rule of the closed period (its plan version,
+    allowance, tiers, discount, commitment) prices the late usage.
+    """
+    return InvoiceLine(
+        kind="late_adjustment",
+        description=(
+            f"Late usage for {closed_period} (closed): {events} events, {_num(credits)} credits; "
+            f"{closed_period} invoice {_money(before.total)} -> {_money(after.total)}"
+        ),
+        quantity=Decimal(events),
+        amount=after.total - before.total,
     )
 
 

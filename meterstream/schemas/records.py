@@ -51,6 +51,9 @@ class RatedUsage(BaseModel):
     currency: str = "USD"
     price_book_version: str
     rule: str
+    #: "" when billed in its own period; the open period whose invoice carries it as a
+    #: late adjustment when it arrived after its own period had closed.
+    billed_in: str = ""
 
 
 class ThresholdAction(StrEnum):

@@ -117,7 +117,7 @@ RATED_COLUMNS = [
     "event_id", "kind", "customer_id", "occurred_at", "period", "meter", "model", "provider",
     "workflow_id", "run_id", "input_tokens", "cached_input_tokens", "output_tokens", "quantity",
     "unit", "outcome_type", "attribution", "credits", "cost_to_serve", "currency",
-    "price_book_version", "rule",
+    "price_book_version", "rule", "billed_in",
 ]  # fmt: skip
 RAW_COLUMNS = [
     "event_id", "customer_id", "kind", "occurred_at", "period", "payload",

@@ -30,6 +30,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import faust
@@ -96,7 +97,13 @@ def create_app(settings: Settings, store: Storage, published_alerts: set[str] | 
         recent_capacity=worker.recent_ids,
         dedupe_horizon_seconds=worker.dedupe_horizon_seconds,
     )
-    processor = BatchProcessor(catalog, budgets, window_seconds=worker.window_seconds, seen=state)
+    processor = BatchProcessor(
+        catalog,
+        budgets,
+        window_seconds=worker.window_seconds,
+        seen=state,
+        late_grace=timedelta(seconds=worker.late_grace_seconds),
+    )
 
     app = faust.App(
         worker.app_id,

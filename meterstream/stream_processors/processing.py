@@ -170,8 +170,10 @@ class BatchProcessor:
         *,
         window_seconds: int = 60,
         seen: SeenEvents | None = None,
+        late_grace: timedelta = timedelta(days=3),
     ) -> None:
         self.catalog = catalog
+        self.late_grace = late_grace
         self.budgets = budgets
         self.window_seconds = window_seconds
         self.seen: SeenEvents = seen if seen is not None else RecentIds()
@@ -211,6 +213,8 @@ class BatchProcessor:
             except (RatingError, PlanError) as exc:
                 result.dead_letters.append(self._dead_letter(message, str(exc), now))
                 continue
+            if self._closed(rated.period, now):
+                rated = rated.model_copy(update={"billed_in": now.strftime("%Y-%m")})
             batch_ids.add(key)
             accepted.append((decoded, rated))
             result.rated.append(rated)
@@ -283,6 +287,12 @@ class BatchProcessor:
         if self.budgets.spike is not None:
             self._spikes(result, history, now)
         return result
+
+    def _closed(self, period: str, now: datetime) -> bool:
+        """Whether ``period`` has ended and its grace has passed (its invoice is closed)."""
+        year, month = int(period[:4]), int(period[5:7])
+        end = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=timezone.utc)
+        return now >= end + self.late_grace
 
     @staticmethod
     def _velocity(history: SpendHistory, customer_id: str, now: datetime) -> Decimal:

@@ -7,16 +7,19 @@
 --   after_occurred_at, after_event_id (the last row of the previous page; '' for the first page;
 --   occurred_at as 'YYYY-MM-DD HH:MM:SS.fff' UTC), page_size ('' for 10000).
 -- FINAL: a resent event is one row. payload is '' if the raw event is missing.
+-- Only rows billed in their own period (billed_in = ''): late usage that arrived after
+-- the period closed is billed, and audited, as an adjustment on a later invoice.
 WITH page AS
 (
     SELECT
         event_id, kind, customer_id, occurred_at, period, meter, model, provider,
         workflow_id, run_id, input_tokens, cached_input_tokens, output_tokens, quantity,
         unit, outcome_type, attribution, credits, cost_to_serve, currency,
-        price_book_version, rule
+        price_book_version, rule, billed_in
     FROM usage_rated FINAL
     WHERE customer_id = {customer:String}
       AND period = {period:String}
+      AND billed_in = ''
       AND ({kind:String} = '' OR kind = {kind:String})
       AND ({meter:String} = '' OR meter = {meter:String})
       AND (occurred_at, event_id) >

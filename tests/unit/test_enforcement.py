@@ -195,3 +195,40 @@ def test_a_cap_in_money_is_converted_at_the_plan_credit_value(tmp_path):
     path.write_text('customers:\n  acme: {monthly_amount: "250", monthly_credits: "1"}\n')
     with pytest.raises(BudgetBookError, match="not both"):
         load_budgets(path, load_catalog(plans))
+
+
+# -- late usage ----------------------------------------------------------------------------------------
+
+
+def test_events_of_a_closed_period_are_billed_on_the_open_one():
+    processor = BatchProcessor(load_catalog(), BudgetBook(), late_grace=timedelta(days=3))
+    now = datetime(2026, 11, 20, tzinfo=timezone.utc)
+
+    def rated(occurred_at: datetime):
+        event = UsageEvent(event_id=f"e{occurred_at:%m%d}", customer_id="acme", occurred_at=occurred_at,
+                           model="gpt-4o", input_tokens=1000)  # fmt: skip
+        message = InboundMessage("usage", event.model_dump_json().encode(), "usage.events", 0, 1)
+        [row] = processor.process([message], lambda k: MonthToDate(), now=now).rated
+        return row
+
+    assert rated(datetime(2026, 11, 2, tzinfo=timezone.utc)).billed_in == ""
+    late = rated(datetime(2026, 10, 30, tzinfo=timezone.utc))  # October closed on Nov 3
+    assert (late.period, late.billed_in) == ("2026-10", "2026-11")
+    within_grace = BatchProcessor(load_catalog(), BudgetBook(), late_grace=timedelta(days=30))
+    event = UsageEvent(event_id="g", customer_id="acme", occurred_at=datetime(2026, 10, 30, tzinfo=timezone.utc),
+                       model="gpt-4o", input_tokens=1000)  # fmt: skip
+    message = InboundMessage("usage", event.model_dump_json().encode(), "usage.events", 0, 2)
+    assert within_grace.process([message], lambda k: MonthToDate(), now=now).rated[0].billed_in == ""
+
+
+def test_a_late_adjustment_line_is_added_to_the_total():
+    from meterstream.pricing.invoice import PeriodUsage, compute_invoice, late_adjustment
+
+    catalog = load_catalog()
+    before = compute_invoice("acme", "2026-10", PeriodUsage(credits=Decimal(0)), catalog)
+    after = compute_invoice("acme", "2026-10", PeriodUsage(credits=Decimal(1234)), catalog)
+    line = late_adjustment("2026-10", before, after, 3, Decimal(1234))
+    assert line.amount == Decimal("12.34")  # pay as you go: 0.01 per credit
+    november = compute_invoice("acme", "2026-11", PeriodUsage(credits=Decimal(100)), catalog, adjustments=[line])
+    assert november.total == Decimal("1.00") + Decimal("12.34")
+    assert november.lines[-1].kind == "late_adjustment" and "2026-10" in november.lines[-1].description
