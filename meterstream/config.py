@@ -118,6 +118,11 @@ class LocalServicesSettings(_Section):
     kafka_port: int = Field(default=9092, ge=1, le=65535)
     kafka_controller_port: int = Field(default=9093, ge=1, le=65535)
     kafka_heap: str = "768m"
+    #: Also listen with SASL/SCRAM-SHA-512 on this port (credentials below); the PLAINTEXT
+    #: listener stays for local tools, as on any dev box. None: PLAINTEXT only.
+    kafka_sasl_port: int | None = Field(default=None, ge=1, le=65535)
+    kafka_sasl_username: str = "meterstream"
+    kafka_sasl_password: SecretStr | None = None
     start_timeout: float = Field(default=90.0, gt=0)
 
     @property

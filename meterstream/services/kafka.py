@@ -67,17 +67,32 @@ def bootstrap_servers(settings: LocalServicesSettings) -> str:
 def render_server_properties(settings: LocalServicesSettings) -> str:
     """server.properties for one combined broker+controller node. Paths are absolute
     because the broker's working directory is not the caller's."""
-    port, ctl = settings.kafka_port, settings.kafka_controller_port
+    port, ctl, sasl = settings.kafka_port, settings.kafka_controller_port, settings.kafka_sasl_port
+    listeners = f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{ctl}"
+    advertised = f"PLAINTEXT://127.0.0.1:{port}"
+    protocols = "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+    sasl_lines = ""
+    if sasl is not None:
+        listeners += f",SASL_PLAINTEXT://127.0.0.1:{sasl}"
+        advertised += f",SASL_PLAINTEXT://127.0.0.1:{sasl}"
+        protocols += ",SASL_PLAINTEXT:SASL_PLAINTEXT"
+        sasl_lines = (
+            "# SASL/SCRAM-SHA-512 for clients; users are created through the admin API at start-up.\n"
+            "sasl.enabled.mechanisms=SCRAM-SHA-512\n"
+            "listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config="
+            "org.apache.kafka.common.security.scram.ScramLoginModule required;\n"
+        )
     return f"""\
 # Written by meterstream.services.kafka on every start; edits are overwritten.
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:{ctl}
-listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{ctl}
-advertised.listeners=PLAINTEXT://127.0.0.1:{port}
+listeners={listeners}
+advertised.listeners={advertised}
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map={protocols}
 inter.broker.listener.name=PLAINTEXT
+{sasl_lines}
 log.dirs={settings.kafka_dir.resolve() / "data"}
 num.partitions=1
 auto.create.topics.enable=true
@@ -247,8 +262,34 @@ class KafkaBroker:
         self._ensure_formatted(java, step)
         step("starting")
         self._wait_ready(self._start(java))
+        if self.settings.kafka_sasl_port is not None:
+            step("creating the SCRAM user")
+            self._ensure_scram_user()
         step("ready")
         return self.status()
+
+    def _ensure_scram_user(self) -> None:
+        """Create (or reset) the SASL/SCRAM-SHA-512 user through the admin API."""
+        from confluent_kafka.admin import (
+            ScramCredentialInfo,
+            ScramMechanism,
+            UserScramCredentialUpsertion,
+        )
+
+        password = self.settings.kafka_sasl_password
+        if password is None:
+            raise ServiceError("kafka_sasl_port is set but kafka_sasl_password is not (METERSTREAM_SERVICES__KAFKA_SASL_PASSWORD)")
+        upsert = UserScramCredentialUpsertion(
+            self.settings.kafka_sasl_username,
+            ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, 8192),
+            password.get_secret_value().encode(),
+        )
+        admin = self._admin()  # keep the handle alive until the futures resolve
+        try:
+            for future in admin.alter_user_scram_credentials([upsert]).values():
+                future.result(timeout=30)
+        except Exception as exc:
+            raise ServiceError(f"could not create the SCRAM user {self.settings.kafka_sasl_username!r}: {exc}") from exc
 
     def down(self, timeout: float = STOP_TIMEOUT) -> bool:
         """SIGTERM (a clean shutdown avoids log recovery on the next start), SIGKILL after
@@ -288,6 +329,8 @@ class KafkaBroker:
     def _check_ports_free(self) -> None:
         ports = {self.settings.kafka_port: "Kafka listener, kafka_port",
                  self.settings.kafka_controller_port: "KRaft controller, kafka_controller_port"}
+        if self.settings.kafka_sasl_port is not None:
+            ports[self.settings.kafka_sasl_port] = "SASL listener, kafka_sasl_port"
         for port, role in ports.items():
             if port_in_use(port):
                 owner = _port_owner(port) or "another process"

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -105,8 +106,20 @@ def create_app(settings: Settings, store: Storage, published_alerts: set[str] | 
         late_grace=timedelta(seconds=worker.late_grace_seconds),
     )
 
+    credentials: Any = None
+    if kafka.sasl_mechanism and kafka.sasl_username and kafka.sasl_password is not None:
+        credentials = faust.SASLCredentials(
+            username=kafka.sasl_username,
+            password=kafka.sasl_password.get_secret_value(),
+            mechanism=kafka.sasl_mechanism,
+            ssl_context=ssl.create_default_context(cafile=kafka.ssl_cafile) if kafka.security_protocol == "SASL_SSL" else None,
+        )
+    elif kafka.security_protocol == "SSL":
+        credentials = faust.SSLCredentials(ssl.create_default_context(cafile=kafka.ssl_cafile))
+
     app = faust.App(
         worker.app_id,
+        broker_credentials=credentials,
         broker=[f"kafka://{server.strip()}" for server in kafka.bootstrap_servers.split(",")],
         store="memory://",
         topic_partitions=kafka.partitions,

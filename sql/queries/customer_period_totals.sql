@@ -23,5 +23,6 @@ SELECT
     max(quantity)                       AS max_quantity
 FROM usage_rated FINAL
 WHERE period = {period:String}
+  AND billed_in = ''  -- as the period's invoice was issued (late usage is billed later)
 GROUP BY customer_id, kind, meter, model, outcome_type, attribution, plan_version, is_reversal
 ORDER BY customer_id, kind, meter, model, outcome_type, attribution, plan_version, is_reversal

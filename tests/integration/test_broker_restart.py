@@ -39,9 +39,9 @@ def test_sdk_survives_a_broker_restart_and_the_store_holds_each_delivered_event_
         state_dir=tmp_path / "state", kafka_port=_free_port(), kafka_controller_port=_free_port(), start_timeout=120
     )
     broker = KafkaBroker(services)
-    broker.up()
     pipeline = None
     try:
+        broker.up()
         settings = base_settings.model_copy(
             update={"kafka": base_settings.kafka.model_copy(update={"bootstrap_servers": bootstrap_servers(services)})}
         )
