@@ -25,6 +25,7 @@ from decimal import Decimal
 
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
+from meterstream.billing import previous_period
 from meterstream.budgets import BudgetBook, customer_decision, thresholds_to_alert
 from meterstream.config import KafkaSettings
 from meterstream.schemas.records import AlertKind, BudgetAlert, EnforcementState, ThresholdAction
@@ -46,11 +47,6 @@ FROM budget_alerts FINAL
 WHERE period IN {periods:Array(String)}
 ORDER BY crossed_at, alert_id
 """
-
-
-def previous_period(period: str) -> str:
-    year, month = int(period[:4]), int(period[5:7])
-    return f"{year - 1:04d}-12" if month == 1 else f"{year:04d}-{month - 1:02d}"
 
 
 def published_alert_ids(kafka: KafkaSettings, topic: str, since: datetime, timeout: float = 30.0) -> set[str]:
