@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -390,10 +390,6 @@ def margin_report(run_query: QueryRunner, catalog: Catalog, period: str, by: str
     rows = run_query("margin", period=period).dicts()
     invoices = {c: invoice_from_store(run_query, catalog, c, period) for c in sorted({r["customer_id"] for r in rows})}
     return group_margin(allocate_revenue(rows, invoices), by)
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def iter_raw_events(run_query: QueryRunner, period: str, customer: str = "") -> Iterator[UsageEvent | OutcomeEvent]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime, timezone
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,7 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 from meterstream.alerting.commands import forward_command, redeliver_command, tail_command
-from meterstream.config import Settings, get_settings
+from meterstream.cli_common import check_period, fail, load_catalog_or_fail, pricing_errors, query_runner
+from meterstream.config import get_settings
 from meterstream.cs.commands import audit_command, margin_command, usage_app
 from meterstream.ops.commands import dlq_app, reconcile_command
 
@@ -34,24 +35,6 @@ PeriodOption = Annotated[
 ]
 CustomerOption = Annotated[str | None, typer.Option("--customer", help="Only this customer.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-
-
-def fail(message: str, code: int = 1) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}")
-    return typer.Exit(code)
-
-
-def current_period() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m")
-
-
-def _check_period(period: str | None) -> str:
-    period = period or current_period()
-    try:
-        datetime.strptime(period, "%Y-%m")
-    except ValueError:
-        raise fail(f"--period must look like 2026-11, got {period!r}") from None
-    return period
 
 
 # -- services ---------------------------------------------------------------------------------
@@ -194,16 +177,6 @@ def demo(
 # -- queries ----------------------------------------------------------------------------------
 
 
-def _run_query(settings: Settings, name: str, **params: str) -> Any:
-    from meterstream.storage.clickhouse import StoreError
-    from meterstream.storage.owner import run_saved_query
-
-    try:
-        return run_saved_query(settings.clickhouse, name, **params)
-    except StoreError as exc:
-        raise fail(str(exc)) from None
-
-
 def _fmt(value: Any, places: int | None = None) -> str:
     if isinstance(value, Decimal):
         if places is not None:
@@ -264,8 +237,9 @@ app.command("audit")(audit_command)
 def alerts_list(period: PeriodOption = None, customer: CustomerOption = None, as_json: JsonOption = False) -> None:
     """Budget alerts raised in a period, in the order they were crossed."""
     settings = get_settings()
-    period = _check_period(period)
-    result = _run_query(settings, "budget_alerts", period=period, customer=customer or "")
+    period = check_period(period)
+    with query_runner(settings) as run:
+        result = run("budget_alerts", period=period, customer=customer or "")
     if as_json:
         _emit_json(result)
         return
@@ -285,22 +259,6 @@ PlansOption = Annotated[
 ]
 
 
-def _catalog(path: Path | None, settings: Settings) -> Any:
-    from meterstream.pricing.plans import PlanError, load_catalog
-
-    try:
-        return load_catalog(path or settings.worker.plans_file)
-    except PlanError as exc:
-        raise fail(str(exc)) from None
-
-
-def _store_runner(settings: Settings) -> Any:
-    def run(name: str, **params: str) -> Any:
-        return _run_query(settings, name, **params)
-
-    return run
-
-
 def _print_invoice_json(invoices: list[Any]) -> None:
     # Decimals as strings, exactly as computed: machines must not re-round them.
     print(json.dumps([inv.model_dump(mode="json") for inv in invoices], indent=2))
@@ -318,16 +276,13 @@ def invoice(
     Mid-period it is a preview. Totals equal `meterstream rate` on the same events, to the cent.
     """
     from meterstream.billing import invoice_from_store
-    from meterstream.pricing.invoice import InvoiceError, render_invoice_text
-    from meterstream.pricing.plans import PlanError
+    from meterstream.pricing.invoice import render_invoice_text
 
     settings = get_settings()
-    period = _check_period(period)
-    catalog = _catalog(plans, settings)
-    try:
-        result = invoice_from_store(_store_runner(settings), catalog, customer, period)
-    except (InvoiceError, PlanError) as exc:
-        raise fail(str(exc)) from None
+    period = check_period(period)
+    catalog = load_catalog_or_fail(plans, settings)
+    with pricing_errors(), query_runner(settings) as run:
+        result = invoice_from_store(run, catalog, customer, period)
     if as_json:
         _print_invoice_json([result])
     else:
@@ -350,8 +305,8 @@ def rate(
 
     settings = get_settings()
     if period is not None:
-        period = _check_period(period)
-    catalog = _catalog(plan, settings)
+        period = check_period(period)
+    catalog = load_catalog_or_fail(plan, settings)
     if not events.is_file():
         raise fail(f"no such events file: {events}")
     parsed, bad = read_events(events)
@@ -383,17 +338,14 @@ def rerate(
     Read-only: nothing stored changes, and closed invoices stay as they were billed.
     """
     from meterstream.billing import invoice_from_store, invoices_from_rated, iter_raw_events, rate_events
-    from meterstream.pricing.invoice import InvoiceError
-    from meterstream.pricing.plans import PlanError
 
     settings = get_settings()
-    period = _check_period(period)
-    old_catalog = _catalog(current, settings)
-    new_catalog = _catalog(plans, settings)
-    run = _store_runner(settings)
-    customers = [row["customer_id"] for row in run("period_customers", period=period).dicts()]
+    period = check_period(period)
+    old_catalog = load_catalog_or_fail(current, settings)
+    new_catalog = load_catalog_or_fail(plans, settings)
     rows = []
-    try:
+    with pricing_errors(), query_runner(settings) as run:
+        customers = [row["customer_id"] for row in run("period_customers", period=period).dicts()]
         for customer in customers:
             old = invoice_from_store(run, old_catalog, customer, period)
             rated, unpriced = rate_events(new_catalog, iter_raw_events(run, period, customer))
@@ -404,8 +356,6 @@ def rerate(
             rows.append({"customer_id": customer, "old_total": old.total, "new_total": new_total,
                          "difference": new_total - old.total, "old_plan_version": old.plan_version,
                          "new_plan_version": new[0].plan_version if new else ""})  # fmt: skip
-    except (InvoiceError, PlanError) as exc:
-        raise fail(str(exc)) from None
     if as_json:
         print(json.dumps(rows, indent=2, default=str))
         return
@@ -450,18 +400,18 @@ def profile(
     if by not in ("plan", "cohort"):
         raise fail("--by must be plan or cohort")
     settings = get_settings()
-    period = _check_period(period)
-    run = _store_runner(settings)
-    try:
-        if cohorts is not None:
-            by, group_of = "cohort", advisor.cohort_grouping(advisor.load_cohorts(cohorts))
-        elif by == "cohort":
-            group_of = advisor.cohort_grouping(advisor.first_periods(run, period))
-        else:
-            group_of = advisor.plan_grouping(_catalog(plans, settings))
-        profiles = advisor.profiles_from_store(run, period, group_of)
-    except advisor.AdvisorError as exc:
-        raise fail(str(exc)) from None
+    period = check_period(period)
+    with query_runner(settings) as run:
+        try:
+            if cohorts is not None:
+                by, group_of = "cohort", advisor.cohort_grouping(advisor.load_cohorts(cohorts))
+            elif by == "cohort":
+                group_of = advisor.cohort_grouping(advisor.first_periods(run, period))
+            else:
+                group_of = advisor.plan_grouping(load_catalog_or_fail(plans, settings))
+            profiles = advisor.profiles_from_store(run, period, group_of)
+        except advisor.AdvisorError as exc:
+            raise fail(str(exc)) from None
     if as_json:
         print(advisor.profiles_json(period, by, profiles))
     elif not profiles:
@@ -493,19 +443,18 @@ def advise(
 ) -> None:
     """Replay a period under a candidate plan: who stays within the allowance, revenue, cost, margin."""
     from meterstream import advisor
-    from meterstream.pricing.invoice import InvoiceError
-    from meterstream.pricing.plans import PlanError
 
     settings = get_settings()
-    period = _check_period(period)
-    catalog = _catalog(plan, settings)
-    try:
-        advice = advisor.advice_from_store(
-            _store_runner(settings), catalog, period, plan_id=plan_id, version=plan_version, included=included,
-            overage_rate=overage_rate, percentile=percentile, all_customers=all_customers,
-        )  # fmt: skip
-    except (advisor.AdvisorError, InvoiceError, PlanError) as exc:
-        raise fail(str(exc)) from None
+    period = check_period(period)
+    catalog = load_catalog_or_fail(plan, settings)
+    with pricing_errors(), query_runner(settings) as run:
+        try:
+            advice = advisor.advice_from_store(
+                run, catalog, period, plan_id=plan_id, version=plan_version, included=included,
+                overage_rate=overage_rate, percentile=percentile, all_customers=all_customers,
+            )  # fmt: skip
+        except advisor.AdvisorError as exc:
+            raise fail(str(exc)) from None
     if png is not None:
         advisor.write_advice_chart(advice, png)
     if as_json:

@@ -24,6 +24,17 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEFAULT_STATE_DIR = Path(".local")
 
 
+#: What every meterstream producer guarantees: idempotent, acknowledged by all replicas, and
+#: keys partitioned with murmur2 (the Java client's and aiokafka's default, not librdkafka's
+#: CRC32): the worker's side topics come from aiokafka, and one key must land on one
+#: partition whoever produces it, or a compacted topic holds two "latest" values for it.
+PRODUCER_GUARANTEES: dict[str, str | bool] = {
+    "enable.idempotence": True,
+    "acks": "all",
+    "partitioner": "murmur2_random",
+}
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -47,19 +58,8 @@ class KafkaSettings(_Section):
         return f"{self.topic_prefix}{name}"
 
     def producer_config(self) -> dict[str, str | bool]:
-        """librdkafka producer properties every meterstream producer uses.
-
-        Keys are partitioned with murmur2 (the Java client's and aiokafka's default),
-        not librdkafka's CRC32 default: the worker's side topics are produced by
-        aiokafka, and one key must land on one partition whoever produces it, or a
-        compacted topic would hold two "latest" values for it.
-        """
-        return {
-            **self.confluent_config(),
-            "enable.idempotence": True,
-            "acks": "all",
-            "partitioner": "murmur2_random",
-        }
+        """librdkafka producer properties every meterstream producer uses (see PRODUCER_GUARANTEES)."""
+        return {**self.confluent_config(), **PRODUCER_GUARANTEES}
 
     def confluent_config(self) -> dict[str, str]:
         """librdkafka properties for confluent-kafka clients (secrets unwrapped here only)."""

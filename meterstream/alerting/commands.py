@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+from meterstream.cli_common import fail
 from pydantic import SecretStr, ValidationError
 from rich.console import Console
 from rich.markup import escape
@@ -28,11 +30,6 @@ err_console = Console(stderr=True)
 CustomerOption = Annotated[str | None, typer.Option("--customer", help="Only this customer's alerts.")]
 MaxOption = Annotated[int | None, typer.Option("--max", min=1, help="Stop after this many (for scripts and tests).")]
 TimeoutOption = Annotated[float | None, typer.Option("--timeout", min=0, help="Stop after this many seconds.")]
-
-
-def fail(message: str, code: int = 1) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
 
 
 def _alert_topic() -> str:

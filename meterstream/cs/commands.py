@@ -12,14 +12,15 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, TextIO
 
 import typer
 from rich.console import Console
 
-from meterstream.config import Settings, get_settings
+from meterstream.cli_common import check_period, fail, load_catalog_or_fail, pricing_errors, query_runner
+from meterstream.config import get_settings
 from meterstream.cs.render import Column, Format, Report, emit
 
 console = Console()
@@ -45,82 +46,14 @@ usage_app = typer.Typer(
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def fail(message: str, code: int = 1) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
-    return typer.Exit(code)
-
-
 def warn(message: str) -> None:
     err_console.print(f"[yellow]warning:[/] {message}", highlight=False)
-
-
-def check_period(period: str | None) -> str:
-    period = period or datetime.now(timezone.utc).strftime("%Y-%m")
-    try:
-        datetime.strptime(period, "%Y-%m")
-    except ValueError:
-        raise fail(f"--period must look like 2026-11, got {period!r}") from None
-    return period
 
 
 def output_format(as_json: bool, as_csv: bool) -> Format:
     if as_json and as_csv:
         raise fail("choose one of --json and --csv")
     return Format.JSON if as_json else Format.CSV if as_csv else Format.TABLE
-
-
-def load_catalog_or_fail(path: Path | None, settings: Settings) -> Any:
-    from meterstream.pricing.plans import PlanError, load_catalog
-
-    try:
-        return load_catalog(path or settings.worker.plans_file)
-    except PlanError as exc:
-        raise fail(str(exc)) from None
-
-
-@contextmanager
-def query_runner(settings: Settings) -> Iterator[Any]:
-    """``run(name, **params)`` for the saved queries of one command; store errors end the command.
-
-    While a worker owns the embedded store, each query goes through it
-    (:func:`run_saved_query`); otherwise the store is opened once for the whole
-    command rather than once per query (a report may run dozens).
-    """
-    from meterstream.storage.clickhouse import StoreError, open_store
-    from meterstream.storage.owner import current_owner, run_saved_query
-    from meterstream.storage.queries import saved_query
-
-    try:
-        owner = current_owner(settings.clickhouse)
-        if owner is not None and owner.pid != os.getpid():
-            store = None
-
-            def run(name: str, **params: str) -> Any:
-                return run_saved_query(settings.clickhouse, name, **params)
-        else:
-            store = open_store(settings.clickhouse)
-
-            def run(name: str, **params: str) -> Any:
-                return store.query(saved_query(name), params)
-
-        try:
-            yield run
-        finally:
-            if store is not None:
-                store.close()
-    except StoreError as exc:
-        raise fail(str(exc)) from None
-
-
-@contextmanager
-def pricing_errors() -> Iterator[None]:
-    from meterstream.pricing.invoice import InvoiceError
-    from meterstream.pricing.plans import PlanError
-
-    try:
-        yield
-    except (InvoiceError, PlanError) as exc:
-        raise fail(str(exc)) from None
 
 
 def show(report: Report, fmt: Format, problems: Sequence[str] = ()) -> None:

@@ -10,6 +10,9 @@ import json
 from typing import Annotated, Any
 
 import typer
+
+from meterstream.cli_common import check_period
+from meterstream.cli_common import fail as _fail
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -24,13 +27,14 @@ dlq_app = typer.Typer(
     no_args_is_help=True,
 )
 
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-TimeoutOption = Annotated[float, typer.Option("--timeout", min=1, help="Seconds to read the topics to their end.")]
-
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
+    """Errors reading Kafka or the store exit 2 (1 means: differences found)."""
+    return _fail(message, code)
+
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+TimeoutOption = Annotated[float, typer.Option("--timeout", min=1, help="Seconds to read the topics to their end.")]
 
 
 def _entries(timeout: float) -> list[Any]:
@@ -174,7 +178,6 @@ def reconcile_command(
     credit mismatches; prints the invoice total of the customers with usage. Exit 0 when
     everything agrees, 1 on a difference, 2 when it cannot read Kafka or the store.
     """
-    from datetime import datetime
 
     from confluent_kafka import KafkaException
 
@@ -184,10 +187,7 @@ def reconcile_command(
     from meterstream.storage.clickhouse import StoreError
     from meterstream.storage.owner import run_saved_query
 
-    try:
-        datetime.strptime(period, "%Y-%m")
-    except ValueError:
-        raise fail(f"--period must look like 2026-11, got {period!r}") from None
+    period = check_period(period, code=2)
     settings = get_settings()
 
     def run_query(name: str, **params: str) -> Any:

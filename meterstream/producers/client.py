@@ -24,7 +24,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from meterstream.config import KafkaSettings, get_settings
+from meterstream.config import PRODUCER_GUARANTEES, KafkaSettings, get_settings
 from meterstream.producers.llm import TokenUsage, usage_from_anthropic, usage_from_openai
 from meterstream.schemas.events import Attribution, Meter, OutcomeEvent, UsageEvent
 from meterstream.topics import Topics
@@ -50,12 +50,9 @@ class ProducerClosed(RuntimeError):
 class MeterClient:
     """Thread-safe producer of usage and outcome events."""
 
-    #: librdkafka settings that make delivery exactly-once per partition and ordered.
-    REQUIRED = {
-        "enable.idempotence": True,
-        "acks": "all",
-        "partitioner": "murmur2_random",
-    }
+    #: Delivery guarantees no ``producer_config`` may weaken: idempotence, acks=all and the
+    #: murmur2 partitioner, as every meterstream producer has (``KafkaSettings.producer_config``).
+    REQUIRED = PRODUCER_GUARANTEES
 
     def __init__(
         self,

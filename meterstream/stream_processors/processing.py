@@ -25,7 +25,7 @@ from meterstream.budgets import (
     run_decision,
     thresholds_to_alert,
 )
-from meterstream.pricing.plans import Catalog, PlanError
+from meterstream.pricing.plans import Catalog, PlanError, period_bounds
 from meterstream.pricing.rating import RatingError
 from meterstream.schemas.events import OutcomeEvent, UsageEvent
 from meterstream.schemas.records import (
@@ -290,9 +290,7 @@ class BatchProcessor:
 
     def _closed(self, period: str, now: datetime) -> bool:
         """Whether ``period`` has ended and its grace has passed (its invoice is closed)."""
-        year, month = int(period[:4]), int(period[5:7])
-        end = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=timezone.utc)
-        return now >= end + self.late_grace
+        return now >= period_bounds(period)[1] + self.late_grace
 
     @staticmethod
     def _velocity(history: SpendHistory, customer_id: str, now: datetime) -> Decimal:

@@ -115,7 +115,10 @@ def test_a_runaway_run_is_alerted_once_and_blocked(enforced):
     pipeline.wait_processed(9)
     alerts = [json.loads(m.value()) for m in pipeline.read_topic(pipeline.topics.budget_alerts.name, 1)]
     run_alerts = [a for a in alerts if a["kind"] == "run_cap"]
-    assert [(a["run_id"], a["spent_credits"] != "", a["action"]) for a in run_alerts] == [("loop-1", True, "block")]
+    # gpt-4o-mini: 100 x 0.03/1K + 10 x 0.12/1K = 0.0042 credits a step; the alert comes at step 5 of 5.
+    assert [(a["run_id"], Decimal(a["spent_credits"]), a["action"]) for a in run_alerts] == [
+        ("loop-1", Decimal("0.021"), "block")
+    ]
     _wait(lambda: "agentic|loop-1" in guard.view.states, 30, "the run's state")
     assert guard.check("agentic", "gpt-4o-mini", input_tokens=10, run_id="loop-1").verdict is Verdict.BLOCK
     allowed = guard.check("agentic", "gpt-4o-mini", input_tokens=10, run_id="short-run")
