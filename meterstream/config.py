@@ -150,6 +150,8 @@ class WorkerSettings(_Section):
     #: A billing period closes this many seconds after it ends. Later events for it are
     #: kept in their own period and billed on the next open invoice as a flagged adjustment.
     late_grace_seconds: int = Field(default=3 * 86_400, ge=0)
+    #: On shutdown, how long to let the batch in hand finish before exiting without committing it.
+    shutdown_drain_seconds: float = Field(default=30.0, gt=0)
     #: How often acknowledged offsets are committed (seconds); a crash replays at most this much.
     commit_interval: float = Field(default=1.0, gt=0, le=60)
     #: A worker that stops heartbeating for this long is dropped from the group and its

@@ -194,33 +194,48 @@ def create_app(settings: Settings, store: Storage, published_alerts: set[str] | 
     @app.agent(events_topic)
     async def rate_events(stream: faust.Stream) -> None:
         async for events in stream.take_events(worker.batch_size, within=worker.batch_timeout):
-            messages = [
-                InboundMessage(
-                    kind="outcome" if event.message.topic == topics.outcomes.name else "usage",
-                    value=event.message.value,
-                    topic=event.message.topic,
-                    partition=event.message.partition,
-                    offset=event.message.offset,
-                )
-                for event in events
-            ]
-            keys_by_offset = {(e.message.topic, e.message.partition, e.message.offset): e.message.key for e in events}
-            result = await with_store(
-                lambda: processor.process(messages, state.month_to_date, prepare=state.prepare, history=state),
-                "loading state",
+            # Faust acks a batch's messages when the loop moves on, and also when it is torn down
+            # by a shutdown: a batch cut short by SIGTERM would be committed without being stored.
+            # So a shutdown waits for the batch in hand; if it cannot finish in time, the process
+            # exits without committing (the batch is replayed, and recognised, on restart).
+            batch = asyncio.ensure_future(handle_batch(events))
+            try:
+                await asyncio.shield(batch)
+            except asyncio.CancelledError:
+                done, _ = await asyncio.wait([batch], timeout=worker.shutdown_drain_seconds)
+                if not done or batch.exception() is not None:
+                    log.error("in-flight batch not finished at shutdown; exiting without committing it")
+                    os._exit(1)
+                raise
+
+    async def handle_batch(events: list[Any]) -> None:
+        messages = [
+            InboundMessage(
+                kind="outcome" if event.message.topic == topics.outcomes.name else "usage",
+                value=event.message.value,
+                topic=event.message.topic,
+                partition=event.message.partition,
+                offset=event.message.offset,
             )
-            await with_store(lambda: store.insert_batch(result.raw, result.rated, result.alerts), "store write")
-            dead_letter_keys = [
-                keys_by_offset.get((d.source_topic, d.source_partition, d.source_offset)) for d in result.dead_letters
-            ]
-            await publish(result, dead_letter_keys)
-            state.commit(result)
-            stats.messages += len(messages)
-            stats.rated += len(result.rated)
-            stats.duplicates += result.duplicates
-            stats.dead_letters += len(result.dead_letters)
-            stats.alerts += len(result.alerts)
-            stats.batches += 1
+            for event in events
+        ]
+        keys_by_offset = {(e.message.topic, e.message.partition, e.message.offset): e.message.key for e in events}
+        result = await with_store(
+            lambda: processor.process(messages, state.month_to_date, prepare=state.prepare, history=state),
+            "loading state",
+        )
+        await with_store(lambda: store.insert_batch(result.raw, result.rated, result.alerts), "store write")
+        dead_letter_keys = [
+            keys_by_offset.get((d.source_topic, d.source_partition, d.source_offset)) for d in result.dead_letters
+        ]
+        await publish(result, dead_letter_keys)
+        state.commit(result)
+        stats.messages += len(messages)
+        stats.rated += len(result.rated)
+        stats.duplicates += result.duplicates
+        stats.dead_letters += len(result.dead_letters)
+        stats.alerts += len(result.alerts)
+        stats.batches += 1
 
     @app.timer(interval=60.0)
     async def expire_windows() -> None:
