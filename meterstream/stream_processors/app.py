@@ -1,8 +1,10 @@
-"""The Faust worker: usage and outcome topics in; rated rows, counters, alerts and dead letters out.
+"""The worker: usage and outcome topics in; rated rows, counters, alerts and dead letters out.
 
-One agent consumes both event topics in batches (``take_events``). For each
-batch, in this order, so that a message is acknowledged only after everything
-it produced is durable:
+A Faust app whose consumer reads both event topics in batches
+(:class:`~meterstream.stream_processors.consumer.BatchConsumer`: aiokafka
+``getmany``; see there for why not a Faust agent). For each batch, in this
+order, so that an offset is committed only after everything its message
+produced is durable:
 
 1. :class:`~meterstream.stream_processors.state.StoreBackedState` loads from
    ClickHouse what the batch needs (month-to-date totals of new keys, which
@@ -11,15 +13,13 @@ it produced is durable:
    dedupes, rates and aggregates (pure code);
 2. the sink writes raw events, rated rows and alerts to ClickHouse, retrying
    with backoff while the store is unavailable (backpressure: the batch is not
-   acknowledged, so offsets do not move past unwritten rows);
-3. rejections go to the dead-letter topic and alerts to ``budget-alerts``;
-   the worker waits for the broker to confirm both;
-4. the in-memory state takes the batch's totals.
-
-Faust acknowledges the batch's messages when the agent asks for the next batch
-and commits acknowledged offsets (at least once). A replayed batch is
-recognised through the store, so nothing is counted or alerted twice; see
-:mod:`meterstream.stream_processors.state` for why the state is not in Faust tables.
+   committed, so offsets do not move past unwritten rows);
+3. rejections go to the dead-letter topic and alerts to ``budget-alerts``
+   (through the Faust producer); the worker waits for the broker to confirm both;
+4. the in-memory state takes the batch's totals, and the offsets are committed
+   (at least once, every ``commit_interval``). A replayed batch is recognised
+   through the store, so nothing is counted or alerted twice; see
+   :mod:`meterstream.stream_processors.state` for why the state is not in Faust tables.
 """
 
 from __future__ import annotations
@@ -29,19 +29,21 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypeVar
 
 import faust
 import orjson
+from faust.app.base import BootStrategy
 
 from meterstream.budgets import load_budgets
 from meterstream.config import Settings
 from meterstream.pricing.plans import load_catalog
 from meterstream.storage.clickhouse import Storage, StoreError
 from meterstream.storage.queries import UnknownQuery, query_parameters, saved_query
+from meterstream.stream_processors.consumer import BatchConsumer
 from meterstream.stream_processors.processing import BatchProcessor, BatchResult, InboundMessage
 from meterstream.stream_processors.state import StoreBackedState
 from meterstream.topics import Topics
@@ -106,21 +108,10 @@ def create_app(settings: Settings, store: Storage, published_alerts: set[str] | 
         late_grace=timedelta(seconds=worker.late_grace_seconds),
     )
 
-    credentials: Any = None
-    if kafka.sasl_mechanism and kafka.sasl_username and kafka.sasl_password is not None:
-        credentials = faust.SASLCredentials(
-            username=kafka.sasl_username,
-            password=kafka.sasl_password.get_secret_value(),
-            mechanism=kafka.sasl_mechanism,
-            ssl_context=ssl.create_default_context(cafile=kafka.ssl_cafile) if kafka.security_protocol == "SASL_SSL" else None,
-        )
-    elif kafka.security_protocol == "SSL":
-        credentials = faust.SSLCredentials(ssl.create_default_context(cafile=kafka.ssl_cafile))
-
     app = faust.App(
         worker.app_id,
-        broker_credentials=credentials,
         broker=[f"kafka://{server.strip()}" for server in kafka.bootstrap_servers.split(",")],
+        broker_credentials=_faust_credentials(kafka),
         store="memory://",
         topic_partitions=kafka.partitions,
         topic_replication_factor=kafka.replication_factor,
@@ -128,24 +119,11 @@ def create_app(settings: Settings, store: Storage, published_alerts: set[str] | 
         web_bind=worker.web_bind,
         web_host=worker.web_bind,
         datadir=str(worker.data_dir),
-        consumer_auto_offset_reset="earliest",
         producer_acks=-1,
-        processing_guarantee="at_least_once",
-        broker_commit_every=worker.batch_size,
-        broker_commit_interval=worker.commit_interval,
-        broker_session_timeout=worker.session_timeout,
-        broker_heartbeat_interval=worker.session_timeout / 4,
-        stream_wait_empty=False,
     )
+    # Faust's own consumer stays off: the BatchConsumer below reads the event topics.
+    app.boot_strategy = BootStrategy(app, enable_kafka_consumer=False)
 
-    events_topic = app.topic(
-        topics.usage.name,
-        topics.outcomes.name,
-        key_type=bytes,
-        value_type=bytes,
-        key_serializer="raw",
-        value_serializer="raw",
-    )
     alerts_topic = app.topic(topics.budget_alerts.name, key_serializer="raw", value_serializer="raw")
     dead_letter_topic = app.topic(topics.dead_letter.name, key_serializer="raw", value_serializer="raw")
     enforcement_topic = app.topic(topics.enforcement.name, key_serializer="raw", value_serializer="raw")
@@ -156,11 +134,6 @@ def create_app(settings: Settings, store: Storage, published_alerts: set[str] | 
         "%d plans, %d customers assigned; %d customer budgets",
         len(catalog.plans), len(catalog.customers), len(budgets.customers),
     )  # fmt: skip
-
-    @app.on_partitions_assigned.connect
-    async def _reassigned(app: faust.App, assigned: Any, **_: Any) -> None:
-        # Another worker may have written for these partitions meanwhile.
-        state.reset()
 
     async def with_store(call: Callable[[], T], what: str) -> T:
         """Run a store call in a thread; while the store is unavailable, retry with backoff."""
@@ -191,43 +164,19 @@ def create_app(settings: Settings, store: Storage, published_alerts: set[str] | 
             await fut
         published.update(alert.alert_id for alert in fresh)
 
-    @app.agent(events_topic)
-    async def rate_events(stream: faust.Stream) -> None:
-        async for events in stream.take_events(worker.batch_size, within=worker.batch_timeout):
-            # Faust acks a batch's messages when the loop moves on, and also when it is torn down
-            # by a shutdown: a batch cut short by SIGTERM would be committed without being stored.
-            # So a shutdown waits for the batch in hand; if it cannot finish in time, the process
-            # exits without committing (the batch is replayed, and recognised, on restart).
-            batch = asyncio.ensure_future(handle_batch(events))
-            try:
-                await asyncio.shield(batch)
-            except asyncio.CancelledError:
-                done, _ = await asyncio.wait([batch], timeout=worker.shutdown_drain_seconds)
-                if not done or batch.exception() is not None:
-                    log.error("in-flight batch not finished at shutdown; exiting without committing it")
-                    os._exit(1)
-                raise
-
-    async def handle_batch(events: list[Any]) -> None:
-        messages = [
-            InboundMessage(
-                kind="outcome" if event.message.topic == topics.outcomes.name else "usage",
-                value=event.message.value,
-                topic=event.message.topic,
-                partition=event.message.partition,
-                offset=event.message.offset,
-            )
-            for event in events
-        ]
-        keys_by_offset = {(e.message.topic, e.message.partition, e.message.offset): e.message.key for e in events}
+    async def handle_batch(messages: Sequence[InboundMessage], keys: Sequence[bytes | None]) -> None:
         result = await with_store(
             lambda: processor.process(messages, state.month_to_date, prepare=state.prepare, history=state),
             "loading state",
         )
         await with_store(lambda: store.insert_batch(result.raw, result.rated, result.alerts), "store write")
-        dead_letter_keys = [
-            keys_by_offset.get((d.source_topic, d.source_partition, d.source_offset)) for d in result.dead_letters
-        ]
+        if result.dead_letters:
+            key_of = {(m.topic, m.partition, m.offset): key for m, key in zip(messages, keys, strict=True)}
+            dead_letter_keys = [
+                key_of.get((d.source_topic, d.source_partition, d.source_offset)) for d in result.dead_letters
+            ]
+        else:
+            dead_letter_keys = []
         await publish(result, dead_letter_keys)
         state.commit(result)
         stats.messages += len(messages)
@@ -237,6 +186,28 @@ def create_app(settings: Settings, store: Storage, published_alerts: set[str] | 
         stats.alerts += len(result.alerts)
         stats.batches += 1
 
+    consumer = BatchConsumer(
+        kafka,
+        topics=[topics.usage.name, topics.outcomes.name],
+        kinds={topics.usage.name: "usage", topics.outcomes.name: "outcome"},
+        group_id=worker.app_id,
+        handle=handle_batch,
+        # Another worker may have written for these partitions meanwhile.
+        on_assigned=lambda assigned: state.reset(),
+        batch_size=worker.batch_size,
+        batch_timeout=worker.batch_timeout,
+        commit_interval=worker.commit_interval,
+        session_timeout=worker.session_timeout,
+        shutdown_drain=worker.shutdown_drain_seconds,
+        loop=app.loop,
+        beacon=app.beacon,
+    )
+
+    @app.task
+    async def _consume() -> None:
+        # A runtime dependency of the app: started now, stopped before the app's producer.
+        await app.add_runtime_dependency(consumer)
+
     @app.timer(interval=60.0)
     async def expire_windows() -> None:
         """Drop tumbling-window counters older than the configured horizon."""
@@ -244,8 +215,8 @@ def create_app(settings: Settings, store: Storage, published_alerts: set[str] | 
 
     @app.page("/stats/")
     async def stats_view(web: Any, request: Any) -> Any:
-        assigned = sorted(f"{tp.topic}:{tp.partition}" for tp in app.assignor.assigned_actives())
-        ready = bool(assigned) and not app.rebalancing
+        assigned = sorted(f"{tp.topic}:{tp.partition}" for tp in consumer.assigned)
+        ready = bool(assigned) and not consumer.rebalancing
         body = {**stats.as_dict(), "assigned": assigned, "ready": ready, "store_lookups": state.lookups}
         return web.bytes(orjson.dumps(body), content_type="application/json")
 
@@ -264,13 +235,28 @@ def create_app(settings: Settings, store: Storage, published_alerts: set[str] | 
             return web.bytes(orjson.dumps({"error": str(exc)}), status=503)
         return web.bytes(orjson.dumps(rows.to_json_dict()), content_type="application/json")
 
-    # Handles for tests and the CLI (agents are unit-tested through ``rate_events.test_context()``).
+    # Handles for tests and the CLI (the batch path is unit-tested through ``meterstream_handle_batch``).
     app.meterstream_stats = stats  # type: ignore[attr-defined]
     app.meterstream_state = state  # type: ignore[attr-defined]
-    app.meterstream_agent = rate_events  # type: ignore[attr-defined]
+    app.meterstream_consumer = consumer  # type: ignore[attr-defined]
+    app.meterstream_handle_batch = handle_batch  # type: ignore[attr-defined]
     app.meterstream_topics = {  # type: ignore[attr-defined]
         "alerts": alerts_topic,
         "dead_letter": dead_letter_topic,
         "enforcement": enforcement_topic,
     }
     return app
+
+
+def _faust_credentials(kafka: Any) -> Any:
+    """Faust's credentials for the side-topic producer (the consumer takes aiokafka's, see consumer.py)."""
+    if kafka.sasl_mechanism and kafka.sasl_username and kafka.sasl_password is not None:
+        return faust.SASLCredentials(
+            username=kafka.sasl_username,
+            password=kafka.sasl_password.get_secret_value(),
+            mechanism=kafka.sasl_mechanism,
+            ssl_context=ssl.create_default_context(cafile=kafka.ssl_cafile) if kafka.security_protocol == "SASL_SSL" else None,
+        )
+    if kafka.security_protocol == "SSL":
+        return faust.SSLCredentials(ssl.create_default_context(cafile=kafka.ssl_cafile))
+    return None

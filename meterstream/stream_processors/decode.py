@@ -1,6 +1,6 @@
 """Decode a Kafka message into an event or a rejection. Never raises.
 
-A Faust agent that raises loses the message (it is acked), so every failure
+A worker that raises on one message would stop the whole batch, so every failure
 here becomes data: a :class:`Rejection` with the raw bytes and a reason that
 the worker sends to the dead-letter topic.
 """

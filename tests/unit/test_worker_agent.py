@@ -1,8 +1,9 @@
-"""The Faust agent, driven through ``agent.test_context()``: no broker, no ClickHouse.
+"""The worker's batch path, driven directly (``app.meterstream_handle_batch``): no broker, no ClickHouse.
 
 The store is an in-memory stand-in for the one-method storage interface, and the
-side-topic sends are captured, so this checks the agent's wiring: one batch in,
+side-topic sends are captured, so this checks the worker's wiring: one batch in,
 rows to the store, rejections to the dead-letter topic, alerts to budget-alerts.
+(The consumer that feeds it is exercised on the real broker in tests/integration.)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pytest
 from meterstream.config import Settings, WorkerSettings
 from meterstream.storage.clickhouse import QueryResult
 from meterstream.stream_processors.app import create_app
+from meterstream.stream_processors.processing import InboundMessage
 
 
 class MemoryStore:
@@ -68,7 +70,7 @@ async def _run(store: MemoryStore, values: list[bytes], tmp_path: Path, budgets:
         worker=WorkerSettings(app_id="unit", batch_timeout=0.05, budgets_file=budgets_file, data_dir=tmp_path)
     )
     app = create_app(settings, store)
-    sent: dict[str, list[bytes]] = {"alerts": [], "dead_letter": []}
+    sent: dict[str, list[bytes]] = {"alerts": [], "dead_letter": [], "enforcement": []}
     for name, topic in app.meterstream_topics.items():
 
         async def capture(*, key=None, value=None, _name=name, **_):
@@ -76,13 +78,8 @@ async def _run(store: MemoryStore, values: list[bytes], tmp_path: Path, budgets:
             return _sent_future()
 
         topic.send = AsyncMock(side_effect=capture)
-    async with app.meterstream_agent.test_context() as agent:
-        for value in values:
-            await asyncio.wait_for(agent.put(value, key=b"acme"), 5)
-        for _ in range(200):
-            if app.meterstream_stats.messages >= len(values):
-                break
-            await asyncio.sleep(0.02)
+    messages = [InboundMessage("usage", value, "usage.events", 0, offset) for offset, value in enumerate(values)]
+    await asyncio.wait_for(app.meterstream_handle_batch(messages, [b"acme"] * len(values)), 10)
     return app, sent
 
 
@@ -93,7 +90,7 @@ def test_agent_rates_a_batch_and_writes_it_to_the_store(tmp_path):
     assert all(row.credits == Decimal("5") for row in store.rated)  # 10K tokens x 0.5 per 1K
     assert len(store.raw) == 2
     assert app.meterstream_stats.duplicates == 1
-    assert sent == {"alerts": [], "dead_letter": []}
+    assert sent == {"alerts": [], "dead_letter": [], "enforcement": []}  # no budgets: no states
 
 
 def test_agent_sends_rejections_to_the_dead_letter_topic_and_keeps_going(tmp_path):
@@ -113,6 +110,8 @@ def test_agent_raises_each_threshold_once(tmp_path):
     alerts = [json.loads(v) for v in sent["alerts"]]
     assert sorted(a["threshold_percent"] for a in alerts) == [50, 100]
     assert len(store.alerts) == 2
+    states = [json.loads(v) for v in sent["enforcement"]]
+    assert [(s["customer_id"], s["decision"]) for s in states] == [("acme", "warn")]
 
 
 def test_agent_retries_the_store_and_loses_nothing(tmp_path):

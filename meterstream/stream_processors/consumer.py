@@ -1,0 +1,232 @@
+"""The worker's batch consumer: aiokafka ``getmany`` inside the Faust app, offsets committed after the store.
+
+Why not a Faust agent. Faust delivers messages one at a time, through a
+thread hand-off and a ``wait_first`` per message, before ``take_events``
+regroups them: on this project's 2-core machine a Faust agent that does
+nothing with its messages reads ~3,200 events/s with ``take_events(1000)``
+and ~4,100/s with ``stream.events()``, where aiokafka's ``getmany`` — the
+client Faust itself uses — reads ~200,000/s on the same topic (BENCHMARKS.md).
+The worker does all its work per batch anyway, so it asks aiokafka for
+batches directly and keeps Faust for what Faust does well here: the app's
+lifecycle and signals, the producer for the side topics, timers and the web
+views.
+
+Guarantees, as with the agent before it (at least once; the store makes
+replays harmless):
+
+- a batch's offsets are committed only after its rows are in the store and
+  its side-topic messages are confirmed by the broker; commits are batched
+  every ``commit_interval`` seconds, and always made before partitions are
+  revoked and before a clean stop;
+- a rebalance waits for the batch in hand (it is finished and committed
+  first); records of partitions no longer assigned are not processed;
+- on shutdown the batch in hand is finished (within ``shutdown_drain``); if it
+  cannot finish, the process exits without committing it, so it is replayed.
+
+Partitions are assigned with aiokafka's default range assignor: partition *p*
+of the usage topic and partition *p* of the outcome topic go to the same
+worker, so one customer's usage and outcomes (keyed by customer id, murmur2,
+same partition count) are always rated by one worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.structs import OffsetAndMetadata
+from mode import Service
+
+from meterstream.config import KafkaSettings
+from meterstream.stream_processors.processing import InboundMessage
+
+log = logging.getLogger(__name__)
+
+#: One batch: the messages in offset order per partition, and their keys (for dead letters).
+BatchHandler = Callable[[Sequence[InboundMessage], Sequence[bytes | None]], Awaitable[None]]
+
+
+def aiokafka_security(kafka: KafkaSettings) -> dict[str, Any]:
+    """aiokafka client arguments for the configured security settings (secrets unwrapped here only)."""
+    args: dict[str, Any] = {"security_protocol": kafka.security_protocol}
+    if kafka.security_protocol in ("SSL", "SASL_SSL"):
+        args["ssl_context"] = ssl.create_default_context(cafile=kafka.ssl_cafile)
+    if kafka.sasl_mechanism:
+        args["sasl_mechanism"] = kafka.sasl_mechanism
+        args["sasl_plain_username"] = kafka.sasl_username
+        args["sasl_plain_password"] = kafka.sasl_password.get_secret_value() if kafka.sasl_password else None
+    return args
+
+
+class BatchConsumer(Service):
+    """Reads ``topics`` in batches for one consumer group and hands each batch to ``handle``."""
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        *,
+        topics: Sequence[str],
+        kinds: dict[str, str],
+        group_id: str,
+        handle: BatchHandler,
+        on_assigned: Callable[[set[TopicPartition]], None],
+        batch_size: int,
+        batch_timeout: float,
+        commit_interval: float,
+        session_timeout: float,
+        shutdown_drain: float,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.kafka = kafka
+        self.topics = list(topics)
+        self.kinds = kinds
+        self.group_id = group_id
+        self.handle = handle
+        self.on_assigned = on_assigned
+        self.batch_size = batch_size
+        self.batch_timeout = batch_timeout
+        self.commit_interval = commit_interval
+        self.session_timeout = session_timeout
+        self.shutdown_drain = shutdown_drain
+        self.consumer: AIOKafkaConsumer | None = None
+        self.assigned: set[TopicPartition] = set()
+        self.rebalancing = True
+        self.commits = 0
+        self._pending: dict[TopicPartition, int] = {}
+        self._last_commit = time.monotonic()
+        self._in_flight: asyncio.Future[None] | None = None
+        self._stopping = False
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def on_start(self) -> None:
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.kafka.bootstrap_servers,
+            group_id=self.group_id,
+            client_id=f"{self.group_id}-worker",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=self.batch_size,
+            session_timeout_ms=int(self.session_timeout * 1000),
+            heartbeat_interval_ms=int(self.session_timeout * 1000 / 4),
+            # A batch (store write included) must finish well within this, or the member is dropped.
+            max_poll_interval_ms=300_000,
+            **aiokafka_security(self.kafka),
+        )
+        await self.consumer.start()
+        self.consumer.subscribe(self.topics, listener=_Listener(self))
+
+    async def on_stop(self) -> None:
+        """Finish the batch in hand, commit it, leave the group."""
+        self._stopping = True
+        in_flight = self._in_flight
+        if in_flight is not None and not in_flight.done():
+            done, _ = await asyncio.wait([in_flight], timeout=self.shutdown_drain)
+            if not done or in_flight.exception() is not None:
+                log.error("in-flight batch not finished at shutdown; exiting without committing it")
+                os._exit(1)
+        if self.consumer is not None:
+            try:
+                await self._commit(force=True)
+            except KafkaError as exc:  # the batch is stored: a replay is recognised
+                log.warning("final commit failed (%s); the last batches will be replayed and recognised", exc)
+            await self.consumer.stop()
+
+    @Service.task
+    async def _run(self) -> None:
+        assert self.consumer is not None
+        while not self._stopping and not self.should_stop:
+            try:
+                records = await self.consumer.getmany(
+                    timeout_ms=int(self.batch_timeout * 1000), max_records=self.batch_size
+                )
+            except (IllegalStateError, asyncio.CancelledError):
+                return
+            if self._stopping:
+                return  # fetched after the stop began: not processed, not committed
+            if records:
+                # Shielded: a cancellation (shutdown) must not cut a batch in half; on_stop waits for it.
+                self._in_flight = asyncio.ensure_future(self._process(records))
+                try:
+                    await asyncio.shield(self._in_flight)
+                except asyncio.CancelledError:
+                    return  # on_stop finishes (or abandons) the batch
+                except Exception:
+                    # Not a store outage (those are retried inside the batch): a defect or a broker
+                    # that refused the side-topic messages. Nothing of this batch is committed;
+                    # exit so that a supervisor restarts the worker and the batch is replayed.
+                    log.critical("batch failed; exiting without committing it", exc_info=True)
+                    os._exit(1)
+            elif self._pending:
+                await self._commit(force=False)
+
+    async def _process(self, records: dict[TopicPartition, list[Any]]) -> None:
+        assert self.consumer is not None
+        owned = self.consumer.assignment()
+        messages: list[InboundMessage] = []
+        keys: list[bytes | None] = []
+        last: dict[TopicPartition, int] = {}
+        for tp, batch in records.items():
+            if tp not in owned or not batch:
+                continue  # revoked since the fetch: its new owner reads it
+            kind = self.kinds[tp.topic]
+            for record in batch:
+                messages.append(InboundMessage(kind, record.value, tp.topic, tp.partition, record.offset))  # type: ignore[arg-type]
+                keys.append(record.key)
+            last[tp] = batch[-1].offset
+        if not messages:
+            return
+        await self.handle(messages, keys)
+        for tp, offset in last.items():
+            self._pending[tp] = offset + 1
+        await self._commit(force=False)
+
+    async def _commit(self, *, force: bool) -> None:
+        if not self._pending or self.consumer is None:
+            return
+        if not force and time.monotonic() - self._last_commit < self.commit_interval:
+            return
+        offsets = {tp: OffsetAndMetadata(offset, "") for tp, offset in self._pending.items()}
+        self._pending = {}
+        self._last_commit = time.monotonic()
+        try:
+            await self.consumer.commit(offsets)
+            self.commits += 1
+        except (CommitFailedError, IllegalStateError) as exc:
+            # The group moved on (a rebalance): the new owner replays from the last commit and
+            # the store recognises what this worker already wrote.
+            log.warning("commit of %d partitions failed (%s); they will be replayed and recognised", len(offsets), exc)
+
+    # -- rebalances ------------------------------------------------------------------------------
+
+    async def revoked(self, revoked: set[TopicPartition]) -> None:
+        self.rebalancing = True
+        in_flight = self._in_flight
+        if in_flight is not None and not in_flight.done():
+            await asyncio.wait([in_flight])
+        await self._commit(force=True)
+
+    def assigned_now(self, assigned: set[TopicPartition]) -> None:
+        self.assigned = set(assigned)
+        self.on_assigned(self.assigned)
+        self.rebalancing = False
+        log.info("assigned %s", ", ".join(sorted(f"{tp.topic}:{tp.partition}" for tp in self.assigned)) or "nothing")
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, owner: BatchConsumer) -> None:
+        self.owner = owner
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self.owner.revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.owner.assigned_now(set(assigned))
