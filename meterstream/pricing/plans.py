@@ -56,7 +56,7 @@ from collections.abc import Mapping, Sequence
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from enum import StrEnum
-from functools import cache
+from functools import cache, lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
@@ -104,6 +104,7 @@ def _error(message: str, at: tuple[str | int, ...], **ctx: Any) -> PydanticCusto
     return PydanticCustomError("catalog", message, {"at": at, **ctx})
 
 
+@lru_cache(maxsize=512)  # the worker asks for every event; months are few
 def period_bounds(period: str) -> tuple[datetime, datetime]:
     """``"2026-11"`` -> (2026-11-01T00:00Z, 2026-12-01T00:00Z): a calendar month in UTC, end exclusive."""
     try:
@@ -310,6 +311,12 @@ class CustomerPlan(_Strict):
         return self
 
 
+@lru_cache(maxsize=64)
+def _default_assignment(plan: str) -> CustomerPlan:
+    # Frozen, so one instance per plan serves every unlisted customer (the worker asks per event).
+    return CustomerPlan(plan=plan)
+
+
 class Catalog(_Strict):
     currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")] = "USD"
     default_plan: Annotated[str | None, BeforeValidator(null_to_none)] = None
@@ -365,7 +372,7 @@ class Catalog(_Strict):
             raise UnknownCustomerError(
                 f"customer {customer_id!r} is not in the plan catalog and the catalog has no default_plan"
             )
-        return CustomerPlan(plan=self.default_plan)
+        return _default_assignment(self.default_plan)
 
     def plan_for(self, customer_id: str) -> tuple[str, Plan]:
         plan_id = self.customer(customer_id).plan

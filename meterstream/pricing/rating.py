@@ -82,7 +82,8 @@ def rate_event(event: UsageEvent | OutcomeEvent, book: PriceBook) -> RatedUsage:
         if event.reversal_of:
             # A reversal credits back the outcome it reverses.
             credits, cost, rule = -credits, -cost, f"{rule}:reversal"
-        return RatedUsage(
+        # Built from a validated event and a validated price book: nothing left to validate.
+        return RatedUsage.model_construct(
             kind="outcome",
             meter="outcome",
             quantity=Decimal(1),
@@ -111,7 +112,7 @@ def rate_event(event: UsageEvent | OutcomeEvent, book: PriceBook) -> RatedUsage:
         cost = event.quantity * meter_price.cost_per_unit
         rule = f"meter:{event.meter.value}"
         provider = event.provider or ""
-    return RatedUsage(
+    return RatedUsage.model_construct(
         kind="usage",
         meter=event.meter.value,
         model=event.model or "",
