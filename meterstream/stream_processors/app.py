@@ -99,6 +99,7 @@ def create_app(settings: Settings, store: Storage, published_alerts: set[str] | 
         window_expires_seconds=worker.window_expires_seconds,
         recent_capacity=worker.recent_ids,
         dedupe_horizon_seconds=worker.dedupe_horizon_seconds,
+        run_capped=lambda customer_id: getattr(budgets.for_customer(customer_id), "run_cap", None) is not None,
     )
     processor = BatchProcessor(
         catalog,

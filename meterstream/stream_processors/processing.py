@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+from functools import lru_cache
 from typing import Literal, Protocol
 
 from meterstream.budgets import (
@@ -156,8 +157,24 @@ def month_key(customer_id: str, period: str) -> str:
 
 def window_key(customer_id: str, occurred_at: datetime, window_seconds: int) -> str:
     epoch = int(occurred_at.timestamp())
-    start = datetime.fromtimestamp(epoch - epoch % window_seconds, tz=timezone.utc)
-    return f"{customer_id}|{start.strftime('%Y-%m-%dT%H:%M:%SZ')}"
+    return f"{customer_id}|{_window_start(epoch - epoch % window_seconds)}"
+
+
+@lru_cache(maxsize=65_536)
+def _window_start(epoch: int) -> str:
+    return datetime.fromtimestamp(epoch, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(slots=True)
+class _Running:
+    """A month-to-date total while a batch is aggregated (MonthToDate is the frozen result)."""
+
+    credits: Decimal
+    cost_to_serve: Decimal
+    events: int
+    tokens: int
+    alerted: set[int]
+    watermark: datetime
 
 
 class BatchProcessor:
@@ -232,48 +249,66 @@ class BatchProcessor:
                 )
             )
 
-        # Aggregate per key before deciding anything: one state change per key per batch.
+        # Aggregate per key before deciding anything: one state change per key per batch. Sums run in
+        # mutable accumulators; thresholds are checked per event only for customers with a budget.
         history = history or NoHistory()
-        watermarks: dict[str, datetime] = {}
+        running: dict[str, _Running] = {}
+        budget_of: dict[str, Budget | None] = {}
+        window_seconds = self.window_seconds
         for event, rated in accepted:
-            key = month_key(rated.customer_id, rated.period)
-            current = result.month_to_date.get(key) or month_to_date(key)
-            updated = replace(
-                current,
-                credits=current.credits + rated.credits,
-                cost_to_serve=current.cost_to_serve + rated.cost_to_serve,
-                events=current.events + 1,
-                tokens=current.tokens + rated.input_tokens + rated.output_tokens,
-            )
-            budget = self.budgets.for_customer(rated.customer_id)
+            customer = rated.customer_id
+            key = month_key(customer, rated.period)
+            acc = running.get(key)
+            if acc is None:
+                current = month_to_date(key)
+                acc = running[key] = _Running(
+                    current.credits, current.cost_to_serve, current.events, current.tokens,
+                    set(current.alerted), rated.occurred_at,
+                )  # fmt: skip
+            acc.credits += rated.credits
+            acc.cost_to_serve += rated.cost_to_serve
+            acc.events += 1
+            acc.tokens += rated.input_tokens + rated.output_tokens
+            if rated.occurred_at > acc.watermark:
+                acc.watermark = rated.occurred_at
+            if customer in budget_of:
+                budget = budget_of[customer]
+            else:
+                budget = budget_of[customer] = self.budgets.for_customer(customer)
             if budget is not None:
-                crossed = thresholds_to_alert(updated.credits, budget, updated.alerted)
+                crossed = thresholds_to_alert(acc.credits, budget, acc.alerted)
                 if crossed:
-                    velocity = self._velocity(history, rated.customer_id, now)
-                    eta = projected_exhaustion(updated.credits, budget.monthly_credits, velocity, now)
+                    velocity = self._velocity(history, customer, now)
+                    eta = projected_exhaustion(acc.credits, budget.monthly_credits, velocity, now)
                 for threshold in crossed:
                     result.alerts.append(
                         BudgetAlert(
-                            alert_id=BudgetAlert.make_id(rated.customer_id, rated.period, threshold),
-                            customer_id=rated.customer_id,
+                            alert_id=BudgetAlert.make_id(customer, rated.period, threshold),
+                            customer_id=customer,
                             period=rated.period,
                             threshold_percent=threshold,
                             budget_credits=budget.monthly_credits,
-                            spent_credits=updated.credits,
+                            spent_credits=acc.credits,
                             crossed_at=now,
                             triggering_event_id=event.event_id,
                             action=budget.action if threshold >= 100 else ThresholdAction.ALERT,
                             projected_exhaustion_at=eta,
                         )
                     )
-                if crossed:
-                    updated = replace(updated, alerted=updated.alerted | set(crossed))
+                acc.alerted.update(crossed)
                 if budget.run_cap is not None and rated.run_id and rated.kind == "usage":
                     self._run_step(result, history, budget, event, rated, now)
-            result.month_to_date[key] = updated
-            watermarks[key] = max(watermarks.get(key, rated.occurred_at), rated.occurred_at)
-            wkey = window_key(rated.customer_id, rated.occurred_at, self.window_seconds)
-            result.windows.setdefault(wkey, WindowCounts()).add(rated)
+            epoch = int(rated.occurred_at.timestamp())
+            wkey = f"{customer}|{_window_start(epoch - epoch % window_seconds)}"
+            counts = result.windows.get(wkey)
+            if counts is None:
+                counts = result.windows[wkey] = WindowCounts()
+            counts.add(rated)
+        watermarks = {key: acc.watermark for key, acc in running.items()}
+        for key, acc in running.items():
+            result.month_to_date[key] = MonthToDate(
+                acc.credits, acc.cost_to_serve, acc.events, acc.tokens, frozenset(acc.alerted)
+            )
 
         current_period = now.strftime("%Y-%m")
         for key, totals in result.month_to_date.items():

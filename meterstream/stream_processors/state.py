@@ -9,7 +9,9 @@ is written before a batch is acknowledged and is idempotent by
 
 - **month to date** per ``customer|period`` (credits, cost, events, tokens and
   the thresholds already alerted) is loaded from ``usage_rated FINAL`` and
-  ``budget_alerts`` the first time a key is seen, then kept in memory;
+  ``budget_alerts`` for every customer of this and last month when partitions
+  are assigned (and for an older period the first time a key is seen), then
+  kept in memory;
 - **dedupe**: a message at an offset the store has already seen for its
   partition (a replay after a crash or a rebalance) is checked against the
   store by ``(customer_id, event_id)``; newer messages are checked against
@@ -17,8 +19,8 @@ is written before a batch is acknowledged and is idempotent by
   partitions are assigned, then kept up to date; bounded in count). A client's
   resend older than that horizon is counted again in the real-time counters,
   never in invoices;
-- **tumbling windows** are kept in memory and reloaded from the store for a
-  customer the first time it is seen, for the last ``window_expires`` seconds.
+- **tumbling windows** are kept in memory, loaded from the store for every
+  customer when partitions are assigned, for the last ``window_expires`` seconds.
 
 Caches are dropped when partitions are reassigned, because another worker may
 have written in the meantime.
@@ -27,7 +29,7 @@ have written in the meantime.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
@@ -52,6 +54,26 @@ SELECT customer_id, period, sum(credits) AS credits, sum(cost_to_serve) AS cost_
 FROM usage_rated FINAL
 WHERE period IN {periods:Array(String)} AND customer_id IN {customers:Array(String)}
 GROUP BY customer_id, period
+"""
+_PERIOD_TOTALS = """
+SELECT customer_id, period, sum(credits) AS credits, sum(cost_to_serve) AS cost_to_serve,
+       count() AS events, sum(input_tokens + output_tokens) AS tokens
+FROM usage_rated FINAL
+WHERE period IN {periods:Array(String)}
+GROUP BY customer_id, period
+"""
+_PERIOD_ALERTED = """
+SELECT DISTINCT customer_id, period, threshold_percent
+FROM budget_alerts
+WHERE period IN {periods:Array(String)} AND kind IN ('', 'threshold')
+"""
+_ALL_WINDOWS = """
+SELECT customer_id, toStartOfInterval(occurred_at, toIntervalSecond({seconds:UInt32})) AS start,
+       sum(credits) AS credits, sum(cost_to_serve) AS cost_to_serve, count() AS events,
+       sum(input_tokens + output_tokens) AS tokens
+FROM usage_rated FINAL
+WHERE occurred_at >= {since:DateTime64(3, 'UTC')}
+GROUP BY customer_id, start
 """
 _ALERTED = """
 SELECT DISTINCT customer_id, period, threshold_percent
@@ -106,6 +128,7 @@ class StoreBackedState:
         window_expires_seconds: int,
         recent_capacity: int = 1_000_000,
         dedupe_horizon_seconds: int = 3600,
+        run_capped: Callable[[str], bool] = lambda customer_id: True,
     ) -> None:
         self.store = store
         self.topics = list(topics)
@@ -124,6 +147,12 @@ class StoreBackedState:
         #: Replayed events found in the store during the current batch.
         self._stored_in_batch: set[str] = set()
         self.lookups = 0
+        #: Periods whose month-to-date is loaded for every customer (absent keys are zero).
+        self._complete_periods: set[str] = set()
+        #: Whether every customer's recent windows are loaded.
+        self._windows_complete = False
+        #: Only customers whose budget caps runs need run totals.
+        self.run_capped = run_capped
 
     # -- the SeenEvents protocol -----------------------------------------------------------------
 
@@ -142,9 +171,35 @@ class StoreBackedState:
         self._window_customers.clear()
         self.runs.clear()
         self.stored_upto = None
+        self._complete_periods = set()
+        self._windows_complete = False
 
     def month_to_date(self, key: str) -> MonthToDate:
         return self.month_to_date_cache.get(key) or MonthToDate()
+
+    def _preload(self, now: datetime) -> None:
+        """Load this and last month's totals and every recent window for all customers, in three queries.
+
+        Done when partitions are (re)assigned, so that a batch full of customers not seen
+        since then costs no store reads: per-batch loads remain only for older periods
+        (late events). One row per customer and period is held in memory.
+        """
+        periods = sorted({now.strftime("%Y-%m"), (now.replace(day=1) - timedelta(days=1)).strftime("%Y-%m")})
+        alerted: dict[str, set[int]] = {}
+        for row in self._query(_PERIOD_ALERTED, {"periods": periods}):
+            alerted.setdefault(month_key(row["customer_id"], row["period"]), set()).add(int(row["threshold_percent"]))
+        for row in self._query(_PERIOD_TOTALS, {"periods": periods}):
+            key = month_key(row["customer_id"], row["period"])
+            self.month_to_date_cache[key] = MonthToDate(
+                credits=row["credits"], cost_to_serve=row["cost_to_serve"], events=int(row["events"]),
+                tokens=int(row["tokens"]), alerted=frozenset(alerted.pop(key, ())),
+            )  # fmt: skip
+        for key, thresholds in alerted.items():  # alerted, but no rows stored (e.g. rows of another store)
+            self.month_to_date_cache[key] = MonthToDate(alerted=frozenset(thresholds))
+        self._complete_periods = set(periods)
+        since = now - timedelta(seconds=self.window_expires_seconds)
+        self._add_windows(self._query(_ALL_WINDOWS, {"seconds": self.window_seconds, "since": since}))
+        self._windows_complete = True
 
     def prepare(self, batch: Sequence[tuple[InboundMessage, UsageEvent | OutcomeEvent]]) -> None:
         """Load what this batch needs from the store, in a few queries per batch at most."""
@@ -154,10 +209,18 @@ class StoreBackedState:
         if self.stored_upto is None:
             self.stored_upto = self._stored_offsets()
             self._load_recent_ids()
+            self._preload(datetime.now(timezone.utc))
         events = [event for _, event in batch]
-        self._load_month_to_date({month_key(e.customer_id, e.period) for e in events} - set(self.month_to_date_cache))
-        self._load_windows({e.customer_id for e in events} - self._window_customers)
-        self._load_runs({f"{e.customer_id}|{e.run_id}" for e in events if e.run_id} - set(self.runs))
+        complete = self._complete_periods
+        cache = self.month_to_date_cache
+        self._load_month_to_date(
+            {key for e in events if e.period not in complete and (key := month_key(e.customer_id, e.period)) not in cache}
+        )
+        if not self._windows_complete:
+            self._load_windows({e.customer_id for e in events} - self._window_customers)
+        self._load_runs(
+            {f"{e.customer_id}|{e.run_id}" for e in events if e.run_id and self.run_capped(e.customer_id)} - set(self.runs)
+        )
         replayed = [
             event
             for message, event in batch
@@ -206,13 +269,16 @@ class StoreBackedState:
             return
         since = datetime.now(timezone.utc) - timedelta(seconds=self.window_expires_seconds)
         params = {"customers": sorted(customers), "seconds": self.window_seconds, "since": since}
-        for row in self._query(_WINDOWS, params):
+        self._add_windows(self._query(_WINDOWS, params))
+        self._window_customers |= customers
+
+    def _add_windows(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
             start = row["start"].astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
             self.windows.setdefault(row["customer_id"], {})[start] = WindowCounts(
                 credits=row["credits"], cost_to_serve=row["cost_to_serve"],
                 events=int(row["events"]), tokens=int(row["tokens"]),
             )  # fmt: skip
-        self._window_customers |= customers
 
     def _load_runs(self, keys: set[str]) -> None:
         if not keys:
