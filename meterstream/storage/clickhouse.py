@@ -22,6 +22,7 @@ from clickhouse_connect.driver.client import Client
 
 from meterstream.config import ClickHouseSettings
 from meterstream.schemas.records import AlertKind, BudgetAlert, RatedUsage, RawEvent
+from meterstream.storage.columns import rated_table, raw_table
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +120,6 @@ RATED_COLUMNS = [
     "unit", "outcome_type", "attribution", "credits", "cost_to_serve", "currency",
     "price_book_version", "rule", "billed_in",
 ]  # fmt: skip
-RAW_COLUMNS = [
-    "event_id", "customer_id", "kind", "occurred_at", "period", "payload",
-    "source_topic", "source_partition", "source_offset", "ingested_at",
-]  # fmt: skip
 ALERT_COLUMNS = [
     "alert_id", "customer_id", "period", "threshold_percent", "budget_credits",
     "spent_credits", "action", "crossed_at", "triggering_event_id",
@@ -188,25 +185,11 @@ class ClickHouseStore:
     ) -> None:
         now = datetime.now(timezone.utc)
         try:
+            # Raw events and rated rows go as Arrow columns (meterstream/storage/columns.py).
             if raw:
-                self.client.insert(
-                    "events_raw",
-                    [
-                        (
-                            r.event_id, r.customer_id, r.kind, r.occurred_at, r.period,
-                            r.payload.decode("utf-8", "replace"), r.source_topic,
-                            r.source_partition, r.source_offset, now,
-                        )  # fmt: skip
-                        for r in raw
-                    ],
-                    column_names=RAW_COLUMNS,
-                )
+                self.client.insert_arrow("events_raw", raw_table(raw, now))
             if rated:
-                self.client.insert(
-                    "usage_rated",
-                    [_rated_tuple(row, now) for row in rated],
-                    column_names=[*RATED_COLUMNS, "rated_at"],
-                )
+                self.client.insert_arrow("usage_rated", rated_table(rated, now))
             if alerts:
                 self.client.insert(
                     "budget_alerts",
@@ -239,10 +222,6 @@ class ClickHouseStore:
     def close(self) -> None:
         self.client.close()
 
-
-def _rated_tuple(row: RatedUsage, rated_at: datetime) -> tuple[Any, ...]:
-    values = row.model_dump()
-    return (*(values[name] for name in RATED_COLUMNS), rated_at)
 
 
 def open_store(settings: ClickHouseSettings, *, apply_migrations: bool = True) -> ClickHouseStore:

@@ -88,3 +88,48 @@ def test_only_one_worker_may_own_the_embedded_store(tmp_path):
     mine.claim()
     mine.release()
     assert current_owner(settings) is None
+
+
+def test_every_column_of_a_batch_reads_back_as_written(clickhouse):
+    """The Arrow insert path: strings, counts, microsecond times, negative and long decimals, raw bytes."""
+    from meterstream.schemas.records import RatedUsage
+
+    at = datetime(2026, 11, 3, 10, 20, 30, 123_987, tzinfo=timezone.utc)
+    rows = [
+        RatedUsage(
+            event_id="ev-a", kind="usage", customer_id="acme", occurred_at=at, period="2026-11",
+            meter="documents", model="", provider="", workflow_id="wf/1", run_id="run:9",
+            input_tokens=0, cached_input_tokens=0, output_tokens=0, quantity=Decimal("2.123456789"),
+            unit="page", credits=Decimal("0.000000000000000001"), cost_to_serve=Decimal("123456789.123456789012345678"),
+            price_book_version="v1", rule="meter:documents",
+        ),
+        RatedUsage(
+            event_id="ev-b", kind="outcome", customer_id="acme", occurred_at=at, period="2026-11",
+            meter="outcome", outcome_type="resolved_ticket", attribution="ai_only", quantity=Decimal(1),
+            # 20 fractional digits: stored cut toward zero at 18, as the row insert did.
+            credits=Decimal("-1.99999999999999999999"), cost_to_serve=Decimal("-0.5"),
+            price_book_version="v1", rule="outcome:resolved_ticket:ai_only:reversal", billed_in="2026-12",
+        ),
+    ]  # fmt: skip
+    payload = '{"event_id":"ev-a","note":"café ✓"}'.encode()
+    raw = [RawEvent("ev-a", "acme", "usage", at, "2026-11", payload, "usage.events", 7, 2**40)]
+    store = open_store(clickhouse)
+    try:
+        store.insert_batch(raw, rows)
+        got = store.query(
+            "SELECT * EXCEPT rated_at FROM usage_rated ORDER BY event_id", {}
+        ).dicts()
+        assert got[0]["quantity"] == Decimal("2.123456789")
+        assert got[0]["credits"] == Decimal("0.000000000000000001")
+        assert got[0]["cost_to_serve"] == Decimal("123456789.123456789012345678")
+        # DateTime64(3): milliseconds, cut (not rounded), as the row insert did.
+        assert got[0]["occurred_at"].replace(tzinfo=timezone.utc) == at.replace(microsecond=123_000)
+        assert (got[0]["workflow_id"], got[0]["run_id"], got[0]["unit"]) == ("wf/1", "run:9", "page")
+        assert got[1]["credits"] == Decimal("-1.999999999999999999")
+        assert got[1]["cost_to_serve"] == Decimal("-0.5")
+        assert (got[1]["outcome_type"], got[1]["attribution"], got[1]["billed_in"]) == ("resolved_ticket", "ai_only", "2026-12")
+        [stored] = store.query("SELECT payload, source_partition, source_offset FROM events_raw", {}).rows
+        assert stored[0].encode() == payload if isinstance(stored[0], str) else stored[0] == payload
+        assert stored[1:] == [7, 2**40]
+    finally:
+        store.close()
