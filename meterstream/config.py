@@ -134,8 +134,9 @@ class WorkerSettings(_Section):
     """The Faust worker: identity, batching and the price file."""
 
     app_id: str = "meterstream"
-    #: Max events per processing batch, and the longest a batch waits to fill.
-    batch_size: int = Field(default=1000, ge=1, le=100_000)
+    #: Max events per batch (a batch is what has arrived: it never waits to fill), and how
+    #: long the consumer waits for anything when nothing has arrived.
+    batch_size: int = Field(default=5000, ge=1, le=100_000)
     batch_timeout: float = Field(default=0.5, gt=0)
     #: Tumbling window for the real-time per-customer counters.
     window_seconds: int = Field(default=60, ge=1)

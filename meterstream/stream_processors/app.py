@@ -16,10 +16,13 @@ produced is durable:
    committed, so offsets do not move past unwritten rows);
 3. rejections go to the dead-letter topic and alerts to ``budget-alerts``
    (through the Faust producer); the worker waits for the broker to confirm both;
-4. the in-memory state takes the batch's totals, and the offsets are committed
-   (at least once, every ``commit_interval``). A replayed batch is recognised
-   through the store, so nothing is counted or alerted twice; see
-   :mod:`meterstream.stream_processors.state` for why the state is not in Faust tables.
+4. the offsets are committed (at least once, every ``commit_interval``).
+
+The in-memory state takes a batch's totals as soon as it is rated, and the next
+batch is rated while this one is written (two stages, see consumer.py). A
+replayed batch is recognised through the store, so nothing is counted or
+alerted twice; see :mod:`meterstream.stream_processors.state` for why the
+state is not in Faust tables.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -136,11 +139,19 @@ def create_app(settings: Settings, store: Storage, published_alerts: set[str] | 
         len(catalog.plans), len(catalog.customers), len(budgets.customers),
     )  # fmt: skip
 
-    async def with_store(call: Callable[[], T], what: str) -> T:
-        """Run a store call in a thread; while the store is unavailable, retry with backoff."""
+    async def with_store(call: Callable[[], T], what: str, *, exclusive: bool = True) -> T:
+        """Run a store call in a thread; while the store is unavailable, retry with backoff.
+
+        ``exclusive`` calls (writes, the web view's reads) run one at a time; the batch
+        processing (which reads the store only now and then) runs beside a write, which is
+        what lets one batch be rated while the previous one is inserted (chDB releases the
+        GIL, and the client serialises the engine calls themselves).
+        """
         delay = settings.clickhouse.retry_backoff_initial
         while True:
             try:
+                if not exclusive:
+                    return await asyncio.to_thread(call)
                 async with store_lock:
                     return await asyncio.to_thread(call)
             except StoreError as exc:
@@ -165,12 +176,22 @@ def create_app(settings: Settings, store: Storage, published_alerts: set[str] | 
             await fut
         published.update(alert.alert_id for alert in fresh)
 
-    async def handle_batch(messages: Sequence[InboundMessage], keys: Sequence[bytes | None]) -> None:
+    async def stage_batch(
+        messages: Sequence[InboundMessage], keys: Sequence[bytes | None]
+    ) -> Callable[[], Awaitable[None]]:
+        """Rate a batch and take it into the in-memory state; return the write that makes it durable.
+
+        The state takes the batch before it is written so that the next batch, rated while
+        this one is written, sees its totals and ids. The state is derived from the store:
+        if the write cannot complete the process exits (see consumer.py) and a restart
+        rebuilds it from what was stored.
+        """
         result = await with_store(
             lambda: processor.process(messages, state.month_to_date, prepare=state.prepare, history=state),
             "loading state",
+            exclusive=False,
         )
-        await with_store(lambda: store.insert_batch(result.raw, result.rated, result.alerts), "store write")
+        state.commit(result)
         if result.dead_letters:
             key_of = {(m.topic, m.partition, m.offset): key for m, key in zip(messages, keys, strict=True)}
             dead_letter_keys = [
@@ -178,21 +199,30 @@ def create_app(settings: Settings, store: Storage, published_alerts: set[str] | 
             ]
         else:
             dead_letter_keys = []
-        await publish(result, dead_letter_keys)
-        state.commit(result)
-        stats.messages += len(messages)
-        stats.rated += len(result.rated)
-        stats.duplicates += result.duplicates
-        stats.dead_letters += len(result.dead_letters)
-        stats.alerts += len(result.alerts)
-        stats.batches += 1
+
+        async def write() -> None:
+            await with_store(lambda: store.insert_batch(result.raw, result.rated, result.alerts), "store write")
+            await publish(result, dead_letter_keys)
+            stats.messages += len(messages)
+            stats.rated += len(result.rated)
+            stats.duplicates += result.duplicates
+            stats.dead_letters += len(result.dead_letters)
+            stats.alerts += len(result.alerts)
+            stats.batches += 1
+
+        return write
+
+    async def handle_batch(messages: Sequence[InboundMessage], keys: Sequence[bytes | None]) -> None:
+        """One batch, rated and written (what the consumer does, without the overlap)."""
+        write = await stage_batch(messages, keys)
+        await write()
 
     consumer = BatchConsumer(
         kafka,
         topics=[topics.usage.name, topics.outcomes.name],
         kinds={topics.usage.name: "usage", topics.outcomes.name: "outcome"},
         group_id=worker.app_id,
-        handle=handle_batch,
+        stage=stage_batch,
         # Another worker may have written for these partitions meanwhile.
         on_assigned=lambda assigned: state.reset(),
         batch_size=worker.batch_size,

@@ -18,6 +18,9 @@ replays harmless):
   its side-topic messages are confirmed by the broker; commits are batched
   every ``commit_interval`` seconds, and always made before partitions are
   revoked and before a clean stop;
+- two stages overlap: batch *n + 1* is rated while batch *n* is written
+  (chDB releases the GIL, so the two use both cores); writes start in batch
+  order and each waits for the previous one;
 - a rebalance waits for the batch in hand (it is finished and committed
   first); records of partitions no longer assigned are not processed;
 - on shutdown the batch in hand is finished (within ``shutdown_drain``); if it
@@ -49,8 +52,9 @@ from meterstream.stream_processors.processing import InboundMessage
 
 log = logging.getLogger(__name__)
 
-#: One batch: the messages in offset order per partition, and their keys (for dead letters).
-BatchHandler = Callable[[Sequence[InboundMessage], Sequence[bytes | None]], Awaitable[None]]
+#: Stage one of a batch: rate the messages (in offset order per partition; keys for dead
+#: letters) and return stage two, the write that makes the batch durable.
+BatchStager = Callable[[Sequence[InboundMessage], Sequence[bytes | None]], Awaitable[Callable[[], Awaitable[None]]]]
 
 
 def aiokafka_security(kafka: KafkaSettings) -> dict[str, Any]:
@@ -75,7 +79,7 @@ class BatchConsumer(Service):
         topics: Sequence[str],
         kinds: dict[str, str],
         group_id: str,
-        handle: BatchHandler,
+        stage: BatchStager,
         on_assigned: Callable[[set[TopicPartition]], None],
         batch_size: int,
         batch_timeout: float,
@@ -89,7 +93,7 @@ class BatchConsumer(Service):
         self.topics = list(topics)
         self.kinds = kinds
         self.group_id = group_id
-        self.handle = handle
+        self.stage = stage
         self.on_assigned = on_assigned
         self.batch_size = batch_size
         self.batch_timeout = batch_timeout
@@ -103,6 +107,8 @@ class BatchConsumer(Service):
         self._pending: dict[TopicPartition, int] = {}
         self._last_commit = time.monotonic()
         self._in_flight: asyncio.Future[None] | None = None
+        #: The previous batch's write, running while the next batch is rated.
+        self._write: asyncio.Future[None] | None = None
         self._stopping = False
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -127,12 +133,11 @@ class BatchConsumer(Service):
     async def on_stop(self) -> None:
         """Finish the batch in hand, commit it, leave the group."""
         self._stopping = True
-        in_flight = self._in_flight
-        if in_flight is not None and not in_flight.done():
-            done, _ = await asyncio.wait([in_flight], timeout=self.shutdown_drain)
-            if not done or in_flight.exception() is not None:
-                log.error("in-flight batch not finished at shutdown; exiting without committing it")
-                os._exit(1)
+        try:
+            await asyncio.wait_for(self._settle(), timeout=self.shutdown_drain)
+        except Exception:  # a timeout, or a batch that failed: its offsets must not be committed
+            log.error("in-flight batch not finished at shutdown; exiting without committing it", exc_info=True)
+            os._exit(1)
         if self.consumer is not None:
             try:
                 await self._commit(force=True)
@@ -152,21 +157,43 @@ class BatchConsumer(Service):
                 return
             if self._stopping:
                 return  # fetched after the stop began: not processed, not committed
-            if records:
-                # Shielded: a cancellation (shutdown) must not cut a batch in half; on_stop waits for it.
-                self._in_flight = asyncio.ensure_future(self._process(records))
-                try:
+            try:
+                if records:
+                    # Shielded: a cancellation (shutdown) must not cut a batch in half; on_stop waits for it.
+                    self._in_flight = asyncio.ensure_future(self._process(records))
                     await asyncio.shield(self._in_flight)
-                except asyncio.CancelledError:
-                    return  # on_stop finishes (or abandons) the batch
-                except Exception:
-                    # Not a store outage (those are retried inside the batch): a defect or a broker
-                    # that refused the side-topic messages. Nothing of this batch is committed;
-                    # exit so that a supervisor restarts the worker and the batch is replayed.
-                    log.critical("batch failed; exiting without committing it", exc_info=True)
-                    os._exit(1)
-            elif self._pending:
-                await self._commit(force=False)
+                elif self._write is not None and self._write.done():
+                    await self._finish_write()
+                elif self._pending:
+                    await self._commit(force=False)
+            except asyncio.CancelledError:
+                return  # on_stop finishes (or abandons) the batches in hand
+            except Exception:
+                # Not a store outage (those are retried inside the batch): a defect or a broker
+                # that refused the side-topic messages. Nothing of this batch is committed;
+                # exit so that a supervisor restarts the worker and the batch is replayed.
+                log.critical("batch failed; exiting without committing it", exc_info=True)
+                os._exit(1)
+
+    async def _settle(self) -> None:
+        """Wait for the batch being rated and the write in progress; raises if either failed."""
+        if self._in_flight is not None:
+            await asyncio.wait([self._in_flight])
+            if not self._in_flight.cancelled() and self._in_flight.exception() is not None:
+                raise self._in_flight.exception()  # type: ignore[misc]
+        await self._finish_write()
+
+    async def _finish_write(self) -> None:
+        """Wait for the previous batch's write (its offsets become committable when it is done)."""
+        write, self._write = self._write, None
+        if write is not None:
+            await write
+
+    async def _durable(self, write: Callable[[], Awaitable[None]], last: dict[TopicPartition, int]) -> None:
+        await write()
+        for tp, offset in last.items():
+            self._pending[tp] = offset + 1
+        await self._commit(force=False)
 
     async def _process(self, records: dict[TopicPartition, list[Any]]) -> None:
         assert self.consumer is not None
@@ -184,10 +211,12 @@ class BatchConsumer(Service):
             last[tp] = batch[-1].offset
         if not messages:
             return
-        await self.handle(messages, keys)
-        for tp, offset in last.items():
-            self._pending[tp] = offset + 1
-        await self._commit(force=False)
+        # Two stages: this batch is rated while the previous one is still being written (chDB
+        # works outside the GIL), then this batch's write starts once the previous one is done,
+        # so writes, and offsets, stay in order.
+        write = await self.stage(messages, keys)
+        await self._finish_write()
+        self._write = asyncio.ensure_future(self._durable(write, last))
 
     async def _commit(self, *, force: bool) -> None:
         if not self._pending or self.consumer is None:
@@ -209,9 +238,11 @@ class BatchConsumer(Service):
 
     async def revoked(self, revoked: set[TopicPartition]) -> None:
         self.rebalancing = True
-        in_flight = self._in_flight
-        if in_flight is not None and not in_flight.done():
-            await asyncio.wait([in_flight])
+        try:
+            await self._settle()
+        except Exception:
+            log.critical("batch failed during a rebalance; exiting without committing it", exc_info=True)
+            os._exit(1)
         await self._commit(force=True)
 
     def assigned_now(self, assigned: set[TopicPartition]) -> None:

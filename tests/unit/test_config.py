@@ -30,7 +30,7 @@ def test_defaults() -> None:
     assert settings.kafka.bootstrap_servers == "127.0.0.1:9092"
     assert settings.kafka.partitions == 3
     assert settings.clickhouse.embedded is True
-    assert settings.worker.batch_size == 1000
+    assert settings.worker.batch_size == 5000
 
 
 def test_env_vars_with_prefix_and_nested_delimiter(monkeypatch: pytest.MonkeyPatch) -> None:
