@@ -83,7 +83,7 @@ def rate_event(event: UsageEvent | OutcomeEvent, book: PriceBook) -> RatedUsage:
             # A reversal credits back the outcome it reverses.
             credits, cost, rule = -credits, -cost, f"{rule}:reversal"
         # Built from a validated event and a validated price book: nothing left to validate.
-        return RatedUsage.model_construct(
+        return RatedUsage.trusted(
             kind="outcome",
             meter="outcome",
             quantity=Decimal(1),
@@ -112,7 +112,7 @@ def rate_event(event: UsageEvent | OutcomeEvent, book: PriceBook) -> RatedUsage:
         cost = event.quantity * meter_price.cost_per_unit
         rule = f"meter:{event.meter.value}"
         provider = event.provider or ""
-    return RatedUsage.model_construct(
+    return RatedUsage.trusted(
         kind="usage",
         meter=event.meter.value,
         model=event.model or "",

@@ -427,3 +427,31 @@ def test_usage_is_never_negative(
     meter_row = rate_event(meter_event, meter_book)
     assert meter_row.credits >= 0
     assert meter_row.cost_to_serve >= 0
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        UsageEvent(event_id="t1", customer_id="acme", occurred_at="2026-11-02T10:00:00+01:00", model="gpt-4o",
+                   input_tokens=1200, cached_input_tokens=200, output_tokens=300, workflow_id="wf", run_id="r1"),
+        UsageEvent(event_id="t2", customer_id="acme", occurred_at="2026-11-02T10:00:00Z", meter="documents",
+                   quantity="2.5", unit="page"),
+        OutcomeEvent(event_id="t3", customer_id="acme", occurred_at="2026-11-02T10:00:00Z",
+                     outcome_type="resolved_ticket", attribution="ai_only", reversal_of="t0"),
+    ],
+)  # fmt: skip
+def test_a_rated_row_built_without_validation_equals_the_validated_one(event):
+    """rate_event builds rows with RatedUsage.trusted (no validation): the same row, field for field."""
+    from meterstream.schemas.records import RatedUsage
+
+    book = load_price_book(None)
+    try:
+        row = rate_event(event, book)
+    except RatingError:
+        pytest.skip("the default book does not price this event")
+    validated = RatedUsage(**row.model_dump())
+    assert row == validated
+    assert row.model_dump() == validated.model_dump()
+    assert row.model_dump_json() == validated.model_dump_json()
+    assert row.model_fields_set <= set(RatedUsage.model_fields)
+    assert row.model_copy(update={"billed_in": "2026-12"}).billed_in == "2026-12"
