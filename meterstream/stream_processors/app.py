@@ -128,10 +128,6 @@ def create_app(settings: Settings, store: Storage, published_alerts: set[str] | 
     # Faust's own consumer stays off: the BatchConsumer below reads the event topics.
     app.boot_strategy = BootStrategy(app, enable_kafka_consumer=False)
 
-    alerts_topic = app.topic(topics.budget_alerts.name, key_serializer="raw", value_serializer="raw")
-    dead_letter_topic = app.topic(topics.dead_letter.name, key_serializer="raw", value_serializer="raw")
-    enforcement_topic = app.topic(topics.enforcement.name, key_serializer="raw", value_serializer="raw")
-
     # One store call at a time: chDB runs in this process and inserts and reads share it.
     store_lock = asyncio.Lock()
     log.info(
@@ -161,17 +157,21 @@ def create_app(settings: Settings, store: Storage, published_alerts: set[str] | 
                 delay = min(delay * 2, settings.clickhouse.retry_backoff_max)
 
     async def publish(result: BatchResult, keys: list[bytes | None]) -> None:
+        # Straight to Faust's producer (aiokafka underneath, murmur2 keys): ``Topic.send`` adds
+        # Faust's message bookkeeping per record, and a batch can carry one enforcement state
+        # per customer it touched.
+        send = app.producer.send
         futures = []
         for letter, key in zip(result.dead_letters, keys, strict=True):
-            futures.append(await dead_letter_topic.send(key=key, value=letter.model_dump_json().encode()))
+            futures.append(await send(topics.dead_letter.name, key, letter.model_dump_json().encode(), None, None, None))
         fresh = [alert for alert in result.alerts if alert.alert_id not in published]
         for alert in fresh:
-            futures.append(
-                await alerts_topic.send(key=alert.customer_id.encode(), value=alert.model_dump_json().encode())
-            )
+            value = alert.model_dump_json().encode()
+            futures.append(await send(topics.budget_alerts.name, alert.customer_id.encode(), value, None, None, None))
         for key, decision in result.enforcement.items():
-            futures.append(await enforcement_topic.send(key=key.encode(), value=decision.model_dump_json().encode()))
-        # Wait for the broker to confirm before the batch is acknowledged.
+            value = decision.model_dump_json().encode()
+            futures.append(await send(topics.enforcement.name, key.encode(), value, None, None, None))
+        # Wait for the broker to confirm before the batch's offsets may be committed.
         for fut in futures:
             await fut
         published.update(alert.alert_id for alert in fresh)
@@ -271,11 +271,6 @@ def create_app(settings: Settings, store: Storage, published_alerts: set[str] | 
     app.meterstream_state = state  # type: ignore[attr-defined]
     app.meterstream_consumer = consumer  # type: ignore[attr-defined]
     app.meterstream_handle_batch = handle_batch  # type: ignore[attr-defined]
-    app.meterstream_topics = {  # type: ignore[attr-defined]
-        "alerts": alerts_topic,
-        "dead_letter": dead_letter_topic,
-        "enforcement": enforcement_topic,
-    }
     return app
 
 

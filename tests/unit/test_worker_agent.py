@@ -71,13 +71,13 @@ async def _run(store: MemoryStore, values: list[bytes], tmp_path: Path, budgets:
     )
     app = create_app(settings, store)
     sent: dict[str, list[bytes]] = {"alerts": [], "dead_letter": [], "enforcement": []}
-    for name, topic in app.meterstream_topics.items():
+    names = {"budget-alerts": "alerts", "meterstream.dead-letter": "dead_letter", "enforcement-state": "enforcement"}
 
-        async def capture(*, key=None, value=None, _name=name, **_):
-            sent[_name].append(value)
-            return _sent_future()
+    async def capture(topic, key, value, partition, timestamp, headers):
+        sent[names[topic]].append(value)
+        return _sent_future()
 
-        topic.send = AsyncMock(side_effect=capture)
+    app.producer.send = AsyncMock(side_effect=capture)
     messages = [InboundMessage("usage", value, "usage.events", 0, offset) for offset, value in enumerate(values)]
     await asyncio.wait_for(app.meterstream_handle_batch(messages, [b"acme"] * len(values)), 10)
     return app, sent
