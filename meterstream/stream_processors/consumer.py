@@ -43,7 +43,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.errors import CommitFailedError, ConsumerStoppedError, IllegalStateError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 from mode import Service
 
@@ -153,8 +153,8 @@ class BatchConsumer(Service):
                 records = await self.consumer.getmany(
                     timeout_ms=int(self.batch_timeout * 1000), max_records=self.batch_size
                 )
-            except (IllegalStateError, asyncio.CancelledError):
-                return
+            except (IllegalStateError, ConsumerStoppedError, asyncio.CancelledError):
+                return  # stopping
             if self._stopping:
                 return  # fetched after the stop began: not processed, not committed
             try:

@@ -1,0 +1,149 @@
+"""The worker's batch consumer without a broker: stages overlap, writes and offsets stay in order.
+
+A fake aiokafka consumer records commits; the stager records when each batch is
+rated and written. The real consumer on the real broker (rebalances, SIGKILL,
+SIGTERM) is exercised in tests/integration/test_worker_restarts.py and the
+pipeline tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+from aiokafka import TopicPartition
+
+from meterstream.config import KafkaSettings
+from meterstream.stream_processors.consumer import BatchConsumer
+
+TP0 = TopicPartition("usage.events", 0)
+TP1 = TopicPartition("outcome.events", 0)
+
+
+class FakeKafkaConsumer:
+    def __init__(self) -> None:
+        self.commits: list[dict[TopicPartition, int]] = []
+
+    def assignment(self) -> set[TopicPartition]:
+        return {TP0, TP1}
+
+    async def commit(self, offsets) -> None:
+        self.commits.append({tp: meta.offset for tp, meta in offsets.items()})
+
+
+def _records(tp: TopicPartition, first: int, n: int) -> dict[TopicPartition, list[SimpleNamespace]]:
+    return {tp: [SimpleNamespace(offset=first + i, value=b"{}", key=b"acme") for i in range(n)]}
+
+
+def _consumer(stage, commit_interval: float = 0.0) -> tuple[BatchConsumer, FakeKafkaConsumer]:
+    consumer = BatchConsumer(
+        KafkaSettings(),
+        topics=[TP0.topic, TP1.topic],
+        kinds={TP0.topic: "usage", TP1.topic: "outcome"},
+        group_id="unit",
+        stage=stage,
+        on_assigned=lambda assigned: None,
+        batch_size=100,
+        batch_timeout=0.05,
+        commit_interval=commit_interval,
+        session_timeout=10,
+        shutdown_drain=5,
+    )
+    fake = FakeKafkaConsumer()
+    consumer.consumer = fake  # type: ignore[assignment]
+    return consumer, fake
+
+
+def test_the_next_batch_is_rated_while_the_previous_one_is_written_and_writes_stay_in_order():
+    log: list[str] = []
+    release_first_write = asyncio.Event()
+
+    async def stage(messages, keys):
+        name = f"b{messages[0].offset}"
+        log.append(f"rate {name}")
+
+        async def write():
+            if name == "b0":
+                await release_first_write.wait()  # the first write is slow
+            log.append(f"write {name}")
+
+        return write
+
+    async def run():
+        consumer, fake = _consumer(stage)
+        await consumer._process(_records(TP0, 0, 3))
+        # Batch 1 is rated while batch 0's write is still waiting.
+        second = asyncio.ensure_future(consumer._process(_records(TP0, 3, 2)))
+        await asyncio.sleep(0.05)
+        assert log == ["rate b0", "rate b3"]
+        assert fake.commits == []  # nothing is durable yet
+        release_first_write.set()
+        await second
+        await consumer._settle()
+        return log, fake.commits
+
+    log, commits = asyncio.run(run())
+    assert log == ["rate b0", "rate b3", "write b0", "write b3"]
+    # Each offset is committed only after its batch's write; the last commit is the next offset to read.
+    assert commits == [{TP0: 3}, {TP0: 5}]
+
+
+def test_a_failed_write_is_never_committed_and_surfaces():
+    async def stage(messages, keys):
+        async def write():
+            raise RuntimeError("broker refused the dead letters")
+
+        return write
+
+    async def run():
+        consumer, fake = _consumer(stage)
+        await consumer._process(_records(TP1, 10, 2))
+        with pytest.raises(RuntimeError, match="refused"):
+            await consumer._settle()
+        return fake.commits
+
+    assert asyncio.run(run()) == []
+
+
+def test_records_of_a_partition_revoked_since_the_fetch_are_not_processed():
+    seen: list[tuple[str, int]] = []
+
+    async def stage(messages, keys):
+        seen.extend((m.topic, m.offset) for m in messages)
+
+        async def write():
+            return None
+
+        return write
+
+    async def run():
+        consumer, fake = _consumer(stage)
+        revoked = TopicPartition("usage.events", 7)
+        await consumer._process({**_records(revoked, 0, 2), **_records(TP1, 4, 1)})
+        await consumer._settle()
+        return fake.commits
+
+    commits = asyncio.run(run())
+    assert seen == [("outcome.events", 4)]
+    assert commits == [{TP1: 5}]
+
+
+def test_commits_are_batched_by_the_commit_interval_and_forced_on_revocation():
+    async def stage(messages, keys):
+        async def write():
+            return None
+
+        return write
+
+    async def run():
+        consumer, fake = _consumer(stage, commit_interval=3600)
+        consumer._last_commit = asyncio.get_running_loop().time() + 10**9  # a commit was just made
+        await consumer._process(_records(TP0, 0, 2))
+        await consumer._process(_records(TP1, 0, 4))
+        await consumer._settle()
+        assert fake.commits == []  # within the interval: held
+        await consumer.revoked({TP0})
+        return fake.commits
+
+    assert asyncio.run(run()) == [{TP0: 2, TP1: 4}]
