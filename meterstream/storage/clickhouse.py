@@ -189,7 +189,11 @@ class ClickHouseStore:
             if raw:
                 self.client.insert_arrow("events_raw", raw_table(raw, now))
             if rated:
-                self.client.insert_arrow("usage_rated", rated_table(rated, now))
+                # The view into usage_recent (sql/007) writes one partition per day: a replayed
+                # backlog may span more than the default 100.
+                self.client.insert_arrow(
+                    "usage_rated", rated_table(rated, now), settings={"max_partitions_per_insert_block": 0}
+                )
             if alerts:
                 self.client.insert(
                     "budget_alerts",
