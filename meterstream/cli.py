@@ -111,6 +111,44 @@ def migrate() -> None:
         console.print("schema is up to date")
 
 
+@app.command()
+def settle(
+    before: Annotated[
+        str | None, typer.Option(help="settle the days before this date (YYYY-MM-DD); default today, UTC")
+    ] = None,
+) -> None:
+    """Settle closed days: the per-day sums invoices read instead of rated rows (sql/007; incremental)."""
+    from datetime import date
+
+    from meterstream.storage.clickhouse import StoreError, open_store
+    from meterstream.storage.owner import current_owner
+    from meterstream.storage.settle import settle as settle_days
+
+    settings = get_settings()
+    owner = current_owner(settings.clickhouse)
+    if owner is not None:
+        raise fail(f"the worker (pid {owner.pid}) owns the embedded store and settles it on its timer")
+    try:
+        cutoff = date.fromisoformat(before) if before else None
+    except ValueError:
+        raise fail(f"--before must be a date (YYYY-MM-DD), not {before!r}") from None
+    try:
+        store = open_store(settings.clickhouse)
+        try:
+            result = settle_days(store.client, cutoff)
+        finally:
+            store.close()
+    except StoreError as exc:
+        raise fail(str(exc)) from None
+    except Exception as exc:  # clickhouse-connect raises several unrelated types
+        raise fail(f"settle failed: {exc}") from None
+    console.print(
+        f"settled {result.customer_days:,} customer-days before {result.before} "
+        f"({result.rows_written:,} rows; {result.unsettleable_customer_days:,} left to FINAL) "
+        f"in {result.seconds:.1f} s"
+    )
+
+
 # -- worker -----------------------------------------------------------------------------------
 
 
