@@ -21,10 +21,11 @@
 -- * Every row written to usage_rated reaches the rollups: ClickHouse pushes each
 --   insert to its views synchronously, a failed push fails the insert, and the
 --   worker retries the whole batch (which the check above then sees).
--- So the hourly/daily saved queries are exact. Invoices, margins, month-to-date,
--- cache savings, cost per outcome and the dispute audit still read
--- usage_rated FINAL: they need columns the rollups do not keep (plan version,
--- rule, run_id, outcome type) or must not depend on any derived table.
+-- So the hourly/daily saved queries are exact. Invoices (invoice_usage, late_usage)
+-- and month-to-date read settled per-day sums instead (sql/007_settled_usage.sql),
+-- which keep the plan version and outcome columns these rollups do not. Margins,
+-- cache savings, cost per outcome and the dispute audit still read usage_rated
+-- FINAL: they need columns no derived table keeps (rule, run_id).
 --
 -- Money columns are Decimal(38, 18), as in usage_rated: sums never round.
 -- The rollups include outcome rows (meter = 'outcome', quantity = 1 each).
