@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from functools import lru_cache
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 from meterstream.budgets import (
     Budget,
@@ -45,8 +45,9 @@ Kind = Literal["usage", "outcome"]
 ZERO = Decimal(0)
 
 
-@dataclass(frozen=True, slots=True)
-class InboundMessage:
+class InboundMessage(NamedTuple):
+    """One message as the worker sees it (a tuple: the worker builds one per message)."""
+
     kind: Kind
     value: bytes | None
     topic: str
