@@ -218,3 +218,17 @@ def settle(
     if counts[0] or counts[1]:
         log.info("settled %s", result.as_dict())
     return result
+
+
+def settle_store(store: Any, before: date | None = None) -> SettleResult:
+    """:func:`settle` on a :class:`~meterstream.storage.clickhouse.ClickHouseStore`; failures as ``StoreError``.
+
+    What the worker's timer calls (through its ``with_store``, which retries a
+    ``StoreError`` with backoff): a failed run leaves nothing half-published.
+    """
+    from meterstream.storage.clickhouse import StoreError
+
+    try:
+        return settle(store.client, before)
+    except Exception as exc:  # clickhouse-connect raises several unrelated types
+        raise StoreError(f"settle failed: {exc}") from exc

@@ -416,3 +416,17 @@ def test_settled_queries_take_the_same_parameters():
     assert query_parameters("invoice_usage") == {"customer", "period", "late_until"}
     assert query_parameters("month_to_date") == {"customer", "period"}
     assert query_parameters("late_usage") == {"customer", "billed_in"}
+
+
+def test_the_worker_entry_point_reports_a_failed_run_as_a_store_error(clickhouse):
+    from meterstream.storage.clickhouse import StoreError
+    from meterstream.storage.settle import settle_store
+
+    client = connect(clickhouse)  # not migrated: no tables to settle
+    try:
+        with pytest.raises(StoreError, match="settle failed"):
+            settle_store(ClickHouseStore(client))
+        migrate(client)
+        assert settle_store(ClickHouseStore(client)).customer_days == 0
+    finally:
+        client.close()
