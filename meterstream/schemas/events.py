@@ -12,19 +12,21 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from enum import StrEnum
+from time import time
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
     StrictInt,
     StrictStr,
     StringConstraints,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
     field_validator,
     model_validator,
 )
@@ -86,31 +88,42 @@ Attributes = Annotated[dict[str, AttributeValue], AfterValidator(_check_attribut
 EARLIEST_OCCURRED_AT = datetime(2000, 1, 1, tzinfo=timezone.utc)
 
 
-def _rfc3339_only(value: object) -> object:
-    # pydantic would read a bare number as Unix seconds; the wire format is an RFC 3339 string.
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        raise ValueError("occurred_at must be an RFC 3339 date-time string with a timezone, not a number")
-    return value
+_UTC = timezone.utc
+_MAX_FUTURE_SKEW_S = MAX_FUTURE_SKEW.total_seconds()
 
 
-def _plausible_time(value: datetime) -> datetime:
-    now = datetime.now(timezone.utc)
-    if value - now > MAX_FUTURE_SKEW:
+def _occurred_at(value: Any, parse: ValidatorFunctionWrapHandler) -> datetime:
+    """An aware datetime, converted to UTC, not before 2000 and not more than the skew in the future.
+
+    One Python call per event. A ``datetime`` already in UTC (the SDK's own
+    timestamps) is what pydantic's aware-datetime validator would return
+    unchanged, so it skips that validator and the conversion; anything else
+    (JSON strings, other timezones, subclasses) goes through both.
+    """
+    if not (type(value) is datetime and value.tzinfo is _UTC):
+        # pydantic would read a bare number as Unix seconds; the wire format is an RFC 3339 string.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            raise ValueError("occurred_at must be an RFC 3339 date-time string with a timezone, not a number")
+        value = parse(value)
+    # Seconds against the wall clock first (cheaper than datetime.now()); near the limit, exactly.
+    if value.timestamp() - time() > _MAX_FUTURE_SKEW_S - 1 and value - datetime.now(_UTC) > MAX_FUTURE_SKEW:
         raise ValueError(
             f"occurred_at {value.isoformat()} is more than {int(MAX_FUTURE_SKEW.total_seconds())} s in the future"
         )
-    try:
-        utc = value.astimezone(timezone.utc)
-    except OverflowError:
-        # e.g. 0001-01-01T00:00:00+01:00 is before datetime.min in UTC; a ValueError
-        # makes it a validation error (a Rejection), not an exception in the worker.
-        raise ValueError(f"occurred_at {value.isoformat()} is out of range in UTC") from None
+    utc = value
+    if value.tzinfo is not _UTC:
+        try:
+            utc = value.astimezone(_UTC)
+        except OverflowError:
+            # e.g. 0001-01-01T00:30:00+01:00 is before datetime.min in UTC; a ValueError
+            # makes it a validation error (a Rejection), not an exception in the worker.
+            raise ValueError(f"occurred_at {value.isoformat()} is out of range in UTC") from None
     if utc < EARLIEST_OCCURRED_AT:
         raise ValueError(f"occurred_at {value.isoformat()} is before {EARLIEST_OCCURRED_AT.date()}")
     return utc
 
 
-OccurredAt = Annotated[AwareDatetime, BeforeValidator(_rfc3339_only), AfterValidator(_plausible_time)]
+OccurredAt = Annotated[AwareDatetime, WrapValidator(_occurred_at)]
 
 
 class _Event(BaseModel):
@@ -130,6 +143,17 @@ class _Event(BaseModel):
     def period(self) -> str:
         """The billing period (calendar month, UTC) the event belongs to."""
         return self.occurred_at.strftime("%Y-%m")
+
+    def wire_bytes(self) -> bytes:
+        """The event as the SDK sends it: UTF-8 JSON without null fields.
+
+        The same bytes as ``model_dump_json(exclude_none=True).encode()``, without
+        the decode/encode round trip through ``str``.
+        """
+        return self.__pydantic_serializer__.to_json(self, exclude_none=True)
+
+
+_TOKENS = Meter.TOKENS  # a module constant: looking up an enum member costs more than the whole check
 
 
 class UsageEvent(_Event):
@@ -164,7 +188,7 @@ class UsageEvent(_Event):
 
     @model_validator(mode="after")
     def _meter_shape(self) -> UsageEvent:
-        if self.meter is Meter.TOKENS:
+        if self.meter is _TOKENS:
             if not self.model:
                 raise ValueError("a tokens event needs a model")
             if self.quantity:

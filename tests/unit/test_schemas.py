@@ -224,6 +224,49 @@ def test_json_wire_format_is_strict_too(field: str, json_value: str) -> None:
     assert [tuple(e["loc"]) for e in info.value.errors()] == [(field,)]
 
 
+class _Moment(datetime):
+    """A datetime subclass: not the SDK's own timestamps, so it takes pydantic's full path."""
+
+
+@pytest.mark.parametrize(
+    "tz", [timezone.utc, timezone(timedelta(hours=-5)), timezone(timedelta(0))], ids=["utc", "utc-5", "other-utc-object"]
+)
+def test_occurred_at_rules_hold_for_every_timezone(tz: timezone) -> None:
+    # UTC datetimes skip pydantic's datetime validator; every rule must hold on both paths.
+    now = datetime.now(timezone.utc)
+    for moment in (now.astimezone(tz), _Moment.fromtimestamp(now.timestamp(), tz)):
+        event = UsageEvent(**{**VALID_TOKENS, "occurred_at": moment})
+        assert event.occurred_at == moment and event.occurred_at.tzinfo is timezone.utc
+    UsageEvent(**{**VALID_TOKENS, "occurred_at": (now + timedelta(minutes=5) - timedelta(seconds=2)).astimezone(tz)})
+    assert_rejected({**VALID_TOKENS, "occurred_at": (now + timedelta(minutes=5, seconds=2)).astimezone(tz)},
+                    ("occurred_at",), "more than 300 s in the future")
+    UsageEvent(**{**VALID_TOKENS, "occurred_at": datetime(2000, 1, 1, tzinfo=timezone.utc).astimezone(tz)})
+    assert_rejected({**VALID_TOKENS, "occurred_at": datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc).astimezone(tz)},
+                    ("occurred_at",), "is before 2000-01-01")
+    assert_rejected({**VALID_TOKENS, "occurred_at": T0.replace(tzinfo=None)}, ("occurred_at",), "timezone")
+
+
+@pytest.mark.parametrize("number", [1_700_000_000, 1_700_000_000.5])
+def test_occurred_at_is_never_read_from_a_number(number: float) -> None:
+    assert_rejected({**VALID_TOKENS, "occurred_at": number}, ("occurred_at",), "RFC 3339 date-time string")
+    raw = json.dumps({**VALID_TOKENS, "occurred_at": number})
+    with pytest.raises(ValidationError, match="RFC 3339 date-time string"):
+        UsageEvent.model_validate_json(raw)
+
+
+def test_wire_bytes_are_the_json_dump_without_nulls(make_usage: Callable[..., UsageEvent]) -> None:
+    events = [
+        make_usage(),
+        make_usage(provider="openai", workflow_id="wf-1", attributes={"feature": "chat", "beta": True, "tier": 3}),
+        UsageEvent(**{**VALID_METER, "quantity": Decimal("123456789.000000001"), "unit": "pages"}),
+        OutcomeEvent(event_id="o-1", customer_id="acme", occurred_at=T0, outcome_type="resolved_ticket",
+                     attribution="ai_only"),
+    ]
+    for event in events:
+        assert event.wire_bytes() == event.model_dump_json(exclude_none=True).encode()
+        assert type(event).model_validate_json(event.wire_bytes()) == event
+
+
 def test_occurred_at_before_utc_range_is_a_validation_error_not_an_overflow() -> None:
     # 00:30 on 1 Jan year 1 at UTC+1 is before datetime.min in UTC. It used to escape as
     # OverflowError (crashing the decoder); it must be an ordinary field error.
