@@ -1,4 +1,4 @@
-"""Invoice query over a large store: bulk-load synthetic rated rows into chDB, time ``month_to_date``.
+"""Invoice query over a large store: bulk-load synthetic rated rows into chDB, settle, time ``invoice_usage``.
 
 Run by ``bench/run.py`` in a child process (chDB allows one store per process,
 and the engine's threads and memory must not sit inside the process that
@@ -14,6 +14,16 @@ the demo's mix with the default price book's rates, log-normal token counts,
 (same ``event_id`` inserted again, as replays and resends leave them before a
 merge). Money is computed in floating point and stored as Decimal(38, 18): the
 amounts are synthetic, only their shape matters for timing.
+
+After the load the build settles every day before the build's own day
+(:func:`meterstream.storage.settle.settle`, what the worker's timer runs), so the
+build day stays live: the invoice queries read it from ``usage_rated FINAL`` and the
+other days from ``usage_settled``, as mid-month in production. The figure is
+``invoice_usage`` (what :func:`meterstream.billing.invoice_from_store` runs for the
+period); ``month_to_date``, ``late_usage`` and the whole ``invoice_from_store``
+(periods, invoice usage, late adjustments, pricing) are timed beside it, and the
+same aggregate over the whole period from ``usage_rated FINAL`` (the query before
+settling) as a diagnostic.
 
 The store is built once and reused (``--store``; rebuilt when the spec or the
 DDL changes, or with ``--rebuild``); the load time of the build is recorded
@@ -39,10 +49,13 @@ if __package__ in (None, ""):
 from meterstream.config import ClickHouseSettings
 from meterstream.demo import MODEL_MIX, WORKFLOWS, customer_ids
 from meterstream.pricing.pricebook import load_price_book
-from meterstream.storage.clickhouse import SQL_DIR, ClickHouseStore, open_store
+from meterstream.billing import invoice_from_store
+from meterstream.pricing.plans import load_catalog
+from meterstream.storage.clickhouse import SQL_DIR, ClickHouseStore, _statements, open_store
 from meterstream.storage.queries import UnknownQuery, saved_query
+from meterstream.storage.settle import settle
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3  # 3: the build settles the closed days
 POWER = 1.3
 OUTCOME_PERCENT = 8
 DUPLICATE_PERCENT = 1
@@ -61,7 +74,10 @@ def _sql_list(values: list[Any]) -> str:
 
 def spec_for(rows: int, customers: int) -> dict[str, Any]:
     # All migrations: the bulk load goes through whatever views the DDL defines on usage_rated.
-    ddl = b"".join(path.read_bytes() for path in sorted(SQL_DIR.glob("[0-9][0-9][0-9]_*.sql")))
+    # Statements only: a comment edit does not change the store (nor force a 4-minute rebuild).
+    ddl = "\n;\n".join(
+        stmt for path in sorted(SQL_DIR.glob("[0-9][0-9][0-9]_*.sql")) for stmt in _statements(path.read_text())
+    ).encode()
     return {
         "rows": rows,
         "customers": customers,
@@ -151,7 +167,7 @@ def wait_for_merges(store: ClickHouseStore, timeout: float) -> float:
     deadline = started + timeout
     quiet = 0
     while time.monotonic() < deadline:
-        running = _scalar(store, "SELECT count() FROM system.merges WHERE table = 'usage_rated'")
+        running = _scalar(store, "SELECT count() FROM system.merges")
         quiet = quiet + 1 if running == 0 else 0
         if quiet >= 3:
             break
@@ -175,6 +191,8 @@ def build(store_dir: Path, rows: int, customers: int) -> dict[str, Any]:
         load_seconds = time.monotonic() - started
         merge_wait = wait_for_merges(store, timeout=300)
         stored = _scalar(store, "SELECT count() FROM usage_rated")
+        settled = settle(store.client, now.date())
+        settle_merge_wait = wait_for_merges(store, timeout=120)
     finally:
         store.close()
     meta = {
@@ -187,9 +205,39 @@ def build(store_dir: Path, rows: int, customers: int) -> dict[str, Any]:
         "load_seconds": round(load_seconds, 2),
         "load_rows_per_second": round(stored / load_seconds),
         "merge_settle_seconds": round(merge_wait, 1),
+        "settle": settled.as_dict(),
+        "settle_then_merges_seconds": round(settle_merge_wait, 1),
     }
     (store_dir / "bench-spec.json").write_text(json.dumps(meta, indent=2))
     return meta
+
+
+#: The invoice aggregate as it was before settling: the whole period from usage_rated FINAL.
+FULL_FINAL_INVOICE = """
+SELECT kind, meter, model, outcome_type, attribution, price_book_version AS plan_version,
+       endsWith(rule, ':reversal') AS is_reversal, count() AS events, sum(credits) AS credits,
+       sum(cost_to_serve) AS cost_to_serve, max(quantity) AS max_quantity
+FROM usage_rated FINAL
+WHERE customer_id = {customer:String} AND period = {period:String}
+  AND (billed_in = '' OR ({late_until:String} != '' AND billed_in <= {late_until:String}))
+GROUP BY kind, meter, model, outcome_type, attribution, plan_version, is_reversal
+ORDER BY kind, meter, model, outcome_type, attribution, plan_version, is_reversal
+"""
+
+
+def _time_call(call: Any, runs: int) -> dict[str, Any]:
+    call()
+    timings = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        call()
+        timings.append(time.perf_counter() - started)
+    return {
+        "median_ms": round(statistics.median(timings) * 1000, 1),
+        "min_ms": round(min(timings) * 1000, 1),
+        "max_ms": round(max(timings) * 1000, 1),
+        "runs": runs,
+    }
 
 
 def _time_query(store: ClickHouseStore, sql: str, params: dict[str, str], runs: int) -> dict[str, Any]:
@@ -203,13 +251,14 @@ def _time_query(store: ClickHouseStore, sql: str, params: dict[str, str], runs: 
         result = store.query(sql, params)
         timings.append(time.perf_counter() - started)
     rows = result.dicts() if result is not None else []
+    events = sum(int(r["events"]) for r in rows) if rows and "events" in rows[0] else None
     return {
         "first_run_ms": round(cold * 1000, 1),
         "median_ms": round(statistics.median(timings) * 1000, 1),
         "min_ms": round(min(timings) * 1000, 1),
         "max_ms": round(max(timings) * 1000, 1),
         "runs": runs,
-        "result_events": int(rows[0]["events"]) if rows and "events" in rows[0] else None,
+        "result_events": events,
     }
 
 
@@ -252,12 +301,13 @@ def measure(store_dir: Path, runs: int) -> dict[str, Any]:
         total_rows = sum(n for _, n in per_customer)
         heaviest = per_customer[0]
         typical = per_customer[len(per_customer) // 2]  # the median customer by row count
-        sql = saved_query("month_to_date")
-        # Variants, for diagnosis only (the saved query is what the CLI and invoices run).
-        no_final = sql.replace("FROM usage_rated FINAL", "FROM usage_rated")
-        direct = sql.replace(
+        mtd = saved_query("month_to_date")
+        invoice_sql = saved_query("invoice_usage")
+        # Variants, for diagnosis only (the saved queries are what invoices and the CLI run).
+        direct = mtd.replace(
             "AND ({customer:String} = '' OR customer_id = {customer:String})", "AND customer_id = {customer:String}"
         )
+        catalog = load_catalog(None)
         out: dict[str, Any] = {
             "engine_version": engine,
             "store": str(store_dir),
@@ -268,20 +318,39 @@ def measure(store_dir: Path, runs: int) -> dict[str, Any]:
             "active_parts": parts,
             "bytes_on_disk": bytes_on_disk,
             "customers_in_period": len(per_customer),
+            "figure": "invoice_usage (the aggregate billing.invoice_from_store reads for the period)",
             "queries": {},
         }
+
+        def run_query(name: str, **params: str) -> Any:
+            return store.query(saved_query(name), params)
+
         for label, (customer, n) in (("heaviest_customer", heaviest), ("median_customer", typical)):
             params = {"period": period, "customer": customer}
+            invoice_params = {**params, "late_until": ""}
+            live = store.client.query(
+                "SELECT count() FROM usage_rated WHERE customer_id = {customer:String} AND period = {period:String} "
+                "AND (period, customer_id, toDate(occurred_at, 'UTC')) NOT IN "
+                "(SELECT period, customer_id, day FROM usage_settled_days FINAL WHERE seen_rows > 0)",
+                parameters=params,
+            ).result_rows[0][0]
             out["queries"][label] = {
                 "customer": customer,
                 "rows_for_customer": n,
-                "month_to_date": _time_query(store, sql, params, runs),
-                "diagnostic_without_final": _time_query(store, no_final, params, max(3, runs // 2)),
+                "rows_on_days_not_settled": live,
+                "invoice_usage": _time_query(store, invoice_sql, invoice_params, runs),
+                "month_to_date": _time_query(store, mtd, params, runs),
+                "late_usage": _time_query(store, saved_query("late_usage"), {"customer": customer, "billed_in": period}, runs),
+                "invoice_from_store_end_to_end": _time_call(
+                    lambda customer=customer: invoice_from_store(run_query, catalog, customer, period), max(3, runs // 2)
+                ),
+                "diagnostic_whole_period_final": _time_query(store, FULL_FINAL_INVOICE, invoice_params, max(3, runs // 2)),
                 "diagnostic_customer_predicate_only": _time_query(store, direct, params, max(3, runs // 2)),
                 **_rollup_diagnostic(store, params, max(3, runs // 2)),
-                "explain_saved_query": _granules(store, sql, params),
-                "explain_customer_predicate_only": _granules(store, direct, params),
+                "explain_invoice_usage": _granules(store, invoice_sql, invoice_params),
             }
+            same = store.query(invoice_sql, invoice_params).rows == store.query(FULL_FINAL_INVOICE, invoice_params).rows
+            out["queries"][label]["invoice_usage_equals_whole_period_final"] = same
         return out
     finally:
         store.close()

@@ -12,7 +12,7 @@
    messages == N, rows checked with the ``store_totals`` saved query; beside a
    bare aiokafka consumer and a bare confluent-kafka consumer of the same topics.
 3. produce -> budget-alert latency (p50/p99) at a steady offered load.
-4. ``month_to_date`` invoice query for one customer-month over 10M stored rows
+4. ``invoice_usage`` invoice query for one customer-month over 10M stored rows
    (``bench/invoice.py``, in a child process; the store is cached).
 5. Worker peak memory (VmHWM) with every customer of the workload active.
 
@@ -1128,7 +1128,7 @@ def verdicts(results: dict[str, Any]) -> dict[str, Any]:
         out["alert_latency"] = latency["p99_s"]["median"] <= TARGETS["alert_p99_s"]
     invoice = _ok_phase(results, "invoice")
     if invoice and invoice["rows_in_period"] >= TARGETS["invoice_rows"]:
-        out["invoice"] = invoice["queries"]["heaviest_customer"]["month_to_date"]["median_ms"] <= TARGETS["invoice_query_ms"]
+        out["invoice"] = _invoice_figure(invoice["queries"]["heaviest_customer"])["median_ms"] <= TARGETS["invoice_query_ms"]
     return out
 
 
@@ -1191,7 +1191,7 @@ def render(results: dict[str, Any]) -> Table:
     if invoice:
         for label, name in (("heaviest_customer", "heaviest"), ("median_customer", "median")):
             q = invoice["queries"][label]
-            m = q["month_to_date"]
+            m = _invoice_figure(q)
             title = (f"4. invoice query, {name} customer ({q['rows_for_customer']:,} of "
                      f"{invoice['rows_in_period']:,} rows)")
             table.add_row(title if label == "heaviest_customer" else f"   {name} customer ({q['rows_for_customer']:,} rows)",
@@ -1208,6 +1208,11 @@ def render(results: dict[str, Any]) -> Table:
         if phase and "error" in phase:
             table.add_row(f"{name}: FAILED", phase["error"].splitlines()[0][:60], "", "", "", "[red]error[/]")
     return table
+
+
+def _invoice_figure(q: dict[str, Any]) -> dict[str, Any]:
+    """The invoice query's timing: ``invoice_usage`` (what an invoice runs); ``month_to_date`` in older results."""
+    return q.get("invoice_usage") or q["month_to_date"]
 
 
 # -- main -------------------------------------------------------------------------------------------
