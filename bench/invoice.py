@@ -17,7 +17,7 @@ amounts are synthetic, only their shape matters for timing.
 
 After the load the build settles every day before the build's own day
 (:func:`meterstream.storage.settle.settle`, what the worker's timer runs), so the
-build day stays live: the invoice queries read it from ``usage_rated FINAL`` and the
+build day stays live: the invoice queries read it from ``usage_recent FINAL`` and the
 other days from ``usage_settled``, as mid-month in production. The figure is
 ``invoice_usage`` (what :func:`meterstream.billing.invoice_from_store` runs for the
 period); ``month_to_date``, ``late_usage`` and the whole ``invoice_from_store``
