@@ -12,8 +12,9 @@ failure increments :attr:`MeterClient.failed` and calls ``on_delivery_error``.
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -53,6 +54,8 @@ class MeterClient:
     #: Delivery guarantees no ``producer_config`` may weaken: idempotence, acks=all and the
     #: murmur2 partitioner, as every meterstream producer has (``KafkaSettings.producer_config``).
     REQUIRED = PRODUCER_GUARANTEES
+    #: Seconds between the delivery-callback polls ``record`` makes on its own.
+    POLL_INTERVAL = 0.01
 
     def __init__(
         self,
@@ -77,10 +80,16 @@ class MeterClient:
             **self.REQUIRED,
         }
         self._producer = Producer(config)
-        self._lock = threading.Lock()
-        self.sent = 0
-        self.delivered = 0
-        self.failed = 0
+        self._usage_topic = self.topics.usage.name
+        self._outcome_topic = self.topics.outcomes.name
+        # Counters without a lock: next() on an itertools.count is atomic under the GIL, so
+        # producing threads and whichever thread serves callbacks (poll/flush) can share them.
+        self._sent, self._delivered, self._failed = itertools.count(), itertools.count(), itertools.count()
+        self._count_sent, self._count_delivered, self._count_failed = (
+            self._sent.__next__, self._delivered.__next__, self._failed.__next__)
+        # One delivery callback for every message, bound once (a closure per event cost more).
+        self._on_delivery_callback = self._on_delivery
+        self._next_poll = 0.0
         self._closed = False
 
     # -- events ---------------------------------------------------------------------------
@@ -89,9 +98,9 @@ class MeterClient:
         """Queue one validated event; delivery is confirmed asynchronously (see ``flush``)."""
         if self._closed:
             raise ProducerClosed("this MeterClient is closed")
-        topic = self.topics.outcomes.name if isinstance(event, OutcomeEvent) else self.topics.usage.name
-        value = event.model_dump_json(exclude_none=True).encode()
-        self._produce(topic, event.customer_id.encode(), value, event.event_id, event.customer_id)
+        topic = self._outcome_topic if isinstance(event, OutcomeEvent) else self._usage_topic
+        customer_id = event.customer_id
+        self._produce(topic, customer_id.encode(), event.wire_bytes(), event.event_id, customer_id)
 
     def record_usage(self, customer_id: str, **fields: Any) -> UsageEvent:
         """Build, validate and record a usage event; ``event_id`` and ``occurred_at`` default to new/now."""
@@ -145,10 +154,25 @@ class MeterClient:
     # -- delivery -------------------------------------------------------------------------
 
     @property
+    def sent(self) -> int:
+        """Events handed to the producer (queued for delivery)."""
+        return _current(self._sent)
+
+    @property
+    def delivered(self) -> int:
+        """Events the broker confirmed."""
+        return _current(self._delivered)
+
+    @property
+    def failed(self) -> int:
+        """Events reported undeliverable (each also went to ``on_delivery_error``)."""
+        return _current(self._failed)
+
+    @property
     def pending(self) -> int:
         """Events produced whose delivery has been neither confirmed nor reported failed."""
-        with self._lock:
-            return self.sent - self.delivered - self.failed
+        done = self.delivered + self.failed  # read before sent, so a callback in between cannot make this negative
+        return self.sent - done
 
     def poll(self, timeout: float = 0) -> int:
         """Serve delivery callbacks; call it now and then if you produce without flushing."""
@@ -186,33 +210,60 @@ class MeterClient:
         )
 
     def _produce(self, topic: str, key: bytes, value: bytes, event_id: str, customer_id: str) -> None:
-        def on_delivery(err: KafkaError | None, msg: Message) -> None:
-            if err is None:
-                with self._lock:
-                    self.delivered += 1
-                return
-            with self._lock:
-                self.failed += 1
-            failure = DeliveryFailure(event_id, customer_id, topic, err.str(), value)
-            log.error("delivery of event %s to %s failed: %s", event_id, topic, err.str())
-            if self.on_delivery_error is not None:
-                self.on_delivery_error(failure)
+        try:
+            try:
+                # Positional arguments (partition -1: the partitioner decides): parsing keywords
+                # costs confluent-kafka about a third of a produce call.
+                self._producer.produce(topic, value, key, -1, self._on_delivery_callback)
+            except BufferError:
+                self._produce_when_queue_has_room(topic, key, value)
+        except KafkaException as exc:
+            raise RuntimeError(f"cannot produce event {event_id}: {exc}") from exc
+        self._count_sent()
+        # Serve delivery callbacks now and then, not after every event: a poll costs about as
+        # much as a produce. A full queue and flush() serve them too.
+        now = time.monotonic()
+        if now >= self._next_poll:
+            self._next_poll = now + self.POLL_INTERVAL
+            self._producer.poll(0)
 
+    def _produce_when_queue_has_room(self, topic: str, key: bytes, value: bytes) -> None:
+        # The local queue is full: serve callbacks to make room, within a bound.
         deadline = time.monotonic() + self.enqueue_timeout
         while True:
+            self._producer.poll(0.05)
             try:
-                self._producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
-                break
+                self._producer.produce(topic, value, key, -1, self._on_delivery_callback)
+                return
             except BufferError:
-                # The local queue is full: serve callbacks to make room, within a bound.
                 if time.monotonic() > deadline:
                     raise
-                self._producer.poll(0.05)
-            except KafkaException as exc:
-                raise RuntimeError(f"cannot produce event {event_id}: {exc}") from exc
-        with self._lock:
-            self.sent += 1
-        self._producer.poll(0)
+
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        if err is None:
+            self._count_delivered()
+            return
+        self._count_failed()
+        value = msg.value() or b""
+        topic = msg.topic() or ""
+        key = msg.key() or b""
+        failure = DeliveryFailure(_event_id_of(value), key.decode(errors="replace"), topic, err.str(), value)
+        log.error("delivery of event %s to %s failed: %s", failure.event_id, topic, failure.error)
+        if self.on_delivery_error is not None:
+            self.on_delivery_error(failure)
+
+
+def _current(counter: itertools.count[int]) -> int:
+    # itertools.count cannot be read without advancing it; its repr is "count(N)".
+    return int(repr(counter)[6:-1])
+
+
+def _event_id_of(value: bytes) -> str:
+    """The event id inside a produced value (only read on the rare failure path)."""
+    try:
+        return str(json.loads(value)["event_id"])
+    except (ValueError, KeyError, TypeError):
+        return "?"
 
 
 def _defaults(customer_id: str, fields: dict[str, Any]) -> dict[str, Any]:

@@ -8,8 +8,10 @@ what would be sent, so they are fast and can inspect the exact key, topic and va
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from types import SimpleNamespace
@@ -41,9 +43,15 @@ class FakeProducer:
         self.polls = 0
         self.buffer_errors = 0  # raise BufferError this many times before accepting
         self.produce_error: Exception | None = None
+        self.fail: set[bytes] = set()  # values whose delivery flush() reports failed
         FakeProducer.instances.append(self)
 
-    def produce(self, topic: str, value: bytes, key: bytes, on_delivery: Callable[[Any, Any], None]) -> None:
+    def produce(  # confluent-kafka's positional order: topic, value, key, partition, on_delivery
+        self, topic: str, value: bytes, key: bytes, partition: int = -1,
+        on_delivery: Callable[[Any, Any], None] | None = None,
+    ) -> None:
+        assert partition == -1, "the default partitioner (murmur2 on the key) picks the partition"
+        assert on_delivery is not None, "every produce has a delivery callback"
         if self.produce_error is not None:
             raise self.produce_error
         if self.buffer_errors:
@@ -57,10 +65,17 @@ class FakeProducer:
         return 0
 
     def flush(self, timeout: float = 0) -> int:
+        """Serve every delivery callback: delivered, or failed with ``error`` for the values in ``fail``."""
         self.flushes += 1
         callbacks, self.callbacks = self.callbacks, []
-        for callback in callbacks:
-            callback(None, SimpleNamespace())  # delivered
+        sent = self.produced[len(self.produced) - len(callbacks):]
+        for callback, message in zip(callbacks, sent, strict=True):
+            if message["value"] in self.fail:
+                msg = SimpleNamespace(value=lambda m=message: m["value"], key=lambda m=message: m["key"],
+                                      topic=lambda m=message: m["topic"])
+                callback(SimpleNamespace(str=lambda: "Local: Message timed out"), msg)
+            else:
+                callback(None, SimpleNamespace())  # delivered
         return 0
 
     def __len__(self) -> int:
@@ -216,6 +231,63 @@ def test_successful_delivery_is_counted(fake: Callable[..., tuple[MeterClient, F
     assert failures == []
 
 
+def test_failed_delivery_is_reported_with_the_exact_bytes(
+    fake: Callable[..., tuple[MeterClient, FakeProducer]], caplog: pytest.LogCaptureFixture
+) -> None:
+    failures: list[DeliveryFailure] = []
+    meter, producer = fake(on_delivery_error=failures.append)
+    ok = meter.record_llm_call("acme", "gpt-4o", input_tokens=1, output_tokens=1, event_id="evt-ok")
+    lost = meter.record_outcome("globex", "resolved_ticket", "ai_only", event_id="evt-lost")
+    lost_bytes = producer.produced[1]["value"]
+    producer.fail = {lost_bytes}
+    with caplog.at_level("ERROR", logger=client_module.__name__):
+        assert meter.flush() == 0
+    assert (meter.sent, meter.delivered, meter.failed, meter.pending) == (2, 1, 1, 0)
+    assert failures == [DeliveryFailure("evt-lost", "globex", "outcome.events", "Local: Message timed out", lost_bytes)]
+    assert decode_event(failures[0].value, "outcome") == lost
+    assert ok.event_id not in caplog.text
+    assert "delivery of event evt-lost to outcome.events failed: Local: Message timed out" in caplog.text
+
+
+def test_one_delivery_callback_serves_every_event(fake: Callable[..., tuple[MeterClient, FakeProducer]]) -> None:
+    meter, producer = fake()
+    for _ in range(3):
+        meter.record_llm_call("acme", "gpt-4o", input_tokens=1, output_tokens=1)
+    meter.record_outcome("acme", "resolved_ticket", "ai_only")
+    assert len({id(callback) for callback in producer.callbacks}) == 1
+
+
+def test_delivery_callbacks_are_polled_now_and_then_not_per_event(
+    fake: Callable[..., tuple[MeterClient, FakeProducer]],
+) -> None:
+    meter, producer = fake()
+    for _ in range(200):
+        meter.record_llm_call("acme", "gpt-4o", input_tokens=1, output_tokens=1)
+    assert 1 <= producer.polls < 200  # the first record polls, then once per POLL_INTERVAL
+    polls = producer.polls
+    for _ in range(3):
+        time.sleep(meter.POLL_INTERVAL * 1.5)
+        meter.record_llm_call("acme", "gpt-4o", input_tokens=1, output_tokens=1)
+    assert producer.polls == polls + 3  # events further apart than the interval each serve callbacks
+
+
+def test_counters_are_exact_with_concurrent_producers(fake: Callable[..., tuple[MeterClient, FakeProducer]]) -> None:
+    meter, _ = fake()
+    event = UsageEvent(event_id="evt-1", customer_id="acme", occurred_at=datetime.now(timezone.utc), model="gpt-4o")
+    threads, per_thread = 8, 2_000
+
+    def produce() -> None:
+        for _ in range(per_thread):
+            meter.record(event)
+
+    with ThreadPoolExecutor(threads) as pool:
+        for future in [pool.submit(produce) for _ in range(threads)]:
+            future.result()
+    assert (meter.sent, meter.pending) == (threads * per_thread, threads * per_thread)
+    assert meter.flush() == 0
+    assert (meter.sent, meter.delivered, meter.failed, meter.pending) == (threads * per_thread, threads * per_thread, 0, 0)
+
+
 # -- invalid input is refused before anything is produced -----------------------------------------
 
 
@@ -303,6 +375,17 @@ def test_full_local_queue_gives_up_after_the_enqueue_timeout(
 def test_producer_error_names_the_event(fake: Callable[..., tuple[MeterClient, FakeProducer]]) -> None:
     meter, producer = fake()
     producer.produce_error = KafkaException("boom")
+    with pytest.raises(RuntimeError, match="cannot produce event evt-9"):
+        meter.record_llm_call("acme", "gpt-4o", input_tokens=1, output_tokens=1, event_id="evt-9")
+    assert meter.sent == 0
+
+
+def test_producer_error_after_a_full_queue_names_the_event(
+    fake: Callable[..., tuple[MeterClient, FakeProducer]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    meter, producer = fake()
+    producer.buffer_errors = 1
+    monkeypatch.setattr(producer, "poll", lambda timeout=0: setattr(producer, "produce_error", KafkaException("boom")))
     with pytest.raises(RuntimeError, match="cannot produce event evt-9"):
         meter.record_llm_call("acme", "gpt-4o", input_tokens=1, output_tokens=1, event_id="evt-9")
     assert meter.sent == 0
