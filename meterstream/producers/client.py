@@ -15,8 +15,8 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -266,9 +266,26 @@ def _event_id_of(value: bytes) -> str:
         return "?"
 
 
+def new_event_id() -> str:
+    """A random (version 4) UUID string, as ``str(uuid.uuid4())`` gives, in about half the time.
+
+    The ``uuid.UUID`` object costs more than the 16 random bytes; only its text is needed.
+    """
+    n = int.from_bytes(os.urandom(16)) & _UUID4_KEEP | _UUID4_SET
+    h = n.to_bytes(16).hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+#: RFC 4122 version 4: the version nibble is 4 and the variant bits are 10.
+_UUID4_KEEP = ~(0xF000 << 64 | 0xC000 << 48)
+_UUID4_SET = 0x4000 << 64 | 0x8000 << 48
+
+
 def _defaults(customer_id: str, fields: dict[str, Any]) -> dict[str, Any]:
     fields = dict(fields)
     fields["customer_id"] = customer_id
-    fields.setdefault("event_id", str(uuid.uuid4()))
-    fields.setdefault("occurred_at", datetime.now(timezone.utc))
+    if "event_id" not in fields:
+        fields["event_id"] = new_event_id()
+    if "occurred_at" not in fields:
+        fields["occurred_at"] = datetime.now(timezone.utc)
     return fields

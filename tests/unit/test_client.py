@@ -196,6 +196,18 @@ def test_each_event_gets_its_own_id(fake: Callable[..., tuple[MeterClient, FakeP
     assert len(ids) == 5
 
 
+def test_new_event_ids_are_uuid4_strings(monkeypatch: pytest.MonkeyPatch) -> None:
+    for _ in range(1000):
+        event_id = client_module.new_event_id()
+        parsed = uuid.UUID(event_id)
+        assert str(parsed) == event_id
+        assert (parsed.version, parsed.variant) == (4, uuid.RFC_4122)
+    # Exactly the text uuid.uuid4() makes of the same random bytes.
+    for raw in (b"\x00" * 16, b"\xff" * 16, bytes(range(16)), bytes(range(240, 256))):
+        monkeypatch.setattr(client_module.os, "urandom", lambda n, raw=raw: raw)
+        assert client_module.new_event_id() == str(uuid.UUID(bytes=raw, version=4))
+
+
 def test_record_quantity(fake: Callable[..., tuple[MeterClient, FakeProducer]]) -> None:
     meter, producer = fake()
     event = meter.record_quantity("acme", "documents", Decimal("2.5"), unit="pages")
