@@ -16,6 +16,14 @@ WITH
         FROM usage_settled_days FINAL
         WHERE customer_id = {customer:String}
           AND (period, day, seen_rows) IN (SELECT period, day, n FROM received)
+    ),
+    -- Days whose every (period, day) received is settled: their partitions are not read.
+    settled_days AS
+    (
+        SELECT day
+        FROM received
+        GROUP BY day
+        HAVING countIf((period, day) IN (SELECT period, day FROM settled)) = count()
     )
 SELECT
     period,
@@ -34,6 +42,7 @@ FROM
     FROM usage_recent FINAL
     WHERE customer_id = {customer:String} AND billed_in = {billed_in:String}
       AND day >= toDate(now(), 'UTC') - 7
+      AND day NOT IN (SELECT day FROM settled_days)
       AND (period, day) NOT IN (SELECT period, day FROM settled)
     GROUP BY period
 
