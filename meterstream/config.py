@@ -158,6 +158,8 @@ class WorkerSettings(_Section):
     #: A worker that stops heartbeating for this long is dropped from the group and its
     #: partitions move; short enough that a crashed worker's partitions resume quickly.
     session_timeout: float = Field(default=10.0, ge=6, le=300)
+    #: How often the worker settles closed days for invoices (meterstream/storage/settle.py).
+    settle_interval_seconds: float = Field(default=600.0, ge=10)
     web_port: int = Field(default=6066, ge=1, le=65535)
     #: The worker's HTTP endpoint (/stats/, saved-query reads) listens here only.
     web_bind: str = "127.0.0.1"

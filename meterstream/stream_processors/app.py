@@ -46,6 +46,7 @@ from meterstream.config import Settings
 from meterstream.pricing.plans import load_catalog
 from meterstream.storage.clickhouse import Storage, StoreError
 from meterstream.storage.queries import UnknownQuery, query_parameters, saved_query
+from meterstream.storage.settle import settle_store
 from meterstream.stream_processors.consumer import BatchConsumer
 from meterstream.stream_processors.processing import BatchProcessor, BatchResult, InboundMessage
 from meterstream.stream_processors.state import StoreBackedState
@@ -243,6 +244,13 @@ def create_app(settings: Settings, store: Storage, published_alerts: set[str] | 
     async def expire_windows() -> None:
         """Drop tumbling-window counters older than the configured horizon."""
         state.expire_windows()
+
+    @app.timer(interval=worker.settle_interval_seconds)
+    async def settle_days() -> None:
+        """Settle closed days so invoices read per-day sums instead of every row (sql/007, storage/settle.py)."""
+        result = await with_store(lambda: settle_store(store), "settle")
+        if result.customer_days:
+            log.info("settled %d customer-days in %.1f s", result.customer_days, result.seconds)
 
     @app.page("/stats/")
     async def stats_view(web: Any, request: Any) -> Any:

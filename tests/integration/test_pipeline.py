@@ -10,6 +10,7 @@ import base64
 import json
 import subprocess
 import sys
+import time
 from collections import Counter, defaultdict
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -253,3 +254,20 @@ def test_usage_cli_reads_through_the_running_worker(pipeline_factory):
     assert [(r["customer_id"], r["events"]) for r in rows] == [("cli-reader", 5)]
     # 5 x (1000 x 0.03 + 100 x 0.12) / 1000 = 0.21 credits
     assert Decimal(rows[0]["credits"]) == Decimal("0.21")
+
+
+def test_the_worker_settles_closed_days_on_its_timer(pipeline_factory):
+    """Settling runs inside the worker (it owns the embedded store); invoices then read settled days."""
+    pipeline = pipeline_factory(start=False)
+    pipeline.worker.env["METERSTREAM_WORKER__SETTLE_INTERVAL_SECONDS"] = "10"
+    pipeline.start()
+    two_days_ago = datetime.now(timezone.utc) - timedelta(days=2)
+    with MeterClient(pipeline.kafka) as meter:
+        for i in range(20):
+            meter.record_llm_call(f"cust-{i % 4}", "gpt-4o-mini", input_tokens=1000, output_tokens=100,
+                                  event_id=f"settle-{i}", occurred_at=two_days_ago)  # fmt: skip
+    pipeline.wait_processed(20)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and "settled 4 customer-days" not in pipeline.worker.log_tail(400):
+        time.sleep(1)
+    assert "settled 4 customer-days" in pipeline.worker.log_tail(400)
