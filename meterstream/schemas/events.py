@@ -142,7 +142,8 @@ class _Event(BaseModel):
     @property
     def period(self) -> str:
         """The billing period (calendar month, UTC) the event belongs to."""
-        return self.occurred_at.strftime("%Y-%m")
+        at = self.occurred_at  # UTC (the validator converts it)
+        return f"{at.year:04d}-{at.month:02d}"  # strftime costs ~5x this, and the worker asks per event
 
     def wire_bytes(self) -> bytes:
         """The event as the SDK sends it: UTF-8 JSON without null fields.
