@@ -21,7 +21,12 @@
 -- * Every row written to usage_rated reaches the rollups: ClickHouse pushes each
 --   insert to its views synchronously, a failed push fails the insert, and the
 --   worker retries the whole batch (which the check above then sees).
--- So the hourly/daily saved queries are exact. Invoices (invoice_usage, late_usage)
+-- So the hourly/daily saved queries are exact, with one exception: a worker killed
+-- (SIGKILL, OOM) after usage_rated's part but before a rollup's loses that batch
+-- from the rollup, and its restart skips the batch because usage_rated has it.
+-- usage_recent and usage_day_counts (sql/007), which invoices depend on, are
+-- repaired when a worker takes partitions (meterstream.storage.settle.repair_views);
+-- these rollups are not (their uniqExact states cannot be patched row by row). Invoices (invoice_usage, late_usage)
 -- and month-to-date read settled per-day sums instead (sql/007_settled_usage.sql),
 -- which keep the plan version and outcome columns these rollups do not. Margins,
 -- cache savings, cost per outcome and the dispute audit still read usage_rated

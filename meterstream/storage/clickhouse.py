@@ -170,6 +170,8 @@ class Storage(Protocol):
 
     def query(self, sql: str, parameters: dict[str, Any] | None = None) -> QueryResult: ...
 
+    def repair_views(self) -> None: ...
+
 
 class ClickHouseStore:
     """The sink's storage: one call writes one batch, or raises :class:`StoreError`."""
@@ -222,6 +224,15 @@ class ClickHouseStore:
             types=[t.name for t in result.column_types],
             rows=[list(row) for row in result.result_rows],
         )
+
+    def repair_views(self) -> None:
+        """Copy into the derived tables what a killed worker's last insert may not have pushed (settle.py)."""
+        from meterstream.storage.settle import repair_views
+
+        try:
+            repair_views(self.client)
+        except Exception as exc:  # clickhouse-connect raises several unrelated types
+            raise StoreError(f"repair of usage_recent / usage_day_counts failed: {exc}") from exc
 
     def close(self) -> None:
         self.client.close()

@@ -232,3 +232,77 @@ def settle_store(store: Any, before: date | None = None) -> SettleResult:
         return settle(store.client, before)
     except Exception as exc:  # clickhouse-connect raises several unrelated types
         raise StoreError(f"settle failed: {exc}") from exc
+
+
+# -- after a crash ---------------------------------------------------------------------------------
+#
+# An insert into usage_rated commits its part, then pushes the block to the views one table at
+# a time (usage_recent, then usage_day_counts). A worker killed between the two (SIGKILL, OOM,
+# power) leaves rows in usage_rated that usage_recent or usage_day_counts never received, and
+# its restart skips the batch because usage_rated has it. So when a worker takes partitions
+# (start-up or rebalance) it first repairs the window in which a killed worker can have
+# written: every row rated within REPAIR_WINDOW before the newest rated row.
+
+#: How far before the newest rated row a killed worker's last insert can lie: its last batch,
+#: plus the rebalance (SESSION_TIMEOUT, 10 s by default) before another worker takes over.
+REPAIR_WINDOW = timedelta(minutes=5)
+
+_REPAIR_SINCE = "SELECT max(rated_at) FROM usage_rated"
+
+# Rows of the window that usage_recent lacks (its view's projection, sql/007).
+_REPAIR_RECENT = """
+INSERT INTO usage_recent
+SELECT
+    toDate(occurred_at, 'UTC') AS day, customer_id, event_id, period, kind, meter, model, outcome_type,
+    attribution, price_book_version, endsWith(rule, ':reversal'), billed_in, input_tokens,
+    cached_input_tokens, output_tokens, quantity, credits, cost_to_serve
+FROM usage_rated
+WHERE rated_at >= {since:DateTime64(3, 'UTC')}
+  AND toDate(occurred_at, 'UTC') >= toDate(now(), 'UTC') - 10
+  AND (customer_id, event_id) NOT IN
+  (
+      SELECT customer_id, event_id
+      FROM usage_recent
+      WHERE customer_id IN (SELECT customer_id FROM usage_rated WHERE rated_at >= {since:DateTime64(3, 'UTC')})
+  )
+SETTINGS max_partitions_per_insert_block = 0
+"""
+
+# One more received row for every customer-day the window touched: a count a killed insert
+# never pushed can no longer equal what a settle saw, so those days are read from the rows
+# until the next settle (a count only has to change when a row arrives; a higher one is harmless).
+_REPAIR_COUNTS = """
+INSERT INTO usage_day_counts
+SELECT period, customer_id, toDate(occurred_at, 'UTC') AS day, toUInt64(1)
+FROM usage_rated
+WHERE rated_at >= {since:DateTime64(3, 'UTC')}
+GROUP BY period, customer_id, day
+"""
+
+
+@dataclass(frozen=True)
+class RepairResult:
+    rows_copied: int
+    customer_days_bumped: int
+
+
+def repair_views(client: Client) -> RepairResult:
+    """Make usage_recent and usage_day_counts whole again for the window a killed worker may have left."""
+    newest = client.query(_REPAIR_SINCE).result_rows[0][0]
+    if newest is None or newest.year < 2000:  # an empty table gives the epoch
+        return RepairResult(0, 0)
+    if newest.tzinfo is None:
+        newest = newest.replace(tzinfo=UTC)
+    params = {"since": newest - REPAIR_WINDOW}
+    before = client.query("SELECT count() FROM usage_recent").result_rows[0][0]
+    client.command(_REPAIR_RECENT, parameters=params)
+    copied = client.query("SELECT count() FROM usage_recent").result_rows[0][0] - before
+    days = client.query(
+        "SELECT count() FROM (SELECT DISTINCT period, customer_id, toDate(occurred_at, 'UTC') FROM usage_rated "
+        "WHERE rated_at >= {since:DateTime64(3, 'UTC')})",
+        parameters=params,
+    ).result_rows[0][0]
+    client.command(_REPAIR_COUNTS, parameters=params)
+    if copied:
+        log.warning("repaired usage_recent: %d rated rows a killed insert had not copied", copied)
+    return RepairResult(int(copied), int(days))

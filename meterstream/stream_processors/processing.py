@@ -133,7 +133,8 @@ def dedupe_key(customer_id: str, event_id: str) -> str:
 class RecentIds:
     """An in-memory :class:`SeenEvents`, bounded in count (offline runs and tests).
 
-    The worker uses a Faust table instead, so what it has counted survives a restart.
+    The worker uses :class:`~meterstream.stream_processors.state.StoreBackedState`, which
+    also checks replayed messages against the store.
     """
 
     def __init__(self, capacity: int = 1_000_000) -> None:

@@ -207,6 +207,8 @@ class StoreBackedState:
         if not batch:
             return
         if self.stored_upto is None:
+            # Partitions were (re)assigned, perhaps after a worker was killed mid-insert.
+            self.store.repair_views()
             self.stored_upto = self._stored_offsets()
             self._load_recent_ids()
             self._preload(datetime.now(timezone.utc))

@@ -430,3 +430,57 @@ def test_the_worker_entry_point_reports_a_failed_run_as_a_store_error(clickhouse
         assert settle_store(ClickHouseStore(client)).customer_days == 0
     finally:
         client.close()
+
+
+def _same_as_final(store: ClickHouseStore, periods: list[str], customers: tuple[str, ...]) -> bool:
+    for period in periods:
+        for customer in customers:
+            params = {"customer": customer, "period": period, "late_until": ""}
+            if store.query(saved_query("invoice_usage"), params).rows != store.query(REFERENCE["invoice_usage"], params).rows:
+                return False
+        params = {"customer": "", "period": period}
+        if store.query(saved_query("month_to_date"), params).rows != store.query(REFERENCE["month_to_date"], params).rows:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("lost_view", ["usage_recent_mv", "usage_day_counts_mv"])
+def test_an_insert_killed_between_usage_rated_and_its_views_is_repaired_when_partitions_are_taken(
+    clickhouse, catalog, lost_view
+):
+    """SIGKILL after usage_rated's part but before a view's: the restart skips the stored batch, so repair it.
+
+    The kill is simulated by detaching the view for one insert: usage_rated gets the rows,
+    the view's table does not (as when the process dies between the two).
+    """
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    store = open_store(clickhouse)
+    try:
+        first = [
+            _tokens(f"k{n}", "acme", today - timedelta(days=days, hours=-1), "gpt-4o", 1_000 * (n + 1), 0, 10)
+            for n, days in enumerate([0, 1, 2])
+        ]
+        raw, rated = _rate(catalog, first)
+        store.insert_batch(raw, rated)
+        settle(store.client)  # yesterday and the day before are settled
+        # The killed insert: a new event today and a late one on a settled day.
+        killed = [
+            _tokens("k7", "acme", today + timedelta(hours=2), "gpt-4o-mini", 7_000, 0, 70),
+            _tokens("k8", "acme", today - timedelta(days=1, hours=-5), "gpt-4o-mini", 8_000, 0, 80),
+        ]
+        raw2, rated2 = _rate(catalog, killed)
+        store.client.command(f"DETACH TABLE {lost_view}")
+        try:
+            store.insert_batch(raw2, rated2)
+        finally:
+            store.client.command(f"ATTACH TABLE {lost_view}")
+        periods = sorted({r.period for r in [*rated, *rated2]})
+        assert not _same_as_final(store, periods, ("acme",))  # the hole the repair closes
+        store.repair_views()
+        assert _same_as_final(store, periods, ("acme",))
+        store.repair_views()  # again: nothing more to copy, still exact
+        assert _same_as_final(store, periods, ("acme",))
+        settle(store.client)
+        assert _same_as_final(store, periods, ("acme",))
+    finally:
+        store.close()

@@ -42,6 +42,9 @@ class MemoryStore:
     def query(self, sql, parameters=None) -> QueryResult:
         return QueryResult([], [], [])
 
+    def repair_views(self) -> None:
+        pass
+
 
 def _event(event_id: str, customer: str = "acme", input_tokens: int = 10_000) -> bytes:
     return json.dumps(
