@@ -224,8 +224,8 @@ def create_app(settings: Settings, store: Storage, published_alerts: set[str] | 
         kinds={topics.usage.name: "usage", topics.outcomes.name: "outcome"},
         group_id=worker.app_id,
         stage=stage_batch,
-        # Another worker may have written for these partitions meanwhile.
-        on_assigned=lambda assigned: state.reset(),
+        # Partitions are moving: another worker may write for them meanwhile.
+        on_revoked=state.reset,
         batch_size=worker.batch_size,
         batch_timeout=worker.batch_timeout,
         commit_interval=worker.commit_interval,

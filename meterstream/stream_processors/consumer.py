@@ -80,7 +80,7 @@ class BatchConsumer(Service):
         kinds: dict[str, str],
         group_id: str,
         stage: BatchStager,
-        on_assigned: Callable[[set[TopicPartition]], None],
+        on_revoked: Callable[[], None],
         batch_size: int,
         batch_timeout: float,
         commit_interval: float,
@@ -94,7 +94,7 @@ class BatchConsumer(Service):
         self.kinds = kinds
         self.group_id = group_id
         self.stage = stage
-        self.on_assigned = on_assigned
+        self.on_revoked = on_revoked
         self.batch_size = batch_size
         self.batch_timeout = batch_timeout
         self.commit_interval = commit_interval
@@ -110,6 +110,7 @@ class BatchConsumer(Service):
         #: The previous batch's write, running while the next batch is rated.
         self._write: asyncio.Future[None] | None = None
         self._stopping = False
+        self._commit_lock = asyncio.Lock()
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -153,8 +154,14 @@ class BatchConsumer(Service):
                 records = await self.consumer.getmany(
                     timeout_ms=int(self.batch_timeout * 1000), max_records=self.batch_size
                 )
-            except (IllegalStateError, ConsumerStoppedError, asyncio.CancelledError):
+            except asyncio.CancelledError:
                 return  # stopping
+            except (IllegalStateError, ConsumerStoppedError):
+                if self._stopping or self.should_stop:
+                    return
+                # Not stopping, yet the consumer cannot read: exit rather than stay up reading nothing.
+                log.critical("the consumer stopped reading; exiting", exc_info=True)
+                os._exit(1)
             if self._stopping:
                 return  # fetched after the stop began: not processed, not committed
             try:
@@ -176,18 +183,29 @@ class BatchConsumer(Service):
                 os._exit(1)
 
     async def _settle(self) -> None:
-        """Wait for the batch being rated and the write in progress; raises if either failed."""
-        if self._in_flight is not None:
-            await asyncio.wait([self._in_flight])
-            if not self._in_flight.cancelled() and self._in_flight.exception() is not None:
-                raise self._in_flight.exception()  # type: ignore[misc]
+        """Wait until no batch is being rated or written; raises if one failed.
+
+        Loops because a batch being rated starts its write before it finishes.
+        """
+        while True:
+            busy = [f for f in (self._in_flight, self._write) if f is not None and not f.done()]
+            if not busy:
+                break
+            await asyncio.wait(busy)  # a cancelled waiter leaves the batches running
+        in_flight = self._in_flight
+        if in_flight is not None and not in_flight.cancelled() and in_flight.exception() is not None:
+            raise in_flight.exception()  # type: ignore[misc]
         await self._finish_write()
 
     async def _finish_write(self) -> None:
         """Wait for the previous batch's write (its offsets become committable when it is done)."""
-        write, self._write = self._write, None
-        if write is not None:
-            await write
+        write = self._write
+        if write is None:
+            return
+        # Shielded: whoever waits may be cancelled (a stop during a rebalance); the write goes on.
+        await asyncio.shield(write)
+        if self._write is write:
+            self._write = None
 
     async def _durable(self, write: Callable[[], Awaitable[None]], last: dict[TopicPartition, int]) -> None:
         await write()
@@ -219,6 +237,11 @@ class BatchConsumer(Service):
         self._write = asyncio.ensure_future(self._durable(write, last))
 
     async def _commit(self, *, force: bool) -> None:
+        # One commit at a time, so that an older offset can never land after a newer one.
+        async with self._commit_lock:
+            await self._commit_locked(force=force)
+
+    async def _commit_locked(self, *, force: bool) -> None:
         if not self._pending or self.consumer is None:
             return
         if not force and time.monotonic() - self._last_commit < self.commit_interval:
@@ -244,10 +267,12 @@ class BatchConsumer(Service):
             log.critical("batch failed during a rebalance; exiting without committing it", exc_info=True)
             os._exit(1)
         await self._commit(force=True)
+        # Nothing is being rated or written now, and getmany waits for the new assignment: the
+        # moment to drop what the state cached (another worker may write for these partitions).
+        self.on_revoked()
 
     def assigned_now(self, assigned: set[TopicPartition]) -> None:
         self.assigned = set(assigned)
-        self.on_assigned(self.assigned)
         self.rebalancing = False
         log.info("assigned %s", ", ".join(sorted(f"{tp.topic}:{tp.partition}" for tp in self.assigned)) or "nothing")
 

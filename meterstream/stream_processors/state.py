@@ -207,11 +207,13 @@ class StoreBackedState:
         if not batch:
             return
         if self.stored_upto is None:
-            # Partitions were (re)assigned, perhaps after a worker was killed mid-insert.
+            # Partitions were (re)assigned, perhaps after a worker was killed mid-insert. Set
+            # stored_upto last: if a load fails, the retried batch loads everything again.
             self.store.repair_views()
-            self.stored_upto = self._stored_offsets()
+            stored_upto = self._stored_offsets()
             self._load_recent_ids()
             self._preload(datetime.now(timezone.utc))
+            self.stored_upto = stored_upto
         events = [event for _, event in batch]
         complete = self._complete_periods
         cache = self.month_to_date_cache
@@ -300,8 +302,9 @@ class StoreBackedState:
 
     def credits_between(self, customer_id: str, start: datetime, end: datetime) -> Decimal:
         low, high = start.strftime("%Y-%m-%dT%H:%M:%SZ"), end.strftime("%Y-%m-%dT%H:%M:%SZ")
-        windows = self.windows.get(customer_id, {})
-        return sum((c.credits for w, c in windows.items() if low <= w < high), Decimal(0))
+        # A snapshot: this runs in the rating thread while the expiry timer may delete windows.
+        windows = list(self.windows.get(customer_id, {}).items())
+        return sum((c.credits for w, c in windows if low <= w < high), Decimal(0))
 
     def _stored_ids(self, events: list[UsageEvent | OutcomeEvent]) -> set[str]:
         params = {

@@ -36,14 +36,14 @@ def _records(tp: TopicPartition, first: int, n: int) -> dict[TopicPartition, lis
     return {tp: [SimpleNamespace(offset=first + i, value=b"{}", key=b"acme") for i in range(n)]}
 
 
-def _consumer(stage, commit_interval: float = 0.0) -> tuple[BatchConsumer, FakeKafkaConsumer]:
+def _consumer(stage, commit_interval: float = 0.0, on_revoked=lambda: None) -> tuple[BatchConsumer, FakeKafkaConsumer]:
     consumer = BatchConsumer(
         KafkaSettings(),
         topics=[TP0.topic, TP1.topic],
         kinds={TP0.topic: "usage", TP1.topic: "outcome"},
         group_id="unit",
         stage=stage,
-        on_assigned=lambda assigned: None,
+        on_revoked=on_revoked,
         batch_size=100,
         batch_timeout=0.05,
         commit_interval=commit_interval,
@@ -147,3 +147,59 @@ def test_commits_are_batched_by_the_commit_interval_and_forced_on_revocation():
         return fake.commits
 
     assert asyncio.run(run()) == [{TP0: 2, TP1: 4}]
+
+
+def test_a_stop_during_a_rebalance_still_finishes_the_write_in_hand():
+    """SIGTERM while revoked() waits for a write: the waiter is cancelled, the write is not."""
+    release = asyncio.Event()
+    written: list[str] = []
+
+    async def stage(messages, keys):
+        async def write():
+            await release.wait()
+            written.append("b0")
+
+        return write
+
+    async def run():
+        consumer, fake = _consumer(stage)
+        await consumer._process(_records(TP0, 0, 3))
+        rebalance = asyncio.ensure_future(consumer.revoked({TP0}))
+        await asyncio.sleep(0.02)
+        rebalance.cancel()  # what consumer.stop() does to the coordinator task running revoked()
+        await asyncio.sleep(0.02)
+        stop = asyncio.ensure_future(consumer._settle())  # on_stop's wait
+        await asyncio.sleep(0.02)
+        assert not stop.done()  # the stop waits for the write instead of skipping it
+        release.set()
+        await stop
+        await consumer._commit(force=True)
+        return fake.commits
+
+    assert asyncio.run(run()) == [{TP0: 3}]
+    assert written == ["b0"]
+
+
+def test_the_state_is_reset_on_revocation_only_after_the_writes_in_hand():
+    events: list[str] = []
+    release = asyncio.Event()
+
+    async def stage(messages, keys):
+        async def write():
+            await release.wait()
+            events.append("write done")
+
+        return write
+
+    async def run():
+        consumer, fake = _consumer(stage, on_revoked=lambda: events.append("reset"))
+        await consumer._process(_records(TP0, 0, 1))
+        rebalance = asyncio.ensure_future(consumer.revoked({TP0}))
+        await asyncio.sleep(0.02)
+        assert events == []
+        release.set()
+        await rebalance
+        return fake.commits
+
+    assert asyncio.run(run()) == [{TP0: 1}]
+    assert events == ["write done", "reset"]
