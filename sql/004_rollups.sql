@@ -24,9 +24,10 @@
 -- So the hourly/daily saved queries are exact, with one exception: a worker killed
 -- (SIGKILL, OOM) after usage_rated's part but before a rollup's loses that batch
 -- from the rollup, and its restart skips the batch because usage_rated has it.
--- usage_recent and usage_day_counts (sql/007), which invoices depend on, are
--- repaired when a worker takes partitions (meterstream.storage.settle.repair_views);
--- these rollups are not (their uniqExact states cannot be patched row by row). Invoices (invoice_usage, late_usage)
+-- When a worker takes partitions it inserts again the recent rows usage_recent
+-- (sql/007) lacks (meterstream.storage.settle.repair_views), which reaches the
+-- rollups too (a copy a rollup already had makes its check fall back to FINAL);
+-- a batch lost only by a rollup, not by usage_recent, stays lost to it. Invoices (invoice_usage, late_usage)
 -- and month-to-date read settled per-day sums instead (sql/007_settled_usage.sql),
 -- which keep the plan version and outcome columns these rollups do not. Margins,
 -- cache savings, cost per outcome and the dispute audit still read usage_rated

@@ -237,25 +237,23 @@ def settle_store(store: Any, before: date | None = None) -> SettleResult:
 # -- after a crash ---------------------------------------------------------------------------------
 #
 # An insert into usage_rated commits its part, then pushes the block to the views one table at
-# a time (usage_recent, then usage_day_counts). A worker killed between the two (SIGKILL, OOM,
-# power) leaves rows in usage_rated that usage_recent or usage_day_counts never received, and
-# its restart skips the batch because usage_rated has it. So when a worker takes partitions
-# (start-up or rebalance) it first repairs the window in which a killed worker can have
-# written: every row rated within REPAIR_WINDOW before the newest rated row.
+# a time (the rollups, usage_recent, then usage_day_counts). A worker killed in between (SIGKILL,
+# OOM, power) leaves rows in usage_rated that a view never received, and its restart skips the
+# batch because usage_rated has it. So when a worker takes partitions (start-up or rebalance) it
+# first repairs the window in which a killed worker can have written: every row rated within
+# REPAIR_WINDOW before the newest rated row.
 
 #: How far before the newest rated row a killed worker's last insert can lie: its last batch,
 #: plus the rebalance (SESSION_TIMEOUT, 10 s by default) before another worker takes over.
 REPAIR_WINDOW = timedelta(minutes=5)
 
-_REPAIR_SINCE = "SELECT max(rated_at) FROM usage_rated"
-
-# Rows of the window that usage_recent lacks (its view's projection, sql/007).
+# The rows of the window that usage_recent lacks go through the insert again, so every view
+# gets them by its own definition: usage_rated's FINAL and usage_recent's FINAL collapse the
+# copy, usage_day_counts counts it (a higher count only sends a day back to the rows), and a
+# rollup that had them sees more rows than ids and falls back to FINAL (sql/004).
 _REPAIR_RECENT = """
-INSERT INTO usage_recent
-SELECT
-    toDate(occurred_at, 'UTC') AS day, customer_id, event_id, period, kind, meter, model, outcome_type,
-    attribution, price_book_version, endsWith(rule, ':reversal'), billed_in, input_tokens,
-    cached_input_tokens, output_tokens, quantity, credits, cost_to_serve
+INSERT INTO usage_rated
+SELECT *
 FROM usage_rated
 WHERE rated_at >= {since:DateTime64(3, 'UTC')}
   AND toDate(occurred_at, 'UTC') >= toDate(now(), 'UTC') - 10
@@ -268,9 +266,9 @@ WHERE rated_at >= {since:DateTime64(3, 'UTC')}
 SETTINGS max_partitions_per_insert_block = 0
 """
 
-# One more received row for every customer-day the window touched: a count a killed insert
-# never pushed can no longer equal what a settle saw, so those days are read from the rows
-# until the next settle (a count only has to change when a row arrives; a higher one is harmless).
+# One more received row for every customer-day the window touched: a count that a killed
+# insert never pushed (its rows did reach usage_recent) can no longer equal what a settle
+# saw, so those days are read from the rows until the next settle.
 _REPAIR_COUNTS = """
 INSERT INTO usage_day_counts
 SELECT period, customer_id, toDate(occurred_at, 'UTC') AS day, toUInt64(1)
@@ -280,29 +278,21 @@ GROUP BY period, customer_id, day
 """
 
 
-@dataclass(frozen=True)
-class RepairResult:
-    rows_copied: int
-    customer_days_bumped: int
+def repair_views(client: Client) -> int:
+    """Make usage_recent and usage_day_counts whole for the window a killed worker may have left.
 
-
-def repair_views(client: Client) -> RepairResult:
-    """Make usage_recent and usage_day_counts whole again for the window a killed worker may have left."""
-    newest = client.query(_REPAIR_SINCE).result_rows[0][0]
+    Returns how many rated rows went through the insert again.
+    """
+    newest = client.query("SELECT max(rated_at) FROM usage_rated").result_rows[0][0]
     if newest is None or newest.year < 2000:  # an empty table gives the epoch
-        return RepairResult(0, 0)
+        return 0
     if newest.tzinfo is None:
         newest = newest.replace(tzinfo=UTC)
-    params = {"since": newest - REPAIR_WINDOW}
-    before = client.query("SELECT count() FROM usage_recent").result_rows[0][0]
-    client.command(_REPAIR_RECENT, parameters=params)
-    copied = client.query("SELECT count() FROM usage_recent").result_rows[0][0] - before
-    days = client.query(
-        "SELECT count() FROM (SELECT DISTINCT period, customer_id, toDate(occurred_at, 'UTC') FROM usage_rated "
-        "WHERE rated_at >= {since:DateTime64(3, 'UTC')})",
-        parameters=params,
-    ).result_rows[0][0]
-    client.command(_REPAIR_COUNTS, parameters=params)
+    count = "SELECT count() FROM usage_rated"  # before and after: chDB's insert summary says 0
+    before = client.query(count).result_rows[0][0]
+    client.command(_REPAIR_RECENT, parameters={"since": newest - REPAIR_WINDOW})
+    copied = int(client.query(count).result_rows[0][0] - before)
+    client.command(_REPAIR_COUNTS, parameters={"since": newest - REPAIR_WINDOW})
     if copied:
-        log.warning("repaired usage_recent: %d rated rows a killed insert had not copied", copied)
-    return RepairResult(int(copied), int(days))
+        log.warning("repaired the views: %d rated rows a killed insert had not pushed to usage_recent", copied)
+    return copied

@@ -277,7 +277,6 @@ def create_app(settings: Settings, store: Storage, published_alerts: set[str] | 
     # Handles for tests and the CLI (the batch path is unit-tested through ``meterstream_handle_batch``).
     app.meterstream_stats = stats  # type: ignore[attr-defined]
     app.meterstream_state = state  # type: ignore[attr-defined]
-    app.meterstream_consumer = consumer  # type: ignore[attr-defined]
     app.meterstream_handle_batch = handle_batch  # type: ignore[attr-defined]
     return app
 

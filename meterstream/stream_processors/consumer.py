@@ -103,7 +103,6 @@ class BatchConsumer(Service):
         self.consumer: AIOKafkaConsumer | None = None
         self.assigned: set[TopicPartition] = set()
         self.rebalancing = True
-        self.commits = 0
         self._pending: dict[TopicPartition, int] = {}
         self._last_commit = time.monotonic()
         self._in_flight: asyncio.Future[None] | None = None
@@ -251,7 +250,6 @@ class BatchConsumer(Service):
         self._last_commit = time.monotonic()
         try:
             await self.consumer.commit(offsets)
-            self.commits += 1
         except (CommitFailedError, IllegalStateError) as exc:
             # The group moved on (a rebalance): the new owner replays from the last commit and
             # the store recognises what this worker already wrote.
