@@ -205,13 +205,22 @@ def _port_owner(port: int) -> str | None:
                 sockets.add(f"socket:[{fields[9]}]")
     for proc in Path("/proc").iterdir() if sockets else ():
         try:
-            if proc.name.isdigit() and any(os.readlink(fd) in sockets for fd in (proc / "fd").iterdir()):
+            if proc.name.isdigit() and any(_fd_target(fd) in sockets for fd in (proc / "fd").iterdir()):
                 argv = _cmdline(int(proc.name)) or []
                 what = f"a Kafka broker ({argv[-1]})" if "kafka.Kafka" in argv else " ".join(argv)[:120]
                 return f"pid {proc.name}, {what}"
-        except OSError:
+        except OSError:  # the process ended, or is not ours to read
             continue
     return None
+
+
+def _fd_target(fd: Path) -> str | None:
+    # A busy process opens and closes descriptors while we list them: one that closed is no match,
+    # not a reason to skip the whole process.
+    try:
+        return os.readlink(fd)
+    except OSError:
+        return None
 
 
 class KafkaBroker:
