@@ -28,7 +28,7 @@ No pricing or Kafka here: the worker, the SDK guard and the tests call
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
@@ -36,6 +36,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from meterstream.clock import utc_now
 from meterstream.pricing.money import to_decimal
 from meterstream.pricing.plans import Catalog
 from meterstream.schemas.records import Decision, EnforcementState, ThresholdAction
@@ -179,7 +180,7 @@ def load_budgets(path: Path | None, catalog: Catalog | None = None) -> BudgetBoo
     def credit_value(customer: str | None) -> Decimal | None:
         if catalog is None:
             return None
-        now = datetime.now(timezone.utc)
+        now = utc_now()
         try:
             if customer is not None:
                 return catalog.version_for(customer, now).credit_value

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from meterstream.clock import utc_now
 from meterstream.config import Settings
 
 err_console = Console(stderr=True)
@@ -30,7 +31,7 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 def check_period(period: str | None, *, code: int = 1) -> str:
     """A billing period ``YYYY-MM`` (UTC); the current month when not given."""
-    period = period or datetime.now(timezone.utc).strftime("%Y-%m")
+    period = period or utc_now().strftime("%Y-%m")
     try:
         datetime.strptime(period, "%Y-%m")
     except ValueError:

@@ -21,13 +21,14 @@ import time
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from meterstream.clock import utc_now
 from meterstream.config import ClickHouseSettings, Settings
 from meterstream.pricing.money import round_money
 from meterstream.pricing.plans import Catalog, load_catalog
@@ -179,7 +180,7 @@ def run_demo(settings: Settings, *, customers: int, events: int, seed: int, time
     from meterstream.topics import ensure_topics
 
     started = time.monotonic()
-    now = datetime.now(timezone.utc)
+    now = utc_now()
     run_id = now.strftime("%Y%m%d%H%M%S")
     demo_dir = settings.services.state_dir / "demo"
     local_bootstrap = bootstrap_servers(settings.services)

@@ -46,13 +46,13 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException
 from pydantic import SecretStr
 
+from meterstream.clock import utc_now
 from meterstream.alerting.ledger import DeliveryLedger, DeliveryState
 from meterstream.alerting.source import AlertMessage, AlertSourceError, consumer_config, decode_alert, topic_partitions
 from meterstream.alerting.webhook import Delivery, Outcome, RetryPolicy, WebhookSender
@@ -115,7 +115,7 @@ class DeadLetterFile:
 
     def append(self, message: AlertMessage, reason: str, *, status: int | None = None, attempts: int = 0) -> None:
         record: dict[str, Any] = {
-            "failed_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "failed_at": utc_now().isoformat(timespec="milliseconds"),
             "reason": reason,
             "status": status,
             "attempts": attempts,

@@ -27,11 +27,11 @@ import fcntl
 import os
 import sqlite3
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from enum import StrEnum
 from pathlib import Path
 from typing import IO
 
+from meterstream.clock import utc_now
 from meterstream.schemas.records import BudgetAlert
 
 
@@ -71,7 +71,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return utc_now().isoformat(timespec="milliseconds")
 
 
 class DeliveryLedger:

@@ -37,6 +37,7 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import SecretStr
 
+from meterstream.clock import utc_now
 from meterstream.schemas.records import BudgetAlert
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ def retry_after_seconds(value: str | None, now: datetime | None = None) -> float
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - (now or datetime.now(timezone.utc))).total_seconds())
+    return max(0.0, (when - (now or utc_now())).total_seconds())
 
 
 class Verdict(StrEnum):

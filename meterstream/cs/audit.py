@@ -26,10 +26,11 @@ from __future__ import annotations
 import csv
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from decimal import Decimal
 from typing import Any, TextIO
 
+from meterstream.clock import utc_now
 from meterstream.billing import QueryRunner, invoice_from_store
 from meterstream.cs.render import as_utc
 from meterstream.pricing.invoice import Invoice, InvoiceLine, PeriodUsage
@@ -209,7 +210,7 @@ def audit(
     """Trace ``line`` (every line if None) of the customer's invoice to its rows; write them to ``sink`` as CSV."""
     if line is not None and line not in LINE_ROWS:
         raise ValueError(f"unknown invoice line kind {line!r}; kinds: {', '.join(LINE_KINDS)}")
-    as_of = as_of or datetime.now(timezone.utc)
+    as_of = as_of or utc_now()
     invoice = invoice_from_store(run, catalog, customer, period, as_of=as_of)
     writer = csv.writer(sink, lineterminator="\n") if sink is not None else None
     if writer is not None:

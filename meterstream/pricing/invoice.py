@@ -67,12 +67,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from meterstream.clock import utc_now
 from meterstream.pricing.charges import Band, ChargeModel
 from meterstream.pricing.money import round_money
 from meterstream.pricing.plans import (
@@ -453,7 +454,7 @@ def compute_invoice(
         raise InvoiceError(f"usage is for customer {usage.customer_id!r}, not {customer_id!r}")
     if usage.period is not None and usage.period != period:
         raise InvoiceError(f"usage is for period {usage.period}, not {period}")
-    as_of = datetime.now(timezone.utc) if as_of is None else as_of
+    as_of = utc_now() if as_of is None else as_of
     if as_of.tzinfo is None or as_of.utcoffset() is None:
         raise ValueError("as_of must be timezone-aware")
 

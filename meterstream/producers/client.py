@@ -19,12 +19,12 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
+from meterstream.clock import utc_now
 from meterstream.config import PRODUCER_GUARANTEES, KafkaSettings, get_settings
 from meterstream.producers.llm import TokenUsage, usage_from_anthropic, usage_from_openai
 from meterstream.schemas.events import Attribution, Meter, OutcomeEvent, UsageEvent
@@ -287,5 +287,5 @@ def _defaults(customer_id: str, fields: dict[str, Any]) -> dict[str, Any]:
     if "event_id" not in fields:
         fields["event_id"] = new_event_id()
     if "occurred_at" not in fields:
-        fields["occurred_at"] = datetime.now(timezone.utc)
+        fields["occurred_at"] = utc_now()
     return fields

@@ -35,12 +35,13 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
 
 from confluent_kafka import Consumer, TopicPartition
 
+from meterstream.clock import utc_now
 from meterstream.config import KafkaSettings, get_settings
 from meterstream.pricing.plans import Catalog, PlanError, load_catalog
 from meterstream.pricing.rating import RatingError
@@ -192,7 +193,7 @@ class BudgetGuard:
 
     def estimate(self, customer_id: str, model: str, input_tokens: int, output_tokens: int) -> Decimal:
         probe = UsageEvent(
-            event_id="guard-estimate", customer_id=customer_id, occurred_at=datetime.now(timezone.utc),
+            event_id="guard-estimate", customer_id=customer_id, occurred_at=utc_now(),
             model=model, input_tokens=input_tokens, output_tokens=output_tokens,
         )  # fmt: skip
         return self.catalog.rate(probe).credits

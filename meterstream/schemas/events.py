@@ -31,6 +31,8 @@ from pydantic import (
     model_validator,
 )
 
+from meterstream.clock import utc_now
+
 SCHEMA_VERSION = 1
 
 #: Bounds on free-form attributes, so one event cannot blow up a row or a table.
@@ -106,7 +108,7 @@ def _occurred_at(value: Any, parse: ValidatorFunctionWrapHandler) -> datetime:
             raise ValueError("occurred_at must be an RFC 3339 date-time string with a timezone, not a number")
         value = parse(value)
     # Seconds against the wall clock first (cheaper than datetime.now()); near the limit, exactly.
-    if value.timestamp() - time() > _MAX_FUTURE_SKEW_S - 1 and value - datetime.now(_UTC) > MAX_FUTURE_SKEW:
+    if value.timestamp() - time() > _MAX_FUTURE_SKEW_S - 1 and value - utc_now() > MAX_FUTURE_SKEW:
         raise ValueError(
             f"occurred_at {value.isoformat()} is more than {int(MAX_FUTURE_SKEW.total_seconds())} s in the future"
         )

@@ -12,7 +12,7 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
+from meterstream.clock import utc_now
 from meterstream.config import ClickHouseSettings
 from meterstream.schemas.records import AlertKind, BudgetAlert, RatedUsage, RawEvent
 from meterstream.storage.columns import rated_table, raw_table
@@ -106,7 +107,7 @@ def migrate(client: Client, sql_dir: Path = SQL_DIR) -> list[str]:
             client.command(statement)
         client.insert(
             "schema_migrations",
-            [(migration.version, migration.name, datetime.now(timezone.utc))],
+            [(migration.version, migration.name, utc_now())],
             column_names=["version", "name", "applied_at"],
         )
         done.append(migration.name)
@@ -185,7 +186,7 @@ class ClickHouseStore:
         rated: Sequence[RatedUsage],
         alerts: Sequence[BudgetAlert] = (),
     ) -> None:
-        now = datetime.now(timezone.utc)
+        now = utc_now()
         try:
             # Raw events and rated rows go as Arrow columns (meterstream/storage/columns.py).
             if raw:

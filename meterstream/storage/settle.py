@@ -45,6 +45,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from clickhouse_connect.driver.client import Client
+from meterstream.clock import utc_now
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +186,7 @@ def settle(
     worker runs it under its store lock anyway (chDB serves one caller at a time).
     """
     started = time.monotonic()
-    now = now or datetime.now(UTC)
+    now = now or utc_now()
     before = before or now.date()
     params = {
         "settle_id": str(uuid.uuid4()),
@@ -220,7 +221,7 @@ def settle(
     return result
 
 
-def settle_store(store: Any, before: date | None = None) -> SettleResult:
+def settle_store(store: Any, before: date | None = None, *, now: datetime | None = None) -> SettleResult:
     """:func:`settle` on a :class:`~meterstream.storage.clickhouse.ClickHouseStore`; failures as ``StoreError``.
 
     What the worker's timer calls (through its ``with_store``, which retries a
@@ -229,7 +230,7 @@ def settle_store(store: Any, before: date | None = None) -> SettleResult:
     from meterstream.storage.clickhouse import StoreError
 
     try:
-        return settle(store.client, before)
+        return settle(store.client, before, now=now)
     except Exception as exc:  # clickhouse-connect raises several unrelated types
         raise StoreError(f"settle failed: {exc}") from exc
 

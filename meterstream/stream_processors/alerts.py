@@ -25,6 +25,7 @@ from decimal import Decimal
 
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
+from meterstream.clock import utc_now
 from meterstream.billing import previous_period
 from meterstream.budgets import BudgetBook, customer_decision, thresholds_to_alert
 from meterstream.config import KafkaSettings
@@ -129,7 +130,7 @@ def reconcile_alerts(
     timeout: float = 30.0,
 ) -> tuple[set[str], int]:
     """Record and publish what a crash left undone; returns (ids on the topic, alerts published now)."""
-    now = now or datetime.now(timezone.utc)
+    now = now or utc_now()
     period = now.strftime("%Y-%m")
     periods = [previous_period(period), period]
     since = datetime(int(periods[0][:4]), int(periods[0][5:7]), 1, tzinfo=timezone.utc)
@@ -174,7 +175,7 @@ def current_states(store: ClickHouseStore, budgets: BudgetBook, now: datetime | 
     the period arrives (a customer under only the ``default`` budget gets its
     first state with its first event).
     """
-    now = now or datetime.now(timezone.utc)
+    now = now or utc_now()
     period = now.strftime("%Y-%m")
     names = sorted(budgets.customers)
     if not names:

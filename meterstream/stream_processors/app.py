@@ -41,6 +41,7 @@ import faust
 import orjson
 from faust.app.base import BootStrategy
 
+from meterstream.clock import Clock, utc_now
 from meterstream.budgets import load_budgets
 from meterstream.config import Settings
 from meterstream.pricing.plans import load_catalog
@@ -83,11 +84,14 @@ class WorkerStats:
         }
 
 
-def create_app(settings: Settings, store: Storage, published_alerts: set[str] | None = None) -> faust.App:
+def create_app(
+    settings: Settings, store: Storage, published_alerts: set[str] | None = None, clock: Clock = utc_now
+) -> faust.App:
     """Build the worker app from settings and an open store (nothing is read from module globals).
 
     ``published_alerts`` holds the alert ids already on the ``budget-alerts`` topic
-    (read at start-up), so an alert is never published twice.
+    (read at start-up), so an alert is never published twice. ``clock`` is the time
+    every decision of the worker reads (periods closed, windows expired, days settled).
     """
     worker = settings.worker
     kafka = settings.kafka
@@ -104,6 +108,7 @@ def create_app(settings: Settings, store: Storage, published_alerts: set[str] | 
         recent_capacity=worker.recent_ids,
         dedupe_horizon_seconds=worker.dedupe_horizon_seconds,
         run_capped=lambda customer_id: getattr(budgets.for_customer(customer_id), "run_cap", None) is not None,
+        clock=clock,
     )
     processor = BatchProcessor(
         catalog,
@@ -111,6 +116,7 @@ def create_app(settings: Settings, store: Storage, published_alerts: set[str] | 
         window_seconds=worker.window_seconds,
         seen=state,
         late_grace=timedelta(seconds=worker.late_grace_seconds),
+        clock=clock,
     )
 
     app = faust.App(
@@ -248,7 +254,7 @@ def create_app(settings: Settings, store: Storage, published_alerts: set[str] | 
     @app.timer(interval=worker.settle_interval_seconds)
     async def settle_days() -> None:
         """Settle closed days so invoices read per-day sums instead of every row (sql/007, storage/settle.py)."""
-        result = await with_store(lambda: settle_store(store), "settle")
+        result = await with_store(lambda: settle_store(store, now=clock()), "settle")
         if result.customer_days:
             log.info("settled %d customer-days in %.1f s", result.customer_days, result.seconds)
 

@@ -17,6 +17,7 @@ from decimal import Decimal
 from functools import lru_cache
 from typing import Literal, NamedTuple, Protocol
 
+from meterstream.clock import Clock, utc_now
 from meterstream.budgets import (
     Budget,
     BudgetBook,
@@ -190,8 +191,10 @@ class BatchProcessor:
         window_seconds: int = 60,
         seen: SeenEvents | None = None,
         late_grace: timedelta = timedelta(days=3),
+        clock: Clock = utc_now,
     ) -> None:
         self.catalog = catalog
+        self.clock = clock
         self.late_grace = late_grace
         self.budgets = budgets
         self.window_seconds = window_seconds
@@ -210,7 +213,7 @@ class BatchProcessor:
         ``prepare`` sees the batch's valid events before dedupe and aggregation, so
         a state that lives in the store can load what it needs in one round trip.
         """
-        now = now or datetime.now(timezone.utc)
+        now = now or self.clock()
         result = BatchResult()
         batch_ids: set[str] = set()
         accepted: list[tuple[UsageEvent | OutcomeEvent, RatedUsage]] = []

@@ -34,6 +34,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
+from meterstream.clock import Clock, utc_now
 from meterstream.schemas.events import OutcomeEvent, UsageEvent
 from meterstream.storage.clickhouse import ClickHouseStore
 from meterstream.stream_processors.processing import (
@@ -129,8 +130,10 @@ class StoreBackedState:
         recent_capacity: int = 1_000_000,
         dedupe_horizon_seconds: int = 3600,
         run_capped: Callable[[str], bool] = lambda customer_id: True,
+        clock: Clock = utc_now,
     ) -> None:
         self.store = store
+        self.clock = clock
         self.topics = list(topics)
         self.window_seconds = window_seconds
         self.window_expires_seconds = window_expires_seconds
@@ -212,7 +215,7 @@ class StoreBackedState:
             self.store.repair_views()
             stored_upto = self._stored_offsets()
             self._load_recent_ids()
-            self._preload(datetime.now(timezone.utc))
+            self._preload(self.clock())
             self.stored_upto = stored_upto
         events = [event for _, event in batch]
         complete = self._complete_periods
@@ -243,7 +246,7 @@ class StoreBackedState:
         return {(row["source_topic"], int(row["source_partition"])): int(row["offset"]) for row in rows}
 
     def _load_recent_ids(self) -> None:
-        since = datetime.now(timezone.utc) - timedelta(seconds=self.dedupe_horizon_seconds)
+        since = self.clock() - timedelta(seconds=self.dedupe_horizon_seconds)
         rows = self._query(_RECENT_IDS, {"since": since, "limit": self.recent.capacity})
         for row in reversed(rows):  # oldest first, so the newest are the last evicted
             self.recent.add(dedupe_key(row["customer_id"], row["event_id"]))
@@ -271,7 +274,7 @@ class StoreBackedState:
     def _load_windows(self, customers: set[str]) -> None:
         if not customers:
             return
-        since = datetime.now(timezone.utc) - timedelta(seconds=self.window_expires_seconds)
+        since = self.clock() - timedelta(seconds=self.window_expires_seconds)
         params = {"customers": sorted(customers), "seconds": self.window_seconds, "since": since}
         self._add_windows(self._query(_WINDOWS, params))
         self._window_customers |= customers
@@ -331,7 +334,7 @@ class StoreBackedState:
         self._stored_in_batch = set()
 
     def expire_windows(self, now: datetime | None = None) -> int:
-        cutoff = ((now or datetime.now(timezone.utc)) - timedelta(seconds=self.window_expires_seconds)).strftime(
+        cutoff = ((now or self.clock()) - timedelta(seconds=self.window_expires_seconds)).strftime(
             "%Y-%m-%dT%H:%M:%SZ"
         )
         dropped = 0

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ import orjson
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from meterstream.clock import utc_now
 from meterstream.budgets import BudgetBook, BudgetBookError, load_budgets
 from meterstream.config import Settings
 from meterstream.pricing.plans import load_catalog, period_bounds
@@ -71,7 +72,7 @@ class WebError(RuntimeError):
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return utc_now()
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
