@@ -22,6 +22,8 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from tests.conftest import clock_env
+
 from meterstream.config import ClickHouseSettings, KafkaSettings, Settings
 from meterstream.stream_processors.runner import WorkerProcess
 from meterstream.topics import Topics, ensure_topics
@@ -101,6 +103,7 @@ class Pipeline:
             "METERSTREAM_WORKER__WEB_PORT": str(self.web_port),
             "METERSTREAM_WORKER__DATA_DIR": str(root / "worker"),
             "METERSTREAM_WORKER__BATCH_TIMEOUT": "0.2",
+            **clock_env(),  # the test's clock, also in the worker and CLI processes it starts
         }
         if budgets is not None:
             budgets_file = root / "budgets.yaml"

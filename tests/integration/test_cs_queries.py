@@ -506,11 +506,13 @@ def test_cli_audit_is_reproducible_and_reconciles_with_the_invoice(loaded, catal
 def test_reports_and_audit_read_through_the_running_worker(pipeline_factory, tmp_path):
     from datetime import timedelta
 
+    from meterstream.clock import current_period, utc_now
     from meterstream.producers import MeterClient
 
     pipeline = pipeline_factory()
-    now = datetime.now(timezone.utc).replace(microsecond=0)
-    period = now.strftime("%Y-%m")
+    # The first 12 seconds of a month would split the calls below over two periods: start them after.
+    now = max(utc_now(), utc_now().replace(day=1, hour=0, minute=0, second=12)).replace(microsecond=0)
+    period = current_period(lambda: now)
     with MeterClient(pipeline.kafka) as meter:
         for i in range(12):
             # Even calls fully cached: 10,000 x 0.25 / 1K = 2.5 credits, 10,000 x 1.25 / 1M = $0.0125;

@@ -7,11 +7,11 @@ PLAINTEXT one; the SCRAM user is created through the admin API at start-up.
 from __future__ import annotations
 
 import socket
-from datetime import datetime, timezone
 
 import pytest
 from pydantic import SecretStr
 
+from meterstream.clock import current_period, utc_now
 from meterstream.config import KafkaSettings, LocalServicesSettings
 from meterstream.producers import DeliveryFailure, MeterClient
 from meterstream.services.kafka import KafkaBroker
@@ -65,12 +65,14 @@ def test_sasl_scram_refuses_the_unauthenticated_and_carries_the_pipeline(base_se
         })  # fmt: skip
         pipeline.worker.env.update(pipeline.env)
         pipeline.start()
+        now = utc_now()  # one instant for every event: one period, whatever the date
         with MeterClient(pipeline.kafka) as meter:
             for i in range(20):
-                meter.record_llm_call("tenant", "gpt-4o-mini", input_tokens=1000, output_tokens=10, event_id=f"s{i}")
+                meter.record_llm_call("tenant", "gpt-4o-mini", input_tokens=1000, output_tokens=10, event_id=f"s{i}",
+                                      occurred_at=now)  # fmt: skip
         assert meter.failed == 0
         pipeline.wait_processed(20)
-        period = datetime.now(timezone.utc).strftime("%Y-%m")
+        period = current_period(lambda: now)
         assert run_saved_query(pipeline.clickhouse, "store_totals", period=period).dicts()[0]["rated_rows"] == 20
         assert PASSWORD not in pipeline.worker.log_path.read_text()
     finally:

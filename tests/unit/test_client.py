@@ -143,6 +143,7 @@ def _recent(moment: datetime) -> bool:
     return moment.tzinfo is not None and abs(datetime.now(timezone.utc) - moment) < timedelta(minutes=1)
 
 
+@pytest.mark.clock  # the SDK stamps occurred_at from the clock
 def test_record_openai_chat_usage(fake: Callable[..., tuple[MeterClient, FakeProducer]]) -> None:
     meter, producer = fake()
     usage = SimpleNamespace(prompt_tokens=1200, completion_tokens=300, prompt_tokens_details=SimpleNamespace(

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from unittest.mock import AsyncMock
 
 import pytest
 
+from meterstream.clock import fixed_clock
 from meterstream.config import Settings, WorkerSettings
 from meterstream.storage.clickhouse import QueryResult
 from meterstream.stream_processors.app import create_app
@@ -46,12 +48,18 @@ class MemoryStore:
         pass
 
 
+#: Every event of these tests occurred at the start of November 2026, and the worker's clock
+#: reads five minutes later: November is the open period, whatever day the tests run on.
+OCCURRED_AT = datetime(2026, 11, 1, tzinfo=timezone.utc)
+CLOCK = fixed_clock(OCCURRED_AT + timedelta(minutes=5))
+
+
 def _event(event_id: str, customer: str = "acme", input_tokens: int = 10_000) -> bytes:
     return json.dumps(
         {
             "event_id": event_id,
             "customer_id": customer,
-            "occurred_at": "2026-11-01T00:00:00Z",
+            "occurred_at": OCCURRED_AT.isoformat(),
             "model": "gpt-4o",
             "input_tokens": input_tokens,
         }
@@ -72,7 +80,7 @@ async def _run(store: MemoryStore, values: list[bytes], tmp_path: Path, budgets:
     settings = Settings(
         worker=WorkerSettings(app_id="unit", batch_timeout=0.05, budgets_file=budgets_file, data_dir=tmp_path)
     )
-    app = create_app(settings, store)
+    app = create_app(settings, store, clock=CLOCK)
     sent: dict[str, list[bytes]] = {"alerts": [], "dead_letter": [], "enforcement": []}
     names = {"budget-alerts": "alerts", "meterstream.dead-letter": "dead_letter", "enforcement-state": "enforcement"}
 
