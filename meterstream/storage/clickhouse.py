@@ -28,7 +28,8 @@ from meterstream.storage.columns import rated_table, raw_table
 log = logging.getLogger(__name__)
 
 #: Numbered DDL files live at the repository root in ``sql/``.
-SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
+#: The numbered DDL and saved queries: the repo's top-level sql/, linked as meterstream/sql so it is in the wheel.
+SQL_DIR = Path(__file__).resolve().parents[1] / "sql"
 _MIGRATION_NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 
 
