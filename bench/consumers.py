@@ -5,6 +5,11 @@ heap), from a new consumer group at the earliest offset, decoding nothing::
 
     python -m bench.consumers aiokafka  --bootstrap 127.0.0.1:19192 --topics a,b --messages 200000
     python -m bench.consumers confluent --bootstrap 127.0.0.1:19192 --topics a,b --messages 200000
+    python -m bench.consumers faust     --bootstrap 127.0.0.1:19192 --topics a,b --messages 200000
+
+``faust`` is a no-op Faust agent (raw bytes, each message acked as Faust acks it):
+what reading the topics through a Faust stream costs before any work is done,
+which is why the worker's rating path reads with ``getmany`` in batches instead.
 
 Prints one JSON object. The rate is counted like the worker's: from the
 first batch received to the last expected message, excluding the first batch
@@ -99,9 +104,52 @@ def run_confluent(bootstrap: str, topics: list[str], expected: int, timeout: flo
         consumer.close()
 
 
+def run_faust(bootstrap: str, topics: list[str], expected: int, timeout: float, batch: int) -> dict[str, Any]:
+    import faust
+
+    app = faust.App(
+        f"bench-ref-faust-{uuid.uuid4().hex[:8]}",
+        broker=f"kafka://{bootstrap}",
+        store="memory://",
+        value_serializer="raw",
+        key_serializer="raw",
+        web_enabled=False,
+        topic_disable_leader=True,
+        consumer_auto_offset_reset="earliest",
+        broker_max_poll_records=batch,
+    )
+    topic = app.topic(*topics, value_serializer="raw", key_serializer="raw")
+    state: dict[str, Any] = {"total": 0, "first": 0, "t0": None, "t_end": None}
+    worker = faust.Worker(app, loglevel="WARNING", quiet=True, redirect_stdouts=False)
+
+    @app.agent(topic)
+    async def count(stream: Any) -> None:
+        async for _ in stream:
+            if state["t0"] is None:
+                state["t0"], state["first"] = time.monotonic(), 1
+            state["total"] += 1
+            if state["total"] == expected:
+                state["t_end"] = time.monotonic()
+                asyncio.ensure_future(worker.stop())
+
+    @app.timer(interval=1.0)
+    async def give_up() -> None:
+        if state["t_end"] is None and time.monotonic() - started > timeout:
+            asyncio.ensure_future(worker.stop())
+
+    started = time.monotonic()
+    try:
+        worker.execute_from_commandline()
+    except SystemExit:
+        pass
+    if state["t_end"] is None:
+        raise TimeoutError(f"a Faust agent read {state['total']} of {expected} messages in {timeout:.0f} s")
+    return _result("faust-agent", state["total"], state["first"], state["t0"], state["t_end"], state["total"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("client", choices=["aiokafka", "confluent"])
+    parser.add_argument("client", choices=["aiokafka", "confluent", "faust"])
     parser.add_argument("--bootstrap", required=True)
     parser.add_argument("--topics", required=True, help="comma-separated")
     parser.add_argument("--messages", type=int, required=True)
@@ -112,9 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     topics = args.topics.split(",")
     if args.client == "aiokafka":
         result = asyncio.run(run_aiokafka(args.bootstrap, topics, args.messages, args.timeout, args.batch))
+    elif args.client == "faust":
+        result = run_faust(args.bootstrap, topics, args.messages, args.timeout, args.batch)
     else:
         result = run_confluent(args.bootstrap, topics, args.messages, args.timeout, args.batch)
-    print(json.dumps(result))
+    print("\n" + json.dumps(result))  # on a line of its own: Faust's worker writes terminal codes to stdout
     return 0
 
 

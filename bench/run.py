@@ -71,6 +71,8 @@ RESULTS_DIR = REPO / "bench" / "results"
 GIB = 1024**3
 #: The profiled (extra, uncounted) worker run records this long, then stops.
 PROFILE_SECONDS = 30.0
+#: Messages the no-op Faust agent reference reads (a rate, measured on the same topics as the worker).
+FAUST_AGENT_SAMPLE = 30_000
 
 TARGETS = {
     "sdk_events_per_s": 150_000,
@@ -645,7 +647,7 @@ class Bench:
             f"{counts['active_customers']:,} customers) in {fill_s:.1f} s"
         )
         topic_names = [topics.usage.name, topics.outcomes.name]
-        runs, aio, conf = [], [], []
+        runs, aio, conf, agent = [], [], [], []
         for rep in range(plan.worker_reps):
             runs.append(self.worker_throughput(kafka, counts, period, f"{self.tag}-wrk{rep}", profile=False))
             console.print(
@@ -660,6 +662,10 @@ class Bench:
                     f"  bare consumers rep {rep + 1}: aiokafka {aio[-1]['rate']:,} msg/s, "
                     f"confluent-kafka {conf[-1]['rate']:,} msg/s"
                 )
+            if rep == 0:
+                # A no-op Faust agent reads a sample: at its rate the whole topic would take minutes.
+                agent.append(self.reference("faust", topic_names, min(counts["messages"], FAUST_AGENT_SAMPLE)))
+                console.print(f"  no-op Faust agent: {agent[-1]['rate']:,} msg/s ({agent[-1]['messages']:,} messages)")
         profile = None
         if plan.profile:
             if pyspy.available():
@@ -681,12 +687,14 @@ class Bench:
             "worker_events_per_s": summary(rates),
             "aiokafka_bare_msgs_per_s": summary(aio_rates),
             "confluent_bare_msgs_per_s": summary([r["rate"] for r in conf]),
+            "faust_agent_msgs_per_s": summary([r["rate"] for r in agent]),
             "worker_share_of_aiokafka": round(statistics.median(rates) / statistics.median(aio_rates), 3),
             "vmhwm_bytes": summary([r["vmhwm_bytes_max"] for r in runs]),
             "all_rows_ok": all(r["rows_ok"] for r in runs),
             "runs": runs,
             "aiokafka_runs": aio,
             "confluent_runs": conf,
+            "faust_agent_runs": agent,
             "profile": profile,
         }
 
@@ -1157,6 +1165,10 @@ def render(results: dict[str, Any]) -> Table:
         table.add_row("   ref: bare aiokafka getmany", _fmt_rate(a["median"]), _fmt_rate(a["min"]), _fmt_rate(a["max"]), "", "")
         table.add_row("   ref: bare confluent-kafka consume", _fmt_rate(c["median"]), _fmt_rate(c["min"]),
                       _fmt_rate(c["max"]), "", "")
+        f = worker.get("faust_agent_msgs_per_s")
+        if f:
+            table.add_row("   ref: no-op Faust agent (sample)", _fmt_rate(f["median"]), _fmt_rate(f["min"]),
+                          _fmt_rate(f["max"]), "", "why the worker reads in batches")
         table.add_row("   worker / aiokafka", f"{worker['worker_share_of_aiokafka']:.1%}", "", "", "≥ 25%",
                       ok[verdict.get("worker_share")])
     latency = _ok_phase(results, "latency")
