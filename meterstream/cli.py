@@ -18,6 +18,7 @@ from meterstream.cli_common import check_period, fail, load_catalog_or_fail, pri
 from meterstream.config import get_settings
 from meterstream.cs.commands import audit_command, margin_command, usage_app
 from meterstream.ops.commands import dlq_app, reconcile_command
+from meterstream.producers.commands import import_command
 
 app = typer.Typer(help="Usage metering for AI products: SDK -> Kafka -> Faust -> ClickHouse.", no_args_is_help=True)
 services_app = typer.Typer(help="Local Kafka broker for machines without Docker.", no_args_is_help=True)
@@ -415,6 +416,10 @@ app.command("margin")(margin_command)
 # `dlq list|show|replay` and `reconcile` (nothing lost, nothing counted twice) live in meterstream/ops/.
 app.add_typer(dlq_app, name="dlq")
 app.command("reconcile")(reconcile_command)
+
+
+# `meterstream import FILE`: backfill historical events (meterstream/producers/backfill.py).
+app.command("import")(import_command)
 
 
 # -- usage profiles and the threshold advisor (meterstream/advisor.py) ------------------------

@@ -1,0 +1,464 @@
+"""Backfills: historical events from a file, through the same topics as live usage.
+
+``meterstream import FILE`` reads JSON Lines, CSV or Parquet in the wire format
+(:mod:`meterstream.schemas.events`), and works in passes over the file so that
+memory does not grow with the file's events:
+
+1. **scan** validates every record exactly as the worker will (the same pydantic
+   models; JSON Lines with ``model_validate_json``, the worker's own call) and
+   notes each bad record as ``file:line: reason``, the periods and customers the
+   file touches, and records repeating an earlier ``(customer_id, event_id)`` of
+   the file (a 64-bit hash per event is what it keeps).
+2. **stored ids**: the event ids already stored for those customers and periods
+   (saved query ``sql/queries/stored_event_ids.sql``, so it works through the
+   worker that owns an embedded store and against a ClickHouse server alike).
+3. **send** (or, with ``--dry-run``, **price**): read the file again and produce
+   every valid, new event, keyed by customer, to ``usage.events`` or
+   ``outcome.events`` with the SDK's delivery guarantees; or rate them with the
+   pure pricing engine (:meth:`meterstream.pricing.plans.Catalog.rate`, what
+   ``meterstream rate`` and the worker call) and send nothing.
+
+Nothing here decides billing: the worker rates the events like any other. An
+event of a period whose invoice is closed (``late_grace_seconds`` after its end)
+is stored in its own period and billed on the open invoice as a flagged
+``late_adjustment`` (the worker's late-usage rule); :func:`period_closed` only
+says so in the report.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+from confluent_kafka import KafkaError, Message, Producer
+from pydantic import ValidationError
+
+from meterstream.config import PRODUCER_GUARANTEES, KafkaSettings
+from meterstream.pricing.plans import Catalog, PlanError, period_bounds
+from meterstream.pricing.rating import RatingError
+from meterstream.schemas.events import OutcomeEvent, UsageEvent
+from meterstream.stream_processors.decode import MAX_EVENT_BYTES, describe_validation_error
+from meterstream.topics import Topics
+
+Format = Literal["jsonl", "csv", "parquet"]
+Kind = Literal["usage", "outcome"]
+ZERO = Decimal(0)
+
+#: File suffixes and the format they mean (``--format`` overrides).
+SUFFIXES: dict[str, Format] = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv",
+                               ".parquet": "parquet", ".pq": "parquet"}  # fmt: skip
+#: Columns of a CSV file or Parquet table holding whole numbers (token counts).
+_INT_COLUMNS = frozenset({"input_tokens", "output_tokens", "cached_input_tokens", "schema_version"})
+#: Up to this many customers of a period the stored ids are read per customer; beyond, per period.
+_PER_CUSTOMER_LOOKUPS = 20
+
+
+class BackfillError(ValueError):
+    """The file cannot be imported at all (unreadable, unknown format)."""
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    line: int
+    reason: str
+
+
+def detect_format(path: Path, given: str | None = None) -> Format:
+    if given:
+        if given not in ("jsonl", "csv", "parquet"):
+            raise BackfillError(f"--format must be jsonl, csv or parquet, not {given!r}")
+        return given  # type: ignore[return-value]
+    fmt = SUFFIXES.get(path.suffix.lower())
+    if fmt is None:
+        raise BackfillError(f"cannot tell the format of {path.name} from its suffix; pass --format jsonl|csv|parquet")
+    return fmt
+
+
+def period_closed(period: str, now: datetime, late_grace: timedelta) -> bool:
+    """Whether ``period``'s invoice is closed at ``now``: the worker's late-usage rule, for the report."""
+    return now >= period_bounds(period)[1] + late_grace
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+
+def _validate_json(raw: bytes) -> UsageEvent | OutcomeEvent:
+    """One JSON line as the worker validates it; ``"type": "outcome"`` marks an outcome."""
+    if len(raw) > MAX_EVENT_BYTES:
+        raise ValueError(f"the event is {len(raw)} bytes; the limit is {MAX_EVENT_BYTES}")
+    if b'"outcome"' in raw and b'"type"' in raw:
+        try:
+            return OutcomeEvent.model_validate_json(raw)
+        except ValidationError:
+            pass  # the marker was in a string elsewhere: as usage it may be valid
+    return UsageEvent.model_validate_json(raw)
+
+
+def _from_row(row: dict[str, Any]) -> UsageEvent | OutcomeEvent:
+    """A CSV or Parquet row (column = wire field) as an event; empty cells are absent fields."""
+    fields: dict[str, Any] = {}
+    for name, value in row.items():
+        if value is None or value == "":
+            continue
+        if isinstance(value, str):
+            if name in _INT_COLUMNS and value.isdigit():
+                value = int(value)  # CSV has no numbers; a non-digit stays a string and is rejected
+            elif name == "attributes":
+                try:
+                    value = orjson.loads(value)
+                except orjson.JSONDecodeError as exc:
+                    raise ValueError(f"attributes: not a JSON object: {exc}") from None
+        fields[name] = value
+    model = OutcomeEvent if fields.get("type") == "outcome" else UsageEvent
+    return model.model_validate(fields)
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        return describe_validation_error(exc)
+    return str(exc)
+
+
+def iter_events(path: Path, fmt: Format) -> Iterator[tuple[int, UsageEvent | OutcomeEvent | BadRecord]]:
+    """``(line, event or bad record)`` for every record of the file; never raises on a bad record.
+
+    ``line`` is the file line for JSON Lines and CSV (the header is line 1) and the
+    1-based row for Parquet.
+    """
+    if fmt == "jsonl":
+        with path.open("rb") as handle:
+            for number, raw in enumerate(handle, 1):
+                raw = raw.strip()
+                if not raw:
+                    continue
+                try:
+                    yield number, _validate_json(raw)
+                except (ValidationError, ValueError) as exc:
+                    yield number, BadRecord(number, _reason(exc))
+    elif fmt == "csv":
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            start = 2
+            for row in reader:
+                number, start = start, reader.line_num + 1
+                if None in row:
+                    yield number, BadRecord(number, f"{len(row[None])} more cells than the header has columns")
+                    continue
+                try:
+                    yield number, _from_row(row)
+                except (ValidationError, ValueError) as exc:
+                    yield number, BadRecord(number, _reason(exc))
+    else:
+        import pyarrow.parquet as pq
+
+        number = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=10_000):
+            for row in batch.to_pylist():
+                number += 1
+                if isinstance(row.get("attributes"), list):  # a Parquet map reads as [(key, value), ...]
+                    row["attributes"] = dict(row["attributes"])
+                try:
+                    yield number, _from_row(row)
+                except (ValidationError, ValueError) as exc:
+                    yield number, BadRecord(number, _reason(exc))
+
+
+def _iter_jsonl_to_send(path: Path) -> Iterator[tuple[int, Kind, str, str, bytes]]:
+    """JSON Lines already validated by :func:`scan`: ``(line, kind, customer, event_id, bytes)``.
+
+    The bytes are the line as written (the worker validates them again, as for any
+    producer); only the routing fields are read, which is what makes an import fast.
+    """
+    loads = orjson.loads
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            raw = raw.strip()
+            if not raw:
+                continue
+            try:
+                obj = loads(raw)
+                kind: Kind = "outcome" if obj.get("type") == "outcome" else "usage"
+                yield number, kind, obj["customer_id"], obj["event_id"], raw
+            except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError):
+                continue  # scan reported it; the set of bad lines skips it too
+
+
+def _iter_rows_to_send(path: Path, fmt: Format) -> Iterator[tuple[int, Kind, str, str, bytes]]:
+    for number, item in iter_events(path, fmt):
+        if isinstance(item, BadRecord):
+            continue
+        yield number, item.type, item.customer_id, item.event_id, item.wire_bytes()
+
+
+# -- pass 1: scan -----------------------------------------------------------------------------
+
+
+@dataclass
+class Scan:
+    path: Path
+    fmt: Format
+    records: int = 0
+    valid: int = 0
+    bad: list[BadRecord] = field(default_factory=list)
+    #: Lines repeating an earlier (customer_id, event_id) of the file: sent once.
+    repeated_lines: set[int] = field(default_factory=set)
+    #: period -> customers with events in it
+    customers_by_period: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    first_at: datetime | None = None
+    last_at: datetime | None = None
+
+    @property
+    def bad_lines(self) -> set[int]:
+        return {b.line for b in self.bad}
+
+    @property
+    def periods(self) -> list[str]:
+        return sorted(self.customers_by_period)
+
+
+Progress = Callable[[int], None]  # called with how many records were handled since the last call
+
+
+def scan(path: Path, fmt: Format, progress: Progress | None = None) -> Scan:
+    """Validate every record; collect bad lines, repeats, and the periods and customers touched."""
+    result = Scan(path, fmt)
+    seen: set[int] = set()
+    step = 0
+    for number, item in iter_events(path, fmt):
+        result.records += 1
+        step += 1
+        if progress is not None and step == 10_000:
+            progress(step)
+            step = 0
+        if isinstance(item, BadRecord):
+            result.bad.append(item)
+            continue
+        key = hash((item.customer_id, item.event_id))
+        if key in seen:
+            result.repeated_lines.add(number)
+            continue
+        seen.add(key)
+        result.valid += 1
+        result.customers_by_period[item.period].add(item.customer_id)
+        at = item.occurred_at
+        if result.first_at is None or at < result.first_at:
+            result.first_at = at
+        if result.last_at is None or at > result.last_at:
+            result.last_at = at
+    if progress is not None and step:
+        progress(step)
+    return result
+
+
+# -- pass 2: what is stored already -----------------------------------------------------------
+
+QueryRunner = Callable[..., Any]  # (name, **params) -> QueryResult
+
+
+def stored_keys(run_query: QueryRunner, scanned: Scan) -> set[tuple[str, str]]:
+    """``(customer_id, event_id)`` of the file's customers already stored in the file's periods.
+
+    The store is keyed by ``(customer_id, event_id)`` within a period, so this is
+    what an event of the file would collapse with (``FINAL``); skipping it keeps
+    the stored row as it is and the real-time counters right.
+    """
+    keys: set[tuple[str, str]] = set()
+    for period, customers in sorted(scanned.customers_by_period.items()):
+        wanted = sorted(customers) if len(customers) <= _PER_CUSTOMER_LOOKUPS else [""]
+        for customer in wanted:
+            for row in run_query("stored_event_ids", period=period, customer=customer).dicts():
+                if customer or row["customer_id"] in customers:
+                    keys.add((row["customer_id"], row["event_id"]))
+    return keys
+
+
+# -- pass 3a: price (dry run) -----------------------------------------------------------------
+
+
+@dataclass
+class PricedGroup:
+    customer_id: str
+    period: str
+    billed_in: str
+    events: int = 0
+    credits: Decimal = ZERO
+    cost_to_serve: Decimal = ZERO
+
+    def to_json(self) -> dict[str, Any]:
+        return {"customer_id": self.customer_id, "period": self.period, "billed_in": self.billed_in,
+                "late": self.billed_in != self.period, "events": self.events,
+                "credits": str(self.credits), "cost_to_serve": str(self.cost_to_serve)}  # fmt: skip
+
+
+@dataclass
+class Priced:
+    groups: list[PricedGroup]
+    #: ``file:line: reason`` of valid events the catalog cannot price (the worker dead-letters them)
+    unpriced: list[BadRecord]
+    already_stored: int
+
+    @property
+    def credits(self) -> Decimal:
+        return sum((g.credits for g in self.groups), ZERO)
+
+    @property
+    def cost_to_serve(self) -> Decimal:
+        return sum((g.cost_to_serve for g in self.groups), ZERO)
+
+    @property
+    def events(self) -> int:
+        return sum(g.events for g in self.groups)
+
+
+def price(
+    scanned: Scan,
+    stored: set[tuple[str, str]],
+    catalog: Catalog,
+    *,
+    now: datetime,
+    late_grace: timedelta,
+    progress: Progress | None = None,
+) -> Priced:
+    """Rate what an import would send, per customer and period, with the worker's engine; send nothing.
+
+    ``billed_in`` is the period whose invoice carries the usage: its own, or, for a
+    closed period, the open one at ``now`` (as a late adjustment).
+    """
+    skip = scanned.bad_lines | scanned.repeated_lines
+    groups: dict[tuple[str, str], PricedGroup] = {}
+    unpriced: list[BadRecord] = []
+    already = 0
+    open_period = now.strftime("%Y-%m")
+    step = 0
+    for number, event in iter_events(scanned.path, scanned.fmt):
+        step += 1
+        if progress is not None and step == 10_000:
+            progress(step)
+            step = 0
+        if number in skip or isinstance(event, BadRecord):
+            continue
+        if (event.customer_id, event.event_id) in stored:
+            already += 1
+            continue
+        try:
+            rated = catalog.rate(event)
+        except (RatingError, PlanError) as exc:
+            unpriced.append(BadRecord(number, str(exc)))
+            continue
+        group = groups.get((rated.customer_id, rated.period))
+        if group is None:
+            billed_in = open_period if period_closed(rated.period, now, late_grace) else rated.period
+            group = groups[(rated.customer_id, rated.period)] = PricedGroup(rated.customer_id, rated.period, billed_in)
+        group.events += 1
+        group.credits += rated.credits
+        group.cost_to_serve += rated.cost_to_serve
+    if progress is not None and step:
+        progress(step)
+    return Priced(sorted(groups.values(), key=lambda g: (g.customer_id, g.period)), unpriced, already)
+
+
+# -- pass 3b: send ----------------------------------------------------------------------------
+
+
+@dataclass
+class Sent:
+    sent: int = 0
+    already_stored: int = 0
+    delivered: int = 0
+    #: ``(event_id, error)`` of events the broker did not confirm
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _producer_config(kafka: KafkaSettings) -> dict[str, Any]:
+    # The SDK's guarantees (idempotence, acks=all, murmur2 by customer); batches sized for bulk.
+    return {
+        **kafka.confluent_config(),
+        "linger.ms": 20,
+        "batch.size": 1_000_000,
+        "compression.type": "lz4",
+        "queue.buffering.max.messages": 1_000_000,
+        "queue.buffering.max.kbytes": 1_048_576,
+        "message.timeout.ms": 120_000,
+        **PRODUCER_GUARANTEES,
+    }
+
+
+def send(
+    scanned: Scan,
+    stored: set[tuple[str, str]],
+    kafka: KafkaSettings,
+    *,
+    progress: Progress | None = None,
+    flush_timeout: float = 120.0,
+) -> Sent:
+    """Produce every valid, new event of the file; wait until the broker confirmed each one."""
+    result = Sent()
+    topics = Topics.from_settings(kafka)
+    topic_of = {"usage": topics.usage.name, "outcome": topics.outcomes.name}
+    producer = Producer(_producer_config(kafka))
+    skip = scanned.bad_lines | scanned.repeated_lines
+    failed = result.failed
+
+    delivered = [0]
+
+    def on_delivery(err: KafkaError | None, msg: Message) -> None:
+        if err is None:
+            delivered[0] += 1
+        else:
+            failed.append((_event_id_of(msg.value()), err.str()))
+
+    rows = _iter_jsonl_to_send(scanned.path) if scanned.fmt == "jsonl" else _iter_rows_to_send(scanned.path, scanned.fmt)
+    produce, poll = producer.produce, producer.poll
+    started = time.perf_counter()
+    sent = step = 0
+    for number, kind, customer, event_id, value in rows:
+        step += 1
+        if step == 10_000:
+            poll(0)
+            if progress is not None:
+                progress(step)
+            step = 0
+        if number in skip:
+            continue
+        if stored and (customer, event_id) in stored:
+            result.already_stored += 1
+            continue
+        key = customer.encode()
+        try:
+            produce(topic_of[kind], value, key, -1, on_delivery)
+        except BufferError:
+            deadline = time.monotonic() + 60
+            while True:
+                poll(0.05)
+                try:
+                    produce(topic_of[kind], value, key, -1, on_delivery)
+                    break
+                except BufferError:
+                    if time.monotonic() > deadline:
+                        raise
+        sent += 1
+    if progress is not None and step:
+        progress(step)
+    remaining = producer.flush(flush_timeout)
+    result.seconds = time.perf_counter() - started
+    result.sent = sent
+    if remaining:
+        failed.append(("?", f"{remaining} deliveries unconfirmed after {flush_timeout:.0f} s"))
+    result.delivered = delivered[0]
+    return result
+
+
+def _event_id_of(value: bytes | None) -> str:
+    try:
+        return str(orjson.loads(value or b"")["event_id"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return "?"

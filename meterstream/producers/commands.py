@@ -1,0 +1,163 @@
+"""``meterstream import``: backfill historical events from a file (see :mod:`meterstream.producers.backfill`)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from meterstream.cli_common import fail, load_catalog_or_fail, query_runner
+from meterstream.config import get_settings
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator[Progress | None]:
+    if not enabled:
+        yield None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn())  # fmt: skip
+    with Progress(*columns, console=err_console, transient=False) as progress:
+        yield progress
+
+
+def _task(progress: Progress | None, description: str, total: int | None):  # -> callback or None
+    if progress is None:
+        return None
+    task = progress.add_task(description, total=total, rate="")
+    started = datetime.now(timezone.utc)
+
+    def advance(n: int) -> None:
+        progress.advance(task, n)
+        elapsed = (datetime.now(timezone.utc) - started).total_seconds()
+        done = progress.tasks[task].completed
+        if elapsed > 0:
+            progress.update(task, rate=f"{done / elapsed:,.0f}/s")
+
+    return advance
+
+
+def import_command(
+    file: Annotated[Path, typer.Argument(help="Events in the wire format: .jsonl, .csv or .parquet.")],
+    fmt: Annotated[str | None, typer.Option("--format", help="jsonl, csv or parquet; default from the suffix.")] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Validate, dedupe and price the import; send nothing.")
+    ] = False,
+    skip_invalid: Annotated[
+        bool, typer.Option("--skip-invalid", help="Send the valid events even when some records are invalid.")
+    ] = False,
+    plans: Annotated[
+        Path | None, typer.Option("--plans", help="Plan catalog for --dry-run; default: the worker's.")
+    ] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Backfill historical events from FILE through the event topics (deduped against the store).
+
+    Every record is validated first; invalid ones are listed as FILE:LINE: reason and,
+    unless --skip-invalid, nothing is sent (exit 2). Events already stored, and
+    repeats within the file, are skipped. Periods whose invoice is closed are billed
+    on the open invoice as a late adjustment, never rewritten.
+    """
+    from meterstream.producers import backfill
+
+    settings = get_settings()
+    now = datetime.now(timezone.utc)
+    late_grace = timedelta(seconds=settings.worker.late_grace_seconds)
+    if not file.is_file():
+        raise fail(f"no such file: {file}")
+    try:
+        fmt_ = backfill.detect_format(file, fmt)
+    except backfill.BackfillError as exc:
+        raise fail(str(exc)) from None
+    catalog = load_catalog_or_fail(plans, settings) if dry_run else None
+
+    with _progress(not no_progress and not as_json) as progress:
+        try:
+            scanned = backfill.scan(file, fmt_, _task(progress, "validating", None))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise fail(f"cannot read {file}: {exc}") from None
+        for bad in scanned.bad:
+            err_console.print(f"{file}:{bad.line}: {bad.reason}", highlight=False, markup=False, soft_wrap=True)
+        if scanned.bad and not skip_invalid and not dry_run:
+            raise fail(f"{len(scanned.bad):,} invalid records; nothing sent (fix them, or --skip-invalid)", 2)
+        with query_runner(settings) as run:
+            stored = backfill.stored_keys(run, scanned)
+        summary = {
+            "file": str(file), "format": fmt_, "records": scanned.records, "valid": scanned.valid,
+            "invalid": len(scanned.bad), "repeated_in_file": len(scanned.repeated_lines),
+            "first_occurred_at": scanned.first_at.isoformat() if scanned.first_at else None,
+            "last_occurred_at": scanned.last_at.isoformat() if scanned.last_at else None,
+            "closed_periods": [p for p in scanned.periods if backfill.period_closed(p, now, late_grace)],
+        }  # fmt: skip
+        if dry_run:
+            priced = backfill.price(scanned, stored, catalog, now=now, late_grace=late_grace,
+                                    progress=_task(progress, "pricing", scanned.records))  # fmt: skip
+        else:
+            result = backfill.send(scanned, stored, settings.kafka, progress=_task(progress, "sending", scanned.records))
+
+    if dry_run:
+        for bad in priced.unpriced:
+            err_console.print(f"{file}:{bad.line}: not priced: {bad.reason}", highlight=False, markup=False)
+        summary |= {"dry_run": True, "already_stored": priced.already_stored, "would_send": priced.events,
+                    "unpriced": len(priced.unpriced), "credits": str(priced.credits),
+                    "cost_to_serve": str(priced.cost_to_serve), "by_customer_period": [g.to_json() for g in priced.groups]}  # fmt: skip
+        if as_json:
+            print(json.dumps(summary, indent=2))
+        else:
+            _print_priced(priced, summary)
+        if scanned.bad or priced.unpriced:
+            raise typer.Exit(2)
+        return
+
+    summary |= {"dry_run": False, "already_stored": result.already_stored, "sent": result.sent,
+                "delivered": result.delivered, "failed": len(result.failed), "seconds": round(result.seconds, 3),
+                "events_per_second": round(result.sent / result.seconds) if result.seconds else None}  # fmt: skip
+    for event_id, error in result.failed[:20]:
+        err_console.print(f"not delivered: {event_id}: {error}", highlight=False, markup=False)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        console.print(
+            f"sent {result.sent:,} events ({result.delivered:,} confirmed) in {result.seconds:.2f} s; skipped "
+            f"{result.already_stored:,} already stored, {len(scanned.repeated_lines):,} repeated in the file, "
+            f"{len(scanned.bad):,} invalid",
+            highlight=False,
+        )
+        if summary["closed_periods"]:
+            console.print(f"closed periods {', '.join(summary['closed_periods'])}: billed on the open invoice "
+                          "as a late adjustment", highlight=False)  # fmt: skip
+    if result.failed:
+        raise typer.Exit(1)
+    if scanned.bad:
+        raise typer.Exit(2)
+
+
+def _print_priced(priced, summary: dict) -> None:
+    table = Table(title=f"Dry run: {summary['file']} (nothing sent)")
+    for column in ("customer", "period", "billed in", "events", "credits", "cost to serve $"):
+        table.add_column(column, justify="left" if column in ("customer", "period", "billed in") else "right")
+    for g in priced.groups:
+        billed = f"{g.billed_in} (late)" if g.billed_in != g.period else g.billed_in
+        table.add_row(g.customer_id, g.period, billed, f"{g.events:,}", f"{g.credits.normalize():,f}",
+                      f"{g.cost_to_serve.normalize():,f}")  # fmt: skip
+    table.add_row("[bold]all", "", "", f"{priced.events:,}", f"{priced.credits.normalize():,f}",
+                  f"{priced.cost_to_serve.normalize():,f}")  # fmt: skip
+    console.print(table)
+    console.print(
+        f"{summary['records']:,} records: {priced.events:,} would be sent, {priced.already_stored:,} already "
+        f"stored, {summary['repeated_in_file']:,} repeated in the file, {summary['invalid']:,} invalid, "
+        f"{summary['unpriced']:,} not priced",
+        highlight=False,
+    )
