@@ -18,7 +18,7 @@ from meterstream.cli_common import check_period, fail, load_catalog_or_fail, pri
 from meterstream.config import get_settings
 from meterstream.cs.commands import audit_command, margin_command, usage_app
 from meterstream.ops.commands import dlq_app, reconcile_command
-from meterstream.producers.commands import import_command
+from meterstream.producers.commands import import_command, otlp_command
 
 app = typer.Typer(help="Usage metering for AI products: SDK -> Kafka -> Faust -> ClickHouse.", no_args_is_help=True)
 services_app = typer.Typer(help="Local Kafka broker for machines without Docker.", no_args_is_help=True)
@@ -420,6 +420,8 @@ app.command("reconcile")(reconcile_command)
 
 # `meterstream import FILE`: backfill historical events (meterstream/producers/backfill.py).
 app.command("import")(import_command)
+# `meterstream otlp`: meter GenAI spans received over OTLP/HTTP (meterstream/producers/otlp.py).
+app.command("otlp")(otlp_command)
 
 
 # -- usage profiles and the threshold advisor (meterstream/advisor.py) ------------------------

@@ -161,3 +161,35 @@ def _print_priced(priced, summary: dict) -> None:
         f"{summary['unpriced']:,} not priced",
         highlight=False,
     )
+
+
+def otlp_command(
+    port: Annotated[int, typer.Option(help="Port (OTLP/HTTP's default is 4318).")] = 4318,
+    bind: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    customer_attribute: Annotated[
+        list[str], typer.Option("--customer-attribute", help="Span/resource attribute holding the customer id "
+                                "(repeatable, first found wins); default meterstream.customer_id.")  # fmt: skip
+    ] = [],  # noqa: B006 - typer reads the default, never mutates it
+    workflow_attribute: Annotated[
+        list[str], typer.Option("--workflow-attribute", help="Default meterstream.workflow_id.")
+    ] = [],  # noqa: B006
+    run_attribute: Annotated[list[str], typer.Option("--run-attribute", help="Default meterstream.run_id.")] = [],  # noqa: B006
+) -> None:
+    """Receive OTLP/HTTP traces (protobuf or JSON) and meter every GenAI span as a usage event."""
+    try:
+        from meterstream.producers import otlp
+    except ImportError as exc:
+        raise fail(f"meterstream otlp needs the otel extra (pip install 'meterstream[otel]'): {exc}") from None
+    from meterstream.producers.client import MeterClient
+    from meterstream.topics import TopicError, ensure_topics
+
+    settings = get_settings()
+    try:
+        ensure_topics(settings.kafka)
+    except TopicError as exc:
+        raise fail(str(exc)) from None
+    mapping = otlp.mapping_from_options(customer_attribute, workflow_attribute, run_attribute)
+    err_console.print(f"OTLP/HTTP receiver on http://{bind}:{port}/v1/traces; customer from "
+                      f"{', '.join(mapping.customer_keys)}", highlight=False)  # fmt: skip
+    with MeterClient(settings.kafka) as meter:
+        otlp.serve(meter, mapping, bind, port)
