@@ -18,6 +18,7 @@ from meterstream.cli_common import check_period, fail, load_catalog_or_fail, pri
 from meterstream.config import get_settings
 from meterstream.cs.commands import audit_command, margin_command, usage_app
 from meterstream.ops.commands import dlq_app, reconcile_command
+from meterstream.ops.provider_commands import reconcile_provider_command
 from meterstream.producers.commands import import_command, otlp_command
 
 app = typer.Typer(help="Usage metering for AI products: SDK -> Kafka -> Faust -> ClickHouse.", no_args_is_help=True)
@@ -416,6 +417,8 @@ app.command("margin")(margin_command)
 # `dlq list|show|replay` and `reconcile` (nothing lost, nothing counted twice) live in meterstream/ops/.
 app.add_typer(dlq_app, name="dlq")
 app.command("reconcile")(reconcile_command)
+# Metered vs the providers' own bills (meterstream/ops/provider_bills.py).
+app.command("reconcile-provider")(reconcile_provider_command)
 
 
 # `meterstream import FILE`: backfill historical events (meterstream/producers/backfill.py).

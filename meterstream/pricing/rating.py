@@ -21,14 +21,30 @@ class RatingError(ValueError):
     """The event is valid but this price book cannot price it (e.g. an unknown model)."""
 
 
-def _token_amount(rates: TokenRates, per: Decimal, event: UsageEvent) -> Decimal:
+def _tokens_amount(rates: TokenRates, per: Decimal, input_tokens: int, cached_input_tokens: int, output_tokens: int) -> Decimal:
     # input_tokens includes the cached part (OpenAI's convention, which the SDK normalises to).
-    uncached = event.input_tokens - event.cached_input_tokens
+    uncached = input_tokens - cached_input_tokens
     return (
         Decimal(uncached) * rates.input
-        + Decimal(event.cached_input_tokens) * rates.cached_input_rate
-        + Decimal(event.output_tokens) * rates.output
+        + Decimal(cached_input_tokens) * rates.cached_input_rate
+        + Decimal(output_tokens) * rates.output
     ) / per
+
+
+def _token_amount(rates: TokenRates, per: Decimal, event: UsageEvent) -> Decimal:
+    return _tokens_amount(rates, per, event.input_tokens, event.cached_input_tokens, event.output_tokens)
+
+
+def token_cost(book: PriceBook, model: str, *, input_tokens: int, cached_input_tokens: int, output_tokens: int) -> Decimal:
+    """Cost to serve of any number of tokens of ``model`` under ``book``: what rating charges per event, summed.
+
+    For counts no single event holds (a provider's daily bill). Raises :class:`RatingError`
+    if the book has no price for the model.
+    """
+    prices = book.models.get(model)
+    if prices is None:
+        raise RatingError(f"no price for model {model!r} in price book {book.version}")
+    return _tokens_amount(prices.cost_per_1m, MILLION, input_tokens, cached_input_tokens, output_tokens)
 
 
 @dataclass(frozen=True)
