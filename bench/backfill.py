@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import resource
 import sys
 import tempfile
 import time
@@ -79,13 +81,19 @@ def write_events(directory: Path, n: int, formats: list[str]) -> dict[str, Path]
     return paths
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process (librdkafka's threads included) and of its reaped children (scan workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def reference(settings: Settings, lines: list[bytes]) -> dict[str, Any]:
     """Bare confluent-kafka: the same bytes, already in memory, same producer settings."""
     kafka = settings.kafka.model_copy(update={"topic_prefix": f"bfref{uuid.uuid4().hex[:8]}."})
     topic = ensure_topics(kafka).usage.name
     producer = Producer(backfill._producer_config(kafka))
     keys = [orjson.loads(line)["customer_id"].encode() for line in lines]
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_seconds()
     produce, poll = producer.produce, producer.poll
     for i, (line, key) in enumerate(zip(lines, keys, strict=True)):
         while True:
@@ -97,23 +105,24 @@ def reference(settings: Settings, lines: list[bytes]) -> dict[str, Any]:
         if i % 10_000 == 0:
             poll(0)
     assert producer.flush(120) == 0
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu
     _delete_topics(settings, kafka.topic_prefix)
-    return {"events": len(lines), "seconds": round(seconds, 3), "events_per_second": round(len(lines) / seconds)}
+    return {"events": len(lines), "seconds": round(seconds, 3), "events_per_second": round(len(lines) / seconds),
+            "cpu_seconds": round(cpu, 3), "events_per_cpu_second": round(len(lines) / cpu)}
 
 
-def run_import(settings: Settings, path: Path, fmt: str, store_dir: Path) -> dict[str, Any]:
+def run_import(settings: Settings, path: Path, fmt: str, store_dir: Path, workers: int) -> dict[str, Any]:
     kafka = settings.kafka.model_copy(update={"topic_prefix": f"bfimp{uuid.uuid4().hex[:8]}."})
     ensure_topics(kafka)
     store = open_store(ClickHouseSettings(dsn=f"chdb://{store_dir}", database=f"bf_{uuid.uuid4().hex[:8]}"))
     try:
-        started = time.perf_counter()
-        scanned = backfill.scan(path, fmt)  # type: ignore[arg-type]
+        started, cpu = time.perf_counter(), cpu_seconds()
+        scanned = backfill.scan(path, fmt, workers=workers)  # type: ignore[arg-type]
         t_scan = time.perf_counter()
         stored = backfill.stored_keys(lambda name, **p: store.query(saved_query(name), p), scanned)
         t_stored = time.perf_counter()
         sent = backfill.send(scanned, stored, kafka)
-        done = time.perf_counter()
+        done, cpu = time.perf_counter(), cpu_seconds() - cpu
     finally:
         store.close()
         _delete_topics(settings, kafka.topic_prefix)
@@ -122,7 +131,8 @@ def run_import(settings: Settings, path: Path, fmt: str, store_dir: Path) -> dic
     return {"format": fmt, "events": scanned.valid, "seconds": round(total, 3),
             "events_per_second": round(scanned.valid / total),
             "scan_seconds": round(t_scan - started, 3), "stored_ids_seconds": round(t_stored - t_scan, 3),
-            "send_seconds": round(done - t_stored, 3)}  # fmt: skip
+            "send_seconds": round(done - t_stored, 3), "scan_workers": workers, "cpu_seconds": round(cpu, 3),
+            "events_per_cpu_second": round(scanned.valid / cpu)}  # fmt: skip
 
 
 def _delete_topics(settings: Settings, prefix: str) -> None:
@@ -137,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=300_000)
     parser.add_argument("--formats", default="jsonl", help="comma-separated: jsonl,csv,parquet")
+    parser.add_argument("--scan-workers", type=int, default=None, help="default: one per core, at most 4")
     args = parser.parse_args(argv)
     formats = [f for f in args.formats.split(",") if f]
     settings = Settings()
@@ -155,19 +166,21 @@ def main(argv: list[str] | None = None) -> int:
         imports = []
         for fmt, path in paths.items():
             console.print(f"meterstream import ({fmt}) ...")
-            imports.append(run_import(settings, path, fmt, directory / f"store-{fmt}"))
+            workers = args.scan_workers if args.scan_workers is not None else min(os.cpu_count() or 1, 4)
+            imports.append(run_import(settings, path, fmt, directory / f"store-{fmt}", workers))
         machine["load_average_at_end"] = Path("/proc/loadavg").read_text().split()[:3]
     results = {"at": datetime.now(timezone.utc).isoformat(), "machine": machine, "versions": versions(None),
                "broker": settings.kafka.bootstrap_servers, "reference": ref, "imports": imports}  # fmt: skip
     table = Table(title=f"Backfill, {args.events:,} events ({machine['cores']} cores, {machine['cpu_model']}, "
                         f"load {' '.join(machine['load_average_at_start'])})")  # fmt: skip
-    for column in ("what", "events/s", "seconds", "scan s", "stored ids s", "send s", "vs reference"):
+    for column in ("what", "events/s", "s", "scan s", "ids s", "send s", "vs ref", "events/cpu-s"):
         table.add_column(column, justify="left" if column == "what" else "right")
-    table.add_row("bare confluent-kafka (reference)", f"{ref['events_per_second']:,}", f"{ref['seconds']}", "", "", "", "1.00")
+    table.add_row("bare confluent-kafka", f"{ref['events_per_second']:,}", f"{ref['seconds']}", "", "", "", "1.00",
+                  f"{ref['events_per_cpu_second']:,}")  # fmt: skip
     for r in imports:
-        table.add_row(f"meterstream import ({r['format']})", f"{r['events_per_second']:,}", f"{r['seconds']}",
-                      f"{r['scan_seconds']}", f"{r['stored_ids_seconds']}", f"{r['send_seconds']}",
-                      f"{r['events_per_second'] / ref['events_per_second']:.2f}")  # fmt: skip
+        table.add_row(f"import {r['format']} ({r['scan_workers']} scan proc)", f"{r['events_per_second']:,}",
+                      f"{r['seconds']}", f"{r['scan_seconds']}", f"{r['stored_ids_seconds']}", f"{r['send_seconds']}",
+                      f"{r['events_per_second'] / ref['events_per_second']:.2f}", f"{r['events_per_cpu_second']:,}")  # fmt: skip
     console.print(table)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"backfill-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"

@@ -28,7 +28,10 @@ says so in the report.
 from __future__ import annotations
 
 import csv
+import multiprocessing
+import os
 import time
+from array import array
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -171,33 +174,6 @@ def iter_events(path: Path, fmt: Format) -> Iterator[tuple[int, UsageEvent | Out
                     yield number, BadRecord(number, _reason(exc))
 
 
-def _iter_jsonl_to_send(path: Path) -> Iterator[tuple[int, Kind, str, str, bytes]]:
-    """JSON Lines already validated by :func:`scan`: ``(line, kind, customer, event_id, bytes)``.
-
-    The bytes are the line as written (the worker validates them again, as for any
-    producer); only the routing fields are read, which is what makes an import fast.
-    """
-    loads = orjson.loads
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, 1):
-            raw = raw.strip()
-            if not raw:
-                continue
-            try:
-                obj = loads(raw)
-                kind: Kind = "outcome" if obj.get("type") == "outcome" else "usage"
-                yield number, kind, obj["customer_id"], obj["event_id"], raw
-            except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError):
-                continue  # scan reported it; the set of bad lines skips it too
-
-
-def _iter_rows_to_send(path: Path, fmt: Format) -> Iterator[tuple[int, Kind, str, str, bytes]]:
-    for number, item in iter_events(path, fmt):
-        if isinstance(item, BadRecord):
-            continue
-        yield number, item.type, item.customer_id, item.event_id, item.wire_bytes()
-
-
 # -- pass 1: scan -----------------------------------------------------------------------------
 
 
@@ -227,8 +203,16 @@ class Scan:
 Progress = Callable[[int], None]  # called with how many records were handled since the last call
 
 
-def scan(path: Path, fmt: Format, progress: Progress | None = None) -> Scan:
-    """Validate every record; collect bad lines, repeats, and the periods and customers touched."""
+def scan(path: Path, fmt: Format, progress: Progress | None = None, *, workers: int | None = None) -> Scan:
+    """Validate every record; collect bad lines, repeats, and the periods and customers touched.
+
+    A JSON Lines file larger than a few chunks is validated by ``workers`` processes
+    (default: one per core, at most 4), each taking whole lines of a byte range;
+    the results are merged in file order, so they are what one process finds.
+    """
+    workers = workers if workers is not None else min(os.cpu_count() or 1, 4)
+    if fmt == "jsonl" and workers > 1 and path.stat().st_size > 2 * _CHUNK_BYTES:
+        return _scan_parallel(path, workers, progress)
     result = Scan(path, fmt)
     seen: set[int] = set()
     step = 0
@@ -255,6 +239,90 @@ def scan(path: Path, fmt: Format, progress: Progress | None = None) -> Scan:
             result.last_at = at
     if progress is not None and step:
         progress(step)
+    return result
+
+
+#: Bytes of JSON Lines one scan task validates.
+_CHUNK_BYTES = 4 * 1024 * 1024
+
+
+def _chunks(path: Path) -> list[tuple[int, int]]:
+    """Byte ranges of ``path`` that start at line starts."""
+    size = path.stat().st_size
+    bounds = [0]
+    with path.open("rb") as handle:
+        while bounds[-1] + _CHUNK_BYTES < size:
+            handle.seek(bounds[-1] + _CHUNK_BYTES)
+            handle.readline()  # to the start of the next line
+            if handle.tell() >= size:
+                break
+            bounds.append(handle.tell())
+    bounds.append(size)
+    return list(zip(bounds, bounds[1:], strict=False))
+
+
+def _scan_chunk(task: tuple[Path, int, int]) -> dict[str, Any]:
+    """Validate the lines of one byte range (in a worker process); line numbers are local, from 1."""
+    path, start, end = task
+    with path.open("rb") as handle:
+        handle.seek(start)
+        data = handle.read(end - start)
+    bad: list[tuple[int, str]] = []
+    keys, lines = array("q"), array("q")
+    customers_by_period: dict[str, set[str]] = defaultdict(set)
+    first = last = None
+    records = 0
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        raw = raw.strip()
+        if not raw:
+            continue
+        records += 1
+        try:
+            event = _validate_json(raw)
+        except (ValidationError, ValueError) as exc:
+            bad.append((number, _reason(exc)))
+            continue
+        keys.append(hash((event.customer_id, event.event_id)))
+        lines.append(number)
+        customers_by_period[event.period].add(event.customer_id)
+        at = event.occurred_at
+        if first is None or at < first:
+            first = at
+        if last is None or at > last:
+            last = at
+    return {"newlines": data.count(b"\n"), "records": records, "bad": bad, "keys": keys, "lines": lines,
+            "customers_by_period": dict(customers_by_period), "first": first, "last": last}  # fmt: skip
+
+
+def _scan_parallel(path: Path, workers: int, progress: Progress | None) -> Scan:
+    result = Scan(path, "jsonl")
+    seen: set[int] = set()
+    offset = 0  # lines before the chunk
+    # fork: the children share this process's str hash seed, so their keys hash as ours do
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        for chunk in pool.imap(_scan_chunk, [(path, a, b) for a, b in _chunks(path)]):
+            result.records += chunk["records"]
+            result.bad.extend(BadRecord(offset + n, reason) for n, reason in chunk["bad"])
+            keys = chunk["keys"]
+            distinct = set(keys)
+            if len(distinct) == len(keys) and seen.isdisjoint(distinct):
+                seen |= distinct  # the usual case: no repeats, merged in C
+            else:
+                for key, number in zip(keys, chunk["lines"], strict=True):
+                    if key in seen:
+                        result.repeated_lines.add(offset + number)
+                    else:
+                        seen.add(key)
+            result.valid = len(seen)
+            for period, customers in chunk["customers_by_period"].items():
+                result.customers_by_period[period] |= customers
+            if chunk["first"] is not None and (result.first_at is None or chunk["first"] < result.first_at):
+                result.first_at = chunk["first"]
+            if chunk["last"] is not None and (result.last_at is None or chunk["last"] > result.last_at):
+                result.last_at = chunk["last"]
+            offset += chunk["newlines"]
+            if progress is not None:
+                progress(chunk["records"])
     return result
 
 
@@ -399,61 +467,100 @@ def send(
     *,
     progress: Progress | None = None,
     flush_timeout: float = 120.0,
+    producer_config: dict[str, Any] | None = None,
 ) -> Sent:
-    """Produce every valid, new event of the file; wait until the broker confirmed each one."""
+    """Produce every valid, new event of the file; wait until the broker confirmed each one.
+
+    Every produce has the delivery callback, which librdkafka calls for failures only
+    (``delivery.report.only.error``): a Python call per confirmed message would cost
+    more than the produce. After ``flush`` returns with nothing outstanding, every
+    event sent and not reported failed was confirmed.
+    """
     result = Sent()
     topics = Topics.from_settings(kafka)
-    topic_of = {"usage": topics.usage.name, "outcome": topics.outcomes.name}
-    producer = Producer(_producer_config(kafka))
+    usage_topic, outcome_topic = topics.usage.name, topics.outcomes.name
+    config = {**_producer_config(kafka), **(producer_config or {}), "delivery.report.only.error": True}
+    producer = Producer({**config, **PRODUCER_GUARANTEES})
     skip = scanned.bad_lines | scanned.repeated_lines
     failed = result.failed
 
-    delivered = [0]
-
     def on_delivery(err: KafkaError | None, msg: Message) -> None:
-        if err is None:
-            delivered[0] += 1
-        else:
+        if err is not None:
             failed.append((_event_id_of(msg.value()), err.str()))
 
-    rows = _iter_jsonl_to_send(scanned.path) if scanned.fmt == "jsonl" else _iter_rows_to_send(scanned.path, scanned.fmt)
     produce, poll = producer.produce, producer.poll
+
+    def produce_when_room(topic: str, value: bytes, key: bytes) -> None:
+        deadline = time.monotonic() + 60
+        while True:
+            poll(0.05)
+            try:
+                produce(topic, value, key, -1, on_delivery)
+                return
+            except BufferError:
+                if time.monotonic() > deadline:
+                    raise
+
     started = time.perf_counter()
-    sent = step = 0
-    for number, kind, customer, event_id, value in rows:
-        step += 1
-        if step == 10_000:
-            poll(0)
-            if progress is not None:
-                progress(step)
-            step = 0
-        if number in skip:
-            continue
-        if stored and (customer, event_id) in stored:
-            result.already_stored += 1
-            continue
-        key = customer.encode()
-        try:
-            produce(topic_of[kind], value, key, -1, on_delivery)
-        except BufferError:
-            deadline = time.monotonic() + 60
-            while True:
-                poll(0.05)
+    sent = already = 0
+    if scanned.fmt == "jsonl":
+        # The hot loop of a backfill, inlined: the lines as written (the worker validates them
+        # again, as for any producer), routed by the two fields read back with orjson.
+        loads = orjson.loads
+        with scanned.path.open("rb") as handle:
+            for number, raw in enumerate(handle, 1):
+                if not number & 0x3FFF:
+                    poll(0)
+                    if progress is not None:
+                        progress(0x4000)
+                if number in skip:
+                    continue
+                raw = raw.strip()
+                if not raw:
+                    continue
+                obj = loads(raw)
+                customer = obj["customer_id"]
+                if stored and (customer, obj["event_id"]) in stored:
+                    already += 1
+                    continue
+                topic = outcome_topic if obj.get("type") == "outcome" else usage_topic
+                key = customer.encode()
                 try:
-                    produce(topic_of[kind], value, key, -1, on_delivery)
-                    break
+                    produce(topic, raw, key, -1, on_delivery)
                 except BufferError:
-                    if time.monotonic() > deadline:
-                        raise
-        sent += 1
-    if progress is not None and step:
-        progress(step)
+                    produce_when_room(topic, raw, key)
+                sent += 1
+        if progress is not None:
+            progress(number & 0x3FFF)
+    else:
+        step = 0
+        for number, item in iter_events(scanned.path, scanned.fmt):
+            step += 1
+            if step == 10_000:
+                poll(0)
+                if progress is not None:
+                    progress(step)
+                step = 0
+            if number in skip or isinstance(item, BadRecord):
+                continue
+            if stored and (item.customer_id, item.event_id) in stored:
+                already += 1
+                continue
+            topic = outcome_topic if item.type == "outcome" else usage_topic
+            value, key = item.wire_bytes(), item.customer_id.encode()
+            try:
+                produce(topic, value, key, -1, on_delivery)
+            except BufferError:
+                produce_when_room(topic, value, key)
+            sent += 1
+        if progress is not None and step:
+            progress(step)
     remaining = producer.flush(flush_timeout)
     result.seconds = time.perf_counter() - started
-    result.sent = sent
+    result.sent, result.already_stored = sent, already
+    result.delivered = sent - remaining - len(failed)  # failed: the callback's reports only, so far
     if remaining:
         failed.append(("?", f"{remaining} deliveries unconfirmed after {flush_timeout:.0f} s"))
-    result.delivered = delivered[0]
     return result
 
 

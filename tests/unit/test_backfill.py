@@ -142,3 +142,39 @@ def test_format_from_suffix(tmp_path):
     assert backfill.detect_format(Path("a.txt"), "csv") == "csv"
     with pytest.raises(backfill.BackfillError):
         backfill.detect_format(Path("a.txt"))
+
+
+def test_the_parallel_scan_finds_what_one_process_finds(tmp_path, monkeypatch):
+    monkeypatch.setattr(backfill, "_CHUNK_BYTES", 4096)  # many chunks, repeats and errors across them
+    lines = []
+    for i in range(600):
+        if i % 97 == 5:
+            lines.append(_line(event_id=f"e{i}", output_tokens=-1))
+        elif i % 50 == 7:
+            lines.append(_line(event_id=f"e{i - 300 if i > 300 else i}"))  # repeats an earlier line, far back
+        elif i % 113 == 0:
+            lines.append("")
+        else:
+            lines.append(_line(event_id=f"e{i}", customer_id=f"c{i % 7}",
+                               occurred_at=f"2026-{9 + i % 2:02d}-0{1 + i % 9}T10:00:00Z"))  # fmt: skip
+    path = tmp_path / "big.jsonl"
+    path.write_text("\n".join(lines))  # no newline at the end
+    one = backfill.scan(path, "jsonl", workers=1)
+    many = backfill.scan(path, "jsonl", workers=2)
+    assert len(backfill._chunks(path)) > 10
+    assert one.repeated_lines and one.bad
+    for name in ("records", "valid", "bad", "repeated_lines", "first_at", "last_at"):
+        assert getattr(many, name) == getattr(one, name), name
+    assert dict(many.customers_by_period) == dict(one.customers_by_period)
+
+
+def test_events_the_broker_never_confirms_are_reported_by_id(tmp_path):
+    from meterstream.config import KafkaSettings
+
+    scanned = backfill.scan(EXAMPLE / "events.jsonl", "jsonl")
+    kafka = KafkaSettings(bootstrap_servers="127.0.0.1:1", topic_prefix="nobroker.")
+    sent = backfill.send(scanned, set(), kafka, flush_timeout=10, producer_config={"message.timeout.ms": 10, "linger.ms": 1})
+    assert sent.sent == 160 and sent.delivered == 0
+    assert len(sent.failed) == 160
+    assert {event_id for event_id, _ in sent.failed} == {
+        e.event_id for _, e in backfill.iter_events(EXAMPLE / "events.jsonl", "jsonl")}  # fmt: skip

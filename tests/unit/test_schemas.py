@@ -376,3 +376,27 @@ def test_exported_usage_schema_forbids_unknown_fields(tmp_path: Path) -> None:
     assert schema["additionalProperties"] is False
     assert {"event_id", "customer_id", "occurred_at"} <= set(schema["required"])
     assert schema["$id"].endswith("/usage_event.schema.json")
+
+
+@pytest.mark.parametrize(
+    ("fast", "slow"),
+    [
+        ("2026-09-05T10:00:00Z", "2026-09-05T10:00:00+00:00"),
+        ("2026-09-05T10:00:00.123Z", "2026-09-05T12:00:00.123+02:00"),
+        ("2000-01-01T00:00:00Z", "2000-01-01T00:00:00.000+00:00"),
+    ],
+)
+def test_the_canonical_utc_fast_path_reads_what_pydantic_reads(fast, slow):
+    base = {"event_id": "e", "customer_id": "c", "model": "gpt-4o"}
+    a = UsageEvent.model_validate_json(json.dumps({**base, "occurred_at": fast}))
+    b = UsageEvent.model_validate_json(json.dumps({**base, "occurred_at": slow}))
+    assert a.occurred_at == b.occurred_at and a.occurred_at.tzinfo is timezone.utc
+    assert UsageEvent(**base, occurred_at=fast) == a  # python mode (CSV, Parquet) too
+
+
+@pytest.mark.parametrize("bad", ["2026-13-05T10:00:00Z", "2026-02-30T10:00:00Z", "2026-09-05T24:00:00Z",
+                                 "1999-12-31T23:59:59Z", "2999-01-01T00:00:00Z"])  # fmt: skip
+def test_the_canonical_utc_fast_path_refuses_what_pydantic_refuses(bad):
+    with pytest.raises(ValidationError, match="occurred_at"):
+        UsageEvent.model_validate_json(json.dumps({"event_id": "e", "customer_id": "c", "model": "gpt-4o",
+                                                   "occurred_at": bad}))  # fmt: skip
