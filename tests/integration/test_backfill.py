@@ -13,6 +13,8 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
@@ -45,7 +47,7 @@ def _stored(pipeline, period: str) -> dict[str, dict]:
     return {row["customer_id"]: row for row in json.loads(result.stdout)}
 
 
-def test_worked_example_dry_run_then_import(pipeline_factory):
+def test_worked_example_dry_run_then_import(pipeline_factory, tmp_path):
     pipeline = pipeline_factory()
     dry = _cli(pipeline.env, "import", str(EXAMPLE), "--dry-run", "--json")
     assert dry.returncode == 0, dry.stderr
@@ -56,6 +58,20 @@ def test_worked_example_dry_run_then_import(pipeline_factory):
     # the dry run sent nothing
     assert _topic_size(pipeline, pipeline.topics.usage.name) == 0
     assert _topic_size(pipeline, pipeline.topics.outcomes.name) == 0
+
+    # the same events as CSV and as Parquet price the same
+    csv_plan = json.loads(_cli(pipeline.env, "import", str(EXAMPLE.with_suffix(".csv")), "--dry-run", "--json").stdout)
+    assert csv_plan["by_customer_period"] == plan["by_customer_period"]
+    rows = [json.loads(line) for line in EXAMPLE.read_text().splitlines()]
+    columns = sorted({k for row in rows for k in row})
+    for row in rows:
+        row["attributes"] = json.dumps(row["attributes"]) if "attributes" in row else None
+        for column in columns:
+            row.setdefault(column, None)
+    parquet = tmp_path / "events.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), parquet)
+    pq_plan = json.loads(_cli(pipeline.env, "import", str(parquet), "--dry-run", "--json").stdout)
+    assert pq_plan["by_customer_period"] == plan["by_customer_period"]
 
     # the table form, as the README shows it
     table = _cli(pipeline.env, "import", str(EXAMPLE), "--dry-run")
