@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
+import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -15,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from meterstream.cli_common import fail, load_catalog_or_fail, query_runner
+from meterstream.clock import utc_now
 from meterstream.config import get_settings
 
 console = Console()
@@ -36,11 +38,11 @@ def _task(progress: Progress | None, description: str, total: int | None):  # ->
     if progress is None:
         return None
     task = progress.add_task(description, total=total, rate="")
-    started = datetime.now(timezone.utc)
+    started = time.monotonic()
 
     def advance(n: int) -> None:
         progress.advance(task, n)
-        elapsed = (datetime.now(timezone.utc) - started).total_seconds()
+        elapsed = time.monotonic() - started
         done = progress.tasks[task].completed
         if elapsed > 0:
             progress.update(task, rate=f"{done / elapsed:,.0f}/s")
@@ -73,7 +75,7 @@ def import_command(
     from meterstream.producers import backfill
 
     settings = get_settings()
-    now = datetime.now(timezone.utc)
+    now = utc_now()
     late_grace = timedelta(seconds=settings.worker.late_grace_seconds)
     if not file.is_file():
         raise fail(f"no such file: {file}")
