@@ -102,14 +102,16 @@ class MeteringSpanProcessor(SpanProcessor):
                 return
         if usage.reason == "not_genai":
             return
-        self._count(usage.reason)
-        log.warning("GenAI span %s (%s) not metered: %s %s", span.name, context.span_id, usage.reason, usage.detail)
+        if self._count(usage.reason) == 1:  # the first of each kind is logged; the counts say how many
+            log.warning("GenAI span %r not metered (%s: %s); further ones are counted in .counts only",
+                        span.name, usage.reason, usage.detail)  # fmt: skip
         if self.on_unmetered is not None:
             self.on_unmetered(span, usage)
 
-    def _count(self, reason: str) -> None:
+    def _count(self, reason: str) -> int:
         with self._lock:
             self.counts[reason] += 1
+            return self.counts[reason]
 
     def shutdown(self) -> None:
         self.meter.flush()
