@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 STATE  := .local
 
-.PHONY: demo test test-unit test-integration services-up services-down install browser clean
+.PHONY: demo test test-unit test-integration services-up services-down install browser kcat clean
 
 install: $(STAMP)
 
@@ -27,6 +27,14 @@ browser:
 	  $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; \
 	fi
 
+# kcat, a non-Python Kafka producer, for the poison-message fuzz test
+# (tests/integration/test_poison_messages.py), from Debian's packages, like chromium above.
+kcat:
+	@if ! command -v kcat >/dev/null 2>&1; then \
+	  SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y kcat; \
+	fi
+
 services-up: $(STAMP)
 	$(BIN)/meterstream services up
 
@@ -38,7 +46,7 @@ demo: $(STAMP)
 
 # The whole suite: starts the local broker, runs unit and integration tests,
 # and stops the broker again if this run started it.
-test: $(STAMP) browser
+test: $(STAMP) browser kcat
 	@started=0; \
 	if ! $(BIN)/meterstream services status >/dev/null 2>&1; then started=1; fi; \
 	$(BIN)/meterstream services up || exit 1; \
@@ -49,7 +57,7 @@ test: $(STAMP) browser
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -ra tests/unit $(PYTEST_ARGS)
 
-test-integration: $(STAMP) browser services-up
+test-integration: $(STAMP) browser kcat services-up
 	$(BIN)/python -m pytest -ra tests/integration $(PYTEST_ARGS)
 
 clean:

@@ -55,7 +55,9 @@ class DeadLetterEntry:
             "source_partition": letter.source_partition if letter else None,
             "source_offset": letter.source_offset if letter else None,
             "reason": letter.reason if letter else f"unreadable dead letter: {self.error}",
-            "size": len(letter.raw) if letter else 0,
+            "size": (letter.size if letter.size is not None else len(letter.raw)) if letter else 0,
+            "truncated": letter.truncated if letter else False,
+            "sha256": letter.sha256 if letter else None,
         }
 
     def detail(self) -> dict[str, Any]:
@@ -157,6 +159,11 @@ def replay(
         letter = entry.letter
         if letter is None:
             result.skipped.append({**base, "why": f"unreadable dead letter: {entry.error}"})
+        elif letter.truncated:
+            result.skipped.append({**base, "why": (
+                f"the letter holds {len(letter.raw)} of the value's {letter.size} bytes; the whole value is at "
+                f"{letter.source_topic}:{letter.source_partition}@{letter.source_offset} (sha256 {letter.sha256})"
+            )})  # fmt: skip
         elif letter.source_topic not in allowed:
             result.skipped.append({**base, "why": f"source topic {letter.source_topic!r} is not an event topic"})
         else:

@@ -26,6 +26,7 @@ from pydantic import (
     StrictInt,
     StrictStr,
     StringConstraints,
+    ValidationInfo,
     ValidatorFunctionWrapHandler,
     WrapValidator,
     field_validator,
@@ -97,7 +98,7 @@ _CANONICAL_UTC = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{3})?Z")
 _MAX_FUTURE_SKEW_S = MAX_FUTURE_SKEW.total_seconds()
 
 
-def _occurred_at(value: Any, parse: ValidatorFunctionWrapHandler) -> datetime:
+def _occurred_at(value: Any, parse: ValidatorFunctionWrapHandler, info: ValidationInfo) -> datetime:
     """An aware datetime, converted to UTC, not before 2000 and not more than the skew in the future.
 
     One Python call per event. A ``datetime`` already in UTC (the SDK's own
@@ -118,8 +119,19 @@ def _occurred_at(value: Any, parse: ValidatorFunctionWrapHandler) -> datetime:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             raise ValueError("occurred_at must be an RFC 3339 date-time string with a timezone, not a number")
         value = parse(value)
-    # Seconds against the wall clock first (cheaper than datetime.now()); near the limit, exactly.
-    if value.timestamp() - time() > _MAX_FUTURE_SKEW_S - 1 and value - utc_now() > MAX_FUTURE_SKEW:
+    # The limit is against the time the message reached the broker when the caller knows it
+    # (validation context ``received_at``: the worker and reconcile pass the message's broker
+    # timestamp, so a verdict does not change with the time it is checked); else the wall clock,
+    # in seconds first (cheaper than datetime.now()) and near the limit exactly.
+    context = info.context
+    received_at = context.get("received_at") if context else None
+    if received_at is not None:
+        if value - received_at > MAX_FUTURE_SKEW:
+            raise ValueError(
+                f"occurred_at {value.isoformat()} is more than {int(MAX_FUTURE_SKEW.total_seconds())} s "
+                f"in the future of the message's broker timestamp {received_at.isoformat()}"
+            )
+    elif value.timestamp() - time() > _MAX_FUTURE_SKEW_S - 1 and value - utc_now() > MAX_FUTURE_SKEW:
         raise ValueError(
             f"occurred_at {value.isoformat()} is more than {int(MAX_FUTURE_SKEW.total_seconds())} s in the future"
         )

@@ -151,17 +151,68 @@ class EnforcementState(BaseModel):
     updated_at: AwareDatetime
 
 
+#: Dead letters carry at most this much of a rejected value: base64 makes it ~342 KB, well
+#: inside the broker's default 1 MiB message limit and aiokafka's ``max_request_size``.
+DEAD_LETTER_RAW_LIMIT = 256 * 1024
+#: ... and at most this much of a reason.
+DEAD_LETTER_REASON_LIMIT = 4000
+
+
 class DeadLetter(BaseModel):
     """A rejected message: raw bytes (standard, padded base64 in JSON) and why, with where it came from."""
 
     model_config = ConfigDict(frozen=True)
 
     reason: str
-    raw: bytes = Field(description="The message value exactly as received, base64 (RFC 4648) in JSON.")
+    raw: bytes = Field(
+        description="The message value exactly as received, base64 (RFC 4648) in JSON; only its first "
+        "DEAD_LETTER_RAW_LIMIT bytes when ``truncated`` (the whole value stays on the source topic at "
+        "source_partition / source_offset, and ``size`` and ``sha256`` identify it)."
+    )
     source_topic: str | None = None
     source_partition: int | None = None
     source_offset: int | None = None
     rejected_at: datetime
+    #: The original value's length in bytes and SHA-256 (hex), whether or not ``raw`` is whole.
+    size: int | None = None
+    sha256: str | None = None
+    truncated: bool = False
+
+    @classmethod
+    def of(
+        cls,
+        value: bytes | None,
+        reason: str,
+        *,
+        rejected_at: datetime,
+        source_topic: str | None = None,
+        source_partition: int | None = None,
+        source_offset: int | None = None,
+        raw_limit: int | None = None,
+    ) -> DeadLetter:
+        """A letter for ``value`` that always fits on the broker: ``raw`` cut to ``raw_limit`` bytes
+        (default :data:`DEAD_LETTER_RAW_LIMIT`), the reason to :data:`DEAD_LETTER_REASON_LIMIT` characters."""
+        value = value or b""
+        limit = DEAD_LETTER_RAW_LIMIT if raw_limit is None else raw_limit
+        if len(reason) > DEAD_LETTER_REASON_LIMIT:
+            reason = reason[: DEAD_LETTER_REASON_LIMIT - 20] + f"... ({len(reason)} chars)"
+        return cls(
+            reason=reason,
+            raw=value[:limit],
+            source_topic=source_topic,
+            source_partition=source_partition,
+            source_offset=source_offset,
+            rejected_at=rejected_at,
+            size=len(value),
+            sha256=hashlib.sha256(value).hexdigest(),
+            truncated=len(value) > limit,
+        )
+
+    def compact(self, why: str) -> DeadLetter:
+        """The same letter without the raw bytes (size and digest kept), for when the whole one cannot be sent."""
+        return self.model_copy(
+            update={"raw": b"", "truncated": self.truncated or bool(self.raw), "reason": f"{self.reason} [{why}]"[:DEAD_LETTER_REASON_LIMIT]}
+        )
 
     @field_serializer("raw", when_used="json")
     def _raw_as_base64(self, raw: bytes) -> str:

@@ -56,6 +56,9 @@ from meterstream.topics import Topics
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+#: Longer message keys are not copied onto a dead letter (it records where the message is).
+MAX_DEAD_LETTER_KEY = 1024
+
 
 @dataclass
 class WorkerStats:
@@ -68,6 +71,8 @@ class WorkerStats:
     alerts: int = 0
     batches: int = 0
     store_retries: int = 0
+    #: Dead letters the broker refused even without their raw bytes (their partitions are held).
+    unpublishable_dead_letters: int = 0
     started_at: float = field(default_factory=time.time)
 
     def as_dict(self) -> dict[str, Any]:
@@ -79,6 +84,7 @@ class WorkerStats:
             "alerts": self.alerts,
             "batches": self.batches,
             "store_retries": self.store_retries,
+            "unpublishable_dead_letters": self.unpublishable_dead_letters,
             "uptime_seconds": round(time.time() - self.started_at, 1),
             "pid": os.getpid(),
         }
@@ -163,14 +169,62 @@ def create_app(
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, settings.clickhouse.retry_backoff_max)
 
-    async def publish(result: BatchResult, keys: list[bytes | None]) -> None:
+    async def send_dead_letters(result: BatchResult, keys: list[bytes | None]) -> dict[tuple[str, int], int]:
+        """Publish the batch's dead letters; returns the messages whose letter the broker refuses for good.
+
+        A letter the broker will not take whole (too large for it, whatever its settings) goes
+        again without its raw bytes (size and digest kept: the value stays on the source topic).
+        If even that is refused with an error that retrying cannot fix, the message's partition
+        is held (``{(topic, partition): offset}``; see BatchConsumer.hold) and the other
+        partitions go on. Errors worth retrying (the broker unreachable) fail the batch as before.
+        """
+        held: dict[tuple[str, int], int] = {}
+        sent = []
+        for letter, key in zip(result.dead_letters, keys, strict=True):
+            if key is not None and len(key) > MAX_DEAD_LETTER_KEY:
+                key = None  # a hostile key: the letter carries the value's place, the key is not needed
+            sent.append((letter, key, await _send(topics.dead_letter.name, key, letter.model_dump_json().encode())))
+        for letter, key, pending in sent:
+            error = await _delivered(pending)
+            if error is None:
+                continue
+            where = f"{letter.source_topic}:{letter.source_partition}@{letter.source_offset}"
+            compact = letter.compact(f"letter not publishable whole: {type(error).__name__}")
+            error2 = await _delivered(await _send(topics.dead_letter.name, key, compact.model_dump_json().encode()))
+            if error2 is None:
+                log.warning("dead letter for %s refused whole (%s); sent without its raw bytes", where, error)
+                continue
+            if getattr(error2, "retriable", False) or letter.source_topic is None or letter.source_partition is None:
+                raise error2
+            tp = (letter.source_topic, letter.source_partition)
+            held[tp] = min(held.get(tp, letter.source_offset or 0), letter.source_offset or 0)
+            stats.unpublishable_dead_letters += 1
+            log.critical("dead letter for %s cannot be published (%s); holding that partition", where, error2)
+        return held
+
+    async def _send(topic: str, key: bytes | None, value: bytes) -> Any:
+        """The producer's delivery future, or the exception ``send`` raised at once (e.g. too large)."""
+        try:
+            return await app.producer.send(topic, key, value, None, None, None)
+        except Exception as exc:  # noqa: BLE001 - judged by _delivered's caller
+            return exc
+
+    async def _delivered(pending: Any) -> BaseException | None:
+        if isinstance(pending, BaseException):
+            return pending
+        try:
+            await pending
+        except Exception as exc:  # noqa: BLE001
+            return exc
+        return None
+
+    async def publish(result: BatchResult, keys: list[bytes | None]) -> dict[tuple[str, int], int]:
         # Straight to Faust's producer (aiokafka underneath, murmur2 keys): ``Topic.send`` adds
         # Faust's message bookkeeping per record, and a batch can carry one enforcement state
         # per customer it touched.
         send = app.producer.send
         futures = []
-        for letter, key in zip(result.dead_letters, keys, strict=True):
-            futures.append(await send(topics.dead_letter.name, key, letter.model_dump_json().encode(), None, None, None))
+        held = await send_dead_letters(result, keys) if result.dead_letters else {}
         fresh = [alert for alert in result.alerts if alert.alert_id not in published]
         for alert in fresh:
             value = alert.model_dump_json().encode()
@@ -182,10 +236,11 @@ def create_app(
         for fut in futures:
             await fut
         published.update(alert.alert_id for alert in fresh)
+        return held
 
     async def stage_batch(
         messages: Sequence[InboundMessage], keys: Sequence[bytes | None]
-    ) -> Callable[[], Awaitable[None]]:
+    ) -> Callable[[], Awaitable[dict[tuple[str, int], int]]]:
         """Rate a batch and take it into the in-memory state; return the write that makes it durable.
 
         The state takes the batch before it is written so that the next batch, rated while
@@ -207,15 +262,16 @@ def create_app(
         else:
             dead_letter_keys = []
 
-        async def write() -> None:
+        async def write() -> dict[tuple[str, int], int]:
             await with_store(lambda: store.insert_batch(result.raw, result.rated, result.alerts), "store write")
-            await publish(result, dead_letter_keys)
+            held = await publish(result, dead_letter_keys)
             stats.messages += len(messages)
             stats.rated += len(result.rated)
             stats.duplicates += result.duplicates
             stats.dead_letters += len(result.dead_letters)
             stats.alerts += len(result.alerts)
             stats.batches += 1
+            return held
 
         return write
 
@@ -262,7 +318,8 @@ def create_app(
     async def stats_view(web: Any, request: Any) -> Any:
         assigned = sorted(f"{tp.topic}:{tp.partition}" for tp in consumer.assigned)
         ready = bool(assigned) and not consumer.rebalancing
-        body = {**stats.as_dict(), "assigned": assigned, "ready": ready, "store_lookups": state.lookups}
+        held = {f"{tp.topic}:{tp.partition}": offset for tp, offset in consumer.held.items()}
+        body = {**stats.as_dict(), "assigned": assigned, "ready": ready, "store_lookups": state.lookups, "held": held}
         return web.bytes(orjson.dumps(body), content_type="application/json")
 
     @app.page("/store/query/{name}/")

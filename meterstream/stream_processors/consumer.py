@@ -54,7 +54,23 @@ log = logging.getLogger(__name__)
 
 #: Stage one of a batch: rate the messages (in offset order per partition; keys for dead
 #: letters) and return stage two, the write that makes the batch durable.
-BatchStager = Callable[[Sequence[InboundMessage], Sequence[bytes | None]], Awaitable[Callable[[], Awaitable[None]]]]
+#: The write returns the messages it could not make durable, ``{(topic, partition): offset}``
+#: (a dead letter the broker refuses): those partitions are held at that offset.
+BatchStager = Callable[
+    [Sequence[InboundMessage], Sequence[bytes | None]],
+    Awaitable[Callable[[], Awaitable[dict[tuple[str, int], int] | None]]],
+]
+
+
+def describe_ranges(last: dict[TopicPartition, int], first: dict[TopicPartition, int]) -> str:
+    """``usage.events:3@100-599, ...``: where a batch's messages are (for logs an operator acts on)."""
+    return ", ".join(f"{tp.topic}:{tp.partition}@{first[tp]}-{last[tp]}" for tp in sorted(last))
+
+
+SKIP_HINT = (
+    "if it fails again at the same place, stop the worker and move the message to the dead-letter topic: "
+    "meterstream dlq skip TOPIC:PARTITION:OFFSET --reason '...'"
+)
 
 
 def aiokafka_security(kafka: KafkaSettings) -> dict[str, Any]:
@@ -110,6 +126,10 @@ class BatchConsumer(Service):
         self._write: asyncio.Future[None] | None = None
         self._stopping = False
         self._commit_lock = asyncio.Lock()
+        #: Partitions held at an offset whose message could not be made durable (see hold).
+        self.held: dict[TopicPartition, int] = {}
+        #: Where the batches in hand are, for the log when one fails.
+        self.in_hand = ""
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -178,7 +198,10 @@ class BatchConsumer(Service):
                 # Not a store outage (those are retried inside the batch): a defect or a broker
                 # that refused the side-topic messages. Nothing of this batch is committed;
                 # exit so that a supervisor restarts the worker and the batch is replayed.
-                log.critical("batch failed; exiting without committing it", exc_info=True)
+                log.critical(
+                    "batch failed (messages in hand: %s); exiting without committing it; %s",
+                    self.in_hand, SKIP_HINT, exc_info=True,
+                )  # fmt: skip
                 os._exit(1)
 
     async def _settle(self) -> None:
@@ -206,11 +229,42 @@ class BatchConsumer(Service):
         if self._write is write:
             self._write = None
 
-    async def _durable(self, write: Callable[[], Awaitable[None]], last: dict[TopicPartition, int]) -> None:
-        await write()
+    async def _durable(
+        self,
+        write: Callable[[], Awaitable[dict[tuple[str, int], int] | None]],
+        last: dict[TopicPartition, int],
+        where: str,
+    ) -> None:
+        try:
+            held = await write() or {}
+        except Exception:
+            log.error("write of the batch at %s failed", where)
+            raise
         for tp, offset in last.items():
+            if tp in self.held:
+                continue  # held earlier: nothing past the held message is committed
+            stop = held.get((tp.topic, tp.partition))
+            if stop is not None:
+                self._pending[tp] = stop  # everything before the message is durable
+                self.hold(tp, stop)
+                continue
             self._pending[tp] = offset + 1
         await self._commit(force=False)
+
+    def hold(self, tp: TopicPartition, offset: int) -> None:
+        """Stop reading ``tp``: the message at ``offset`` cannot be made durable. The others go on.
+
+        The offset stays uncommitted, so a restart reads the message again; an operator
+        moves it away with ``meterstream dlq skip`` (the worker stopped).
+        """
+        self.held[tp] = offset
+        if self.consumer is not None and tp in self.consumer.assignment():
+            self.consumer.pause(tp)
+        log.critical(
+            "partition %s:%d held at offset %d: that message cannot be made durable; the other partitions "
+            "go on. Stop the worker and run: meterstream dlq skip %s:%d:%d --reason '...'",
+            tp.topic, tp.partition, offset, tp.topic, tp.partition, offset,
+        )  # fmt: skip
 
     async def _process(self, records: dict[TopicPartition, list[Any]]) -> None:
         assert self.consumer is not None
@@ -218,22 +272,28 @@ class BatchConsumer(Service):
         messages: list[InboundMessage] = []
         keys: list[bytes | None] = []
         last: dict[TopicPartition, int] = {}
+        first: dict[TopicPartition, int] = {}
         for tp, batch in records.items():
-            if tp not in owned or not batch:
-                continue  # revoked since the fetch: its new owner reads it
+            if tp not in owned or not batch or tp in self.held:
+                continue  # revoked since the fetch (its new owner reads it), or held
             kind = self.kinds[tp.topic]
             for record in batch:
-                messages.append(InboundMessage(kind, record.value, tp.topic, tp.partition, record.offset))  # type: ignore[arg-type]
+                messages.append(
+                    InboundMessage(kind, record.value, tp.topic, tp.partition, record.offset, record.timestamp)  # type: ignore[arg-type]
+                )
                 keys.append(record.key)
             last[tp] = batch[-1].offset
+            first[tp] = batch[0].offset
         if not messages:
             return
+        where = describe_ranges(last, first)
+        self.in_hand = where if self._write is None or self._write.done() else f"{self.in_hand}; {where}"
         # Two stages: this batch is rated while the previous one is still being written (chDB
         # works outside the GIL), then this batch's write starts once the previous one is done,
         # so writes, and offsets, stay in order.
         write = await self.stage(messages, keys)
         await self._finish_write()
-        self._write = asyncio.ensure_future(self._durable(write, last))
+        self._write = asyncio.ensure_future(self._durable(write, last, where))
 
     async def _commit(self, *, force: bool) -> None:
         # One commit at a time, so that an older offset can never land after a newer one.
@@ -268,6 +328,8 @@ class BatchConsumer(Service):
         # Nothing is being rated or written now, and getmany waits for the new assignment: the
         # moment to drop what the state cached (another worker may write for these partitions).
         self.on_revoked()
+        for tp in revoked:
+            self.held.pop(tp, None)
 
     def assigned_now(self, assigned: set[TopicPartition]) -> None:
         self.assigned = set(assigned)

@@ -40,7 +40,7 @@ from meterstream.schemas.records import (
     RawEvent,
     ThresholdAction,
 )
-from meterstream.stream_processors.decode import Rejection, decode_event
+from meterstream.stream_processors.decode import Rejection, decode_event, received_at
 
 Kind = Literal["usage", "outcome"]
 ZERO = Decimal(0)
@@ -54,6 +54,8 @@ class InboundMessage(NamedTuple):
     topic: str
     partition: int
     offset: int
+    #: The broker timestamp (ms since the epoch), which the future-time limit is checked against.
+    timestamp_ms: int | None = None
 
 
 @dataclass(frozen=True)
@@ -218,7 +220,10 @@ class BatchProcessor:
         batch_ids: set[str] = set()
         accepted: list[tuple[UsageEvent | OutcomeEvent, RatedUsage]] = []
 
-        decoded_messages = [(message, decode_event(message.value, message.kind)) for message in messages]
+        decoded_messages = [
+            (message, decode_event(message.value, message.kind, received_at(message.timestamp_ms, now)))
+            for message in messages
+        ]
         if prepare is not None:
             prepare([(m, d) for m, d in decoded_messages if not isinstance(d, Rejection)])
         for message, decoded in decoded_messages:
@@ -415,9 +420,9 @@ class BatchProcessor:
 
     @staticmethod
     def _dead_letter(message: InboundMessage, reason: str, now: datetime) -> DeadLetter:
-        return DeadLetter(
-            reason=reason,
-            raw=message.value or b"",
+        return DeadLetter.of(
+            message.value,
+            reason,
             source_topic=message.topic,
             source_partition=message.partition,
             source_offset=message.offset,
