@@ -1,4 +1,4 @@
-"""``meterstream dlq list|show|replay`` and ``meterstream reconcile``.
+"""``meterstream dlq list|show|replay|skip`` and ``meterstream reconcile``.
 
 Registered in :mod:`meterstream.cli`; this module does not import it (``python -m
 meterstream.cli`` would import it twice). Kafka clients are imported when a command runs.
@@ -162,6 +162,46 @@ def dlq_replay(
         console.print(f"{verb} {len(result.replayed)}, skipped {len(result.skipped)}", highlight=False)
     if result.skipped and not dry_run:
         raise typer.Exit(1)
+
+
+@dlq_app.command("skip")
+def dlq_skip(
+    message: Annotated[str, typer.Argument(help="TOPIC:PARTITION:OFFSET, as the worker's log names it.")],
+    reason: Annotated[str, typer.Option("--reason", help="Why (recorded on the dead letter).")],
+    group: Annotated[str | None, typer.Option("--group", help="Consumer group (default: the worker's app id).")] = None,
+    as_json: JsonOption = False,
+    timeout: TimeoutOption = 30.0,
+) -> None:
+    """Move a message the worker cannot get past to the dead-letter topic and commit past it.
+
+    Stop the worker first. Only the message the worker's group is stopped at can be skipped.
+    The dead letter records the operator (the OS user), the reason and the time; exit 2 when
+    refused (the group still has members, the offset is not where the group stopped).
+    """
+    import getpass
+
+    from confluent_kafka import KafkaException
+
+    from meterstream.clock import utc_now
+    from meterstream.ops.dlq import DeadLetterError, parse_message_ref, skip
+
+    settings = get_settings()
+    try:
+        topic, partition, offset = parse_message_ref(message)
+        result = skip(
+            settings.kafka, group or settings.worker.app_id, topic, partition, offset, reason,
+            operator=getpass.getuser(), now=utc_now(), timeout=timeout,
+        )  # fmt: skip
+    except (DeadLetterError, KafkaException) as exc:
+        raise fail(str(exc)) from None
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        console.print(
+            f"skipped {result['skipped']} ({result['size']} bytes) -> dead letter {result['dead_letter']}; "
+            f"group {result['group']} committed at {result['committed']}",
+            highlight=False, soft_wrap=True,
+        )  # fmt: skip
 
 
 def reconcile_command(

@@ -18,6 +18,10 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
+import time
+import uuid
+from datetime import datetime
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +32,8 @@ from meterstream.config import KafkaSettings
 from meterstream.ops.kafka_read import TopicMessage, read_topic
 from meterstream.schemas.records import DeadLetter
 from meterstream.topics import Topics
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -208,3 +214,120 @@ def _replayed(entry: DeadLetterEntry, key: bytes | None, partition: int | None, 
         "size": len(entry.letter.raw),
         "reason_was": entry.letter.reason,
     }
+
+
+def skip(
+    kafka: KafkaSettings,
+    group_id: str,
+    topic: str,
+    partition: int,
+    offset: int,
+    reason: str,
+    *,
+    operator: str,
+    now: datetime,
+    timeout: float = 30.0,
+) -> dict[str, Any]:
+    """Move the message at ``topic:partition@offset`` to the dead-letter topic and commit past it.
+
+    The escape hatch for a message the worker cannot get past. Only the message the group is
+    stopped at can be skipped (its committed offset must be ``offset``: committing further
+    would skip unread messages too), and only while the group has no active member (stop
+    the worker first: Kafka refuses commits from outside a live group, and the worker would
+    overwrite them). The dead letter records who skipped it, why, and when — the audit
+    trail, on the topic the operator already reads with ``dlq list``.
+    """
+    from confluent_kafka import Consumer
+    from confluent_kafka import TopicPartition as TP
+    from confluent_kafka.admin import AdminClient
+
+    topics = Topics.from_settings(kafka)
+    if topic not in {topics.usage.name, topics.outcomes.name}:
+        raise DeadLetterError(f"{topic!r} is not an event topic ({topics.usage.name}, {topics.outcomes.name})")
+    if not reason.strip():
+        raise DeadLetterError("a reason is required")
+    admin = AdminClient(kafka.confluent_config())
+    try:
+        described = admin.describe_consumer_groups([group_id], request_timeout=timeout)[group_id].result(timeout=timeout)
+    except KafkaException as exc:
+        raise DeadLetterError(f"cannot describe consumer group {group_id!r}: {exc}") from exc
+    if described.members:
+        raise DeadLetterError(
+            f"consumer group {group_id!r} has {len(described.members)} active member(s): stop the worker first"
+        )
+    config = {**kafka.confluent_config(), "group.id": group_id, "enable.auto.commit": False}
+    consumer = Consumer(config)
+    try:
+        committed = consumer.committed([TP(topic, partition)], timeout=timeout)[0].offset
+        low, high = consumer.get_watermark_offsets(TP(topic, partition), timeout=timeout)
+        at = committed if committed >= 0 else low
+        if offset != at:
+            raise DeadLetterError(
+                f"the group is at offset {at} of {topic}:{partition}, not {offset}: only the message the "
+                "worker stopped at can be skipped (committing further would skip unread messages)"
+            )
+        if offset >= high:
+            raise DeadLetterError(f"{topic}:{partition} has no message at offset {offset} (end is {high})")
+        reader = Consumer({**kafka.confluent_config(), "group.id": f"meterstream-ops-{uuid.uuid4().hex[:12]}",
+                           "enable.auto.commit": False})  # fmt: skip
+        try:
+            reader.assign([TP(topic, partition, offset)])
+            deadline = time.monotonic() + timeout
+            message = None
+            while message is None and time.monotonic() < deadline:
+                polled = reader.poll(0.5)
+                if polled is not None and not polled.error() and polled.offset() == offset:
+                    message = polled
+        finally:
+            reader.close()
+        if message is None:
+            raise DeadLetterError(f"could not read {topic}:{partition}@{offset} within {timeout:.0f} s")
+        letter = DeadLetter.of(
+            message.value(),
+            f"skipped by operator {operator}: {reason}",
+            rejected_at=now,
+            source_topic=topic,
+            source_partition=partition,
+            source_offset=offset,
+        )
+        key = message.key()
+        producer = Producer(kafka.producer_config())
+        delivered: list[Any] = []
+        producer.produce(
+            topics.dead_letter.name,
+            key=key if key is None or len(key) <= 1024 else None,
+            value=letter.model_dump_json().encode(),
+            on_delivery=lambda err, msg: delivered.append((err, msg)),
+        )
+        producer.flush(timeout)
+        if not delivered or delivered[0][0] is not None:
+            raise DeadLetterError(f"the dead letter was not confirmed: {delivered[0][0] if delivered else 'timeout'}")
+        dl = delivered[0][1]
+        consumer.commit(offsets=[TP(topic, partition, offset + 1)], asynchronous=False)
+    finally:
+        consumer.close()
+    log.warning(
+        "operator %s skipped %s:%d@%d for group %s (%s); dead letter %d:%d",
+        operator, topic, partition, offset, group_id, reason, dl.partition(), dl.offset(),
+    )  # fmt: skip
+    return {
+        "skipped": f"{topic}:{partition}@{offset}",
+        "group": group_id,
+        "committed": offset + 1,
+        "dead_letter": f"{dl.partition()}:{dl.offset()}",
+        "operator": operator,
+        "reason": reason,
+        "size": letter.size,
+        "sha256": letter.sha256,
+    }
+
+
+def parse_message_ref(text: str) -> tuple[str, int, int]:
+    """``TOPIC:PARTITION:OFFSET`` (topic names hold no ':')."""
+    parts = text.rsplit(":", 2)
+    try:
+        if len(parts) != 3 or not parts[0]:
+            raise ValueError
+        return parts[0], int(parts[1]), int(parts[2])
+    except ValueError:
+        raise DeadLetterError(f"expected TOPIC:PARTITION:OFFSET, got {text!r}") from None

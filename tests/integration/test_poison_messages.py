@@ -14,8 +14,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import shutil
 import subprocess
+import sys
+import time
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -184,3 +187,37 @@ def test_a_dead_letter_the_broker_refuses_holds_only_its_partition(pipeline_fact
     for partition in (1, 2):
         rows = run_saved_query(pipeline.clickhouse, "month_to_date", period=PERIOD, customer=f"other-{partition}").dicts()
         assert [row["events"] for row in rows] == [5]
+
+    # The escape hatch. Refused while the worker is in the group:
+    cli = [sys.executable, "-m", "meterstream.cli", "dlq", "skip", f"{usage}:0:3", "--reason", "poison", "--json"]
+    env = {**os.environ, **pipeline.env}
+    refused = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "active member" in refused.stderr + refused.stdout
+    pipeline.worker.stop()
+    # Refused for a message the group has not stopped at:
+    wrong = subprocess.run([*cli[:5], f"{usage}:0:4", *cli[6:]], env=env, capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 2 and "at offset 3" in wrong.stderr + wrong.stdout
+    # The operator lets the dead-letter topic take letters again, then skips the message.
+    resource = ConfigResource("topic", pipeline.topics.dead_letter.name, set_config={"max.message.bytes": "1048588"})
+    for future in admin.alter_configs([resource]).values():
+        future.result(timeout=30)
+    done = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["skipped"] == f"{usage}:0@3" and result["committed"] == 4
+    letters = [json.loads(m.value()) for m in pipeline.read_topic(pipeline.topics.dead_letter.name, 1)]
+    assert len(letters) == 1
+    assert letters[0]["reason"].startswith("skipped by operator") and letters[0]["reason"].endswith(": poison")
+    assert (letters[0]["source_partition"], letters[0]["source_offset"]) == (0, 3)
+    assert base64.b64decode(letters[0]["raw"]) == poison.read_bytes()
+
+    pipeline.worker.start(ready_timeout=120)
+    deadline = time.monotonic() + 120
+    rows: list[dict] = []
+    while time.monotonic() < deadline:
+        rows = run_saved_query(pipeline.clickhouse, "month_to_date", period=PERIOD, customer="held-0").dicts()
+        if rows and rows[0]["events"] == 6:
+            break
+        time.sleep(1)
+    assert [row["events"] for row in rows] == [6]
+    assert pipeline.worker.stats()["held"] == {}
