@@ -7,6 +7,7 @@ meterstream.cli`` would import it twice). Kafka clients are imported when a comm
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from typing import Annotated, Any
 
 import typer
@@ -209,6 +210,9 @@ def reconcile_command(
     as_json: JsonOption = False,
     timeout: Annotated[float, typer.Option("--timeout", min=1, help="Seconds to read each topic to its end.")] = 60.0,
     show: Annotated[int, typer.Option("--show", min=0, help="List at most this many events per difference.")] = 20,
+    stuck_after: Annotated[float, typer.Option(
+        "--stuck-after", min=0.1, help="Minutes a partition's first uncommitted message may wait (with no commit) "
+        "before the worker's group counts as stuck.")] = 5.0,
 ) -> None:
     """Compare a period across Kafka, ClickHouse and the invoices; exit 1 on any difference.
 
@@ -235,7 +239,7 @@ def reconcile_command(
 
     try:
         catalog = load_catalog(settings.worker.plans_file)
-        report = reconcile(settings, run_query, catalog, period, timeout)
+        report = reconcile(settings, run_query, catalog, period, timeout, stuck_after=timedelta(minutes=stuck_after))
     except (TopicReadError, KafkaException, StoreError, PlanError) as exc:
         raise fail(str(exc)) from None
     data = report.as_dict()
@@ -259,6 +263,15 @@ def _print_report(data: dict[str, Any], show: int) -> None:
     for topic in k["retention_dropped"]:
         say(f"  note  : {topic} no longer starts at offset 0 (retention dropped old messages); "
             "store rows of those events show as extra")  # fmt: skip
+    a = k["committed_accounting"]
+    if a:
+        say(f"  offsets: {a['committed']} messages below the committed offsets = {a['stored']} stored + "
+            f"{a['duplicates']} duplicates + {a['dead_lettered']} dead letters + {a['unaccounted']} unaccounted; "
+            f"{a['uncommitted']} not committed yet")  # fmt: skip
+    for item in k["unaccounted"][:show]:
+        say(f"[bold red]  unaccounted: {escape(item)}[/]")
+    for item in k["stuck"]:
+        say(f"[bold red]  stuck: {escape(item)}[/]")
     for topic, behind in k["worker_lag"].items():
         say(f"  note  : the worker has not committed {behind} messages of {topic} yet; differences may be lag")
     for customer, error in s["invoice_errors"].items():

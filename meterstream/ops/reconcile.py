@@ -23,6 +23,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -33,7 +34,8 @@ from meterstream.ops.dlq import read_dead_letters
 from meterstream.ops.kafka_read import TopicRead, read_topic
 from meterstream.pricing.plans import Catalog, PlanError
 from meterstream.pricing.rating import RatingError
-from meterstream.stream_processors.decode import Rejection, decode_event
+from meterstream.clock import utc_now
+from meterstream.stream_processors.decode import Rejection, decode_event, received_at
 from meterstream.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,14 @@ class KafkaSide:
     dead_letters: int = 0
     retention: list[str] = field(default_factory=list)  # topics whose low watermark is above 0
     lag: dict[str, int] = field(default_factory=dict)  # topic -> messages the worker's group has not committed
+    #: (topic, partition) -> the group's committed offset (the low watermark where none).
+    committed: dict[tuple[str, int], int] = field(default_factory=dict)
+    #: (topic, partition) -> the commit time (ms) the worker recorded in the commit's metadata.
+    committed_at: dict[tuple[str, int], int] = field(default_factory=dict)
+    #: Every message below the committed offsets, accounted for (see account()).
+    accounting: dict[str, int] = field(default_factory=dict)
+    unaccounted: list[str] = field(default_factory=list)  # "topic:partition@offset (why)"
+    stuck: list[str] = field(default_factory=list)  # partitions whose group has not advanced in time
 
 
 @dataclass
@@ -78,7 +88,10 @@ class Report:
 
     @property
     def reconciled(self) -> bool:
-        return not (self.missing_raw or self.missing_rated or self.extra or self.raw_not_rated or self.credit_mismatches)
+        return not (
+            self.missing_raw or self.missing_rated or self.extra or self.raw_not_rated or self.credit_mismatches
+            or self.kafka.unaccounted or self.kafka.stuck
+        )  # fmt: skip
 
     def as_dict(self) -> dict[str, Any]:
         def keys(items: list[Key]) -> list[dict[str, str]]:
@@ -93,6 +106,7 @@ class Report:
                 "duplicates": k.duplicates, "invalid": k.invalid, "other_periods": k.other_periods,
                 "dead_letters": k.dead_letters, "credits": _d(sum(k.events.values(), ZERO)),
                 "retention_dropped": k.retention, "worker_lag": k.lag,
+                "committed_accounting": k.accounting, "unaccounted": k.unaccounted, "stuck": k.stuck,
             },
             "store": {
                 "raw_events": len(s.raw), "rated_rows": len(s.rated), "credits": _d(sum(s.rated.values(), ZERO)),
@@ -118,7 +132,16 @@ def _d(value: Decimal) -> str:
     return f"{value.normalize():f}"
 
 
-def kafka_side(settings: Settings, catalog: Catalog, period: str, timeout: float = 60.0) -> KafkaSide:
+def kafka_side(
+    settings: Settings,
+    catalog: Catalog,
+    period: str,
+    timeout: float = 60.0,
+    *,
+    stored_keys: set[Key] | None = None,
+    now: datetime | None = None,
+    stuck_after: timedelta = timedelta(minutes=5),
+) -> KafkaSide:
     topics = Topics.from_settings(settings.kafka)
     side = KafkaSide()
     reads: list[tuple[str, TopicRead]] = [
@@ -130,7 +153,8 @@ def kafka_side(settings: Settings, catalog: Catalog, period: str, timeout: float
             side.retention.append(read.topic)
         for message in sorted(read.messages, key=lambda m: (m.timestamp_ms or 0, m.partition, m.offset)):
             side.messages += 1
-            decoded = decode_event(message.value, kind)  # type: ignore[arg-type]
+            # The future-time rule against the message's own broker timestamp, as the worker applied it.
+            decoded = decode_event(message.value, kind, received_at(message.timestamp_ms))  # type: ignore[arg-type]
             if isinstance(decoded, Rejection):
                 side.invalid += 1
                 continue
@@ -145,12 +169,83 @@ def kafka_side(settings: Settings, catalog: Catalog, period: str, timeout: float
                 side.events[key] = catalog.rate(decoded).credits
             except (RatingError, PlanError) as exc:
                 side.unpriced[key] = str(exc)
-    side.dead_letters = len(read_dead_letters(settings.kafka, timeout))
-    side.lag = worker_lag(settings, reads, timeout)
+    letters = read_dead_letters(settings.kafka, timeout)
+    side.dead_letters = len(letters)
+    side.lag = worker_lag(settings, reads, timeout, side)
+    if stored_keys is not None:
+        places = {
+            (e.letter.source_topic, e.letter.source_partition, e.letter.source_offset)
+            for e in letters
+            if e.letter is not None and e.letter.reason.strip()
+        }
+        account(side, reads, places, stored_keys)
+        stuck_partitions(side, reads, now or utc_now(), stuck_after)
     return side
 
 
-def worker_lag(settings: Settings, reads: list[tuple[str, TopicRead]], timeout: float) -> dict[str, int]:
+def account(
+    side: KafkaSide, reads: list[tuple[str, TopicRead]], dead_letter_places: set[tuple[Any, Any, Any]], stored: set[Key]
+) -> None:
+    """Every message below the group's committed offsets is stored, a duplicate of a stored event,
+    or a dead letter with a reason (looked up by its topic, partition and offset); the three counts
+    add up to the committed offsets, and anything else is listed as unaccounted."""
+    counts = {"committed": 0, "stored": 0, "duplicates": 0, "dead_lettered": 0, "unaccounted": 0, "uncommitted": 0}
+    for tp, committed in side.committed.items():
+        low = next((r.watermarks[tp[1]][0] for _, r in reads if r.topic == tp[0] and tp[1] in r.watermarks), 0)
+        counts["committed"] += max(committed - low, 0)
+    seen: set[Key] = set()
+    for kind, read in reads:
+        for message in sorted(read.messages, key=lambda m: (m.partition, m.offset)):
+            committed = side.committed.get((read.topic, message.partition), 0)
+            if message.offset >= committed:
+                counts["uncommitted"] += 1
+                continue
+            if (read.topic, message.partition, message.offset) in dead_letter_places:
+                counts["dead_lettered"] += 1
+                continue
+            decoded = decode_event(message.value, kind, received_at(message.timestamp_ms))  # type: ignore[arg-type]
+            where = f"{read.topic}:{message.partition}@{message.offset}"
+            if isinstance(decoded, Rejection):
+                counts["unaccounted"] += 1
+                side.unaccounted.append(f"{where} (rejected, no dead letter: {decoded.reason[:120]})")
+                continue
+            key = (decoded.customer_id, decoded.event_id)
+            if key not in stored:
+                counts["unaccounted"] += 1
+                side.unaccounted.append(f"{where} (event {key[0]}/{key[1]} neither stored nor dead-lettered)")
+            elif key in seen:
+                counts["duplicates"] += 1
+            else:
+                seen.add(key)
+                counts["stored"] += 1
+    side.accounting = counts
+
+
+def stuck_partitions(side: KafkaSide, reads: list[tuple[str, TopicRead]], now: datetime, stuck_after: timedelta) -> None:
+    """Partitions with lag whose first uncommitted message has waited longer than ``stuck_after``
+    and whose group has not committed for as long (a worker catching up a backlog commits)."""
+    limit_ms = int((now - stuck_after).timestamp() * 1000)
+    for _, read in reads:
+        first: dict[int, int] = {}
+        for message in read.messages:
+            committed = side.committed.get((read.topic, message.partition), 0)
+            if message.offset >= committed and message.partition not in first:
+                first[message.partition] = message.timestamp_ms or 0
+            elif message.offset >= committed:
+                first[message.partition] = min(first[message.partition], message.timestamp_ms or 0)
+        for partition, waiting_since in sorted(first.items()):
+            last_commit = side.committed_at.get((read.topic, partition))
+            if waiting_since < limit_ms and (last_commit is None or last_commit < limit_ms):
+                offset = side.committed.get((read.topic, partition), 0)
+                side.stuck.append(
+                    f"{read.topic}:{partition} stopped at offset {offset} with "
+                    f"{read.watermarks[partition][1] - offset} messages behind for more than {stuck_after}"
+                )
+
+
+def worker_lag(
+    settings: Settings, reads: list[tuple[str, TopicRead]], timeout: float, side: KafkaSide | None = None
+) -> dict[str, int]:
     """Messages below the high watermarks that the worker's consumer group has not committed yet."""
     consumer = Consumer({**settings.kafka.confluent_config(), "group.id": settings.worker.app_id})
     lag: dict[str, int] = {}
@@ -162,6 +257,11 @@ def worker_lag(settings: Settings, reads: list[tuple[str, TopicRead]], timeout: 
             behind = 0
             for tp in committed:
                 low, high = read.watermarks[tp.partition]
+                if side is not None:
+                    side.committed[(read.topic, tp.partition)] = max(tp.offset, low) if tp.offset >= 0 else low
+                    stamp = getattr(tp, "metadata", None)
+                    if stamp and str(stamp).isdigit():
+                        side.committed_at[(read.topic, tp.partition)] = int(stamp)
                 behind += high - max(tp.offset, low) if tp.offset >= 0 else high - low
             if behind:
                 lag[read.topic] = behind
@@ -219,5 +319,16 @@ def compare(period: str, kafka: KafkaSide, store: StoreSide) -> Report:
     )
 
 
-def reconcile(settings: Settings, run_query: Callable[..., Any], catalog: Catalog, period: str, timeout: float = 60.0) -> Report:
-    return compare(period, kafka_side(settings, catalog, period, timeout), store_side(run_query, catalog, period))
+def reconcile(
+    settings: Settings,
+    run_query: Callable[..., Any],
+    catalog: Catalog,
+    period: str,
+    timeout: float = 60.0,
+    *,
+    now: datetime | None = None,
+    stuck_after: timedelta = timedelta(minutes=5),
+) -> Report:
+    stored = {(row["customer_id"], row["event_id"]) for row in run_query("stored_event_keys").dicts()}
+    kafka = kafka_side(settings, catalog, period, timeout, stored_keys=stored, now=now, stuck_after=stuck_after)
+    return compare(period, kafka, store_side(run_query, catalog, period))

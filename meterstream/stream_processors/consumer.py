@@ -305,7 +305,9 @@ class BatchConsumer(Service):
             return
         if not force and time.monotonic() - self._last_commit < self.commit_interval:
             return
-        offsets = {tp: OffsetAndMetadata(offset, "") for tp, offset in self._pending.items()}
+        # The metadata is the commit time (ms): `reconcile` tells a stuck group from a slow one by it.
+        stamp = str(int(time.time() * 1000))
+        offsets = {tp: OffsetAndMetadata(offset, stamp) for tp, offset in self._pending.items()}
         self._pending = {}
         self._last_commit = time.monotonic()
         try:

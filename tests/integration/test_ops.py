@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import sys
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -161,3 +162,42 @@ def test_reconcile_rejects_a_bad_period(pipeline_factory):
     pipeline = pipeline_factory(start=False)
     result = _cli(pipeline.env, "reconcile", "--period", "2026-13")
     assert result.returncode == 2 and "--period" in result.stderr
+
+
+def test_reconcile_accounts_for_every_committed_offset_and_reports_a_stuck_group(pipeline_factory):
+    pipeline = pipeline_factory()
+    env = {**pipeline.env, "METERSTREAM_WORKER__COMMIT_INTERVAL": "0.1"}
+    good = [_usage("acct", i) for i in range(10)]
+    with MeterClient(pipeline.kafka) as meter:
+        for event in [*good, *good[:3]]:  # three resent
+            meter.record(event)
+    pipeline.produce_raw(pipeline.topics.usage.name, list(MALFORMED.values()))
+    # Dated 1 minute ago but stamped by its producer 10 minutes ago: more than 5 minutes in the
+    # future of its broker timestamp. Dead-lettered, and still so for reconcile, whenever it runs.
+    sent_at = datetime.now(timezone.utc)
+    skewed = _usage("acct", 50).model_copy(update={"occurred_at": sent_at}).model_dump_json().encode()
+    stamp = int((sent_at - timedelta(minutes=10)).timestamp() * 1000)
+    producer = Producer(pipeline.kafka.producer_config())
+    producer.produce(pipeline.topics.usage.name, key=b"acct", value=skewed, timestamp=stamp)
+    assert producer.flush(30) == 0
+    total = len(good) + 3 + len(MALFORMED) + 1
+    stats = pipeline.wait_processed(total)
+    assert stats["dead_letters"] == len(MALFORMED) + 1
+    pipeline.worker.stop()  # its final commit covers everything
+
+    report = _json(_cli(env, "reconcile", "--period", PERIOD, "--json"))
+    assert report["reconciled"] is True, report
+    acct = report["kafka"]["committed_accounting"]
+    assert acct["committed"] == total == acct["stored"] + acct["duplicates"] + acct["dead_lettered"]
+    assert (acct["stored"], acct["duplicates"], acct["dead_lettered"]) == (10, 3, len(MALFORMED) + 1)
+    assert report["kafka"]["unaccounted"] == [] and report["kafka"]["stuck"] == []
+
+    # Messages wait with the worker stopped: lag, then, past --stuck-after with no commit, stuck.
+    with MeterClient(pipeline.kafka) as meter:
+        meter.record(_usage("acct", 60))
+    time.sleep(8)
+    stuck = _cli(env, "reconcile", "--period", PERIOD, "--stuck-after", "0.1")
+    assert stuck.returncode == 1, stuck.stdout + stuck.stderr
+    assert "stuck:" in stuck.stdout and "stopped at offset" in stuck.stdout
+    report = _json(_cli(env, "reconcile", "--period", PERIOD, "--json"))  # 5 minutes: lag only
+    assert report["kafka"]["stuck"] == [] and report["kafka"]["committed_accounting"]["uncommitted"] == 1
