@@ -48,6 +48,7 @@ from meterstream.pricing.plans import load_catalog
 from meterstream.storage.clickhouse import Storage, StoreError
 from meterstream.storage.queries import UnknownQuery, query_parameters, saved_query
 from meterstream.storage.settle import settle_store
+from meterstream.stream_processors import quiet_logs
 from meterstream.stream_processors.consumer import BatchConsumer
 from meterstream.stream_processors.processing import BatchProcessor, BatchResult, InboundMessage
 from meterstream.stream_processors.state import StoreBackedState
@@ -299,6 +300,8 @@ def create_app(
 
     @app.task
     async def _consume() -> None:
+        # Logging is set up by now: hold back the repeats a broker outage makes (quiet_logs.py).
+        quiet_logs.install()
         # A runtime dependency of the app: started now, stopped before the app's producer.
         await app.add_runtime_dependency(consumer)
 
@@ -319,7 +322,10 @@ def create_app(
         assigned = sorted(f"{tp.topic}:{tp.partition}" for tp in consumer.assigned)
         ready = bool(assigned) and not consumer.rebalancing
         held = {f"{tp.topic}:{tp.partition}": offset for tp, offset in consumer.held.items()}
-        body = {**stats.as_dict(), "assigned": assigned, "ready": ready, "store_lookups": state.lookups, "held": held}
+        body = {
+            **stats.as_dict(), "assigned": assigned, "ready": ready, "store_lookups": state.lookups, "held": held,
+            "broker": consumer.broker_stats(),
+        }  # fmt: skip
         return web.bytes(orjson.dumps(body), content_type="application/json")
 
     @app.page("/store/query/{name}/")

@@ -130,6 +130,10 @@ class BatchConsumer(Service):
         self.held: dict[TopicPartition, int] = {}
         #: Where the batches in hand are, for the log when one fails.
         self.in_hand = ""
+        #: Broker reachability, for /stats/ and the log (see _watch_broker).
+        self.broker_down_since: float | None = None
+        self.broker_outages = 0
+        self.last_outage_seconds: float | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -145,6 +149,8 @@ class BatchConsumer(Service):
             heartbeat_interval_ms=int(self.session_timeout * 1000 / 4),
             # A batch (store write included) must finish well within this, or the member is dropped.
             max_poll_interval_ms=300_000,
+            # Between reconnect and metadata retries while the broker is away (default 100 ms).
+            retry_backoff_ms=500,
             **aiokafka_security(self.kafka),
         )
         await self.consumer.start()
@@ -203,6 +209,45 @@ class BatchConsumer(Service):
                     self.in_hand, SKIP_HINT, exc_info=True,
                 )  # fmt: skip
                 os._exit(1)
+
+    @Service.task
+    async def _watch_broker(self) -> None:
+        """Once a second: can the consumer reach a broker? Logs an outage once, and its end."""
+        while not self.should_stop and not self._stopping:
+            await self.sleep(1.0)
+            if self.consumer is None or self._stopping:
+                continue
+            up = await self._broker_reachable()
+            now = time.time()
+            if not up and self.broker_down_since is None:
+                self.broker_down_since = now
+                self.broker_outages += 1
+                log.warning("broker unreachable (%s); reconnecting with back-off, offsets held", self.kafka.bootstrap_servers)
+            elif up and self.broker_down_since is not None:
+                self.last_outage_seconds = round(now - self.broker_down_since, 1)
+                self.broker_down_since = None
+                log.warning("broker is back after %.1f s", self.last_outage_seconds)
+
+    async def _broker_reachable(self) -> bool:
+        assert self.consumer is not None
+        client = self.consumer._client  # aiokafka's client: the connections the consumer itself uses
+        nodes = [broker.nodeId for broker in client.cluster.brokers()]
+        for node in nodes:
+            try:
+                if await asyncio.wait_for(client.ready(node), timeout=5.0):
+                    return True
+            except (asyncio.TimeoutError, KafkaError, OSError):
+                continue
+        return not nodes and self.broker_down_since is None  # no metadata yet: nothing known
+
+    def broker_stats(self) -> dict[str, Any]:
+        since = self.broker_down_since
+        return {
+            "reachable": since is None,
+            "down_seconds": round(time.time() - since, 1) if since is not None else 0.0,
+            "outages": self.broker_outages,
+            "last_outage_seconds": self.last_outage_seconds,
+        }
 
     async def _settle(self) -> None:
         """Wait until no batch is being rated or written; raises if one failed.
