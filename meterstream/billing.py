@@ -33,10 +33,12 @@ from meterstream.pricing.invoice import (
     MeterSubtotal,
     OutcomeCount,
     PeriodUsage,
+    RefusedEvent,
     compute_invoice,
     late_adjustment,
 )
 from meterstream.pricing.plans import Catalog
+from meterstream.pricing.reversals import RefusedReversal, match_reversals
 from meterstream.schemas.events import Attribution, OutcomeEvent, UsageEvent
 from meterstream.schemas.records import RatedUsage
 from meterstream.stream_processors.decode import describe_validation_error
@@ -82,11 +84,15 @@ def invoice_series(
     *,
     first_usage: str | None = None,
     as_of: datetime | None = None,
+    since: str | None = None,
 ) -> list[Invoice]:
-    """Invoices from where the customer's grant balances start up to ``period``, carried forward."""
+    """Invoices from where the customer's grant balances start (or ``since``, if earlier) up to ``period``."""
     invoices: list[Invoice] = []
     balances: dict[str, Decimal] | None = None
-    for month in periods_between(first_billed_period(catalog, customer_id, period, first_usage), period):
+    start = first_billed_period(catalog, customer_id, period, first_usage)
+    if since is not None:
+        start = min(start, since)
+    for month in periods_between(start, period):
         invoice = compute_invoice(
             customer_id, month, usage_for(month), catalog, as_of=as_of, grant_balances=balances
         )
@@ -258,9 +264,21 @@ def read_events(path: Path) -> tuple[list[UsageEvent | OutcomeEvent], list[BadLi
     return events, bad
 
 
-def rate_events(catalog: Catalog, events: Iterable[UsageEvent | OutcomeEvent]) -> tuple[list[RatedUsage], list[str]]:
-    """Rate events offline; duplicates (same customer and ``event_id``) count once, as in the stream."""
-    rated: list[RatedUsage] = []
+def rate_events(
+    catalog: Catalog,
+    events: Iterable[UsageEvent | OutcomeEvent],
+    *,
+    earlier: Iterable[UsageEvent | OutcomeEvent] = (),
+    refused: list[RefusedReversal] | None = None,
+) -> tuple[list[RatedUsage], list[str]]:
+    """Rate events offline; duplicates (same customer and ``event_id``) count once, as in the stream.
+
+    Reversals are matched to their outcomes by :func:`~meterstream.pricing.reversals.match_reversals`
+    (whatever the order of ``events``); ``earlier`` are events of earlier periods, rated only so
+    that a reversal of one of their outcomes finds it. A refused reversal is appended to
+    ``refused`` if given, else reported in the errors like an event that cannot be priced.
+    """
+    pairs: list[tuple[UsageEvent | OutcomeEvent, RatedUsage]] = []
     errors: list[str] = []
     seen: set[tuple[str, str]] = set()
     for event in events:
@@ -269,19 +287,44 @@ def rate_events(catalog: Catalog, events: Iterable[UsageEvent | OutcomeEvent]) -
             continue
         seen.add(key)
         try:
-            rated.append(catalog.rate(event))
+            pairs.append((event, catalog.rate(event)))
         except ValueError as exc:  # RatingError, PlanError: the stream would dead-letter it
             errors.append(f"{event.event_id}: {exc}")
+    billed: dict[tuple[str, str], RatedUsage] = {}
+    for event in earlier:
+        if isinstance(event, OutcomeEvent) and not event.reversal_of and (event.customer_id, event.event_id) not in seen:
+            try:
+                billed[(event.customer_id, event.event_id)] = catalog.rate(event)
+            except ValueError:
+                continue
+    rated, refusals = match_reversals(pairs, billed)
+    if refused is not None:
+        refused.extend(refusals)
+    else:
+        errors += [f"{r.event_id}: refused reversal: {r.reason}" for r in refusals]
     return rated, errors
 
 
 def invoices_from_rated(
-    catalog: Catalog, rated: Iterable[RatedUsage], *, period: str | None = None, as_of: datetime | None = None
+    catalog: Catalog,
+    rated: Iterable[RatedUsage],
+    *,
+    period: str | None = None,
+    as_of: datetime | None = None,
+    refused: Iterable[RefusedReversal] = (),
 ) -> list[Invoice]:
-    """One invoice per customer and period present (or only ``period``), balances carried forward."""
+    """One invoice per customer and period present (or only ``period``), balances carried forward.
+
+    ``refused`` reversals are listed on the invoice of their customer and period (a period
+    with only refused events still gets one).
+    """
     rows: dict[tuple[str, str], list[RatedUsage]] = defaultdict(list)
     for row in rated:
         rows[(row.customer_id, row.period)].append(row)
+    notes: dict[tuple[str, str], list[RefusedEvent]] = defaultdict(list)
+    for r in refused:
+        notes[(r.customer_id, r.period)].append(RefusedEvent(event_id=r.event_id, reason=r.reason))
+        rows.setdefault((r.customer_id, r.period), [])
     customers = sorted({c for c, _ in rows})
     invoices: list[Invoice] = []
     for customer in customers:
@@ -294,9 +337,15 @@ def invoices_from_rated(
             got = rows.get((customer, month))
             return PeriodUsage.from_rated(got) if got else PeriodUsage(customer_id=customer, period=month)
 
-        series = invoice_series(catalog, customer, last, usage_for, first_usage=periods[0], as_of=as_of)
+        # Without --period every period present is wanted, so the series starts at the first.
+        since = None if period is not None else periods[0]
+        series = invoice_series(catalog, customer, last, usage_for, first_usage=periods[0], as_of=as_of, since=since)
         wanted = {last} if period is not None else set(periods)
-        invoices.extend(inv for inv in series if inv.period in wanted)
+        invoices.extend(
+            inv.model_copy(update={"refused": tuple(notes[(customer, inv.period)])}) if notes.get((customer, inv.period)) else inv
+            for inv in series
+            if inv.period in wanted
+        )
     return invoices
 
 
@@ -390,6 +439,21 @@ def margin_report(run_query: QueryRunner, catalog: Catalog, period: str, by: str
     rows = run_query("margin", period=period).dicts()
     invoices = {c: invoice_from_store(run_query, catalog, c, period) for c in sorted({r["customer_id"] for r in rows})}
     return group_margin(allocate_revenue(rows, invoices), by)
+
+
+def stored_events_to_rerate(
+    run_query: QueryRunner, period: str, customer: str
+) -> tuple[list[UsageEvent | OutcomeEvent], list[UsageEvent | OutcomeEvent]]:
+    """A period's stored events, and the earlier periods' events its reversals need (``rate_events(earlier=)``)."""
+    events = list(iter_raw_events(run_query, period, customer))
+    ids = {e.event_id for e in events}
+    missing = {e.reversal_of for e in events if isinstance(e, OutcomeEvent) and e.reversal_of and e.reversal_of not in ids}
+    earlier: list[UsageEvent | OutcomeEvent] = []
+    if missing:
+        for row in run_query("customer_periods", customer=customer).dicts():
+            if row["period"] < period:
+                earlier += [e for e in iter_raw_events(run_query, row["period"], customer) if e.event_id in missing]
+    return events, earlier
 
 
 def iter_raw_events(run_query: QueryRunner, period: str, customer: str = "") -> Iterator[UsageEvent | OutcomeEvent]:

@@ -348,17 +348,20 @@ def rate(
     if not events.is_file():
         raise fail(f"no such events file: {events}")
     parsed, bad = read_events(events)
-    rated, unpriced = rate_events(catalog, parsed)
+    refused: list[Any] = []
+    rated, unpriced = rate_events(catalog, parsed, refused=refused)
     for line in bad:
         err_console.print(f"{events}:{line.line}: {line.reason}", highlight=False)
     for message in unpriced:
         err_console.print(f"not priced: {message}", highlight=False)
+    for reversal in refused:
+        err_console.print(f"refused reversal {reversal.event_id}: {reversal.reason}", highlight=False)
     try:
-        invoices = invoices_from_rated(catalog, rated, period=period)
+        invoices = invoices_from_rated(catalog, rated, period=period, refused=refused)
     except InvoiceError as exc:
         raise fail(str(exc)) from None
     _print_invoice_json(invoices)
-    if bad or unpriced:
+    if bad or unpriced or refused:
         raise typer.Exit(2)
 
 
@@ -375,7 +378,7 @@ def rerate(
 
     Read-only: nothing stored changes, and closed invoices stay as they were billed.
     """
-    from meterstream.billing import invoice_from_store, invoices_from_rated, iter_raw_events, rate_events
+    from meterstream.billing import invoice_from_store, invoices_from_rated, rate_events, stored_events_to_rerate
 
     settings = get_settings()
     period = check_period(period)
@@ -386,7 +389,8 @@ def rerate(
         customers = [row["customer_id"] for row in run("period_customers", period=period).dicts()]
         for customer in customers:
             old = invoice_from_store(run, old_catalog, customer, period)
-            rated, unpriced = rate_events(new_catalog, iter_raw_events(run, period, customer))
+            events, earlier = stored_events_to_rerate(run, period, customer)
+            rated, unpriced = rate_events(new_catalog, events, earlier=earlier)
             if unpriced:
                 raise fail(f"the new catalog cannot price {len(unpriced)} events of {customer}: {unpriced[0]}")
             new = invoices_from_rated(new_catalog, rated, period=period)

@@ -19,19 +19,20 @@
    drawn down before overage is billed: free grants first (earliest expiry
    first), then prepaid (earliest expiry first), up to the overage credits
    and each grant's remaining balance. Only grants usable in the period count:
-   granted by its last day and not expiring before it ends. The billed overage
-   is then ``overage_model(overage − drawn)``: grants act as extra allowance,
-   so billed credits start again at the first tier. To show that, the
-   credits_applied lines credit back the *last* ``drawn`` overage credits at
-   the tiers they fell in (free grants the top slice, prepaid the slice below
-   it). For per-unit and graduated overage there is one line per grant and
-   band, with the tier's unit price; for volume and package overage a slice
-   has no unit price of its own, so there is one line per grant without one.
-   Grants never pay for base fees, seats or outcomes. ``credit_value`` does
-   not enter the amounts: a drawn credit is worth what it would have cost at
-   the overage tiers, or the customer would still pay the difference between
-   the tier price and the credit value for credits already granted. The
-   invoice lists each grant's opening, drawn and closing balance; pass the
+   granted by its last day and not expiring before it ends. **The one
+   valuation rule: a drawn credit is worth the period's average overage
+   price**, i.e. the overage lines' total divided by the overage credits. The
+   grants together take ``overage total × drawn ÷ overage credits`` off the
+   bill (rounded once); each grant's line is its share. A customer can check
+   it with one division, it is the same for every charge model, and it can
+   never raise a bill or be worth more than the overage it covers: a grant
+   that covers all the overage makes it 0.00, one that covers 1% takes 1% off
+   it. (Treating grants as extra allowance instead would bill
+   ``model(overage − drawn)``, which with volume tiers can cost *more* than
+   without the grant, with package pricing can save nothing, and with
+   graduated tiers values a credit at the cheapest tier.) Grants never pay for
+   base fees, seats or outcomes. ``credit_value`` does not enter the amounts.
+   The invoice lists each grant's opening, drawn and closing balance; pass the
    closing balances as the next period's ``grant_balances``.
 6. **Outcomes** (``outcomes``): per outcome type and attribution, count × the
    plan's money price; reversals are separate negative lines at the same price.
@@ -46,16 +47,26 @@
    plus the discount fall short of ``minimum_commitment``, the gap is billed,
    so the customer pays at least the commitment for usage (base fee and seats
    are on top).
+10. **Credit note** (``credit_note``). No line but an outcome reversal or a
+    late adjustment is ever negative beyond what it takes off a charge of the
+    same invoice (grants cover at most the overage, the discount at most the
+    usage-based lines). So a total falls below zero only when reversals of
+    outcomes billed in earlier periods, or negative late adjustments, exceed
+    the period's charges; the invoice then carries a credit note for the
+    negative total that lists those lines as the reason. A negative total
+    without a credit note cannot be produced.
+11. **Refused reversals** (``refused``) are listed on the invoice of their
+    period with the reason and credit nothing (see
+    :mod:`meterstream.pricing.reversals`).
 
 **Rounding — the one rule.** Every amount is computed at full ``Decimal``
 precision, and each invoice line is rounded *once*, half-up to the currency's
 minor unit (:func:`meterstream.pricing.money.round_money`). Three kinds of line are
 derived from lines already rounded, so they are exact differences or a single
-rounding of rounded figures: a credits_applied amount is the overage lines'
-rounded amounts with the grant's credits minus without them (so overage plus
-credits applied is exactly the rounded overage on the billed credits, the
-same total as if the grant had been extra allowance; it may differ by a cent
-from rounding its own quantity × unit price); the discount is the percentage
+rounding of rounded figures: the credits_applied lines are steps in the
+rounded cumulative share of the rounded overage lines (so they add up to
+``round(overage total × drawn ÷ overage)``; one may differ by a cent from
+rounding its own quantity × unit price); the discount is the percentage
 of the sum of the rounded usage-based lines, rounded once; the true-up is the
 commitment minus rounded figures. ``subtotal`` is the sum of the lines before
 discount and true-up, and ``total`` is the sum of all lines, so the lines
@@ -74,7 +85,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from meterstream.clock import utc_now
-from meterstream.pricing.charges import Band, ChargeModel
+from meterstream.pricing.charges import ChargeModel
 from meterstream.pricing.money import round_money
 from meterstream.pricing.plans import (
     Catalog,
@@ -247,6 +258,20 @@ class UsageSummary(_Frozen):
     margin: Decimal
 
 
+class CreditNote(_Frozen):
+    """Why an invoice's total is negative: the amount owed to the customer and the lines behind it."""
+
+    amount: Decimal
+    reason: str
+
+
+class RefusedEvent(_Frozen):
+    """An event kept but not billed (an unmatched or repeated reversal), with the reason."""
+
+    event_id: str
+    reason: str
+
+
 class Invoice(_Frozen):
     """An invoice or a preview of one; ``model_dump_json()`` writes Decimals as strings."""
 
@@ -265,6 +290,8 @@ class Invoice(_Frozen):
     usage: UsageSummary
     grants: tuple[GrantDraw, ...] = ()
     by_meter: tuple[MeterSubtotal, ...] = ()
+    credit_note: CreditNote | None = None
+    refused: tuple[RefusedEvent, ...] = ()
 
     def closing_grant_balances(self) -> dict[str, Decimal]:
         """Each grant's remaining credits: the next period's ``grant_balances``."""
@@ -340,54 +367,38 @@ def _overage_lines(overage_model: ChargeModel, overage: Decimal, currency: str) 
 
 
 def _credit_lines(
-    overage_model: ChargeModel, overage: Decimal, draws: list[GrantDraw], currency: str
+    overage_lines: Sequence[InvoiceLine], overage: Decimal, draws: list[GrantDraw], currency: str
 ) -> list[InvoiceLine]:
-    """Credit back the top ``drawn`` overage credits, grant by grant (module docstring, rule 5).
+    """Value drawn credits at the period's average overage price (module docstring, rule 5).
 
-    Each amount is the difference between the *rounded* overage lines with and
-    without the grant's credits, so overage + credits applied is exactly the
-    rounded overage the customer owes on the billed credits.
+    ``billed_overage`` is the sum of the rounded overage lines; the grants together take
+    ``billed_overage × drawn ÷ overage`` off it, rounded once, and each grant's line is
+    its step in that cumulative figure, so the lines add up exactly.
     """
-    lines = []
-    upper = overage
+    lines: list[InvoiceLine] = []
+    if not overage:
+        return lines
+    billed_overage = _sum(overage_lines)
+    average = billed_overage / overage
+    cumulative = ZERO
+    credited = ZERO
     for draw in draws:
         if not draw.drawn_credits:
             continue
-        lower = upper - draw.drawn_credits
-        above, below = overage_model.charge(upper).bands, overage_model.charge(lower).bands
+        cumulative += draw.drawn_credits
+        reaches = round_money(billed_overage * cumulative / overage, currency)
         label = f"{draw.kind.value.capitalize()} credits ({draw.grant_id})"
-        slice_ = overage_model.between(lower, upper)
-        if slice_.bands:
-            # Positional pricing: band i of a charge is tier i, and a slice band ends where
-            # the upper charge's band for the same tier ends.
-            for band in slice_.bands:
-                tier = next(i for i, b in enumerate(above) if b.end == band.end)
-                before = round_money(below[tier].amount, currency) if tier < len(below) else ZERO
-                lines.append(
-                    InvoiceLine(
-                        kind="credits_applied",
-                        description=f"{label}: overage {_num(band.start)}–{_num(band.end)}",
-                        quantity=-band.quantity,
-                        unit_price=band.unit_price,
-                        amount=before - round_money(above[tier].amount, currency),
-                    )
-                )
-        else:
-            # Volume and package pricing: a slice of units has no unit price of its own.
-            lines.append(
-                InvoiceLine(
-                    kind="credits_applied",
-                    description=f"{label}: overage billed on {_num(lower)} credits",
-                    quantity=-draw.drawn_credits,
-                    amount=_rounded_sum(below, currency) - _rounded_sum(above, currency),
-                )
+        lines.append(
+            InvoiceLine(
+                kind="credits_applied",
+                description=f"{label}: {_num(draw.drawn_credits)} at the average overage price",
+                quantity=-draw.drawn_credits,
+                unit_price=average,
+                amount=credited - reaches,
             )
-        upper = lower
+        )
+        credited = reaches
     return lines
-
-
-def _rounded_sum(bands: Iterable[Band], currency: str) -> Decimal:
-    return sum((round_money(b.amount, currency) for b in bands), ZERO)
 
 
 def _outcome_lines(
@@ -437,6 +448,7 @@ def compute_invoice(
     as_of: datetime | None = None,
     grant_balances: Mapping[str, Decimal] | None = None,
     adjustments: Sequence[InvoiceLine] = (),
+    refused: Sequence[RefusedEvent] = (),
 ) -> Invoice:
     """The invoice for ``customer_id`` in ``period`` ("YYYY-MM", UTC), by the rules in the module docstring.
 
@@ -489,9 +501,10 @@ def compute_invoice(
             )
         )
 
-    lines += _overage_lines(version.overage, overage, currency)
+    overage_lines = _overage_lines(version.overage, overage, currency)
+    lines += overage_lines
     draws = _draw_grants(customer.grants, period, overage, grant_balances)
-    lines += _credit_lines(version.overage, overage, draws, currency)
+    lines += _credit_lines(overage_lines, overage, draws, currency)
     lines += _outcome_lines(usage, version, catalog, currency)
 
     if version.seat_fee:
@@ -518,7 +531,8 @@ def compute_invoice(
             )
         )
     committed_usage = usage_based + discount
-    if committed_usage < version.minimum_commitment:
+    # No commitment, no true-up: reversals below zero are a credit, not a shortfall to bill.
+    if version.minimum_commitment and committed_usage < version.minimum_commitment:
         shortfall = round_money(version.minimum_commitment - committed_usage, currency)
         lines.append(
             InvoiceLine(
@@ -532,6 +546,14 @@ def compute_invoice(
         )
     lines.extend(adjustments)
     total = _sum(lines)
+    credit_note = None
+    if total < 0:
+        credited = [line for line in lines if line.amount < 0 and line.kind in ("outcomes", "late_adjustment")]
+        credit_note = CreditNote(
+            amount=total,
+            reason="credits exceed this period's charges: "
+            + "; ".join(f"{line.description} {_money(line.amount)}" for line in credited),
+        )
 
     cost_to_serve = round_money(usage.cost_to_serve, currency)
     granted = sum((d.drawn_credits for d in draws), ZERO)
@@ -561,6 +583,8 @@ def compute_invoice(
         ),
         grants=tuple(draws),
         by_meter=usage.by_meter,
+        credit_note=credit_note,
+        refused=tuple(refused),
     )
 
 
@@ -627,6 +651,11 @@ def render_invoice_text(invoice: Invoice) -> str:
         f"    paid by credit grants: {_num(invoice.usage.grant_credits_applied)}",
         f"    billed:                {_num(invoice.usage.billed_overage_credits)}",
     ]
+    if invoice.credit_note is not None:
+        out += ["", f"CREDIT NOTE {_money(invoice.credit_note.amount)} {invoice.currency}: {invoice.credit_note.reason}"]
+    if invoice.refused:
+        out += ["", "Refused (kept, not billed)"]
+        out += [f"  {r.event_id}: {r.reason}" for r in invoice.refused]
     if invoice.usage.active_seats:
         out.append(f"  Active seats:            {_num(invoice.usage.active_seats)}")
     if invoice.grants:
