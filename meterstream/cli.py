@@ -331,12 +331,17 @@ def invoice(
 def rate(
     plan: Annotated[Path, typer.Option("--plan", help="Plan catalog (YAML) to rate with.")],
     events: Annotated[Path, typer.Option("--events", help="Events, one JSON object per line (the wire format).")],
-    period: PeriodOption = None,
+    period: Annotated[
+        str | None,
+        typer.Option("--period", help="Only this billing period YYYY-MM (UTC); default: every period in the file."),
+    ] = None,
 ) -> None:
     """Rate a file of events offline (no Kafka, no ClickHouse) and print the invoices as JSON.
 
-    Invalid lines and events the plan cannot price are reported on stderr and make the
-    exit code 2; the invoices of everything else are still printed.
+    One invoice per customer and period present in the file, oldest first (grant balances
+    carried forward), or only --period. Invalid lines, events the plan cannot price and
+    refused reversals are reported on stderr and make the exit code 2; the invoices of
+    everything else are still printed (refused reversals also under "refused").
     """
     from meterstream.billing import invoices_from_rated, rate_events, read_events
     from meterstream.pricing.invoice import InvoiceError
