@@ -34,6 +34,7 @@ from meterstream.pricing.invoice import (
     OutcomeCount,
     PeriodUsage,
     RefusedEvent,
+    VersionUsage,
     compute_invoice,
     late_adjustment,
 )
@@ -109,6 +110,7 @@ def period_usage_from_aggregates(customer_id: str, period: str, rows: Iterable[d
     credits = cost = seats = ZERO
     outcomes: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])
     by_meter: list[MeterSubtotal] = []
+    versions: dict[str, list[Decimal]] = defaultdict(lambda: [ZERO, ZERO])
     for row in rows:
         cost += row["cost_to_serve"]
         if row["kind"] == "outcome":
@@ -117,8 +119,11 @@ def period_usage_from_aggregates(customer_id: str, period: str, rows: Iterable[d
             ] += int(row["events"])
             continue
         credits += row["credits"]
+        per_version = versions[row["plan_version"]]
+        per_version[0] += row["credits"]
         if row["meter"] == "seats":
             seats = max(seats, row["max_quantity"])
+            per_version[1] = max(per_version[1], row["max_quantity"])
         by_meter.append(
             MeterSubtotal(
                 meter=row["meter"], model=row["model"], events=int(row["events"]),
@@ -146,6 +151,9 @@ def period_usage_from_aggregates(customer_id: str, period: str, rows: Iterable[d
             for (t, a, v), (n, r) in sorted(outcomes.items())
         ),
         by_meter=tuple(merged[k] for k in sorted(merged)),
+        by_version=tuple(
+            VersionUsage(plan_version=v, credits=c, active_seats=n) for v, (c, n) in sorted(versions.items())
+        ),
     )
 
 

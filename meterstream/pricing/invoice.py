@@ -91,7 +91,9 @@ from meterstream.pricing.plans import (
     Catalog,
     CreditGrant,
     GrantKind,
+    PlanError,
     PlanVersion,
+    Segment,
     period_bounds,
 )
 from meterstream.schemas.events import Attribution, Meter
@@ -146,6 +148,14 @@ class MeterSubtotal(_Frozen):
     cost_to_serve: Decimal = ZERO
 
 
+class VersionUsage(_Frozen):
+    """Usage credits and active seats rated under one plan version (to split a period at a plan change)."""
+
+    plan_version: str
+    credits: Decimal = ZERO
+    active_seats: Annotated[Decimal, Field(ge=0)] = ZERO
+
+
 class PeriodUsage(_Frozen):
     """What one customer used in one period: everything an invoice needs, nothing per event.
 
@@ -169,6 +179,8 @@ class PeriodUsage(_Frozen):
     active_seats: Annotated[Decimal, Field(ge=0)] = ZERO
     outcomes: tuple[OutcomeCount, ...] = ()
     by_meter: tuple[MeterSubtotal, ...] = ()
+    #: Usage per plan version that rated it; needed only when a plan change splits the period.
+    by_version: tuple[VersionUsage, ...] = ()
 
     @classmethod
     def from_rated(cls, rows: Iterable[RatedUsage]) -> PeriodUsage:
@@ -179,6 +191,7 @@ class PeriodUsage(_Frozen):
         credits = cost = seats = ZERO
         outcomes: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])
         meters: dict[tuple[str, str], list[Decimal]] = defaultdict(lambda: [ZERO, ZERO, ZERO])
+        versions: dict[str, list[Decimal]] = defaultdict(lambda: [ZERO, ZERO])
         for row in rows:
             if row.event_id in seen:
                 continue  # at-least-once delivery: the same id is billed once
@@ -191,6 +204,10 @@ class PeriodUsage(_Frozen):
                 counts[1 if row.rule.endswith(":reversal") else 0] += 1
                 continue
             credits += row.credits
+            per_version = versions[row.price_book_version]
+            per_version[0] += row.credits
+            if row.meter == Meter.SEATS.value:
+                per_version[1] = max(per_version[1], row.quantity)
             subtotal = meters[(row.meter, row.model)]
             subtotal[0] += 1
             subtotal[1] += row.credits
@@ -215,6 +232,10 @@ class PeriodUsage(_Frozen):
             by_meter=tuple(
                 MeterSubtotal(meter=m, model=model, events=int(n), credits=c, cost_to_serve=k)
                 for (m, model), (n, c, k) in sorted(meters.items())
+            ),
+            by_version=tuple(
+                VersionUsage(plan_version=v, credits=c, active_seats=seats_max)
+                for v, (c, seats_max) in sorted(versions.items())
             ),
         )
 
@@ -272,6 +293,16 @@ class RefusedEvent(_Frozen):
     reason: str
 
 
+class InvoiceSegment(_Frozen):
+    """A part of the period billed on one plan version and one set of terms: [start, end)."""
+
+    start: datetime
+    end: datetime
+    plan_id: str
+    plan_version: str
+    discount_percent: Decimal
+
+
 class Invoice(_Frozen):
     """An invoice or a preview of one; ``model_dump_json()`` writes Decimals as strings."""
 
@@ -280,7 +311,10 @@ class Invoice(_Frozen):
     period_start: datetime
     period_end: datetime
     plan_id: str
+    #: The version of the last part of the period; ``plan_versions`` lists every one billed.
     plan_version: str
+    plan_versions: tuple[str, ...] = ()
+    segments: tuple[InvoiceSegment, ...] = ()
     currency: str
     status: Literal["preview", "final"]
     as_of: datetime
@@ -316,7 +350,11 @@ def _draw_order(grant: CreditGrant) -> tuple[int, date]:
 
 
 def _draw_grants(
-    grants: tuple[CreditGrant, ...], period: str, overage: Decimal, balances: Mapping[str, Decimal] | None
+    grants: tuple[CreditGrant, ...],
+    period: str,
+    overage: Decimal,
+    balances: Mapping[str, Decimal] | None,
+    since: date | None = None,
 ) -> list[GrantDraw]:
     """Draw grants against the overage credits in the documented order; report every grant."""
     order = sorted(range(len(grants)), key=lambda i: (*_draw_order(grants[i]), i))
@@ -326,7 +364,7 @@ def _draw_grants(
         grant = grants[index]
         opening = grant.credits if balances is None else balances.get(grant.id, grant.credits)
         opening = max(opening, ZERO)
-        usable = grant.usable_for(period)
+        usable = grant.usable_for(period, since)
         drawn = min(opening, needed) if usable else ZERO
         needed -= drawn
         draws[index] = GrantDraw(
@@ -339,6 +377,55 @@ def _draw_grants(
             closing_credits=opening - drawn,
         )
     return [draws[i] for i in order]
+
+
+def _split_usage(usage: PeriodUsage, segments: Sequence[Segment]) -> list[tuple[Decimal, Decimal]]:
+    """(credits, active seats) per segment: by the plan version that rated them when the period is split."""
+    if len(segments) <= 1:
+        return [(usage.credits, usage.active_seats)] * len(segments)
+    if not usage.by_version and usage.credits:
+        raise InvoiceError("the period is split by a plan change, but the usage is not split by plan version")
+    by_version = {v.plan_version: v for v in usage.by_version}
+    known = {seg.version.version for seg in segments}
+    unknown = set(by_version) - known
+    if unknown:
+        raise InvoiceError(f"usage rated under {sorted(unknown)}, which bill no part of this period")
+    out = []
+    for seg in segments:
+        part = by_version.get(seg.version.version)
+        out.append((part.credits, part.active_seats) if part else (ZERO, ZERO))
+    return out
+
+
+def _outcomes_of_segment(usage: PeriodUsage, segments: Sequence[Segment], index: int) -> PeriodUsage:
+    """The outcomes a segment bills: those its version rated; the last segment also takes the rest
+    (e.g. reversals of outcomes billed under an earlier version, priced at that version)."""
+    if len(segments) <= 1:
+        return usage
+    mine = segments[index].version.version
+    others = {seg.version.version for i, seg in enumerate(segments) if i != index}
+    last = index == len(segments) - 1
+    kept = tuple(oc for oc in usage.outcomes if oc.plan_version == mine or (last and oc.plan_version not in others))
+    return PeriodUsage(outcomes=kept)
+
+
+def _merge_draws(per_segment: list[list[GrantDraw]]) -> list[GrantDraw]:
+    """One draw per grant for the period: opening of the first part, drawn in all, closing of the last."""
+    if not per_segment:
+        return []
+    merged = []
+    for draws in zip(*per_segment, strict=True):
+        first, last = draws[0], draws[-1]
+        merged.append(
+            first.model_copy(
+                update={
+                    "usable": any(d.usable for d in draws),
+                    "drawn_credits": sum((d.drawn_credits for d in draws), ZERO),
+                    "closing_credits": last.closing_credits,
+                }
+            )
+        )
+    return merged
 
 
 def _overage_lines(overage_model: ChargeModel, overage: Decimal, currency: str) -> list[InvoiceLine]:
@@ -471,79 +558,107 @@ def compute_invoice(
         raise ValueError("as_of must be timezone-aware")
 
     customer = catalog.customer(customer_id)
-    plan_id = customer.plan
-    version = catalog.period_version(customer_id, period)
     currency = catalog.currency
+    try:
+        segments = catalog.segments(customer_id, period)
+    except PlanError as exc:
+        raise InvoiceError(str(exc)) from None
+    if not segments:
+        if usage.credits or usage.outcomes:
+            raise InvoiceError(f"customer {customer_id!r} has usage in {period} but no subscription in it")
+        segments = ()
+    credits_of = _split_usage(usage, segments)
+    period_days = (end - start).days
+    since = customer.effective_from
 
     lines: list[InvoiceLine] = []
-    if version.base_fee:
-        lines.append(
-            InvoiceLine(
-                kind="base_fee",
-                description=f"Base fee, {period}",
-                quantity=Decimal(1),
-                unit_price=version.base_fee,
-                amount=round_money(version.base_fee, currency),
+    balances = dict(grant_balances) if grant_balances is not None else None
+    all_draws: list[list[GrantDraw]] = []
+    included_total = included_used_total = overage_total = ZERO
+    for index, segment in enumerate(segments):
+        version = segment.version
+        fraction = Decimal(segment.days) / Decimal(period_days)
+        whole = segment.days == period_days
+        part = "" if whole else f", {segment.start.date()} to {(segment.end - timedelta(days=1)).date()}"
+        prorated = "" if whole else f" ({segment.days}/{period_days} days)"
+        seg_lines: list[InvoiceLine] = []
+        if version.base_fee:
+            seg_lines.append(
+                InvoiceLine(
+                    kind="base_fee",
+                    description=f"Base fee, {period}{part}{prorated}",
+                    quantity=fraction if not whole else Decimal(1),
+                    unit_price=version.base_fee,
+                    amount=round_money(version.base_fee * fraction, currency),
+                )
             )
-        )
-
-    used = max(usage.credits, ZERO)
-    included_used = min(used, version.included_credits)
-    overage = used - included_used
-    if version.included_credits:
-        lines.append(
-            InvoiceLine(
-                kind="included_usage",
-                description=f"Included credits: {_num(included_used)} of {_num(version.included_credits)} used",
-                quantity=included_used,
-                unit_price=ZERO,
-                amount=round_money(ZERO, currency),
+        credits, seats = credits_of[index]
+        used = max(credits, ZERO)
+        allowance = version.included_credits * fraction
+        included_used = min(used, allowance)
+        overage = used - included_used
+        included_total += allowance
+        included_used_total += included_used
+        overage_total += overage
+        if version.included_credits:
+            seg_lines.append(
+                InvoiceLine(
+                    kind="included_usage",
+                    description=f"Included credits{part}: {_num(included_used)} of {_num(allowance)} used",
+                    quantity=included_used,
+                    unit_price=ZERO,
+                    amount=round_money(ZERO, currency),
+                )
             )
-        )
-
-    overage_lines = _overage_lines(version.overage, overage, currency)
-    lines += overage_lines
-    draws = _draw_grants(customer.grants, period, overage, grant_balances)
-    lines += _credit_lines(overage_lines, overage, draws, currency)
-    lines += _outcome_lines(usage, version, catalog, currency)
-
-    if version.seat_fee:
-        lines.append(
-            InvoiceLine(
-                kind="seats",
-                description=f"Seats: {_num(usage.active_seats)} active (period maximum)",
-                quantity=usage.active_seats,
-                unit_price=version.seat_fee,
-                amount=round_money(usage.active_seats * version.seat_fee, currency),
+        overage_lines = _overage_lines(version.overage, overage, currency)
+        seg_lines += overage_lines
+        draws = _draw_grants(customer.grants, period, overage, balances, since)
+        balances = {d.grant_id: d.closing_credits for d in draws}
+        all_draws.append(draws)
+        seg_lines += _credit_lines(overage_lines, overage, draws, currency)
+        outcomes = _outcomes_of_segment(usage, segments, index)
+        seg_lines += _outcome_lines(outcomes, version, catalog, currency)
+        if version.seat_fee:
+            seg_lines.append(
+                InvoiceLine(
+                    kind="seats",
+                    description=f"Seats{part}: {_num(seats)} active (maximum){prorated}",
+                    quantity=seats * fraction if not whole else seats,
+                    unit_price=version.seat_fee,
+                    amount=round_money(seats * version.seat_fee * fraction, currency),
+                )
             )
-        )
-    subtotal = _sum(lines)
-
-    usage_based = _sum(line for line in lines if line.kind in USAGE_BASED_KINDS)
-    discount = ZERO
-    if customer.discount_percent and usage_based > 0:
-        discount = -round_money(usage_based * customer.discount_percent / HUNDRED, currency)
-        lines.append(
-            InvoiceLine(
-                kind="discount",
-                description=f"Discount {_num(customer.discount_percent)}% of usage-based charges {_money(usage_based)}",
-                amount=discount,
+        usage_based = _sum(line for line in seg_lines if line.kind in USAGE_BASED_KINDS)
+        discount = ZERO
+        if segment.discount_percent and usage_based > 0:
+            discount = -round_money(usage_based * segment.discount_percent / HUNDRED, currency)
+            seg_lines.append(
+                InvoiceLine(
+                    kind="discount",
+                    description=f"Discount {_num(segment.discount_percent)}% of usage-based charges {_money(usage_based)}",
+                    amount=discount,
+                )
             )
-        )
-    committed_usage = usage_based + discount
-    # No commitment, no true-up: reversals below zero are a credit, not a shortfall to bill.
-    if version.minimum_commitment and committed_usage < version.minimum_commitment:
-        shortfall = round_money(version.minimum_commitment - committed_usage, currency)
-        lines.append(
-            InvoiceLine(
-                kind="commitment_true_up",
-                description=(
-                    f"Commitment true-up: {_money(version.minimum_commitment)} minimum, "
-                    f"usage-based {_money(committed_usage)}"
-                ),
-                amount=shortfall,
+        committed_usage = usage_based + discount
+        commitment = version.minimum_commitment * fraction
+        # No commitment, no true-up: reversals below zero are a credit, not a shortfall to bill.
+        if commitment and committed_usage < commitment:
+            seg_lines.append(
+                InvoiceLine(
+                    kind="commitment_true_up",
+                    description=(
+                        f"Commitment true-up{part}: {_money(round_money(commitment, currency))} minimum{prorated}, "
+                        f"usage-based {_money(committed_usage)}"
+                    ),
+                    amount=round_money(commitment - committed_usage, currency),
+                )
             )
-        )
+        lines += seg_lines
+    subtotal = _sum(line for line in lines if line.kind not in ("discount", "commitment_true_up"))
+    draws = _merge_draws(all_draws)
+    last = segments[-1] if segments else None
+    plan_id = last.plan_id if last else customer.plan
+    version_names = tuple(dict.fromkeys(seg.version.version for seg in segments))
     lines.extend(adjustments)
     total = _sum(lines)
     credit_note = None
@@ -563,7 +678,13 @@ def compute_invoice(
         period_start=start,
         period_end=end,
         plan_id=plan_id,
-        plan_version=version.version,
+        plan_version=version_names[-1] if version_names else "",
+        plan_versions=version_names,
+        segments=tuple(
+            InvoiceSegment(start=seg.start, end=seg.end, plan_id=seg.plan_id, plan_version=seg.version.version,
+                           discount_percent=seg.discount_percent)  # fmt: skip
+            for seg in segments
+        ),
         currency=currency,
         status="final" if as_of >= end else "preview",
         as_of=as_of,
@@ -572,11 +693,11 @@ def compute_invoice(
         total=total,
         usage=UsageSummary(
             credits_used=usage.credits,
-            included_credits=version.included_credits,
-            included_used=included_used,
-            overage_credits=overage,
+            included_credits=included_total,
+            included_used=included_used_total,
+            overage_credits=overage_total,
             grant_credits_applied=granted,
-            billed_overage_credits=overage - granted,
+            billed_overage_credits=overage_total - granted,
             active_seats=usage.active_seats,
             cost_to_serve=cost_to_serve,
             margin=total - cost_to_serve,

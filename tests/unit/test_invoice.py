@@ -359,15 +359,28 @@ def test_events_either_side_of_a_price_change_are_rated_then_invoiced_on_the_per
             | {"credits_per_1k": {"input": "0.25", "output": "1.0"}}
         }
     }
+    # next_period (the default): the whole of March, events included, is on the version at its start.
     catalog = parse_catalog(data)
     before = catalog.rate(make_usage(event_id="e1", occurred_at=datetime(2025, 3, 10, tzinfo=timezone.utc)))
     after = catalog.rate(make_usage(event_id="e2", occurred_at=datetime(2025, 3, 20, tzinfo=timezone.utc)))
-    assert (before.credits, after.credits) == (D(6), D(12))  # the new rate card from its date
+    assert (before.credits, after.credits) == (D(6), D(6))
     invoice = compute_invoice("acme", "2025-03", PeriodUsage.from_rated([before, after]), catalog, as_of=AFTER)
-    assert invoice.plan_version == "growth-2025-01"  # period charges: the version at the period start
-    assert invoice.usage.credits_used == D(18)
+    assert invoice.plan_versions == ("growth-2025-01",)
+    assert invoice.usage.credits_used == D(12)
     assert invoice.total == D("500.00")
     assert invoice.usage.cost_to_serve == D("0.12")
+
+    # immediate: the new rate card and the new period charges from the 15th, fixed fees by the day.
+    data["customers"]["acme"]["change_rule"] = "immediate"
+    catalog = parse_catalog(data)
+    before = catalog.rate(make_usage(event_id="e1", occurred_at=datetime(2025, 3, 10, tzinfo=timezone.utc)))
+    after = catalog.rate(make_usage(event_id="e2", occurred_at=datetime(2025, 3, 20, tzinfo=timezone.utc)))
+    assert (before.credits, after.credits) == (D(6), D(12))
+    invoice = compute_invoice("acme", "2025-03", PeriodUsage.from_rated([before, after]), catalog, as_of=AFTER)
+    assert invoice.plan_versions == ("growth-2025-01", "growth-2025-03-15")
+    # 500 × 14/31 = 225.81 and 900 × 17/31 = 493.55; 12 credits are within 10,000 × 17/31.
+    assert amounts(invoice, "base_fee") == [D("225.81"), D("493.55")]
+    assert invoice.total == D("719.36")
 
 
 # --- status, errors, output ------------------------------------------------------------------------------

@@ -1,0 +1,91 @@
+"""docs/billing.md's worked examples, to the cent, from the catalog written on that page."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+
+import yaml
+
+from meterstream.billing import invoices_from_rated
+from meterstream.pricing.invoice import PeriodUsage, compute_invoice
+from meterstream.pricing.plans import Catalog, parse_catalog
+from meterstream.schemas.events import UsageEvent
+
+D = Decimal
+DOC = (Path(__file__).resolve().parents[2] / "docs" / "billing.md").read_text()
+AFTER = datetime(2030, 1, 1, tzinfo=timezone.utc)
+
+
+def doc_catalog() -> Catalog:
+    block = re.search(r"```yaml\n(.*?)```", DOC, re.S)
+    assert block is not None
+    return parse_catalog(yaml.load(block.group(1), Loader=yaml.BaseLoader), source="docs/billing.md")
+
+
+def doc_total(after_heading: str) -> Decimal:
+    """The bold total of the first table after ``after_heading`` in the page."""
+    text = DOC[DOC.index(after_heading):]
+    match = re.search(r"\| \*\*total\*\* \| \| \*\*([\d,.]+)\*\* \|", text)
+    assert match is not None
+    return D(match.group(1).replace(",", ""))
+
+
+def _events(customer: str) -> list[UsageEvent]:
+    def at(day: int) -> datetime:
+        return datetime(2026, 11, day, 12, tzinfo=timezone.utc)
+
+    def event(i: int, day: int, meter: str, quantity: int) -> UsageEvent:
+        return UsageEvent(event_id=f"{customer}-{i}", customer_id=customer, occurred_at=at(day), meter=meter,
+                          quantity=quantity)  # fmt: skip
+
+    return [event(1, 3, "requests", 12_000), event(2, 14, "requests", 8_000), event(3, 5, "seats", 5),
+            event(4, 15, "requests", 30_000), event(5, 30, "requests", 10_000), event(6, 20, "seats", 8)]  # fmt: skip
+
+
+def test_a_change_on_the_15th_of_a_30_day_month_immediate() -> None:
+    catalog = doc_catalog()
+    rated = [catalog.rate(e) for e in _events("acme")]
+    assert {r.price_book_version for r in rated if r.occurred_at.day < 15} == {"basic-1"}
+    assert {r.price_book_version for r in rated if r.occurred_at.day >= 15} == {"pro-1"}
+    [invoice] = invoices_from_rated(catalog, rated, as_of=AFTER)
+    assert [(line.kind, line.amount) for line in invoice.lines] == [
+        ("base_fee", D("140.00")), ("included_usage", D("0.00")), ("overage", D("306.67")), ("seats", D("23.33")),
+        ("base_fee", D("320.00")), ("included_usage", D("0.00")), ("overage", D("240.00")), ("seats", D("85.33")),
+    ]  # fmt: skip
+    assert invoice.plan_versions == ("basic-1", "pro-1")
+    assert invoice.total == D("1115.33") == doc_total("**acme, `immediate`**")
+
+
+def test_the_same_change_from_the_next_period() -> None:
+    catalog = doc_catalog()
+    rated = [catalog.rate(e) for e in _events("globex")]
+    assert {r.price_book_version for r in rated} == {"basic-1"}
+    [invoice] = invoices_from_rated(catalog, rated, as_of=AFTER)
+    assert invoice.total == D("1380.00") == doc_total("**globex, `next_period`**")
+    december = compute_invoice("globex", "2026-12", PeriodUsage(), catalog, as_of=AFTER)
+    assert (december.plan_id, december.total) == ("pro", D("600.00"))
+
+
+def test_a_subscription_starting_mid_period_is_prorated() -> None:
+    catalog = doc_catalog()
+    invoice = compute_invoice("initech", "2026-11", PeriodUsage(active_seats=D(3)), catalog, as_of=AFTER)
+    assert [line.amount for line in invoice.lines if line.kind in ("base_fee", "seats")] == [D("100.00"), D("10.00")]
+    assert invoice.total == D("110.00") == doc_total("**initech** subscribes")
+    assert compute_invoice("initech", "2026-10", PeriodUsage(), catalog, as_of=AFTER).total == D("0.00")
+
+
+def test_the_grant_example() -> None:
+    hybrid = parse_catalog(
+        {"plans": {"growth": {"versions": [{
+            "version": "g", "effective_from": "2025-01-01", "base_fee": "500", "included_credits": "50000",
+            "overage": {"model": "graduated", "tiers": [{"up_to": "100000", "unit_price": "0.012"},
+                                                        {"up_to": None, "unit_price": "0.010"}]}}]}},
+         "customers": {"acme": {"plan": "growth", "grants": [{"kind": "prepaid", "credits": "20000"}]}}}
+    )  # fmt: skip
+    invoice = compute_invoice("acme", "2025-02", PeriodUsage(credits=D(180000)), hybrid, as_of=AFTER)
+    assert [line.amount for line in invoice.lines if line.kind == "credits_applied"] == [D("-230.77")]
+    assert invoice.total == D("1769.23")
+    assert "**230.77**" in DOC and "**1,769.23**" in DOC
