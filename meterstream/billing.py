@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -36,9 +36,11 @@ from meterstream.pricing.invoice import (
     RefusedEvent,
     VersionUsage,
     compute_invoice,
+    issue,
     late_adjustment,
 )
-from meterstream.pricing.plans import Catalog
+from meterstream.pricing.invoice import InvoiceError
+from meterstream.pricing.plans import Catalog, period_bounds
 from meterstream.pricing.reversals import RefusedReversal, match_reversals
 from meterstream.schemas.events import Attribution, OutcomeEvent, UsageEvent
 from meterstream.schemas.records import RatedUsage
@@ -86,14 +88,24 @@ def invoice_series(
     first_usage: str | None = None,
     as_of: datetime | None = None,
     since: str | None = None,
+    issued: Callable[[str], Invoice | None] | None = None,
 ) -> list[Invoice]:
-    """Invoices from where the customer's grant balances start (or ``since``, if earlier) up to ``period``."""
+    """Invoices from where the customer's grant balances start (or ``since``, if earlier) up to ``period``.
+
+    A period with an ``issued`` invoice is that record, not a recomputation, and its
+    closing grant balances are the ones carried forward.
+    """
     invoices: list[Invoice] = []
     balances: dict[str, Decimal] | None = None
     start = first_billed_period(catalog, customer_id, period, first_usage)
     if since is not None:
         start = min(start, since)
     for month in periods_between(start, period):
+        record = issued(month) if issued is not None else None
+        if record is not None:
+            balances = record.closing_grant_balances()
+            invoices.append(record)
+            continue
         invoice = compute_invoice(
             customer_id, month, usage_for(month), catalog, as_of=as_of, grant_balances=balances
         )
@@ -185,6 +197,9 @@ def invoice_from_store(
     still come from the store): the dispute audit recomputes the invoice from the rows
     it exported to show they add up to the same lines.
     """
+    record = issued_invoice(run_query, customer_id, period)
+    if record is not None and period_usage is None:
+        return record  # issued: exactly what was billed, whatever changed since
     periods = [row["period"] for row in run_query("customer_periods", customer=customer_id).dicts()]
     first_usage = periods[0] if periods else None
     stored_usage_for = store_usage_for(run_query, customer_id)
@@ -192,8 +207,13 @@ def invoice_from_store(
     def usage_for(month: str) -> PeriodUsage:
         return period_usage if period_usage is not None and month == period else stored_usage_for(month)
 
+    def issued_for(month: str) -> Invoice | None:
+        return issued_invoice(run_query, customer_id, month) if month != period else None
+
     adjustments = late_adjustments(run_query, catalog, customer_id, period, first_usage=first_usage, as_of=as_of)
-    series = invoice_series(catalog, customer_id, period, usage_for, first_usage=first_usage, as_of=as_of)
+    series = invoice_series(
+        catalog, customer_id, period, usage_for, first_usage=first_usage, as_of=as_of, issued=issued_for
+    )
     if not adjustments:
         return series[-1]
     balances = series[-2].closing_grant_balances() if len(series) > 1 else None
@@ -201,6 +221,45 @@ def invoice_from_store(
         customer_id, period, usage_for(period), catalog, as_of=as_of, grant_balances=balances,
         adjustments=adjustments,
     )  # fmt: skip
+
+
+def issued_invoice(run_query: QueryRunner, customer_id: str, period: str) -> Invoice | None:
+    """The invoice issued for the customer's period (sql/008), exactly as stored, or None."""
+    rows = run_query("issued_invoice", customer=customer_id, period=period).dicts()
+    return Invoice.model_validate_json(rows[0]["invoice_json"]) if rows else None
+
+
+def invoices_to_issue(
+    run_query: QueryRunner,
+    catalog: Catalog,
+    period: str,
+    *,
+    now: datetime,
+    late_grace: timedelta,
+    customers: Iterable[str] | None = None,
+) -> list[Invoice]:
+    """Close ``period``: the invoices to store, one per customer not yet issued, stamped as issued.
+
+    The customers are those with rated usage in the period and those the catalog bills for
+    it (a subscription with fees and no usage), or only ``customers``. A period can be
+    closed once its late grace has passed (usage arriving later is billed on the open
+    period's invoice as a flagged late adjustment).
+    """
+    _, end = period_bounds(period)
+    if now < end + late_grace:
+        raise InvoiceError(f"{period} closes at {(end + late_grace).isoformat()} (its end plus the late grace)")
+    if customers is None:
+        found = {row["customer_id"] for row in run_query("period_customers", period=period).dicts()}
+        for customer_id in catalog.customers:
+            if catalog.segments(customer_id, period):
+                found.add(customer_id)
+        customers = found
+    done = {row["customer_id"] for row in run_query("issued_customers", period=period).dicts()}
+    out = []
+    for customer_id in sorted(set(customers) - done):
+        invoice = invoice_from_store(run_query, catalog, customer_id, period, as_of=now)
+        out.append(issue(invoice, catalog, invoice_number=f"INV-{period}-{customer_id}", issued_at=now))
+    return out
 
 
 def late_adjustments(

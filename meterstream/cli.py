@@ -309,9 +309,11 @@ def invoice(
     plans: PlansOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """The invoice for one customer and period, from the rated rows in ClickHouse.
+    """The invoice for one customer and period from ClickHouse: the issued record once the period is closed.
 
-    Mid-period it is a preview. Totals equal `meterstream rate` on the same events, to the cent.
+    A closed period (`meterstream close-period`) returns exactly the invoice stored then, whatever
+    changed since. Before that it is computed from the rated rows: a preview mid-period, "final"
+    after it ends; its totals equal `meterstream rate` on the same events, to the cent.
     """
     from meterstream.billing import invoice_from_store
     from meterstream.pricing.invoice import render_invoice_text
@@ -325,6 +327,56 @@ def invoice(
         _print_invoice_json([result])
     else:
         console.print(render_invoice_text(result), highlight=False)
+
+
+@app.command("close-period")
+def close_period(
+    period: Annotated[str, typer.Option("--period", help="The billing period YYYY-MM (UTC) to close.")],
+    customer: CustomerOption = None,
+    plans: PlansOption = None,
+) -> None:
+    """Issue a closed period's invoices: store their lines, totals, plan versions and catalog fingerprint.
+
+    One invoice per customer with usage in the period or billed for it by the catalog (or only
+    --customer), skipping those already issued. Refused until the period's late grace has passed.
+    Issued invoices never change: `invoice` returns them as stored.
+    """
+    from datetime import timedelta, timezone
+
+    from meterstream.billing import invoices_to_issue
+    from meterstream.storage.clickhouse import StoreError, open_store
+    from meterstream.storage.issued import store_issued_invoice
+    from meterstream.storage.owner import current_owner
+    from meterstream.storage.queries import saved_query
+
+    settings = get_settings()
+    period = check_period(period)
+    catalog = load_catalog_or_fail(plans, settings)
+    owner = current_owner(settings.clickhouse)
+    if owner is not None:
+        raise fail(f"the worker (pid {owner.pid}) owns the embedded store; stop it or use a ClickHouse server")
+    try:
+        store = open_store(settings.clickhouse)
+        try:
+
+            def run(name: str, **params: str) -> Any:
+                return store.query(saved_query(name), params)
+
+            with pricing_errors():
+                invoices = invoices_to_issue(
+                    run, catalog, period, now=datetime.now(timezone.utc),
+                    late_grace=timedelta(seconds=settings.worker.late_grace_seconds),
+                    customers=[customer] if customer else None,
+                )  # fmt: skip
+            for issued in invoices:
+                store_issued_invoice(store.client, issued)
+                console.print(f"issued {issued.invoice_number}: {issued.total:,} {issued.currency}", highlight=False)
+        finally:
+            store.close()
+    except StoreError as exc:
+        raise fail(str(exc)) from None
+    if not invoices:
+        console.print(f"nothing to issue for {period}")
 
 
 @app.command()
@@ -381,7 +433,8 @@ def rerate(
 ) -> None:
     """Re-rate a period's stored events under another catalog: old total, new total, difference.
 
-    Read-only: nothing stored changes, and closed invoices stay as they were billed.
+    The old total is the issued invoice once the period is closed (else it is computed with
+    --current). Read-only: nothing stored changes; issued invoices stay as they were billed.
     """
     from meterstream.billing import invoice_from_store, invoices_from_rated, rate_events, stored_events_to_rerate
 

@@ -76,6 +76,7 @@ rounded the same way and ``margin`` is ``total − cost_to_serve``.
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, datetime, timedelta
@@ -316,7 +317,8 @@ class Invoice(_Frozen):
     plan_versions: tuple[str, ...] = ()
     segments: tuple[InvoiceSegment, ...] = ()
     currency: str
-    status: Literal["preview", "final"]
+    #: preview while the period is open, final once it has ended, issued once closed and stored.
+    status: Literal["preview", "final", "issued"]
     as_of: datetime
     lines: tuple[InvoiceLine, ...]
     subtotal: Decimal
@@ -326,6 +328,11 @@ class Invoice(_Frozen):
     by_meter: tuple[MeterSubtotal, ...] = ()
     credit_note: CreditNote | None = None
     refused: tuple[RefusedEvent, ...] = ()
+    #: Set when the period is closed (``meterstream close-period``): the stored record.
+    invoice_number: str = ""
+    issued_at: datetime | None = None
+    #: sha256 of the catalog the invoice was computed with (:func:`catalog_fingerprint`).
+    catalog_fingerprint: str = ""
 
     def closing_grant_balances(self) -> dict[str, Decimal]:
         """Each grant's remaining credits: the next period's ``grant_balances``."""
@@ -709,6 +716,25 @@ def compute_invoice(
     )
 
 
+def catalog_fingerprint(catalog: Catalog) -> str:
+    """sha256 of everything in the catalog that prices (plans, versions, price books, assignments)."""
+    return hashlib.sha256(catalog.model_dump_json().encode()).hexdigest()
+
+
+def issue(invoice: Invoice, catalog: Catalog, *, invoice_number: str, issued_at: datetime) -> Invoice:
+    """The invoice as issued: a final invoice stamped with its number, time and catalog fingerprint."""
+    if invoice.status == "preview" or issued_at < invoice.period_end:
+        raise InvoiceError(f"the invoice for {invoice.period} cannot be issued before the period ends")
+    return invoice.model_copy(
+        update={
+            "status": "issued",
+            "invoice_number": invoice_number,
+            "issued_at": issued_at,
+            "catalog_fingerprint": catalog_fingerprint(catalog),
+        }
+    )
+
+
 def late_adjustment(closed_period: str, before: Invoice, after: Invoice, events: int, credits: Decimal) -> InvoiceLine:
     """A flagged line for usage that arrived after ``closed_period`` closed.
 
@@ -739,7 +765,9 @@ def render_invoice_text(invoice: Invoice) -> str:
     """A readable plain-text invoice: header, one row per line, totals, usage and grants."""
     width = 108
     last_day = (invoice.period_end - timedelta(days=1)).date()
-    title = "INVOICE" if invoice.status == "final" else "INVOICE PREVIEW (period not closed)"
+    title = {"final": "INVOICE", "preview": "INVOICE PREVIEW (period not closed)"}.get(
+        invoice.status, f"INVOICE {invoice.invoice_number} (issued {invoice.issued_at:%Y-%m-%d %H:%M} UTC)"
+    )
     out = [
         title,
         f"Customer: {invoice.customer_id}",
