@@ -765,9 +765,10 @@ def render_invoice_text(invoice: Invoice) -> str:
     """A readable plain-text invoice: header, one row per line, totals, usage and grants."""
     width = 108
     last_day = (invoice.period_end - timedelta(days=1)).date()
-    title = {"final": "INVOICE", "preview": "INVOICE PREVIEW (period not closed)"}.get(
-        invoice.status, f"INVOICE {invoice.invoice_number} (issued {invoice.issued_at:%Y-%m-%d %H:%M} UTC)"
-    )
+    if invoice.status == "issued" and invoice.issued_at is not None:
+        title = f"INVOICE {invoice.invoice_number} (issued {invoice.issued_at:%Y-%m-%d %H:%M} UTC)"
+    else:
+        title = "INVOICE" if invoice.status == "final" else "INVOICE PREVIEW (period not closed)"
     out = [
         title,
         f"Customer: {invoice.customer_id}",
