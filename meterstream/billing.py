@@ -123,6 +123,7 @@ def period_usage_from_aggregates(customer_id: str, period: str, rows: Iterable[d
     outcomes: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])
     by_meter: list[MeterSubtotal] = []
     versions: dict[str, list[Decimal]] = defaultdict(lambda: [ZERO, ZERO])
+    version_meters: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         cost += row["cost_to_serve"]
         if row["kind"] == "outcome":
@@ -133,13 +134,14 @@ def period_usage_from_aggregates(customer_id: str, period: str, rows: Iterable[d
         credits += row["credits"]
         per_version = versions[row["plan_version"]]
         per_version[0] += row["credits"]
+        version_meters[(row["plan_version"], row["meter"], row["model"])].append(row)
         if row["meter"] == "seats":
             seats = max(seats, row["max_quantity"])
             per_version[1] = max(per_version[1], row["max_quantity"])
         by_meter.append(
             MeterSubtotal(
                 meter=row["meter"], model=row["model"], events=int(row["events"]),
-                credits=row["credits"], cost_to_serve=row["cost_to_serve"],
+                credits=row["credits"], cost_to_serve=row["cost_to_serve"], max_quantity=row["max_quantity"],
             )  # fmt: skip
         )
     merged: dict[tuple[str, str], MeterSubtotal] = {}
@@ -150,6 +152,7 @@ def period_usage_from_aggregates(customer_id: str, period: str, rows: Iterable[d
             sub = MeterSubtotal(
                 meter=sub.meter, model=sub.model, events=prev.events + sub.events,
                 credits=prev.credits + sub.credits, cost_to_serve=prev.cost_to_serve + sub.cost_to_serve,
+                max_quantity=max(prev.max_quantity, sub.max_quantity),
             )  # fmt: skip
         merged[key] = sub
     return PeriodUsage(
@@ -164,7 +167,20 @@ def period_usage_from_aggregates(customer_id: str, period: str, rows: Iterable[d
         ),
         by_meter=tuple(merged[k] for k in sorted(merged)),
         by_version=tuple(
-            VersionUsage(plan_version=v, credits=c, active_seats=n) for v, (c, n) in sorted(versions.items())
+            VersionUsage(
+                plan_version=v, credits=c, active_seats=n,
+                by_meter=tuple(
+                    MeterSubtotal(
+                        meter=m, model=model, events=sum(int(r["events"]) for r in group),
+                        credits=sum((r["credits"] for r in group), ZERO),
+                        cost_to_serve=sum((r["cost_to_serve"] for r in group), ZERO),
+                        max_quantity=max(r["max_quantity"] for r in group),
+                    )
+                    for (vv, m, model), group in sorted(version_meters.items())
+                    if vv == v
+                ),
+            )  # fmt: skip
+            for v, (c, n) in sorted(versions.items())
         ),
     )
 

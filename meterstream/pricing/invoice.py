@@ -107,6 +107,7 @@ LineKind = Literal[
     "base_fee",
     "included_usage",
     "overage",
+    "usage_charge",
     "credits_applied",
     "outcomes",
     "seats",
@@ -116,7 +117,7 @@ LineKind = Literal[
 ]
 
 #: The lines an enterprise discount applies to, and the commitment is measured against.
-USAGE_BASED_KINDS: frozenset[str] = frozenset({"overage", "credits_applied", "outcomes"})
+USAGE_BASED_KINDS: frozenset[str] = frozenset({"overage", "usage_charge", "credits_applied", "outcomes"})
 
 Count = Annotated[int, Field(ge=0)]
 
@@ -147,6 +148,8 @@ class MeterSubtotal(_Frozen):
     events: Count = 0
     credits: Decimal = ZERO
     cost_to_serve: Decimal = ZERO
+    #: The largest single ``quantity`` of the meter's events (the ``max`` measure of a charge).
+    max_quantity: Decimal = ZERO
 
 
 class VersionUsage(_Frozen):
@@ -155,6 +158,7 @@ class VersionUsage(_Frozen):
     plan_version: str
     credits: Decimal = ZERO
     active_seats: Annotated[Decimal, Field(ge=0)] = ZERO
+    by_meter: tuple[MeterSubtotal, ...] = ()
 
 
 class PeriodUsage(_Frozen):
@@ -191,8 +195,9 @@ class PeriodUsage(_Frozen):
         periods: set[str] = set()
         credits = cost = seats = ZERO
         outcomes: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])
-        meters: dict[tuple[str, str], list[Decimal]] = defaultdict(lambda: [ZERO, ZERO, ZERO])
+        meters: dict[tuple[str, str], list[Decimal]] = defaultdict(lambda: [ZERO, ZERO, ZERO, ZERO])
         versions: dict[str, list[Decimal]] = defaultdict(lambda: [ZERO, ZERO])
+        version_meters: dict[tuple[str, str, str], list[Decimal]] = defaultdict(lambda: [ZERO, ZERO, ZERO, ZERO])
         for row in rows:
             if row.event_id in seen:
                 continue  # at-least-once delivery: the same id is billed once
@@ -209,10 +214,11 @@ class PeriodUsage(_Frozen):
             per_version[0] += row.credits
             if row.meter == Meter.SEATS.value:
                 per_version[1] = max(per_version[1], row.quantity)
-            subtotal = meters[(row.meter, row.model)]
-            subtotal[0] += 1
-            subtotal[1] += row.credits
-            subtotal[2] += row.cost_to_serve
+            for subtotal in (meters[(row.meter, row.model)], version_meters[(row.price_book_version, row.meter, row.model)]):
+                subtotal[0] += 1
+                subtotal[1] += row.credits
+                subtotal[2] += row.cost_to_serve
+                subtotal[3] = max(subtotal[3], row.quantity)
             if row.meter == Meter.SEATS.value:
                 seats = max(seats, row.quantity)
         if len(customers) > 1 or len(periods) > 1:
@@ -231,11 +237,18 @@ class PeriodUsage(_Frozen):
                 for (t, a, v), (n, r) in sorted(outcomes.items())
             ),
             by_meter=tuple(
-                MeterSubtotal(meter=m, model=model, events=int(n), credits=c, cost_to_serve=k)
-                for (m, model), (n, c, k) in sorted(meters.items())
+                MeterSubtotal(meter=m, model=model, events=int(n), credits=c, cost_to_serve=k, max_quantity=q)
+                for (m, model), (n, c, k, q) in sorted(meters.items())
             ),
             by_version=tuple(
-                VersionUsage(plan_version=v, credits=c, active_seats=seats_max)
+                VersionUsage(
+                    plan_version=v, credits=c, active_seats=seats_max,
+                    by_meter=tuple(
+                        MeterSubtotal(meter=m, model=model, events=int(n), credits=mc, cost_to_serve=k, max_quantity=q)
+                        for (vv, m, model), (n, mc, k, q) in sorted(version_meters.items())
+                        if vv == v
+                    ),
+                )  # fmt: skip
                 for v, (c, seats_max) in sorted(versions.items())
             ),
         )
@@ -386,10 +399,12 @@ def _draw_grants(
     return [draws[i] for i in order]
 
 
-def _split_usage(usage: PeriodUsage, segments: Sequence[Segment]) -> list[tuple[Decimal, Decimal]]:
+def _split_usage(
+    usage: PeriodUsage, segments: Sequence[Segment]
+) -> list[tuple[Decimal, Decimal, tuple[MeterSubtotal, ...]]]:
     """(credits, active seats) per segment: by the plan version that rated them when the period is split."""
     if len(segments) <= 1:
-        return [(usage.credits, usage.active_seats)] * len(segments)
+        return [(usage.credits, usage.active_seats, usage.by_meter)] * len(segments)
     if not usage.by_version and usage.credits:
         raise InvoiceError("the period is split by a plan change, but the usage is not split by plan version")
     by_version = {v.plan_version: v for v in usage.by_version}
@@ -400,7 +415,7 @@ def _split_usage(usage: PeriodUsage, segments: Sequence[Segment]) -> list[tuple[
     out = []
     for seg in segments:
         part = by_version.get(seg.version.version)
-        out.append((part.credits, part.active_seats) if part else (ZERO, ZERO))
+        out.append((part.credits, part.active_seats, part.by_meter) if part else (ZERO, ZERO, ()))
     return out
 
 
@@ -433,6 +448,42 @@ def _merge_draws(per_segment: list[list[GrantDraw]]) -> list[GrantDraw]:
             )
         )
     return merged
+
+
+def _usage_charge_lines(
+    version: PlanVersion, meters: Sequence[MeterSubtotal], part: str, currency: str
+) -> list[InvoiceLine]:
+    """One line per band of each of the version's own charges, on its meter's measure."""
+    lines = []
+    for charge in version.charges:
+        mine = [m for m in meters if m.meter == charge.meter]
+        if charge.measure == "events":
+            quantity = Decimal(sum(m.events for m in mine))
+        elif charge.measure == "credits":
+            quantity = max(sum((m.credits for m in mine), ZERO), ZERO)
+        else:
+            quantity = max((m.max_quantity for m in mine), default=ZERO)
+        result = charge.charge(quantity)
+        free = f", {_num(charge.free_units)} free" if charge.free_units else ""
+        head = f"{charge.name}{part}: {_num(quantity)} {charge.measure} of {charge.meter}{free}"
+        if not result.bands:
+            lines.append(InvoiceLine(kind="usage_charge", description=head, quantity=quantity, amount=round_money(ZERO, currency)))
+        for band in result.bands:
+            if band.start == band.end and band.quantity == 1 and charge.model != "package":
+                text = f"{head}, flat fee of the tier above {_num(band.start)}"
+            elif charge.model == "package":
+                text = f"{head}, {_num(band.quantity)} package(s) of {_num(charge.package_size or ZERO)}"
+            elif charge.model == "graduated":
+                text = f"{head}, {_num(band.start)}–{_num(band.end)}"
+            else:
+                text = head
+            lines.append(
+                InvoiceLine(
+                    kind="usage_charge", description=text, quantity=band.quantity, unit_price=band.unit_price,
+                    amount=round_money(band.amount, currency),
+                )  # fmt: skip
+            )
+    return lines
 
 
 def _overage_lines(overage_model: ChargeModel, overage: Decimal, currency: str) -> list[InvoiceLine]:
@@ -599,7 +650,10 @@ def compute_invoice(
                     amount=round_money(version.base_fee * fraction, currency),
                 )
             )
-        credits, seats = credits_of[index]
+        credits, seats, meters = credits_of[index]
+        charged = {charge.meter for charge in version.charges}
+        # A meter with its own charge is billed by it, not from the credits pool.
+        credits -= sum((m.credits for m in meters if m.meter in charged), ZERO)
         used = max(credits, ZERO)
         allowance = version.included_credits * fraction
         included_used = min(used, allowance)
@@ -623,6 +677,7 @@ def compute_invoice(
         balances = {d.grant_id: d.closing_credits for d in draws}
         all_draws.append(draws)
         seg_lines += _credit_lines(overage_lines, overage, draws, currency)
+        seg_lines += _usage_charge_lines(version, meters, part, currency)
         outcomes = _outcomes_of_segment(usage, segments, index)
         seg_lines += _outcome_lines(outcomes, version, catalog, currency)
         if version.seat_fee:

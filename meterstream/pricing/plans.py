@@ -61,7 +61,7 @@ from enum import StrEnum
 from functools import cache, lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -80,7 +80,7 @@ from pydantic_core import PydanticCustomError
 from meterstream.pricing.charges import ChargeModel, PositiveDecimal, Price, null_to_none
 from meterstream.pricing.pricebook import PriceBook, PriceBookError, load_price_book
 from meterstream.pricing.rating import rate_event
-from meterstream.schemas.events import Attribution, OutcomeEvent, UsageEvent
+from meterstream.schemas.events import Attribution, Meter, OutcomeEvent, UsageEvent
 from meterstream.schemas.records import RatedUsage
 
 ZERO = Decimal(0)
@@ -186,6 +186,24 @@ def _shipped_price_book() -> PriceBook:
     return load_price_book(None)
 
 
+class MeterCharge(ChargeModel):
+    """A charge of its own on one meter (Lago's charge on a billable metric), e.g.::
+
+        - {name: Documents, meter: documents, measure: events, model: package,
+           package_size: "100", package_price: "5", free_units: "200"}
+
+    ``measure`` is what is counted in the period: ``events`` (how many events of the
+    meter), ``credits`` (the credits they were rated at) or ``max`` (the largest
+    quantity reported, like seats). A meter with its own charge is billed by it and
+    leaves the credits pool (included credits and overage); credits stay the unit of
+    everything else.
+    """
+
+    name: Annotated[str, Field(min_length=1, max_length=128)]
+    meter: Meter
+    measure: Literal["events", "credits", "max"] = "events"
+
+
 class PlanVersion(_Strict):
     """One version of a plan: its rate card (price book) and its period charges."""
 
@@ -205,6 +223,17 @@ class PlanVersion(_Strict):
     #: Money per active seat (the period's maximum ``seats`` meter quantity).
     seat_fee: Price = ZERO
     outcome_prices: dict[str, OutcomeMoneyPrice] = Field(default_factory=dict)
+    #: Charges of their own, each on one meter with its own model (beside the credits overage).
+    charges: tuple[MeterCharge, ...] = ()
+
+    @model_validator(mode="after")
+    def _one_charge_per_meter(self) -> PlanVersion:
+        seen: set[str] = set()
+        for index, charge in enumerate(self.charges):
+            if charge.meter in seen:
+                raise _error("meter {m} already has a charge", ("charges", index, "meter"), m=charge.meter)
+            seen.add(charge.meter)
+        return self
 
     @field_validator("price_book", mode="before")
     @classmethod

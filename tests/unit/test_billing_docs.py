@@ -89,3 +89,30 @@ def test_the_grant_example() -> None:
     assert [line.amount for line in invoice.lines if line.kind == "credits_applied"] == [D("-230.77")]
     assert invoice.total == D("1769.23")
     assert "**230.77**" in DOC and "**1,769.23**" in DOC
+
+
+def test_several_charges_per_plan_version() -> None:
+    blocks = re.findall(r"```yaml\n(.*?)```", DOC, re.S)
+    catalog = parse_catalog(yaml.load(blocks[1], Loader=yaml.BaseLoader), source="docs/billing.md")
+    events = [UsageEvent(event_id=f"r{i}", customer_id="hooli", occurred_at=datetime(2026, 11, 2, tzinfo=timezone.utc),
+                         meter="requests", quantity=800) for i in range(10)]  # fmt: skip
+    events += [UsageEvent(event_id=f"d{i}", customer_id="hooli", occurred_at=datetime(2026, 11, 3, tzinfo=timezone.utc),
+                          meter="documents", quantity=1) for i in range(950)]  # fmt: skip
+    events += [UsageEvent(event_id=f"a{i}", customer_id="hooli", occurred_at=datetime(2026, 11, 4, tzinfo=timezone.utc),
+                          meter="actions", quantity=1) for i in range(1500)]  # fmt: skip
+    [invoice] = invoices_from_rated(catalog, [catalog.rate(e) for e in events], as_of=AFTER)
+    assert [(line.kind, line.amount) for line in invoice.lines] == [
+        ("base_fee", D("200.00")), ("included_usage", D("0.00")), ("overage", D("30.00")),
+        ("usage_charge", D("40.00")), ("usage_charge", D("20.00")), ("usage_charge", D("10.00")),
+        ("usage_charge", D("5.00")), ("usage_charge", D("25.00")),
+    ]  # fmt: skip
+    assert invoice.usage.credits_used == D(11400) and invoice.usage.overage_credits == D(3000)
+    assert invoice.total == D("330.00") == doc_total("**hooli** in November")
+
+
+def test_volume_flat_fee_is_that_of_the_tier_reached() -> None:
+    from meterstream.pricing.charges import volume
+
+    tiers = [{"up_to": "1000", "unit_price": "0.02", "flat_fee": "10"}, {"up_to": None, "unit_price": "0.01", "flat_fee": "25"}]
+    assert volume(D(1500), tiers).amount == D(1500) * D("0.01") + D(25)
+    assert volume(D(0), tiers).amount == D(0)
