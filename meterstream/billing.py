@@ -106,8 +106,9 @@ def invoice_series(
             balances = record.closing_grant_balances()
             invoices.append(record)
             continue
+        previous = invoices[-1] if invoices else (issued(previous_period(month)) if issued is not None else None)
         invoice = compute_invoice(
-            customer_id, month, usage_for(month), catalog, as_of=as_of, grant_balances=balances
+            customer_id, month, usage_for(month), catalog, as_of=as_of, grant_balances=balances, previous=previous
         )
         balances = invoice.closing_grant_balances()
         invoices.append(invoice)
@@ -233,9 +234,10 @@ def invoice_from_store(
     if not adjustments:
         return series[-1]
     balances = series[-2].closing_grant_balances() if len(series) > 1 else None
+    previous = series[-2] if len(series) > 1 else issued_for(previous_period(period))
     return compute_invoice(
         customer_id, period, usage_for(period), catalog, as_of=as_of, grant_balances=balances,
-        adjustments=adjustments,
+        adjustments=adjustments, previous=previous,
     )  # fmt: skip
 
 

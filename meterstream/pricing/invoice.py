@@ -9,7 +9,14 @@
    were already computed per event with the version in effect when each event
    occurred; outcome prices likewise come from the version that rated the
    outcome (``OutcomeCount.plan_version``), or the period's version if unknown.
-2. **Base fee** (``base_fee``): the version's flat fee.
+2. **Base fee** (``base_fee``): the version's flat fee, prorated by the day for a
+   part of the period (start, change, cancellation). In arrears (default) it is
+   billed on the period's own invoice. With ``base_fee_timing: in_advance`` the
+   invoice of a period bills the *next* period's fee (``base_fee_advance``, as the
+   catalog knows it at that time); the first period of a subscription also bills
+   its own fee; and when a period's fee turns out different from what was billed
+   in advance for it (a cancellation or change entered later), its invoice carries
+   the difference (``base_fee_adjustment``, possibly negative: a credit note).
 3. **Included usage** (``included_usage``): credits up to ``included_credits``
    are covered by the base fee; the line shows how many were used, at 0.
 4. **Overage** (``overage``): credits above the allowance are charged with the
@@ -105,6 +112,8 @@ HUNDRED = Decimal(100)
 
 LineKind = Literal[
     "base_fee",
+    "base_fee_advance",
+    "base_fee_adjustment",
     "included_usage",
     "overage",
     "usage_charge",
@@ -399,6 +408,73 @@ def _draw_grants(
     return [draws[i] for i in order]
 
 
+def _base_fee_line(kind: LineKind, label: str, segment: Segment, period_days: int, currency: str) -> InvoiceLine:
+    """A base fee for a segment, prorated by its days (the one proration rule)."""
+    fee = segment.version.base_fee
+    whole = segment.days == period_days
+    part = "" if whole else f", {segment.start.date()} to {(segment.end - timedelta(days=1)).date()} ({segment.days}/{period_days} days)"
+    fraction = Decimal(segment.days) / Decimal(period_days)
+    return InvoiceLine(
+        kind=kind,
+        description=f"{label}{part}",
+        quantity=Decimal(1) if whole else fraction,
+        unit_price=fee,
+        amount=round_money(fee * fraction, currency),
+    )
+
+
+def _in_advance_lines(
+    catalog: Catalog,
+    customer_id: str,
+    period: str,
+    segments: Sequence[Segment],
+    previous: Invoice | None,
+    currency: str,
+) -> list[InvoiceLine]:
+    """Base fees billed in advance (``base_fee_timing: in_advance``; module docstring, rule 2)."""
+    lines: list[InvoiceLine] = []
+    start, end = period_bounds(period)
+    days = (end - start).days
+    own = [
+        _base_fee_line("base_fee", f"Base fee, {period}", seg, days, currency)
+        for seg in segments
+        if seg.version.base_fee and seg.version.base_fee_timing == "in_advance"
+    ]
+    earlier = f"{(start - timedelta(days=1)):%Y-%m}"
+    try:
+        first_period = not catalog.segments(customer_id, earlier)
+    except PlanError:
+        first_period = True
+    if first_period:
+        lines += [line.model_copy(update={"description": line.description + " (first period)"}) for line in own]
+    elif own or previous is not None:
+        actual = _sum(own)
+        billed = (
+            _sum(line for line in previous.lines if line.kind == "base_fee_advance") if previous is not None else actual
+        )
+        if actual != billed:
+            lines.append(
+                InvoiceLine(
+                    kind="base_fee_adjustment",
+                    description=f"Base fee adjustment, {period}: {_money(actual)} due, {_money(billed)} billed in advance",
+                    amount=actual - billed,
+                )
+            )
+    upcoming = f"{end:%Y-%m}"
+    next_start, next_end = period_bounds(upcoming)
+    next_days = (next_end - next_start).days
+    try:
+        next_segments = catalog.segments(customer_id, upcoming)
+    except PlanError:
+        next_segments = ()
+    lines += [
+        _base_fee_line("base_fee_advance", f"Base fee in advance, {upcoming}", seg, next_days, currency)
+        for seg in next_segments
+        if seg.version.base_fee and seg.version.base_fee_timing == "in_advance"
+    ]
+    return lines
+
+
 def _split_usage(
     usage: PeriodUsage, segments: Sequence[Segment]
 ) -> list[tuple[Decimal, Decimal, tuple[MeterSubtotal, ...]]]:
@@ -594,12 +670,16 @@ def compute_invoice(
     grant_balances: Mapping[str, Decimal] | None = None,
     adjustments: Sequence[InvoiceLine] = (),
     refused: Sequence[RefusedEvent] = (),
+    previous: Invoice | None = None,
 ) -> Invoice:
     """The invoice for ``customer_id`` in ``period`` ("YYYY-MM", UTC), by the rules in the module docstring.
 
     ``adjustments`` are flagged lines for late usage of periods already closed
     (see :func:`late_adjustment`); they are added after the commitment true-up,
     neither discounted nor counted toward the commitment again.
+
+    ``previous`` is the customer's invoice for the period before (issued or computed): the
+    base fee it billed in advance for this period is what this one adjusts (rule 2).
 
     ``as_of`` (default: now) decides the status: "final" once the period has
     ended, else "preview". ``grant_balances`` are the grants' remaining credits
@@ -640,16 +720,8 @@ def compute_invoice(
         part = "" if whole else f", {segment.start.date()} to {(segment.end - timedelta(days=1)).date()}"
         prorated = "" if whole else f" ({segment.days}/{period_days} days)"
         seg_lines: list[InvoiceLine] = []
-        if version.base_fee:
-            seg_lines.append(
-                InvoiceLine(
-                    kind="base_fee",
-                    description=f"Base fee, {period}{part}{prorated}",
-                    quantity=fraction if not whole else Decimal(1),
-                    unit_price=version.base_fee,
-                    amount=round_money(version.base_fee * fraction, currency),
-                )
-            )
+        if version.base_fee and version.base_fee_timing == "in_arrears":
+            seg_lines.append(_base_fee_line("base_fee", f"Base fee, {period}", segment, period_days, currency))
         credits, seats, meters = credits_of[index]
         charged = {charge.meter for charge in version.charges}
         # A meter with its own charge is billed by it, not from the credits pool.
@@ -716,6 +788,7 @@ def compute_invoice(
                 )
             )
         lines += seg_lines
+    lines += _in_advance_lines(catalog, customer_id, period, segments, previous, currency)
     subtotal = _sum(line for line in lines if line.kind not in ("discount", "commitment_true_up"))
     draws = _merge_draws(all_draws)
     last = segments[-1] if segments else None
@@ -725,7 +798,10 @@ def compute_invoice(
     total = _sum(lines)
     credit_note = None
     if total < 0:
-        credited = [line for line in lines if line.amount < 0 and line.kind in ("outcomes", "late_adjustment")]
+        credited = [
+            line for line in lines
+            if line.amount < 0 and line.kind in ("outcomes", "late_adjustment", "base_fee_adjustment")
+        ]  # fmt: skip
         credit_note = CreditNote(
             amount=total,
             reason="credits exceed this period's charges: "

@@ -212,6 +212,8 @@ class PlanVersion(_Strict):
     #: Resolved at load time; its ``version`` is this plan version's string.
     price_book: PriceBook = Field(default="default", validate_default=True)
     base_fee: Price = ZERO
+    #: When the base fee is billed: on the period's own invoice, or on the one before (invoice.py, rule 2).
+    base_fee_timing: Literal["in_arrears", "in_advance"] = "in_arrears"
     included_credits: Price = ZERO
     #: Charge model for credits above the included allowance (tiers count overage credits).
     overage: ChargeModel

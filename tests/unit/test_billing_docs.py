@@ -28,7 +28,7 @@ def doc_catalog() -> Catalog:
 def doc_total(after_heading: str) -> Decimal:
     """The bold total of the first table after ``after_heading`` in the page."""
     text = DOC[DOC.index(after_heading):]
-    match = re.search(r"\| \*\*total\*\* \| \| \*\*([\d,.]+)\*\* \|", text)
+    match = re.search(r"\| \*\*total\*\*[^|]*\| \| \*\*(-?[\d,.]+)\*\* \|", text)
     assert match is not None
     return D(match.group(1).replace(",", ""))
 
@@ -116,3 +116,24 @@ def test_volume_flat_fee_is_that_of_the_tier_reached() -> None:
     tiers = [{"up_to": "1000", "unit_price": "0.02", "flat_fee": "10"}, {"up_to": None, "unit_price": "0.01", "flat_fee": "25"}]
     assert volume(D(1500), tiers).amount == D(1500) * D("0.01") + D(25)
     assert volume(D(0), tiers).amount == D(0)
+
+
+def test_base_fee_in_advance_with_a_later_cancellation() -> None:
+    blocks = re.findall(r"```yaml\n(.*?)```", DOC, re.S)
+    data = yaml.load(blocks[2], Loader=yaml.BaseLoader)
+    catalog = parse_catalog(data, source="docs/billing.md")
+    november = compute_invoice("umbrella", "2026-11", PeriodUsage(), catalog, as_of=AFTER)
+    assert [(line.kind, line.amount) for line in november.lines] == [
+        ("base_fee", D("100.00")), ("base_fee_advance", D("300.00")),
+    ]  # fmt: skip
+    assert november.total == D("400.00") == doc_total("**umbrella, November 2026**")
+    # Without a change December only bills January in advance.
+    december = compute_invoice("umbrella", "2026-12", PeriodUsage(), catalog, as_of=AFTER, previous=november)
+    assert [(line.kind, line.amount) for line in december.lines] == [("base_fee_advance", D("300.00"))]
+
+    data["customers"]["umbrella"]["cancelled_from"] = "2026-12-11"
+    cancelled = parse_catalog(data)
+    december = compute_invoice("umbrella", "2026-12", PeriodUsage(), cancelled, as_of=AFTER, previous=november)
+    assert [(line.kind, line.amount) for line in december.lines] == [("base_fee_adjustment", D("-203.23"))]
+    assert december.total == D("-203.23") == doc_total("**umbrella, December 2026**")
+    assert december.credit_note is not None and "Base fee adjustment" in december.credit_note.reason
