@@ -263,7 +263,9 @@ def invoices_to_issue(
     closed once its late grace has passed (usage arriving later is billed on the open
     period's invoice as a flagged late adjustment).
     """
-    _, end = period_bounds(period)
+    # Anniversary periods end later than the month they are named by: the latest end decides.
+    ends = [period_bounds(period)[1]] + [catalog.billing_bounds(c, period)[1] for c in catalog.customers]
+    end = max(ends)
     if now < end + late_grace:
         raise InvoiceError(f"{period} closes at {(end + late_grace).isoformat()} (its end plus the late grace)")
     if customers is None:

@@ -384,6 +384,7 @@ def _draw_grants(
     overage: Decimal,
     balances: Mapping[str, Decimal] | None,
     since: date | None = None,
+    end: datetime | None = None,
 ) -> list[GrantDraw]:
     """Draw grants against the overage credits in the documented order; report every grant."""
     order = sorted(range(len(grants)), key=lambda i: (*_draw_order(grants[i]), i))
@@ -393,7 +394,7 @@ def _draw_grants(
         grant = grants[index]
         opening = grant.credits if balances is None else balances.get(grant.id, grant.credits)
         opening = max(opening, ZERO)
-        usable = grant.usable_for(period, since)
+        usable = grant.usable_for(period, since, end)
         drawn = min(opening, needed) if usable else ZERO
         needed -= drawn
         draws[index] = GrantDraw(
@@ -433,14 +434,15 @@ def _in_advance_lines(
 ) -> list[InvoiceLine]:
     """Base fees billed in advance (``base_fee_timing: in_advance``; module docstring, rule 2)."""
     lines: list[InvoiceLine] = []
-    start, end = period_bounds(period)
+    start, end = catalog.billing_bounds(customer_id, period)
     days = (end - start).days
     own = [
         _base_fee_line("base_fee", f"Base fee, {period}", seg, days, currency)
         for seg in segments
         if seg.version.base_fee and seg.version.base_fee_timing == "in_advance"
     ]
-    earlier = f"{(start - timedelta(days=1)):%Y-%m}"
+    label_start = period_bounds(period)[0]
+    earlier = f"{(label_start - timedelta(days=1)):%Y-%m}"
     try:
         first_period = not catalog.segments(customer_id, earlier)
     except PlanError:
@@ -460,8 +462,8 @@ def _in_advance_lines(
                     amount=actual - billed,
                 )
             )
-    upcoming = f"{end:%Y-%m}"
-    next_start, next_end = period_bounds(upcoming)
+    upcoming = f"{period_bounds(period)[1]:%Y-%m}"
+    next_start, next_end = catalog.billing_bounds(customer_id, upcoming)
     next_days = (next_end - next_start).days
     try:
         next_segments = catalog.segments(customer_id, upcoming)
@@ -686,7 +688,7 @@ def compute_invoice(
     at the start of the period (the previous invoice's
     :meth:`Invoice.closing_grant_balances`); ``None`` means every grant is whole.
     """
-    start, end = period_bounds(period)
+    start, end = catalog.billing_bounds(customer_id, period)
     if usage.customer_id is not None and usage.customer_id != customer_id:
         raise InvoiceError(f"usage is for customer {usage.customer_id!r}, not {customer_id!r}")
     if usage.period is not None and usage.period != period:
@@ -745,7 +747,7 @@ def compute_invoice(
             )
         overage_lines = _overage_lines(version.overage, overage, currency)
         seg_lines += overage_lines
-        draws = _draw_grants(customer.grants, period, overage, balances, since)
+        draws = _draw_grants(customer.grants, period, overage, balances, since, end)
         balances = {d.grant_id: d.closing_credits for d in draws}
         all_draws.append(draws)
         seg_lines += _credit_lines(overage_lines, overage, draws, currency)

@@ -118,6 +118,23 @@ def period_bounds(period: str) -> tuple[datetime, datetime]:
     return start, end
 
 
+def anniversary_bounds(anchor_day: int, period: str) -> tuple[datetime, datetime]:
+    """The billing period labelled ``period`` for a subscription anchored on ``anchor_day``.
+
+    It starts in the month ``period`` names, on the anchor day (the month's last day when
+    it is shorter: anchored on the 31st, February's period starts on the 28th or 29th),
+    and ends where the next one starts. ``anniversary_bounds(15, "2026-11")`` is
+    2026-11-15 to 2026-12-15.
+    """
+    start, following = period_bounds(period)
+    next_end = period_bounds(f"{following:%Y-%m}")[1]
+
+    def on_anchor(month_start: datetime, month_end: datetime) -> datetime:
+        return month_start.replace(day=min(anchor_day, (month_end - timedelta(days=1)).day))
+
+    return on_anchor(start, following), on_anchor(following, next_end)
+
+
 def _midnight(day: date) -> datetime:
     return datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
 
@@ -154,7 +171,7 @@ class CreditGrant(_Strict):
             raise _error("expires {expires} is before granted_on", ("expires",), expires=str(self.expires))
         return self
 
-    def usable_for(self, period: str, since: date | None = None) -> bool:
+    def usable_for(self, period: str, since: date | None = None, end: datetime | None = None) -> bool:
         """Usable in a period if granted by its last day and not expired before its end.
 
         Invoices are computed from period aggregates, which do not say when in
@@ -163,7 +180,7 @@ class CreditGrant(_Strict):
         customer's assignment (``since``: its ``effective_from``), so it is never
         spent on periods billed before the customer had it.
         """
-        _, end = period_bounds(period)
+        end = end or period_bounds(period)[1]
         last_day = (end - timedelta(days=1)).date()
         granted_on = self.granted_on or since
         started = granted_on is None or granted_on <= last_day
@@ -385,6 +402,8 @@ class CustomerPlan(_Strict):
     cancelled_from: Annotated[date | None, BeforeValidator(null_to_none)] = None
     change_rule: ChangeRule = ChangeRule.NEXT_PERIOD
     changes: tuple[AssignmentChange, ...] = ()
+    #: ``calendar`` months (UTC), or ``anniversary`` periods anchored on ``effective_from``'s day.
+    billing_anchor: Literal["calendar", "anniversary"] = "calendar"
 
     def terms_at(self, day: date) -> tuple[str, Decimal]:
         """(plan, discount) in effect on ``day``."""
@@ -405,7 +424,23 @@ class CustomerPlan(_Strict):
             previous = change.effective_from
         if self.cancelled_from and self.effective_from and self.cancelled_from <= self.effective_from:
             raise _error("cancelled_from must be after effective_from", ("cancelled_from",))
+        if self.billing_anchor == "anniversary" and self.effective_from is None:
+            raise _error("anniversary billing needs effective_from (the anchor date)", ("billing_anchor",))
         return self
+
+    def billing_bounds(self, period: str) -> tuple[datetime, datetime]:
+        """[start, end) of the billing period labelled ``period`` (the month it starts in)."""
+        if self.billing_anchor == "anniversary" and self.effective_from is not None:
+            return anniversary_bounds(self.effective_from.day, period)
+        return period_bounds(period)
+
+    def billing_period(self, at: datetime) -> str:
+        """The label of the billing period ``at`` falls in."""
+        label = f"{_utc_date(at):%Y-%m}"
+        if self.billing_anchor == "anniversary" and at < self.billing_bounds(label)[0]:
+            start = period_bounds(label)[0]
+            label = f"{start - timedelta(days=1):%Y-%m}"
+        return label
 
     @field_validator("grants", mode="before")
     @classmethod
@@ -516,7 +551,7 @@ class Catalog(_Strict):
 
     def _compute_segments(self, customer_id: str, period: str) -> tuple[Segment, ...]:
         assignment = self.customer(customer_id)
-        start, end = period_bounds(period)
+        start, end = assignment.billing_bounds(period)
         if assignment.effective_from is not None:
             start = max(start, _midnight(assignment.effective_from))
         if assignment.cancelled_from is not None:
@@ -555,7 +590,7 @@ class Catalog(_Strict):
 
     def version_for(self, customer_id: str, at: datetime) -> PlanVersion:
         """The plan version that rates an event at ``at``: that of the part of its period it falls in."""
-        period = f"{_utc_date(at):%Y-%m}"
+        period = self.customer(customer_id).billing_period(at)
         at = at.astimezone(timezone.utc)
         for segment in self.segments(customer_id, period):
             if segment.start <= at < segment.end:
@@ -597,7 +632,16 @@ class Catalog(_Strict):
 
     def rate(self, event: UsageEvent | OutcomeEvent) -> RatedUsage:
         """Rate an event with the rate card in effect for its customer when it occurred."""
-        return rate_event(event, self.price_book_for(event.customer_id, event.occurred_at))
+        rated = rate_event(event, self.price_book_for(event.customer_id, event.occurred_at))
+        customer = self.customers.get(event.customer_id)
+        if customer is not None and customer.billing_anchor == "anniversary":
+            # Rated rows (and the store) are keyed by billing period, labelled by the month it starts in.
+            rated = rated.model_copy(update={"period": customer.billing_period(event.occurred_at)})
+        return rated
+
+    def billing_bounds(self, customer_id: str, period: str) -> tuple[datetime, datetime]:
+        """[start, end) of the customer's billing period ``period`` (calendar month or anniversary)."""
+        return self.customer(customer_id).billing_bounds(period)
 
 
 def format_location(loc: Sequence[str | int]) -> str:

@@ -27,7 +27,7 @@ from meterstream.budgets import (
     run_decision,
     thresholds_to_alert,
 )
-from meterstream.pricing.plans import Catalog, PlanError, period_bounds
+from meterstream.pricing.plans import Catalog, PlanError
 from meterstream.pricing.rating import RatingError
 from meterstream.pricing.reversals import ReversalRefused, is_reversal, reverse_billed_outcome
 from meterstream.schemas.events import OutcomeEvent, UsageEvent
@@ -271,8 +271,10 @@ class BatchProcessor:
             except (RatingError, PlanError) as exc:
                 result.dead_letters.append(self._dead_letter(message, str(exc), now))
                 continue
-            if self._closed(rated.period, now):
-                rated = rated.model_copy(update={"billed_in": now.strftime("%Y-%m")})
+            if self._closed(rated.customer_id, rated.period, now):
+                # Billed on the customer's open period (an anniversary period may not match the month).
+                billed_in = self.catalog.customer(rated.customer_id).billing_period(now)
+                rated = rated.model_copy(update={"billed_in": billed_in})
             if rated.kind == "outcome":
                 if isinstance(decoded, OutcomeEvent) and decoded.reversal_of:
                     # Matched to a billed outcome, once, at its price; else refused and kept.
@@ -382,9 +384,9 @@ class BatchProcessor:
             self._spikes(result, history, now)
         return result
 
-    def _closed(self, period: str, now: datetime) -> bool:
-        """Whether ``period`` has ended and its grace has passed (its invoice is closed)."""
-        return now >= period_bounds(period)[1] + self.late_grace
+    def _closed(self, customer_id: str, period: str, now: datetime) -> bool:
+        """Whether the customer's ``period`` has ended and its grace has passed (its invoice is closed)."""
+        return now >= self.catalog.billing_bounds(customer_id, period)[1] + self.late_grace
 
     @staticmethod
     def _velocity(history: SpendHistory, customer_id: str, now: datetime) -> Decimal:

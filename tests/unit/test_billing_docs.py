@@ -137,3 +137,47 @@ def test_base_fee_in_advance_with_a_later_cancellation() -> None:
     assert [(line.kind, line.amount) for line in december.lines] == [("base_fee_adjustment", D("-203.23"))]
     assert december.total == D("-203.23") == doc_total("**umbrella, December 2026**")
     assert december.credit_note is not None and "Base fee adjustment" in december.credit_note.reason
+
+
+def test_anniversary_periods() -> None:
+    from meterstream.pricing.plans import anniversary_bounds
+
+    blocks = re.findall(r"```yaml\n(.*?)```", DOC, re.S)
+    catalog = parse_catalog(yaml.load(blocks[3], Loader=yaml.BaseLoader), source="docs/billing.md")
+
+    def requests(event_id: str, day: datetime, quantity: int) -> UsageEvent:
+        return UsageEvent(event_id=event_id, customer_id="wayne", occurred_at=day, meter="requests", quantity=quantity)
+
+    rated = [catalog.rate(requests("a", datetime(2025, 11, 20, tzinfo=timezone.utc), 7000)),
+             catalog.rate(requests("b", datetime(2025, 12, 10, tzinfo=timezone.utc), 5000)),
+             catalog.rate(requests("c", datetime(2025, 11, 10, tzinfo=timezone.utc), 1))]  # fmt: skip
+    assert [r.period for r in rated] == ["2025-11", "2025-11", "2025-10"]
+    october, november = invoices_from_rated(catalog, rated, as_of=AFTER)
+    assert (november.period_start, november.period_end) == (
+        datetime(2025, 11, 15, tzinfo=timezone.utc), datetime(2025, 12, 15, tzinfo=timezone.utc)
+    )
+    assert november.total == D("340.00") == doc_total("**wayne, period 2025-11**")
+    assert october.total == D("300.00")  # 15 October to 14 November, a whole period from the anchor
+    # Anchored on the 31st: February's period starts on its last day.
+    assert anniversary_bounds(31, "2027-02") == (
+        datetime(2027, 2, 28, tzinfo=timezone.utc), datetime(2027, 3, 31, tzinfo=timezone.utc)
+    )
+    assert anniversary_bounds(31, "2027-01")[1] == datetime(2027, 2, 28, tzinfo=timezone.utc)
+
+
+def test_the_worker_closes_an_anniversary_period_at_its_own_end() -> None:
+    from meterstream.budgets import BudgetBook
+    from meterstream.stream_processors.processing import BatchProcessor, InboundMessage, MonthToDate
+
+    blocks = re.findall(r"```yaml\n(.*?)```", DOC, re.S)
+    catalog = parse_catalog(yaml.load(blocks[3], Loader=yaml.BaseLoader), source="docs/billing.md")
+    event = UsageEvent(event_id="x", customer_id="wayne", occurred_at=datetime(2025, 12, 10, tzinfo=timezone.utc),
+                       meter="requests", quantity=5)  # fmt: skip
+    message = InboundMessage("usage", event.model_dump_json().encode(), "usage.events", 0, 0)
+    processor = BatchProcessor(catalog, BudgetBook())
+    # 16 December: the calendar month 2025-11 closed on 4 December, wayne's period 2025-11 is still open.
+    (row,) = processor.process([message], lambda key: MonthToDate(), now=datetime(2025, 12, 16, tzinfo=timezone.utc)).rated
+    assert (row.period, row.billed_in) == ("2025-11", "")
+    processor = BatchProcessor(catalog, BudgetBook())
+    (row,) = processor.process([message], lambda key: MonthToDate(), now=datetime(2025, 12, 19, tzinfo=timezone.utc)).rated
+    assert (row.period, row.billed_in) == ("2025-11", "2025-12")
