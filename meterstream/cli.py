@@ -341,9 +341,10 @@ def close_period(
     --customer), skipping those already issued. Refused until the period's late grace has passed.
     Issued invoices never change: `invoice` returns them as stored.
     """
-    from datetime import timedelta, timezone
+    from datetime import timedelta
 
     from meterstream.billing import invoices_to_issue
+    from meterstream.clock import utc_now
     from meterstream.storage.clickhouse import StoreError, open_store
     from meterstream.storage.issued import store_issued_invoice
     from meterstream.storage.owner import current_owner
@@ -364,7 +365,7 @@ def close_period(
 
             with pricing_errors():
                 invoices = invoices_to_issue(
-                    run, catalog, period, now=datetime.now(timezone.utc),
+                    run, catalog, period, now=utc_now(),
                     late_grace=timedelta(seconds=settings.worker.late_grace_seconds),
                     customers=[customer] if customer else None,
                 )  # fmt: skip
