@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -33,10 +33,15 @@ from meterstream.pricing.invoice import (
     MeterSubtotal,
     OutcomeCount,
     PeriodUsage,
+    RefusedEvent,
+    VersionUsage,
     compute_invoice,
+    issue,
     late_adjustment,
 )
-from meterstream.pricing.plans import Catalog
+from meterstream.pricing.invoice import InvoiceError
+from meterstream.pricing.plans import Catalog, period_bounds
+from meterstream.pricing.reversals import RefusedReversal, match_reversals
 from meterstream.schemas.events import Attribution, OutcomeEvent, UsageEvent
 from meterstream.schemas.records import RatedUsage
 from meterstream.stream_processors.decode import describe_validation_error
@@ -82,13 +87,28 @@ def invoice_series(
     *,
     first_usage: str | None = None,
     as_of: datetime | None = None,
+    since: str | None = None,
+    issued: Callable[[str], Invoice | None] | None = None,
 ) -> list[Invoice]:
-    """Invoices from where the customer's grant balances start up to ``period``, carried forward."""
+    """Invoices from where the customer's grant balances start (or ``since``, if earlier) up to ``period``.
+
+    A period with an ``issued`` invoice is that record, not a recomputation, and its
+    closing grant balances are the ones carried forward.
+    """
     invoices: list[Invoice] = []
     balances: dict[str, Decimal] | None = None
-    for month in periods_between(first_billed_period(catalog, customer_id, period, first_usage), period):
+    start = first_billed_period(catalog, customer_id, period, first_usage)
+    if since is not None:
+        start = min(start, since)
+    for month in periods_between(start, period):
+        record = issued(month) if issued is not None else None
+        if record is not None:
+            balances = record.closing_grant_balances()
+            invoices.append(record)
+            continue
+        previous = invoices[-1] if invoices else (issued(previous_period(month)) if issued is not None else None)
         invoice = compute_invoice(
-            customer_id, month, usage_for(month), catalog, as_of=as_of, grant_balances=balances
+            customer_id, month, usage_for(month), catalog, as_of=as_of, grant_balances=balances, previous=previous
         )
         balances = invoice.closing_grant_balances()
         invoices.append(invoice)
@@ -103,6 +123,8 @@ def period_usage_from_aggregates(customer_id: str, period: str, rows: Iterable[d
     credits = cost = seats = ZERO
     outcomes: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])
     by_meter: list[MeterSubtotal] = []
+    versions: dict[str, list[Decimal]] = defaultdict(lambda: [ZERO, ZERO])
+    version_meters: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         cost += row["cost_to_serve"]
         if row["kind"] == "outcome":
@@ -111,12 +133,16 @@ def period_usage_from_aggregates(customer_id: str, period: str, rows: Iterable[d
             ] += int(row["events"])
             continue
         credits += row["credits"]
+        per_version = versions[row["plan_version"]]
+        per_version[0] += row["credits"]
+        version_meters[(row["plan_version"], row["meter"], row["model"])].append(row)
         if row["meter"] == "seats":
             seats = max(seats, row["max_quantity"])
+            per_version[1] = max(per_version[1], row["max_quantity"])
         by_meter.append(
             MeterSubtotal(
                 meter=row["meter"], model=row["model"], events=int(row["events"]),
-                credits=row["credits"], cost_to_serve=row["cost_to_serve"],
+                credits=row["credits"], cost_to_serve=row["cost_to_serve"], max_quantity=row["max_quantity"],
             )  # fmt: skip
         )
     merged: dict[tuple[str, str], MeterSubtotal] = {}
@@ -127,6 +153,7 @@ def period_usage_from_aggregates(customer_id: str, period: str, rows: Iterable[d
             sub = MeterSubtotal(
                 meter=sub.meter, model=sub.model, events=prev.events + sub.events,
                 credits=prev.credits + sub.credits, cost_to_serve=prev.cost_to_serve + sub.cost_to_serve,
+                max_quantity=max(prev.max_quantity, sub.max_quantity),
             )  # fmt: skip
         merged[key] = sub
     return PeriodUsage(
@@ -140,6 +167,22 @@ def period_usage_from_aggregates(customer_id: str, period: str, rows: Iterable[d
             for (t, a, v), (n, r) in sorted(outcomes.items())
         ),
         by_meter=tuple(merged[k] for k in sorted(merged)),
+        by_version=tuple(
+            VersionUsage(
+                plan_version=v, credits=c, active_seats=n,
+                by_meter=tuple(
+                    MeterSubtotal(
+                        meter=m, model=model, events=sum(int(r["events"]) for r in group),
+                        credits=sum((r["credits"] for r in group), ZERO),
+                        cost_to_serve=sum((r["cost_to_serve"] for r in group), ZERO),
+                        max_quantity=max(r["max_quantity"] for r in group),
+                    )
+                    for (vv, m, model), group in sorted(version_meters.items())
+                    if vv == v
+                ),
+            )  # fmt: skip
+            for v, (c, n) in sorted(versions.items())
+        ),
     )
 
 
@@ -171,6 +214,9 @@ def invoice_from_store(
     still come from the store): the dispute audit recomputes the invoice from the rows
     it exported to show they add up to the same lines.
     """
+    record = issued_invoice(run_query, customer_id, period)
+    if record is not None and period_usage is None:
+        return record  # issued: exactly what was billed, whatever changed since
     periods = [row["period"] for row in run_query("customer_periods", customer=customer_id).dicts()]
     first_usage = periods[0] if periods else None
     stored_usage_for = store_usage_for(run_query, customer_id)
@@ -178,15 +224,62 @@ def invoice_from_store(
     def usage_for(month: str) -> PeriodUsage:
         return period_usage if period_usage is not None and month == period else stored_usage_for(month)
 
+    def issued_for(month: str) -> Invoice | None:
+        return issued_invoice(run_query, customer_id, month) if month != period else None
+
     adjustments = late_adjustments(run_query, catalog, customer_id, period, first_usage=first_usage, as_of=as_of)
-    series = invoice_series(catalog, customer_id, period, usage_for, first_usage=first_usage, as_of=as_of)
+    series = invoice_series(
+        catalog, customer_id, period, usage_for, first_usage=first_usage, as_of=as_of, issued=issued_for
+    )
     if not adjustments:
         return series[-1]
     balances = series[-2].closing_grant_balances() if len(series) > 1 else None
+    previous = series[-2] if len(series) > 1 else issued_for(previous_period(period))
     return compute_invoice(
         customer_id, period, usage_for(period), catalog, as_of=as_of, grant_balances=balances,
-        adjustments=adjustments,
+        adjustments=adjustments, previous=previous,
     )  # fmt: skip
+
+
+def issued_invoice(run_query: QueryRunner, customer_id: str, period: str) -> Invoice | None:
+    """The invoice issued for the customer's period (sql/008), exactly as stored, or None."""
+    rows = run_query("issued_invoice", customer=customer_id, period=period).dicts()
+    return Invoice.model_validate_json(rows[0]["invoice_json"]) if rows else None
+
+
+def invoices_to_issue(
+    run_query: QueryRunner,
+    catalog: Catalog,
+    period: str,
+    *,
+    now: datetime,
+    late_grace: timedelta,
+    customers: Iterable[str] | None = None,
+) -> list[Invoice]:
+    """Close ``period``: the invoices to store, one per customer not yet issued, stamped as issued.
+
+    The customers are those with rated usage in the period and those the catalog bills for
+    it (a subscription with fees and no usage), or only ``customers``. A period can be
+    closed once its late grace has passed (usage arriving later is billed on the open
+    period's invoice as a flagged late adjustment).
+    """
+    # Anniversary periods end later than the month they are named by: the latest end decides.
+    ends = [period_bounds(period)[1]] + [catalog.billing_bounds(c, period)[1] for c in catalog.customers]
+    end = max(ends)
+    if now < end + late_grace:
+        raise InvoiceError(f"{period} closes at {(end + late_grace).isoformat()} (its end plus the late grace)")
+    if customers is None:
+        found = {row["customer_id"] for row in run_query("period_customers", period=period).dicts()}
+        for customer_id in catalog.customers:
+            if catalog.segments(customer_id, period):
+                found.add(customer_id)
+        customers = found
+    done = {row["customer_id"] for row in run_query("issued_customers", period=period).dicts()}
+    out = []
+    for customer_id in sorted(set(customers) - done):
+        invoice = invoice_from_store(run_query, catalog, customer_id, period, as_of=now)
+        out.append(issue(invoice, catalog, invoice_number=f"INV-{period}-{customer_id}", issued_at=now))
+    return out
 
 
 def late_adjustments(
@@ -258,9 +351,21 @@ def read_events(path: Path) -> tuple[list[UsageEvent | OutcomeEvent], list[BadLi
     return events, bad
 
 
-def rate_events(catalog: Catalog, events: Iterable[UsageEvent | OutcomeEvent]) -> tuple[list[RatedUsage], list[str]]:
-    """Rate events offline; duplicates (same customer and ``event_id``) count once, as in the stream."""
-    rated: list[RatedUsage] = []
+def rate_events(
+    catalog: Catalog,
+    events: Iterable[UsageEvent | OutcomeEvent],
+    *,
+    earlier: Iterable[UsageEvent | OutcomeEvent] = (),
+    refused: list[RefusedReversal] | None = None,
+) -> tuple[list[RatedUsage], list[str]]:
+    """Rate events offline; duplicates (same customer and ``event_id``) count once, as in the stream.
+
+    Reversals are matched to their outcomes by :func:`~meterstream.pricing.reversals.match_reversals`
+    (whatever the order of ``events``); ``earlier`` are events of earlier periods, rated only so
+    that a reversal of one of their outcomes finds it. A refused reversal is appended to
+    ``refused`` if given, else reported in the errors like an event that cannot be priced.
+    """
+    pairs: list[tuple[UsageEvent | OutcomeEvent, RatedUsage]] = []
     errors: list[str] = []
     seen: set[tuple[str, str]] = set()
     for event in events:
@@ -269,19 +374,44 @@ def rate_events(catalog: Catalog, events: Iterable[UsageEvent | OutcomeEvent]) -
             continue
         seen.add(key)
         try:
-            rated.append(catalog.rate(event))
+            pairs.append((event, catalog.rate(event)))
         except ValueError as exc:  # RatingError, PlanError: the stream would dead-letter it
             errors.append(f"{event.event_id}: {exc}")
+    billed: dict[tuple[str, str], RatedUsage] = {}
+    for event in earlier:
+        if isinstance(event, OutcomeEvent) and not event.reversal_of and (event.customer_id, event.event_id) not in seen:
+            try:
+                billed[(event.customer_id, event.event_id)] = catalog.rate(event)
+            except ValueError:
+                continue
+    rated, refusals = match_reversals(pairs, billed)
+    if refused is not None:
+        refused.extend(refusals)
+    else:
+        errors += [f"{r.event_id}: refused reversal: {r.reason}" for r in refusals]
     return rated, errors
 
 
 def invoices_from_rated(
-    catalog: Catalog, rated: Iterable[RatedUsage], *, period: str | None = None, as_of: datetime | None = None
+    catalog: Catalog,
+    rated: Iterable[RatedUsage],
+    *,
+    period: str | None = None,
+    as_of: datetime | None = None,
+    refused: Iterable[RefusedReversal] = (),
 ) -> list[Invoice]:
-    """One invoice per customer and period present (or only ``period``), balances carried forward."""
+    """One invoice per customer and period present (or only ``period``), balances carried forward.
+
+    ``refused`` reversals are listed on the invoice of their customer and period (a period
+    with only refused events still gets one).
+    """
     rows: dict[tuple[str, str], list[RatedUsage]] = defaultdict(list)
     for row in rated:
         rows[(row.customer_id, row.period)].append(row)
+    notes: dict[tuple[str, str], list[RefusedEvent]] = defaultdict(list)
+    for r in refused:
+        notes[(r.customer_id, r.period)].append(RefusedEvent(event_id=r.event_id, reason=r.reason))
+        rows.setdefault((r.customer_id, r.period), [])
     customers = sorted({c for c, _ in rows})
     invoices: list[Invoice] = []
     for customer in customers:
@@ -294,9 +424,15 @@ def invoices_from_rated(
             got = rows.get((customer, month))
             return PeriodUsage.from_rated(got) if got else PeriodUsage(customer_id=customer, period=month)
 
-        series = invoice_series(catalog, customer, last, usage_for, first_usage=periods[0], as_of=as_of)
+        # Without --period every period present is wanted, so the series starts at the first.
+        since = None if period is not None else periods[0]
+        series = invoice_series(catalog, customer, last, usage_for, first_usage=periods[0], as_of=as_of, since=since)
         wanted = {last} if period is not None else set(periods)
-        invoices.extend(inv for inv in series if inv.period in wanted)
+        invoices.extend(
+            inv.model_copy(update={"refused": tuple(notes[(customer, inv.period)])}) if notes.get((customer, inv.period)) else inv
+            for inv in series
+            if inv.period in wanted
+        )
     return invoices
 
 
@@ -390,6 +526,21 @@ def margin_report(run_query: QueryRunner, catalog: Catalog, period: str, by: str
     rows = run_query("margin", period=period).dicts()
     invoices = {c: invoice_from_store(run_query, catalog, c, period) for c in sorted({r["customer_id"] for r in rows})}
     return group_margin(allocate_revenue(rows, invoices), by)
+
+
+def stored_events_to_rerate(
+    run_query: QueryRunner, period: str, customer: str
+) -> tuple[list[UsageEvent | OutcomeEvent], list[UsageEvent | OutcomeEvent]]:
+    """A period's stored events, and the earlier periods' events its reversals need (``rate_events(earlier=)``)."""
+    events = list(iter_raw_events(run_query, period, customer))
+    ids = {e.event_id for e in events}
+    missing = {e.reversal_of for e in events if isinstance(e, OutcomeEvent) and e.reversal_of and e.reversal_of not in ids}
+    earlier: list[UsageEvent | OutcomeEvent] = []
+    if missing:
+        for row in run_query("customer_periods", customer=customer).dicts():
+            if row["period"] < period:
+                earlier += [e for e in iter_raw_events(run_query, row["period"], customer) if e.event_id in missing]
+    return events, earlier
 
 
 def iter_raw_events(run_query: QueryRunner, period: str, customer: str = "") -> Iterator[UsageEvent | OutcomeEvent]:

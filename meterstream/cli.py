@@ -311,9 +311,11 @@ def invoice(
     plans: PlansOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """The invoice for one customer and period, from the rated rows in ClickHouse.
+    """The invoice for one customer and period from ClickHouse: the issued record once the period is closed.
 
-    Mid-period it is a preview. Totals equal `meterstream rate` on the same events, to the cent.
+    A closed period (`meterstream close-period`) returns exactly the invoice stored then, whatever
+    changed since. Before that it is computed from the rated rows: a preview mid-period, "final"
+    after it ends; its totals equal `meterstream rate` on the same events, to the cent.
     """
     from meterstream.billing import invoice_from_store
     from meterstream.pricing.invoice import render_invoice_text
@@ -329,16 +331,72 @@ def invoice(
         console.print(render_invoice_text(result), highlight=False)
 
 
+@app.command("close-period")
+def close_period(
+    period: Annotated[str, typer.Option("--period", help="The billing period YYYY-MM (UTC) to close.")],
+    customer: CustomerOption = None,
+    plans: PlansOption = None,
+) -> None:
+    """Issue a closed period's invoices: store their lines, totals, plan versions and catalog fingerprint.
+
+    One invoice per customer with usage in the period or billed for it by the catalog (or only
+    --customer), skipping those already issued. Refused until the period's late grace has passed.
+    Issued invoices never change: `invoice` returns them as stored.
+    """
+    from datetime import timedelta
+
+    from meterstream.billing import invoices_to_issue
+    from meterstream.clock import utc_now
+    from meterstream.storage.clickhouse import StoreError, open_store
+    from meterstream.storage.issued import store_issued_invoice
+    from meterstream.storage.owner import current_owner
+    from meterstream.storage.queries import saved_query
+
+    settings = get_settings()
+    period = check_period(period)
+    catalog = load_catalog_or_fail(plans, settings)
+    owner = current_owner(settings.clickhouse)
+    if owner is not None:
+        raise fail(f"the worker (pid {owner.pid}) owns the embedded store; stop it or use a ClickHouse server")
+    try:
+        store = open_store(settings.clickhouse)
+        try:
+
+            def run(name: str, **params: str) -> Any:
+                return store.query(saved_query(name), params)
+
+            with pricing_errors():
+                invoices = invoices_to_issue(
+                    run, catalog, period, now=utc_now(),
+                    late_grace=timedelta(seconds=settings.worker.late_grace_seconds),
+                    customers=[customer] if customer else None,
+                )  # fmt: skip
+            for issued in invoices:
+                store_issued_invoice(store.client, issued)
+                console.print(f"issued {issued.invoice_number}: {issued.total:,} {issued.currency}", highlight=False)
+        finally:
+            store.close()
+    except StoreError as exc:
+        raise fail(str(exc)) from None
+    if not invoices:
+        console.print(f"nothing to issue for {period}")
+
+
 @app.command()
 def rate(
     plan: Annotated[Path, typer.Option("--plan", help="Plan catalog (YAML) to rate with.")],
     events: Annotated[Path, typer.Option("--events", help="Events, one JSON object per line (the wire format).")],
-    period: PeriodOption = None,
+    period: Annotated[
+        str | None,
+        typer.Option("--period", help="Only this billing period YYYY-MM (UTC); default: every period in the file."),
+    ] = None,
 ) -> None:
     """Rate a file of events offline (no Kafka, no ClickHouse) and print the invoices as JSON.
 
-    Invalid lines and events the plan cannot price are reported on stderr and make the
-    exit code 2; the invoices of everything else are still printed.
+    One invoice per customer and period present in the file, oldest first (grant balances
+    carried forward), or only --period. Invalid lines, events the plan cannot price and
+    refused reversals are reported on stderr and make the exit code 2; the invoices of
+    everything else are still printed (refused reversals also under "refused").
     """
     from meterstream.billing import invoices_from_rated, rate_events, read_events
     from meterstream.pricing.invoice import InvoiceError
@@ -350,17 +408,20 @@ def rate(
     if not events.is_file():
         raise fail(f"no such events file: {events}")
     parsed, bad = read_events(events)
-    rated, unpriced = rate_events(catalog, parsed)
+    refused: list[Any] = []
+    rated, unpriced = rate_events(catalog, parsed, refused=refused)
     for line in bad:
         err_console.print(f"{events}:{line.line}: {line.reason}", highlight=False)
     for message in unpriced:
         err_console.print(f"not priced: {message}", highlight=False)
+    for reversal in refused:
+        err_console.print(f"refused reversal {reversal.event_id}: {reversal.reason}", highlight=False)
     try:
-        invoices = invoices_from_rated(catalog, rated, period=period)
+        invoices = invoices_from_rated(catalog, rated, period=period, refused=refused)
     except InvoiceError as exc:
         raise fail(str(exc)) from None
     _print_invoice_json(invoices)
-    if bad or unpriced:
+    if bad or unpriced or refused:
         raise typer.Exit(2)
 
 
@@ -375,9 +436,10 @@ def rerate(
 ) -> None:
     """Re-rate a period's stored events under another catalog: old total, new total, difference.
 
-    Read-only: nothing stored changes, and closed invoices stay as they were billed.
+    The old total is the issued invoice once the period is closed (else it is computed with
+    --current). Read-only: nothing stored changes; issued invoices stay as they were billed.
     """
-    from meterstream.billing import invoice_from_store, invoices_from_rated, iter_raw_events, rate_events
+    from meterstream.billing import invoice_from_store, invoices_from_rated, rate_events, stored_events_to_rerate
 
     settings = get_settings()
     period = check_period(period)
@@ -388,7 +450,8 @@ def rerate(
         customers = [row["customer_id"] for row in run("period_customers", period=period).dicts()]
         for customer in customers:
             old = invoice_from_store(run, old_catalog, customer, period)
-            rated, unpriced = rate_events(new_catalog, iter_raw_events(run, period, customer))
+            events, earlier = stored_events_to_rerate(run, period, customer)
+            rated, unpriced = rate_events(new_catalog, events, earlier=earlier)
             if unpriced:
                 raise fail(f"the new catalog cannot price {len(unpriced)} events of {customer}: {unpriced[0]}")
             new = invoices_from_rated(new_catalog, rated, period=period)

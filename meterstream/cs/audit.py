@@ -45,7 +45,12 @@ PAGE_SIZE = 10_000
 #: Invoice line kind -> (usage_rated.kind, meter) of the rows behind it; '' is any. None: no rows.
 LINE_ROWS: dict[str, tuple[str, str] | None] = {
     "base_fee": None,
+    # Fees billed in advance, and their adjustment: fixed fees with no rows behind them.
+    "base_fee_advance": None,
+    "base_fee_adjustment": None,
     "included_usage": ("usage", ""),
+    # A charge of its own on one meter: that meter's usage rows (the line names the meter).
+    "usage_charge": ("usage", ""),
     "overage": ("usage", ""),
     "credits_applied": ("usage", ""),
     "outcomes": ("outcome", ""),

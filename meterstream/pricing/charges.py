@@ -81,6 +81,9 @@ class Tier(BaseModel):
 
     up_to: Annotated[Annotated[Decimal, Field(gt=0)] | None, BeforeValidator(_bound)] = None
     unit_price: Price
+    #: A fixed amount for reaching this tier (Lago's flat_amount, Orb's tiered package fee):
+    #: graduated adds the flat fee of every tier reached, volume that of the tier reached.
+    flat_fee: Price = ZERO
 
 
 def _check_tiers(tiers: tuple[Tier, ...]) -> tuple[Tier, ...]:
@@ -164,6 +167,11 @@ def _band(start: Decimal, end: Decimal, quantity: Decimal, unit_price: Decimal) 
     return Band(start=start, end=end, quantity=quantity, unit_price=unit_price, amount=quantity * unit_price)
 
 
+def _flat_band(at: Decimal, fee: Decimal) -> Band:
+    """A tier's flat fee: one band of quantity 1 at ``at`` (start == end marks it as a fee)."""
+    return Band(start=at, end=at, quantity=Decimal(1), unit_price=fee, amount=fee)
+
+
 def _charge(bands: Iterable[Band]) -> Charge:
     kept = tuple(b for b in bands if b.quantity)
     return Charge(amount=sum((b.amount for b in kept), ZERO), bands=kept)
@@ -194,6 +202,8 @@ def graduated_slice(lower: Decimal, upper: Decimal, tiers: Iterable[Tier | Mappi
         end = upper if tier_end is None else min(upper, tier_end)
         if end > start:
             bands.append(_band(start, end, end - start, tier.unit_price))
+            if tier.flat_fee and lower <= tier_start < end:  # the first unit of the tier is in the slice
+                bands.append(_flat_band(tier_start, tier.flat_fee))
         if tier_end is None or tier_end >= upper:
             break
         tier_start = tier_end
@@ -210,7 +220,10 @@ def volume(quantity: Decimal, tiers: Iterable[Tier | Mapping[str, Any]]) -> Char
     _check_quantity(quantity)
     validated = make_tiers(tiers)
     reached = next(t for t in validated if t.up_to is None or quantity <= t.up_to)
-    return _charge([_band(ZERO, quantity, quantity, reached.unit_price)])
+    bands = [_band(ZERO, quantity, quantity, reached.unit_price)]
+    if reached.flat_fee and quantity:
+        bands.append(_flat_band(ZERO, reached.flat_fee))
+    return _charge(bands)
 
 
 def package(quantity: Decimal, package_size: Decimal, package_price: Decimal) -> Charge:
@@ -243,9 +256,12 @@ class ChargeModel(BaseModel):
     """A charge model as data, e.g. a plan's ``overage:`` block::
 
         model: graduated            # per_unit | graduated | volume | package
-        tiers: [{up_to: "100000", unit_price: "0.012"}, {up_to: null, unit_price: "0.010"}]
+        tiers: [{up_to: "100000", unit_price: "0.012"}, {up_to: null, unit_price: "0.010", flat_fee: "25"}]
+        free_units: "0"             # optional, any model: units given free before the model applies
 
-    ``per_unit`` takes ``unit_price``; ``package`` takes ``package_size`` and ``package_price``.
+    ``per_unit`` takes ``unit_price``; ``package`` takes ``package_size`` and ``package_price``;
+    a tier's optional ``flat_fee`` is charged once when the tier is reached (graduated: every
+    tier reached; volume: the tier reached).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -255,6 +271,8 @@ class ChargeModel(BaseModel):
     tiers: Annotated[Tiers | None, BeforeValidator(null_to_none)] = None
     package_size: Annotated[PositiveDecimal | None, BeforeValidator(null_to_none)] = None
     package_price: Annotated[Price | None, BeforeValidator(null_to_none)] = None
+    #: Units given free before the model applies (any model), e.g. the first 200 documents.
+    free_units: Price = ZERO
 
     @model_validator(mode="after")
     def _fields_match_model(self) -> ChargeModel:
@@ -280,6 +298,13 @@ class ChargeModel(BaseModel):
         return self.model in ("per_unit", "graduated")
 
     def charge(self, quantity: Decimal) -> Charge:
+        """The charge for ``quantity`` units: the model applied to the units above ``free_units``."""
+        if self.free_units:
+            _check_quantity(quantity)
+            return self._charge(max(quantity - self.free_units, ZERO))
+        return self._charge(quantity)
+
+    def _charge(self, quantity: Decimal) -> Charge:
         if self.model == "per_unit":
             assert self.unit_price is not None
             return per_unit(quantity, self.unit_price)
@@ -299,6 +324,8 @@ class ChargeModel(BaseModel):
         volume and package pricing a slice has no unit price of its own, so the
         result has the amount and no bands.
         """
+        if self.free_units:
+            return Charge(amount=self.charge(upper).amount - self.charge(lower).amount)
         if self.model == "per_unit":
             assert self.unit_price is not None
             _check_quantity(lower)

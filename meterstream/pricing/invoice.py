@@ -9,7 +9,14 @@
    were already computed per event with the version in effect when each event
    occurred; outcome prices likewise come from the version that rated the
    outcome (``OutcomeCount.plan_version``), or the period's version if unknown.
-2. **Base fee** (``base_fee``): the version's flat fee.
+2. **Base fee** (``base_fee``): the version's flat fee, prorated by the day for a
+   part of the period (start, change, cancellation). In arrears (default) it is
+   billed on the period's own invoice. With ``base_fee_timing: in_advance`` the
+   invoice of a period bills the *next* period's fee (``base_fee_advance``, as the
+   catalog knows it at that time); the first period of a subscription also bills
+   its own fee; and when a period's fee turns out different from what was billed
+   in advance for it (a cancellation or change entered later), its invoice carries
+   the difference (``base_fee_adjustment``, possibly negative: a credit note).
 3. **Included usage** (``included_usage``): credits up to ``included_credits``
    are covered by the base fee; the line shows how many were used, at 0.
 4. **Overage** (``overage``): credits above the allowance are charged with the
@@ -19,19 +26,20 @@
    drawn down before overage is billed: free grants first (earliest expiry
    first), then prepaid (earliest expiry first), up to the overage credits
    and each grant's remaining balance. Only grants usable in the period count:
-   granted by its last day and not expiring before it ends. The billed overage
-   is then ``overage_model(overage − drawn)``: grants act as extra allowance,
-   so billed credits start again at the first tier. To show that, the
-   credits_applied lines credit back the *last* ``drawn`` overage credits at
-   the tiers they fell in (free grants the top slice, prepaid the slice below
-   it). For per-unit and graduated overage there is one line per grant and
-   band, with the tier's unit price; for volume and package overage a slice
-   has no unit price of its own, so there is one line per grant without one.
-   Grants never pay for base fees, seats or outcomes. ``credit_value`` does
-   not enter the amounts: a drawn credit is worth what it would have cost at
-   the overage tiers, or the customer would still pay the difference between
-   the tier price and the credit value for credits already granted. The
-   invoice lists each grant's opening, drawn and closing balance; pass the
+   granted by its last day and not expiring before it ends. **The one
+   valuation rule: a drawn credit is worth the period's average overage
+   price**, i.e. the overage lines' total divided by the overage credits. The
+   grants together take ``overage total × drawn ÷ overage credits`` off the
+   bill (rounded once); each grant's line is its share. A customer can check
+   it with one division, it is the same for every charge model, and it can
+   never raise a bill or be worth more than the overage it covers: a grant
+   that covers all the overage makes it 0.00, one that covers 1% takes 1% off
+   it. (Treating grants as extra allowance instead would bill
+   ``model(overage − drawn)``, which with volume tiers can cost *more* than
+   without the grant, with package pricing can save nothing, and with
+   graduated tiers values a credit at the cheapest tier.) Grants never pay for
+   base fees, seats or outcomes. ``credit_value`` does not enter the amounts.
+   The invoice lists each grant's opening, drawn and closing balance; pass the
    closing balances as the next period's ``grant_balances``.
 6. **Outcomes** (``outcomes``): per outcome type and attribution, count × the
    plan's money price; reversals are separate negative lines at the same price.
@@ -46,16 +54,26 @@
    plus the discount fall short of ``minimum_commitment``, the gap is billed,
    so the customer pays at least the commitment for usage (base fee and seats
    are on top).
+10. **Credit note** (``credit_note``). No line but an outcome reversal or a
+    late adjustment is ever negative beyond what it takes off a charge of the
+    same invoice (grants cover at most the overage, the discount at most the
+    usage-based lines). So a total falls below zero only when reversals of
+    outcomes billed in earlier periods, or negative late adjustments, exceed
+    the period's charges; the invoice then carries a credit note for the
+    negative total that lists those lines as the reason. A negative total
+    without a credit note cannot be produced.
+11. **Refused reversals** (``refused``) are listed on the invoice of their
+    period with the reason and credit nothing (see
+    :mod:`meterstream.pricing.reversals`).
 
 **Rounding — the one rule.** Every amount is computed at full ``Decimal``
 precision, and each invoice line is rounded *once*, half-up to the currency's
 minor unit (:func:`meterstream.pricing.money.round_money`). Three kinds of line are
 derived from lines already rounded, so they are exact differences or a single
-rounding of rounded figures: a credits_applied amount is the overage lines'
-rounded amounts with the grant's credits minus without them (so overage plus
-credits applied is exactly the rounded overage on the billed credits, the
-same total as if the grant had been extra allowance; it may differ by a cent
-from rounding its own quantity × unit price); the discount is the percentage
+rounding of rounded figures: the credits_applied lines are steps in the
+rounded cumulative share of the rounded overage lines (so they add up to
+``round(overage total × drawn ÷ overage)``; one may differ by a cent from
+rounding its own quantity × unit price); the discount is the percentage
 of the sum of the rounded usage-based lines, rounded once; the true-up is the
 commitment minus rounded figures. ``subtotal`` is the sum of the lines before
 discount and true-up, and ``total`` is the sum of all lines, so the lines
@@ -65,6 +83,7 @@ rounded the same way and ``margin`` is ``total − cost_to_serve``.
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, datetime, timedelta
@@ -74,13 +93,15 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from meterstream.clock import utc_now
-from meterstream.pricing.charges import Band, ChargeModel
+from meterstream.pricing.charges import ChargeModel
 from meterstream.pricing.money import round_money
 from meterstream.pricing.plans import (
     Catalog,
     CreditGrant,
     GrantKind,
+    PlanError,
     PlanVersion,
+    Segment,
     period_bounds,
 )
 from meterstream.schemas.events import Attribution, Meter
@@ -91,8 +112,11 @@ HUNDRED = Decimal(100)
 
 LineKind = Literal[
     "base_fee",
+    "base_fee_advance",
+    "base_fee_adjustment",
     "included_usage",
     "overage",
+    "usage_charge",
     "credits_applied",
     "outcomes",
     "seats",
@@ -102,7 +126,7 @@ LineKind = Literal[
 ]
 
 #: The lines an enterprise discount applies to, and the commitment is measured against.
-USAGE_BASED_KINDS: frozenset[str] = frozenset({"overage", "credits_applied", "outcomes"})
+USAGE_BASED_KINDS: frozenset[str] = frozenset({"overage", "usage_charge", "credits_applied", "outcomes"})
 
 Count = Annotated[int, Field(ge=0)]
 
@@ -133,6 +157,17 @@ class MeterSubtotal(_Frozen):
     events: Count = 0
     credits: Decimal = ZERO
     cost_to_serve: Decimal = ZERO
+    #: The largest single ``quantity`` of the meter's events (the ``max`` measure of a charge).
+    max_quantity: Decimal = ZERO
+
+
+class VersionUsage(_Frozen):
+    """Usage credits and active seats rated under one plan version (to split a period at a plan change)."""
+
+    plan_version: str
+    credits: Decimal = ZERO
+    active_seats: Annotated[Decimal, Field(ge=0)] = ZERO
+    by_meter: tuple[MeterSubtotal, ...] = ()
 
 
 class PeriodUsage(_Frozen):
@@ -158,6 +193,8 @@ class PeriodUsage(_Frozen):
     active_seats: Annotated[Decimal, Field(ge=0)] = ZERO
     outcomes: tuple[OutcomeCount, ...] = ()
     by_meter: tuple[MeterSubtotal, ...] = ()
+    #: Usage per plan version that rated it; needed only when a plan change splits the period.
+    by_version: tuple[VersionUsage, ...] = ()
 
     @classmethod
     def from_rated(cls, rows: Iterable[RatedUsage]) -> PeriodUsage:
@@ -167,7 +204,9 @@ class PeriodUsage(_Frozen):
         periods: set[str] = set()
         credits = cost = seats = ZERO
         outcomes: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])
-        meters: dict[tuple[str, str], list[Decimal]] = defaultdict(lambda: [ZERO, ZERO, ZERO])
+        meters: dict[tuple[str, str], list[Decimal]] = defaultdict(lambda: [ZERO, ZERO, ZERO, ZERO])
+        versions: dict[str, list[Decimal]] = defaultdict(lambda: [ZERO, ZERO])
+        version_meters: dict[tuple[str, str, str], list[Decimal]] = defaultdict(lambda: [ZERO, ZERO, ZERO, ZERO])
         for row in rows:
             if row.event_id in seen:
                 continue  # at-least-once delivery: the same id is billed once
@@ -180,10 +219,15 @@ class PeriodUsage(_Frozen):
                 counts[1 if row.rule.endswith(":reversal") else 0] += 1
                 continue
             credits += row.credits
-            subtotal = meters[(row.meter, row.model)]
-            subtotal[0] += 1
-            subtotal[1] += row.credits
-            subtotal[2] += row.cost_to_serve
+            per_version = versions[row.price_book_version]
+            per_version[0] += row.credits
+            if row.meter == Meter.SEATS.value:
+                per_version[1] = max(per_version[1], row.quantity)
+            for subtotal in (meters[(row.meter, row.model)], version_meters[(row.price_book_version, row.meter, row.model)]):
+                subtotal[0] += 1
+                subtotal[1] += row.credits
+                subtotal[2] += row.cost_to_serve
+                subtotal[3] = max(subtotal[3], row.quantity)
             if row.meter == Meter.SEATS.value:
                 seats = max(seats, row.quantity)
         if len(customers) > 1 or len(periods) > 1:
@@ -202,8 +246,19 @@ class PeriodUsage(_Frozen):
                 for (t, a, v), (n, r) in sorted(outcomes.items())
             ),
             by_meter=tuple(
-                MeterSubtotal(meter=m, model=model, events=int(n), credits=c, cost_to_serve=k)
-                for (m, model), (n, c, k) in sorted(meters.items())
+                MeterSubtotal(meter=m, model=model, events=int(n), credits=c, cost_to_serve=k, max_quantity=q)
+                for (m, model), (n, c, k, q) in sorted(meters.items())
+            ),
+            by_version=tuple(
+                VersionUsage(
+                    plan_version=v, credits=c, active_seats=seats_max,
+                    by_meter=tuple(
+                        MeterSubtotal(meter=m, model=model, events=int(n), credits=mc, cost_to_serve=k, max_quantity=q)
+                        for (vv, m, model), (n, mc, k, q) in sorted(version_meters.items())
+                        if vv == v
+                    ),
+                )  # fmt: skip
+                for v, (c, seats_max) in sorted(versions.items())
             ),
         )
 
@@ -247,6 +302,30 @@ class UsageSummary(_Frozen):
     margin: Decimal
 
 
+class CreditNote(_Frozen):
+    """Why an invoice's total is negative: the amount owed to the customer and the lines behind it."""
+
+    amount: Decimal
+    reason: str
+
+
+class RefusedEvent(_Frozen):
+    """An event kept but not billed (an unmatched or repeated reversal), with the reason."""
+
+    event_id: str
+    reason: str
+
+
+class InvoiceSegment(_Frozen):
+    """A part of the period billed on one plan version and one set of terms: [start, end)."""
+
+    start: datetime
+    end: datetime
+    plan_id: str
+    plan_version: str
+    discount_percent: Decimal
+
+
 class Invoice(_Frozen):
     """An invoice or a preview of one; ``model_dump_json()`` writes Decimals as strings."""
 
@@ -255,9 +334,13 @@ class Invoice(_Frozen):
     period_start: datetime
     period_end: datetime
     plan_id: str
+    #: The version of the last part of the period; ``plan_versions`` lists every one billed.
     plan_version: str
+    plan_versions: tuple[str, ...] = ()
+    segments: tuple[InvoiceSegment, ...] = ()
     currency: str
-    status: Literal["preview", "final"]
+    #: preview while the period is open, final once it has ended, issued once closed and stored.
+    status: Literal["preview", "final", "issued"]
     as_of: datetime
     lines: tuple[InvoiceLine, ...]
     subtotal: Decimal
@@ -265,6 +348,13 @@ class Invoice(_Frozen):
     usage: UsageSummary
     grants: tuple[GrantDraw, ...] = ()
     by_meter: tuple[MeterSubtotal, ...] = ()
+    credit_note: CreditNote | None = None
+    refused: tuple[RefusedEvent, ...] = ()
+    #: Set when the period is closed (``meterstream close-period``): the stored record.
+    invoice_number: str = ""
+    issued_at: datetime | None = None
+    #: sha256 of the catalog the invoice was computed with (:func:`catalog_fingerprint`).
+    catalog_fingerprint: str = ""
 
     def closing_grant_balances(self) -> dict[str, Decimal]:
         """Each grant's remaining credits: the next period's ``grant_balances``."""
@@ -289,7 +379,12 @@ def _draw_order(grant: CreditGrant) -> tuple[int, date]:
 
 
 def _draw_grants(
-    grants: tuple[CreditGrant, ...], period: str, overage: Decimal, balances: Mapping[str, Decimal] | None
+    grants: tuple[CreditGrant, ...],
+    period: str,
+    overage: Decimal,
+    balances: Mapping[str, Decimal] | None,
+    since: date | None = None,
+    end: datetime | None = None,
 ) -> list[GrantDraw]:
     """Draw grants against the overage credits in the documented order; report every grant."""
     order = sorted(range(len(grants)), key=lambda i: (*_draw_order(grants[i]), i))
@@ -299,7 +394,7 @@ def _draw_grants(
         grant = grants[index]
         opening = grant.credits if balances is None else balances.get(grant.id, grant.credits)
         opening = max(opening, ZERO)
-        usable = grant.usable_for(period)
+        usable = grant.usable_for(period, since, end)
         drawn = min(opening, needed) if usable else ZERO
         needed -= drawn
         draws[index] = GrantDraw(
@@ -312,6 +407,161 @@ def _draw_grants(
             closing_credits=opening - drawn,
         )
     return [draws[i] for i in order]
+
+
+def _base_fee_line(kind: LineKind, label: str, segment: Segment, period_days: int, currency: str) -> InvoiceLine:
+    """A base fee for a segment, prorated by its days (the one proration rule)."""
+    fee = segment.version.base_fee
+    whole = segment.days == period_days
+    part = "" if whole else f", {segment.start.date()} to {(segment.end - timedelta(days=1)).date()} ({segment.days}/{period_days} days)"
+    fraction = Decimal(segment.days) / Decimal(period_days)
+    return InvoiceLine(
+        kind=kind,
+        description=f"{label}{part}",
+        quantity=Decimal(1) if whole else fraction,
+        unit_price=fee,
+        amount=round_money(fee * fraction, currency),
+    )
+
+
+def _in_advance_lines(
+    catalog: Catalog,
+    customer_id: str,
+    period: str,
+    segments: Sequence[Segment],
+    previous: Invoice | None,
+    currency: str,
+) -> list[InvoiceLine]:
+    """Base fees billed in advance (``base_fee_timing: in_advance``; module docstring, rule 2)."""
+    lines: list[InvoiceLine] = []
+    start, end = catalog.billing_bounds(customer_id, period)
+    days = (end - start).days
+    own = [
+        _base_fee_line("base_fee", f"Base fee, {period}", seg, days, currency)
+        for seg in segments
+        if seg.version.base_fee and seg.version.base_fee_timing == "in_advance"
+    ]
+    label_start = period_bounds(period)[0]
+    earlier = f"{(label_start - timedelta(days=1)):%Y-%m}"
+    try:
+        first_period = not catalog.segments(customer_id, earlier)
+    except PlanError:
+        first_period = True
+    if first_period:
+        lines += [line.model_copy(update={"description": line.description + " (first period)"}) for line in own]
+    elif own or previous is not None:
+        actual = _sum(own)
+        billed = (
+            _sum(line for line in previous.lines if line.kind == "base_fee_advance") if previous is not None else actual
+        )
+        if actual != billed:
+            lines.append(
+                InvoiceLine(
+                    kind="base_fee_adjustment",
+                    description=f"Base fee adjustment, {period}: {_money(actual)} due, {_money(billed)} billed in advance",
+                    amount=actual - billed,
+                )
+            )
+    upcoming = f"{period_bounds(period)[1]:%Y-%m}"
+    next_start, next_end = catalog.billing_bounds(customer_id, upcoming)
+    next_days = (next_end - next_start).days
+    try:
+        next_segments = catalog.segments(customer_id, upcoming)
+    except PlanError:
+        next_segments = ()
+    lines += [
+        _base_fee_line("base_fee_advance", f"Base fee in advance, {upcoming}", seg, next_days, currency)
+        for seg in next_segments
+        if seg.version.base_fee and seg.version.base_fee_timing == "in_advance"
+    ]
+    return lines
+
+
+def _split_usage(
+    usage: PeriodUsage, segments: Sequence[Segment]
+) -> list[tuple[Decimal, Decimal, tuple[MeterSubtotal, ...]]]:
+    """(credits, active seats) per segment: by the plan version that rated them when the period is split."""
+    if len(segments) <= 1:
+        return [(usage.credits, usage.active_seats, usage.by_meter)] * len(segments)
+    if not usage.by_version and usage.credits:
+        raise InvoiceError("the period is split by a plan change, but the usage is not split by plan version")
+    by_version = {v.plan_version: v for v in usage.by_version}
+    known = {seg.version.version for seg in segments}
+    unknown = set(by_version) - known
+    if unknown:
+        raise InvoiceError(f"usage rated under {sorted(unknown)}, which bill no part of this period")
+    out = []
+    for seg in segments:
+        part = by_version.get(seg.version.version)
+        out.append((part.credits, part.active_seats, part.by_meter) if part else (ZERO, ZERO, ()))
+    return out
+
+
+def _outcomes_of_segment(usage: PeriodUsage, segments: Sequence[Segment], index: int) -> PeriodUsage:
+    """The outcomes a segment bills: those its version rated; the last segment also takes the rest
+    (e.g. reversals of outcomes billed under an earlier version, priced at that version)."""
+    if len(segments) <= 1:
+        return usage
+    mine = segments[index].version.version
+    others = {seg.version.version for i, seg in enumerate(segments) if i != index}
+    last = index == len(segments) - 1
+    kept = tuple(oc for oc in usage.outcomes if oc.plan_version == mine or (last and oc.plan_version not in others))
+    return PeriodUsage(outcomes=kept)
+
+
+def _merge_draws(per_segment: list[list[GrantDraw]]) -> list[GrantDraw]:
+    """One draw per grant for the period: opening of the first part, drawn in all, closing of the last."""
+    if not per_segment:
+        return []
+    merged = []
+    for draws in zip(*per_segment, strict=True):
+        first, last = draws[0], draws[-1]
+        merged.append(
+            first.model_copy(
+                update={
+                    "usable": any(d.usable for d in draws),
+                    "drawn_credits": sum((d.drawn_credits for d in draws), ZERO),
+                    "closing_credits": last.closing_credits,
+                }
+            )
+        )
+    return merged
+
+
+def _usage_charge_lines(
+    version: PlanVersion, meters: Sequence[MeterSubtotal], part: str, currency: str
+) -> list[InvoiceLine]:
+    """One line per band of each of the version's own charges, on its meter's measure."""
+    lines = []
+    for charge in version.charges:
+        mine = [m for m in meters if m.meter == charge.meter]
+        if charge.measure == "events":
+            quantity = Decimal(sum(m.events for m in mine))
+        elif charge.measure == "credits":
+            quantity = max(sum((m.credits for m in mine), ZERO), ZERO)
+        else:
+            quantity = max((m.max_quantity for m in mine), default=ZERO)
+        result = charge.charge(quantity)
+        free = f", {_num(charge.free_units)} free" if charge.free_units else ""
+        head = f"{charge.name}{part}: {_num(quantity)} {charge.measure} of {charge.meter}{free}"
+        if not result.bands:
+            lines.append(InvoiceLine(kind="usage_charge", description=head, quantity=quantity, amount=round_money(ZERO, currency)))
+        for band in result.bands:
+            if band.start == band.end and band.quantity == 1 and charge.model != "package":
+                text = f"{head}, flat fee of the tier above {_num(band.start)}"
+            elif charge.model == "package":
+                text = f"{head}, {_num(band.quantity)} package(s) of {_num(charge.package_size or ZERO)}"
+            elif charge.model == "graduated":
+                text = f"{head}, {_num(band.start)}–{_num(band.end)}"
+            else:
+                text = head
+            lines.append(
+                InvoiceLine(
+                    kind="usage_charge", description=text, quantity=band.quantity, unit_price=band.unit_price,
+                    amount=round_money(band.amount, currency),
+                )  # fmt: skip
+            )
+    return lines
 
 
 def _overage_lines(overage_model: ChargeModel, overage: Decimal, currency: str) -> list[InvoiceLine]:
@@ -340,54 +590,38 @@ def _overage_lines(overage_model: ChargeModel, overage: Decimal, currency: str) 
 
 
 def _credit_lines(
-    overage_model: ChargeModel, overage: Decimal, draws: list[GrantDraw], currency: str
+    overage_lines: Sequence[InvoiceLine], overage: Decimal, draws: list[GrantDraw], currency: str
 ) -> list[InvoiceLine]:
-    """Credit back the top ``drawn`` overage credits, grant by grant (module docstring, rule 5).
+    """Value drawn credits at the period's average overage price (module docstring, rule 5).
 
-    Each amount is the difference between the *rounded* overage lines with and
-    without the grant's credits, so overage + credits applied is exactly the
-    rounded overage the customer owes on the billed credits.
+    ``billed_overage`` is the sum of the rounded overage lines; the grants together take
+    ``billed_overage × drawn ÷ overage`` off it, rounded once, and each grant's line is
+    its step in that cumulative figure, so the lines add up exactly.
     """
-    lines = []
-    upper = overage
+    lines: list[InvoiceLine] = []
+    if not overage:
+        return lines
+    billed_overage = _sum(overage_lines)
+    average = billed_overage / overage
+    cumulative = ZERO
+    credited = ZERO
     for draw in draws:
         if not draw.drawn_credits:
             continue
-        lower = upper - draw.drawn_credits
-        above, below = overage_model.charge(upper).bands, overage_model.charge(lower).bands
+        cumulative += draw.drawn_credits
+        reaches = round_money(billed_overage * cumulative / overage, currency)
         label = f"{draw.kind.value.capitalize()} credits ({draw.grant_id})"
-        slice_ = overage_model.between(lower, upper)
-        if slice_.bands:
-            # Positional pricing: band i of a charge is tier i, and a slice band ends where
-            # the upper charge's band for the same tier ends.
-            for band in slice_.bands:
-                tier = next(i for i, b in enumerate(above) if b.end == band.end)
-                before = round_money(below[tier].amount, currency) if tier < len(below) else ZERO
-                lines.append(
-                    InvoiceLine(
-                        kind="credits_applied",
-                        description=f"{label}: overage {_num(band.start)}–{_num(band.end)}",
-                        quantity=-band.quantity,
-                        unit_price=band.unit_price,
-                        amount=before - round_money(above[tier].amount, currency),
-                    )
-                )
-        else:
-            # Volume and package pricing: a slice of units has no unit price of its own.
-            lines.append(
-                InvoiceLine(
-                    kind="credits_applied",
-                    description=f"{label}: overage billed on {_num(lower)} credits",
-                    quantity=-draw.drawn_credits,
-                    amount=_rounded_sum(below, currency) - _rounded_sum(above, currency),
-                )
+        lines.append(
+            InvoiceLine(
+                kind="credits_applied",
+                description=f"{label}: {_num(draw.drawn_credits)} at the average overage price",
+                quantity=-draw.drawn_credits,
+                unit_price=average,
+                amount=credited - reaches,
             )
-        upper = lower
+        )
+        credited = reaches
     return lines
-
-
-def _rounded_sum(bands: Iterable[Band], currency: str) -> Decimal:
-    return sum((round_money(b.amount, currency) for b in bands), ZERO)
 
 
 def _outcome_lines(
@@ -437,6 +671,8 @@ def compute_invoice(
     as_of: datetime | None = None,
     grant_balances: Mapping[str, Decimal] | None = None,
     adjustments: Sequence[InvoiceLine] = (),
+    refused: Sequence[RefusedEvent] = (),
+    previous: Invoice | None = None,
 ) -> Invoice:
     """The invoice for ``customer_id`` in ``period`` ("YYYY-MM", UTC), by the rules in the module docstring.
 
@@ -444,12 +680,15 @@ def compute_invoice(
     (see :func:`late_adjustment`); they are added after the commitment true-up,
     neither discounted nor counted toward the commitment again.
 
+    ``previous`` is the customer's invoice for the period before (issued or computed): the
+    base fee it billed in advance for this period is what this one adjusts (rule 2).
+
     ``as_of`` (default: now) decides the status: "final" once the period has
     ended, else "preview". ``grant_balances`` are the grants' remaining credits
     at the start of the period (the previous invoice's
     :meth:`Invoice.closing_grant_balances`); ``None`` means every grant is whole.
     """
-    start, end = period_bounds(period)
+    start, end = catalog.billing_bounds(customer_id, period)
     if usage.customer_id is not None and usage.customer_id != customer_id:
         raise InvoiceError(f"usage is for customer {usage.customer_id!r}, not {customer_id!r}")
     if usage.period is not None and usage.period != period:
@@ -459,79 +698,117 @@ def compute_invoice(
         raise ValueError("as_of must be timezone-aware")
 
     customer = catalog.customer(customer_id)
-    plan_id = customer.plan
-    version = catalog.period_version(customer_id, period)
     currency = catalog.currency
+    try:
+        segments = catalog.segments(customer_id, period)
+    except PlanError as exc:
+        raise InvoiceError(str(exc)) from None
+    if not segments:
+        if usage.credits or usage.outcomes:
+            raise InvoiceError(f"customer {customer_id!r} has usage in {period} but no subscription in it")
+        segments = ()
+    credits_of = _split_usage(usage, segments)
+    period_days = (end - start).days
+    since = customer.effective_from
 
     lines: list[InvoiceLine] = []
-    if version.base_fee:
-        lines.append(
-            InvoiceLine(
-                kind="base_fee",
-                description=f"Base fee, {period}",
-                quantity=Decimal(1),
-                unit_price=version.base_fee,
-                amount=round_money(version.base_fee, currency),
+    balances = dict(grant_balances) if grant_balances is not None else None
+    all_draws: list[list[GrantDraw]] = []
+    included_total = included_used_total = overage_total = ZERO
+    for index, segment in enumerate(segments):
+        version = segment.version
+        fraction = Decimal(segment.days) / Decimal(period_days)
+        whole = segment.days == period_days
+        part = "" if whole else f", {segment.start.date()} to {(segment.end - timedelta(days=1)).date()}"
+        prorated = "" if whole else f" ({segment.days}/{period_days} days)"
+        seg_lines: list[InvoiceLine] = []
+        if version.base_fee and version.base_fee_timing == "in_arrears":
+            seg_lines.append(_base_fee_line("base_fee", f"Base fee, {period}", segment, period_days, currency))
+        credits, seats, meters = credits_of[index]
+        charged = {charge.meter for charge in version.charges}
+        # A meter with its own charge is billed by it, not from the credits pool.
+        credits -= sum((m.credits for m in meters if m.meter in charged), ZERO)
+        used = max(credits, ZERO)
+        allowance = version.included_credits * fraction
+        included_used = min(used, allowance)
+        overage = used - included_used
+        included_total += allowance
+        included_used_total += included_used
+        overage_total += overage
+        if version.included_credits:
+            seg_lines.append(
+                InvoiceLine(
+                    kind="included_usage",
+                    description=f"Included credits{part}: {_num(included_used)} of {_num(allowance)} used",
+                    quantity=included_used,
+                    unit_price=ZERO,
+                    amount=round_money(ZERO, currency),
+                )
             )
-        )
-
-    used = max(usage.credits, ZERO)
-    included_used = min(used, version.included_credits)
-    overage = used - included_used
-    if version.included_credits:
-        lines.append(
-            InvoiceLine(
-                kind="included_usage",
-                description=f"Included credits: {_num(included_used)} of {_num(version.included_credits)} used",
-                quantity=included_used,
-                unit_price=ZERO,
-                amount=round_money(ZERO, currency),
+        overage_lines = _overage_lines(version.overage, overage, currency)
+        seg_lines += overage_lines
+        draws = _draw_grants(customer.grants, period, overage, balances, since, end)
+        balances = {d.grant_id: d.closing_credits for d in draws}
+        all_draws.append(draws)
+        seg_lines += _credit_lines(overage_lines, overage, draws, currency)
+        seg_lines += _usage_charge_lines(version, meters, part, currency)
+        outcomes = _outcomes_of_segment(usage, segments, index)
+        seg_lines += _outcome_lines(outcomes, version, catalog, currency)
+        if version.seat_fee:
+            seg_lines.append(
+                InvoiceLine(
+                    kind="seats",
+                    description=f"Seats{part}: {_num(seats)} active (maximum){prorated}",
+                    quantity=seats * fraction if not whole else seats,
+                    unit_price=version.seat_fee,
+                    amount=round_money(seats * version.seat_fee * fraction, currency),
+                )
             )
-        )
-
-    lines += _overage_lines(version.overage, overage, currency)
-    draws = _draw_grants(customer.grants, period, overage, grant_balances)
-    lines += _credit_lines(version.overage, overage, draws, currency)
-    lines += _outcome_lines(usage, version, catalog, currency)
-
-    if version.seat_fee:
-        lines.append(
-            InvoiceLine(
-                kind="seats",
-                description=f"Seats: {_num(usage.active_seats)} active (period maximum)",
-                quantity=usage.active_seats,
-                unit_price=version.seat_fee,
-                amount=round_money(usage.active_seats * version.seat_fee, currency),
+        usage_based = _sum(line for line in seg_lines if line.kind in USAGE_BASED_KINDS)
+        discount = ZERO
+        if segment.discount_percent and usage_based > 0:
+            discount = -round_money(usage_based * segment.discount_percent / HUNDRED, currency)
+            seg_lines.append(
+                InvoiceLine(
+                    kind="discount",
+                    description=f"Discount {_num(segment.discount_percent)}% of usage-based charges {_money(usage_based)}",
+                    amount=discount,
+                )
             )
-        )
-    subtotal = _sum(lines)
-
-    usage_based = _sum(line for line in lines if line.kind in USAGE_BASED_KINDS)
-    discount = ZERO
-    if customer.discount_percent and usage_based > 0:
-        discount = -round_money(usage_based * customer.discount_percent / HUNDRED, currency)
-        lines.append(
-            InvoiceLine(
-                kind="discount",
-                description=f"Discount {_num(customer.discount_percent)}% of usage-based charges {_money(usage_based)}",
-                amount=discount,
+        committed_usage = usage_based + discount
+        commitment = version.minimum_commitment * fraction
+        # No commitment, no true-up: reversals below zero are a credit, not a shortfall to bill.
+        if commitment and committed_usage < commitment:
+            seg_lines.append(
+                InvoiceLine(
+                    kind="commitment_true_up",
+                    description=(
+                        f"Commitment true-up{part}: {_money(round_money(commitment, currency))} minimum{prorated}, "
+                        f"usage-based {_money(committed_usage)}"
+                    ),
+                    amount=round_money(commitment - committed_usage, currency),
+                )
             )
-        )
-    committed_usage = usage_based + discount
-    if committed_usage < version.minimum_commitment:
-        shortfall = round_money(version.minimum_commitment - committed_usage, currency)
-        lines.append(
-            InvoiceLine(
-                kind="commitment_true_up",
-                description=(
-                    f"Commitment true-up: {_money(version.minimum_commitment)} minimum, "
-                    f"usage-based {_money(committed_usage)}"
-                ),
-                amount=shortfall,
-            )
-        )
+        lines += seg_lines
+    lines += _in_advance_lines(catalog, customer_id, period, segments, previous, currency)
+    subtotal = _sum(line for line in lines if line.kind not in ("discount", "commitment_true_up"))
+    draws = _merge_draws(all_draws)
+    last = segments[-1] if segments else None
+    plan_id = last.plan_id if last else customer.plan
+    version_names = tuple(dict.fromkeys(seg.version.version for seg in segments))
     lines.extend(adjustments)
     total = _sum(lines)
+    credit_note = None
+    if total < 0:
+        credited = [
+            line for line in lines
+            if line.amount < 0 and line.kind in ("outcomes", "late_adjustment", "base_fee_adjustment")
+        ]  # fmt: skip
+        credit_note = CreditNote(
+            amount=total,
+            reason="credits exceed this period's charges: "
+            + "; ".join(f"{line.description} {_money(line.amount)}" for line in credited),
+        )
 
     cost_to_serve = round_money(usage.cost_to_serve, currency)
     granted = sum((d.drawn_credits for d in draws), ZERO)
@@ -541,7 +818,13 @@ def compute_invoice(
         period_start=start,
         period_end=end,
         plan_id=plan_id,
-        plan_version=version.version,
+        plan_version=version_names[-1] if version_names else "",
+        plan_versions=version_names,
+        segments=tuple(
+            InvoiceSegment(start=seg.start, end=seg.end, plan_id=seg.plan_id, plan_version=seg.version.version,
+                           discount_percent=seg.discount_percent)  # fmt: skip
+            for seg in segments
+        ),
         currency=currency,
         status="final" if as_of >= end else "preview",
         as_of=as_of,
@@ -550,17 +833,38 @@ def compute_invoice(
         total=total,
         usage=UsageSummary(
             credits_used=usage.credits,
-            included_credits=version.included_credits,
-            included_used=included_used,
-            overage_credits=overage,
+            included_credits=included_total,
+            included_used=included_used_total,
+            overage_credits=overage_total,
             grant_credits_applied=granted,
-            billed_overage_credits=overage - granted,
+            billed_overage_credits=overage_total - granted,
             active_seats=usage.active_seats,
             cost_to_serve=cost_to_serve,
             margin=total - cost_to_serve,
         ),
         grants=tuple(draws),
         by_meter=usage.by_meter,
+        credit_note=credit_note,
+        refused=tuple(refused),
+    )
+
+
+def catalog_fingerprint(catalog: Catalog) -> str:
+    """sha256 of everything in the catalog that prices (plans, versions, price books, assignments)."""
+    return hashlib.sha256(catalog.model_dump_json().encode()).hexdigest()
+
+
+def issue(invoice: Invoice, catalog: Catalog, *, invoice_number: str, issued_at: datetime) -> Invoice:
+    """The invoice as issued: a final invoice stamped with its number, time and catalog fingerprint."""
+    if invoice.status == "preview" or issued_at < invoice.period_end:
+        raise InvoiceError(f"the invoice for {invoice.period} cannot be issued before the period ends")
+    return invoice.model_copy(
+        update={
+            "status": "issued",
+            "invoice_number": invoice_number,
+            "issued_at": issued_at,
+            "catalog_fingerprint": catalog_fingerprint(catalog),
+        }
     )
 
 
@@ -594,7 +898,10 @@ def render_invoice_text(invoice: Invoice) -> str:
     """A readable plain-text invoice: header, one row per line, totals, usage and grants."""
     width = 108
     last_day = (invoice.period_end - timedelta(days=1)).date()
-    title = "INVOICE" if invoice.status == "final" else "INVOICE PREVIEW (period not closed)"
+    if invoice.status == "issued" and invoice.issued_at is not None:
+        title = f"INVOICE {invoice.invoice_number} (issued {invoice.issued_at:%Y-%m-%d %H:%M} UTC)"
+    else:
+        title = "INVOICE" if invoice.status == "final" else "INVOICE PREVIEW (period not closed)"
     out = [
         title,
         f"Customer: {invoice.customer_id}",
@@ -627,6 +934,11 @@ def render_invoice_text(invoice: Invoice) -> str:
         f"    paid by credit grants: {_num(invoice.usage.grant_credits_applied)}",
         f"    billed:                {_num(invoice.usage.billed_overage_credits)}",
     ]
+    if invoice.credit_note is not None:
+        out += ["", f"CREDIT NOTE {_money(invoice.credit_note.amount)} {invoice.currency}: {invoice.credit_note.reason}"]
+    if invoice.refused:
+        out += ["", "Refused (kept, not billed)"]
+        out += [f"  {r.event_id}: {r.reason}" for r in invoice.refused]
     if invoice.usage.active_seats:
         out.append(f"  Active seats:            {_num(invoice.usage.active_seats)}")
     if invoice.grants:

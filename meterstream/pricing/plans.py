@@ -32,20 +32,21 @@ The file is read with ``yaml.BaseLoader`` (every scalar a string) so no float
 ever touches a price, and validated by pydantic; an error names the file and
 the field, e.g. ``plans.growth.versions[0].overage.tiers[1].up_to: ...``.
 
-Which version applies (one rule, two uses):
+Which version applies: one rule for every charge, chosen per assignment
+(``change_rule``; see :meth:`Catalog.segments` and docs/billing.md):
 
-* **Event rating** uses the version effective at the event's ``occurred_at``
-  (:meth:`Catalog.version_for`, :meth:`Catalog.rate`): its price book converts
-  the event to credits, and its ``outcome_prices`` price the outcome. The
-  price book's ``version`` is replaced by the plan version string, so every
-  rated row records the plan version that priced it.
-* **Period charges** (base fee, included credits, overage tiers, commitment,
-  seat fee, discount) use the version effective at the *start* of the billing
-  period (:meth:`Catalog.period_version`). A version whose ``effective_from``
-  is after the period start never changes that period: a price change never
-  rewrites a period that has started, let alone a closed one. The only
-  exception is a plan whose first version starts inside the period (a plan
-  launched mid-month): there is nothing to rewrite, so that version is used.
+* ``next_period`` (default): a period is billed on the plan version and terms in
+  effect at its start, and its events are rated with that version's price book
+  and outcome prices too. A version, plan or discount change inside a period takes
+  effect from the next one: a price change never rewrites a period that has
+  started. (A plan launched inside a period bills it on its first version.)
+* ``immediate``: the period is split at every change inside it; each part's events
+  are rated, and its usage billed, on that part's version and terms, and fixed fees,
+  included credits and the commitment are prorated by the day.
+
+Either way the subscription's ``effective_from`` and ``cancelled_from`` cut the
+period, and the rated row's ``price_book_version`` names the version that rated
+it, which is how an invoice splits usage between the parts of a period.
 
 A version is effective from 00:00 UTC on its ``effective_from`` date.
 """
@@ -53,13 +54,14 @@ A version is effective from 00:00 UTC on its ``effective_from`` date.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from enum import StrEnum
 from functools import cache, lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -68,6 +70,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    PrivateAttr,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -77,7 +80,7 @@ from pydantic_core import PydanticCustomError
 from meterstream.pricing.charges import ChargeModel, PositiveDecimal, Price, null_to_none
 from meterstream.pricing.pricebook import PriceBook, PriceBookError, load_price_book
 from meterstream.pricing.rating import rate_event
-from meterstream.schemas.events import Attribution, OutcomeEvent, UsageEvent
+from meterstream.schemas.events import Attribution, Meter, OutcomeEvent, UsageEvent
 from meterstream.schemas.records import RatedUsage
 
 ZERO = Decimal(0)
@@ -115,6 +118,27 @@ def period_bounds(period: str) -> tuple[datetime, datetime]:
     return start, end
 
 
+def anniversary_bounds(anchor_day: int, period: str) -> tuple[datetime, datetime]:
+    """The billing period labelled ``period`` for a subscription anchored on ``anchor_day``.
+
+    It starts in the month ``period`` names, on the anchor day (the month's last day when
+    it is shorter: anchored on the 31st, February's period starts on the 28th or 29th),
+    and ends where the next one starts. ``anniversary_bounds(15, "2026-11")`` is
+    2026-11-15 to 2026-12-15.
+    """
+    start, following = period_bounds(period)
+    next_end = period_bounds(f"{following:%Y-%m}")[1]
+
+    def on_anchor(month_start: datetime, month_end: datetime) -> datetime:
+        return month_start.replace(day=min(anchor_day, (month_end - timedelta(days=1)).day))
+
+    return on_anchor(start, following), on_anchor(following, next_end)
+
+
+def _midnight(day: date) -> datetime:
+    return datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
+
+
 def _utc_date(at: datetime) -> date:
     if at.tzinfo is None or at.utcoffset() is None:
         raise ValueError(f"a timezone-aware datetime is needed, got {at.isoformat()}")
@@ -147,16 +171,19 @@ class CreditGrant(_Strict):
             raise _error("expires {expires} is before granted_on", ("expires",), expires=str(self.expires))
         return self
 
-    def usable_for(self, period: str) -> bool:
+    def usable_for(self, period: str, since: date | None = None, end: datetime | None = None) -> bool:
         """Usable in a period if granted by its last day and not expired before its end.
 
         Invoices are computed from period aggregates, which do not say when in
         the month the credits were used, so a grant that expires mid-period is
-        not drawn in that period.
+        not drawn in that period. A grant without ``granted_on`` starts with the
+        customer's assignment (``since``: its ``effective_from``), so it is never
+        spent on periods billed before the customer had it.
         """
-        _, end = period_bounds(period)
+        end = end or period_bounds(period)[1]
         last_day = (end - timedelta(days=1)).date()
-        started = self.granted_on is None or self.granted_on <= last_day
+        granted_on = self.granted_on or since
+        started = granted_on is None or granted_on <= last_day
         alive = self.expires is None or self.expires >= last_day
         return started and alive
 
@@ -176,6 +203,24 @@ def _shipped_price_book() -> PriceBook:
     return load_price_book(None)
 
 
+class MeterCharge(ChargeModel):
+    """A charge of its own on one meter (Lago's charge on a billable metric), e.g.::
+
+        - {name: Documents, meter: documents, measure: events, model: package,
+           package_size: "100", package_price: "5", free_units: "200"}
+
+    ``measure`` is what is counted in the period: ``events`` (how many events of the
+    meter), ``credits`` (the credits they were rated at) or ``max`` (the largest
+    quantity reported, like seats). A meter with its own charge is billed by it and
+    leaves the credits pool (included credits and overage); credits stay the unit of
+    everything else.
+    """
+
+    name: Annotated[str, Field(min_length=1, max_length=128)]
+    meter: Meter
+    measure: Literal["events", "credits", "max"] = "events"
+
+
 class PlanVersion(_Strict):
     """One version of a plan: its rate card (price book) and its period charges."""
 
@@ -184,6 +229,8 @@ class PlanVersion(_Strict):
     #: Resolved at load time; its ``version`` is this plan version's string.
     price_book: PriceBook = Field(default="default", validate_default=True)
     base_fee: Price = ZERO
+    #: When the base fee is billed: on the period's own invoice, or on the one before (invoice.py, rule 2).
+    base_fee_timing: Literal["in_arrears", "in_advance"] = "in_arrears"
     included_credits: Price = ZERO
     #: Charge model for credits above the included allowance (tiers count overage credits).
     overage: ChargeModel
@@ -195,6 +242,17 @@ class PlanVersion(_Strict):
     #: Money per active seat (the period's maximum ``seats`` meter quantity).
     seat_fee: Price = ZERO
     outcome_prices: dict[str, OutcomeMoneyPrice] = Field(default_factory=dict)
+    #: Charges of their own, each on one meter with its own model (beside the credits overage).
+    charges: tuple[MeterCharge, ...] = ()
+
+    @model_validator(mode="after")
+    def _one_charge_per_meter(self) -> PlanVersion:
+        seen: set[str] = set()
+        for index, charge in enumerate(self.charges):
+            if charge.meter in seen:
+                raise _error("meter {m} already has a charge", ("charges", index, "meter"), m=charge.meter)
+            seen.add(charge.meter)
+        return self
 
     @field_validator("price_book", mode="before")
     @classmethod
@@ -290,11 +348,99 @@ def _fill_grant_ids(grants: Any) -> Any:
     return filled
 
 
+class ChangeRule(StrEnum):
+    """When a change mid-period takes effect, for every charge alike (chosen per assignment)."""
+
+    #: From the next period: the whole period is billed (and its events rated) on the plan
+    #: version and terms in effect at its start.
+    NEXT_PERIOD = "next_period"
+    #: At once: the period is split at the change; usage before and after is billed on the
+    #: terms of its part, and fixed fees (base fee, seats), included credits and the
+    #: commitment are prorated by the day.
+    IMMEDIATE = "immediate"
+
+
+Percent = Annotated[Price, Field(le=100)]
+
+
+class AssignmentChange(_Strict):
+    """A dated change of a customer's plan or discount (what is not given stays as it was)."""
+
+    effective_from: date
+    plan: str | None = None
+    discount_percent: Annotated[Percent | None, BeforeValidator(null_to_none)] = None
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A part of a billing period with one plan version and one set of terms: [start, end)."""
+
+    start: datetime
+    end: datetime
+    plan_id: str
+    version: PlanVersion
+    discount_percent: Decimal
+
+    @property
+    def days(self) -> int:
+        return (self.end - self.start).days
+
+
 class CustomerPlan(_Strict):
+    """A customer's assignment: plan, discount and grants, with effective dates.
+
+    ``effective_from`` (default: since always) starts the subscription and
+    ``cancelled_from`` ends it (exclusive): a period they cut is billed for its days
+    only. ``changes`` are dated plan or discount changes, applied by ``change_rule``.
+    """
+
     plan: str
     #: Percent off the usage-based lines (overage, credits applied, outcomes); see invoice.py.
-    discount_percent: Annotated[Price, Field(le=100)] = ZERO
+    discount_percent: Percent = ZERO
     grants: tuple[CreditGrant, ...] = ()
+    effective_from: Annotated[date | None, BeforeValidator(null_to_none)] = None
+    cancelled_from: Annotated[date | None, BeforeValidator(null_to_none)] = None
+    change_rule: ChangeRule = ChangeRule.NEXT_PERIOD
+    changes: tuple[AssignmentChange, ...] = ()
+    #: ``calendar`` months (UTC), or ``anniversary`` periods anchored on ``effective_from``'s day.
+    billing_anchor: Literal["calendar", "anniversary"] = "calendar"
+
+    def terms_at(self, day: date) -> tuple[str, Decimal]:
+        """(plan, discount) in effect on ``day``."""
+        plan, discount = self.plan, self.discount_percent
+        for change in self.changes:
+            if change.effective_from > day:
+                break
+            plan = change.plan or plan
+            discount = discount if change.discount_percent is None else change.discount_percent
+        return plan, discount
+
+    @model_validator(mode="after")
+    def _dates_in_order(self) -> CustomerPlan:
+        previous = self.effective_from
+        for index, change in enumerate(self.changes):
+            if previous is not None and change.effective_from <= previous:
+                raise _error("changes must be after effective_from and in date order", ("changes", index, "effective_from"))
+            previous = change.effective_from
+        if self.cancelled_from and self.effective_from and self.cancelled_from <= self.effective_from:
+            raise _error("cancelled_from must be after effective_from", ("cancelled_from",))
+        if self.billing_anchor == "anniversary" and self.effective_from is None:
+            raise _error("anniversary billing needs effective_from (the anchor date)", ("billing_anchor",))
+        return self
+
+    def billing_bounds(self, period: str) -> tuple[datetime, datetime]:
+        """[start, end) of the billing period labelled ``period`` (the month it starts in)."""
+        if self.billing_anchor == "anniversary" and self.effective_from is not None:
+            return anniversary_bounds(self.effective_from.day, period)
+        return period_bounds(period)
+
+    def billing_period(self, at: datetime) -> str:
+        """The label of the billing period ``at`` falls in."""
+        label = f"{_utc_date(at):%Y-%m}"
+        if self.billing_anchor == "anniversary" and at < self.billing_bounds(label)[0]:
+            start = period_bounds(label)[0]
+            label = f"{start - timedelta(days=1):%Y-%m}"
+        return label
 
     @field_validator("grants", mode="before")
     @classmethod
@@ -322,6 +468,7 @@ class Catalog(_Strict):
     default_plan: Annotated[str | None, BeforeValidator(null_to_none)] = None
     plans: dict[str, Plan]
     customers: dict[str, CustomerPlan] = Field(default_factory=dict)
+    _segment_cache: dict[tuple[str, str], tuple[Segment, ...]] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Catalog:
@@ -337,6 +484,14 @@ class Catalog(_Strict):
                     p=customer.plan,
                     known=self._known,
                 )
+            for index, change in enumerate(customer.changes):
+                if change.plan is not None and change.plan not in self.plans:
+                    raise _error(
+                        "unknown plan {p}; plans: {known}",
+                        ("customers", customer_id, "changes", index, "plan"),
+                        p=change.plan,
+                        known=self._known,
+                    )
         owners: dict[str, str] = {}
         for plan_id, plan in self.plans.items():
             for index, version in enumerate(plan.versions):
@@ -378,24 +533,77 @@ class Catalog(_Strict):
         plan_id = self.customer(customer_id).plan
         return plan_id, self.plans[plan_id]
 
+    def segments(self, customer_id: str, period: str) -> tuple[Segment, ...]:
+        """The parts of ``period`` the customer is billed for, each with one version and one set of terms.
+
+        The one rule for mid-period changes, by the assignment's ``change_rule``:
+        ``next_period`` gives one segment on the terms and plan version in effect at
+        the start of the period (or of the subscription, if it starts inside it);
+        ``immediate`` splits the period at every change of plan, discount or plan
+        version inside it. Either way the subscription's start and cancellation cut
+        the period. Empty when the customer has no subscription in the period.
+        """
+        key = (customer_id, period)
+        cached = self._segment_cache.get(key)
+        if cached is None:
+            cached = self._segment_cache[key] = self._compute_segments(customer_id, period)
+        return cached
+
+    def _compute_segments(self, customer_id: str, period: str) -> tuple[Segment, ...]:
+        assignment = self.customer(customer_id)
+        start, end = assignment.billing_bounds(period)
+        if assignment.effective_from is not None:
+            start = max(start, _midnight(assignment.effective_from))
+        if assignment.cancelled_from is not None:
+            end = min(end, _midnight(assignment.cancelled_from))
+        if start >= end:
+            return ()
+        points = {start}
+        if assignment.change_rule is ChangeRule.IMMEDIATE:
+            plans_used = {assignment.plan, *(c.plan for c in assignment.changes if c.plan)}
+            dates = [c.effective_from for c in assignment.changes]
+            dates += [v.effective_from for p in plans_used for v in self.plans[p].versions]
+            points |= {_midnight(d) for d in dates if start < _midnight(d) < end}
+        bounds = sorted(points) + [end]
+        segments: list[Segment] = []
+        for seg_start, seg_end in zip(bounds, bounds[1:], strict=False):
+            plan_id, discount = assignment.terms_at(seg_start.date())
+            plan = self.plans[plan_id]
+            version = plan.version_at(seg_start)
+            if version is None:
+                first = plan.versions[0]
+                if first.effective_from >= end.date():
+                    raise PlanError(
+                        f"plan {plan_id!r} has no version in effect in {period} (first: {first.effective_from})"
+                    )
+                version = first  # launched inside this part: nothing earlier to keep
+            if segments and (segments[-1].version, segments[-1].discount_percent) == (version, discount):
+                segments[-1] = Segment(segments[-1].start, seg_end, plan_id, version, discount)
+                continue
+            if segments and segments[-1].version is version:
+                raise PlanError(
+                    f"customer {customer_id!r}: the immediate change on {seg_start.date()} keeps plan version "
+                    f"{version.version}, so its usage cannot be split; change the plan or use change_rule next_period"
+                )
+            segments.append(Segment(seg_start, seg_end, plan_id, version, discount))
+        return tuple(segments)
+
     def version_for(self, customer_id: str, at: datetime) -> PlanVersion:
-        """The customer's plan version in effect at ``at``: what rates an event that occurred then."""
-        plan_id, plan = self.plan_for(customer_id)
-        version = plan.version_at(at)
-        if version is None:
-            raise PlanError(
-                f"plan {plan_id!r} has no version in effect at {at.isoformat()} "
-                f"(first: {plan.versions[0].effective_from})"
-            )
-        return version
+        """The plan version that rates an event at ``at``: that of the part of its period it falls in."""
+        period = self.customer(customer_id).billing_period(at)
+        at = at.astimezone(timezone.utc)
+        for segment in self.segments(customer_id, period):
+            if segment.start <= at < segment.end:
+                return segment.version
+        plan_id, _ = self.plan_for(customer_id)
+        raise PlanError(f"customer {customer_id!r} (plan {plan_id!r}) has no plan version in effect at {at.isoformat()}")
 
     def period_version(self, customer_id: str, period: str) -> PlanVersion:
-        """The version whose period charges apply to ``period``: the one in effect at its start."""
-        plan_id, plan = self.plan_for(customer_id)
-        try:
-            return plan.version_for_period(period)
-        except PlanError as exc:
-            raise PlanError(f"plan {plan_id!r}: {exc}") from None
+        """The version at the start of the billed part of ``period`` (the first segment)."""
+        segments = self.segments(customer_id, period)
+        if not segments:
+            raise PlanError(f"customer {customer_id!r} has no subscription in {period}")
+        return segments[0].version
 
     def version_named(self, name: str) -> PlanVersion | None:
         """The version a rated row's ``price_book_version`` names, in any plan."""
@@ -424,7 +632,16 @@ class Catalog(_Strict):
 
     def rate(self, event: UsageEvent | OutcomeEvent) -> RatedUsage:
         """Rate an event with the rate card in effect for its customer when it occurred."""
-        return rate_event(event, self.price_book_for(event.customer_id, event.occurred_at))
+        rated = rate_event(event, self.price_book_for(event.customer_id, event.occurred_at))
+        customer = self.customers.get(event.customer_id)
+        if customer is not None and customer.billing_anchor == "anniversary":
+            # Rated rows (and the store) are keyed by billing period, labelled by the month it starts in.
+            rated = rated.model_copy(update={"period": customer.billing_period(event.occurred_at)})
+        return rated
+
+    def billing_bounds(self, customer_id: str, period: str) -> tuple[datetime, datetime]:
+        """[start, end) of the customer's billing period ``period`` (calendar month or anniversary)."""
+        return self.customer(customer_id).billing_bounds(period)
 
 
 def format_location(loc: Sequence[str | int]) -> str:

@@ -124,6 +124,7 @@ def create_app(
         seen=state,
         late_grace=timedelta(seconds=worker.late_grace_seconds),
         clock=clock,
+        outcomes=state,
     )
 
     app = faust.App(

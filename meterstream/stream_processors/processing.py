@@ -27,8 +27,9 @@ from meterstream.budgets import (
     run_decision,
     thresholds_to_alert,
 )
-from meterstream.pricing.plans import Catalog, PlanError, period_bounds
+from meterstream.pricing.plans import Catalog, PlanError
 from meterstream.pricing.rating import RatingError
+from meterstream.pricing.reversals import ReversalRefused, is_reversal, reverse_billed_outcome
 from meterstream.schemas.events import OutcomeEvent, UsageEvent
 from meterstream.schemas.records import (
     AlertKind,
@@ -100,6 +101,8 @@ class BatchResult:
     #: New ``(credits, steps)`` totals per ``customer|run_id`` the batch touched.
     runs: dict[str, tuple[Decimal, int]] = field(default_factory=dict)
     duplicates: int = 0
+    #: ``customer|outcome id`` -> the id of the reversal this batch accepted for it.
+    reversals: dict[str, str] = field(default_factory=dict)
 
 
 class SpendHistory(Protocol):
@@ -126,6 +129,36 @@ class SeenEvents(Protocol):
     def __contains__(self, key: str) -> bool: ...
 
     def add(self, key: str) -> None: ...
+
+
+class BilledOutcomes(Protocol):
+    """The outcomes already billed and which of them are reversed (see meterstream.pricing.reversals)."""
+
+    def billed_outcome(self, customer_id: str, event_id: str) -> RatedUsage | None: ...
+
+    def reversed_by(self, customer_id: str, event_id: str) -> str | None: ...
+
+    def remember(self, result: BatchResult) -> None: ...
+
+
+class OutcomeBook:
+    """An in-memory :class:`BilledOutcomes` (offline runs and tests); the worker's lives in the store."""
+
+    def __init__(self) -> None:
+        self.outcomes: dict[str, RatedUsage] = {}
+        self.reversals: dict[str, str] = {}
+
+    def billed_outcome(self, customer_id: str, event_id: str) -> RatedUsage | None:
+        return self.outcomes.get(dedupe_key(customer_id, event_id))
+
+    def reversed_by(self, customer_id: str, event_id: str) -> str | None:
+        return self.reversals.get(dedupe_key(customer_id, event_id))
+
+    def remember(self, result: BatchResult) -> None:
+        for row in result.rated:
+            if row.kind == "outcome" and not is_reversal(row):
+                self.outcomes[dedupe_key(row.customer_id, row.event_id)] = row
+        self.reversals.update(result.reversals)
 
 
 def dedupe_key(customer_id: str, event_id: str) -> str:
@@ -194,6 +227,7 @@ class BatchProcessor:
         seen: SeenEvents | None = None,
         late_grace: timedelta = timedelta(days=3),
         clock: Clock = utc_now,
+        outcomes: BilledOutcomes | None = None,
     ) -> None:
         self.catalog = catalog
         self.clock = clock
@@ -201,6 +235,7 @@ class BatchProcessor:
         self.budgets = budgets
         self.window_seconds = window_seconds
         self.seen: SeenEvents = seen if seen is not None else RecentIds()
+        self.outcomes: BilledOutcomes = outcomes if outcomes is not None else OutcomeBook()
 
     def process(
         self,
@@ -219,6 +254,7 @@ class BatchProcessor:
         result = BatchResult()
         batch_ids: set[str] = set()
         accepted: list[tuple[UsageEvent | OutcomeEvent, RatedUsage]] = []
+        batch_outcomes: dict[str, RatedUsage] = {}
 
         decoded_messages = [
             (message, decode_event(message.value, message.kind, received_at(message.timestamp_ms, now)))
@@ -240,8 +276,28 @@ class BatchProcessor:
             except (RatingError, PlanError) as exc:
                 result.dead_letters.append(self._dead_letter(message, str(exc), now))
                 continue
-            if self._closed(rated.period, now):
-                rated = rated.model_copy(update={"billed_in": now.strftime("%Y-%m")})
+            if self._closed(rated.customer_id, rated.period, now):
+                # Billed on the customer's open period (an anniversary period may not match the month).
+                billed_in = self.catalog.customer(rated.customer_id).billing_period(now)
+                rated = rated.model_copy(update={"billed_in": billed_in})
+            if rated.kind == "outcome":
+                if isinstance(decoded, OutcomeEvent) and decoded.reversal_of:
+                    # Matched to a billed outcome, once, at its price; else refused and kept.
+                    target = dedupe_key(decoded.customer_id, decoded.reversal_of)
+                    original = batch_outcomes.get(target) or self.outcomes.billed_outcome(
+                        decoded.customer_id, decoded.reversal_of
+                    )
+                    reversed_by = result.reversals.get(target) or self.outcomes.reversed_by(
+                        decoded.customer_id, decoded.reversal_of
+                    )
+                    try:
+                        rated = reverse_billed_outcome(decoded, rated, original, reversed_by)
+                    except ReversalRefused as exc:
+                        result.dead_letters.append(self._dead_letter(message, str(exc), now))
+                        continue
+                    result.reversals[target] = decoded.event_id
+                else:
+                    batch_outcomes[key] = rated
             batch_ids.add(key)
             accepted.append((decoded, rated))
             result.rated.append(rated)
@@ -333,9 +389,9 @@ class BatchProcessor:
             self._spikes(result, history, now)
         return result
 
-    def _closed(self, period: str, now: datetime) -> bool:
-        """Whether ``period`` has ended and its grace has passed (its invoice is closed)."""
-        return now >= period_bounds(period)[1] + self.late_grace
+    def _closed(self, customer_id: str, period: str, now: datetime) -> bool:
+        """Whether the customer's ``period`` has ended and its grace has passed (its invoice is closed)."""
+        return now >= self.catalog.billing_bounds(customer_id, period)[1] + self.late_grace
 
     @staticmethod
     def _velocity(history: SpendHistory, customer_id: str, now: datetime) -> Decimal:
@@ -417,6 +473,7 @@ class BatchProcessor:
         """Remember the batch's events once its writes have succeeded."""
         for row in result.rated:
             self.seen.add(dedupe_key(row.customer_id, row.event_id))
+        self.outcomes.remember(result)
 
     @staticmethod
     def _dead_letter(message: InboundMessage, reason: str, now: datetime) -> DeadLetter:

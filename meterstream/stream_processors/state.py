@@ -36,6 +36,7 @@ from typing import Any
 
 from meterstream.clock import Clock, utc_now
 from meterstream.schemas.events import OutcomeEvent, UsageEvent
+from meterstream.schemas.records import RatedUsage
 from meterstream.storage.clickhouse import ClickHouseStore
 from meterstream.stream_processors.processing import (
     BatchResult,
@@ -48,6 +49,20 @@ from meterstream.stream_processors.processing import (
 )
 
 log = logging.getLogger(__name__)
+
+# The outcomes that reversals in a batch name, and the reversals already accepted for them
+# (events_raw keeps only accepted events; refused reversals went to the dead-letter topic).
+_BILLED_OUTCOMES = """
+SELECT * EXCEPT (rated_at)
+FROM usage_rated FINAL
+WHERE customer_id IN {customers:Array(String)} AND event_id IN {ids:Array(String)} AND kind = 'outcome'
+"""
+_ACCEPTED_REVERSALS = """
+SELECT customer_id, event_id, JSONExtractString(payload, 'reversal_of') AS reversal_of
+FROM events_raw FINAL
+WHERE kind = 'outcome' AND customer_id IN {customers:Array(String)}
+  AND JSONExtractString(payload, 'reversal_of') IN {ids:Array(String)}
+"""
 
 _MONTH_TO_DATE = """
 SELECT customer_id, period, sum(credits) AS credits, sum(cost_to_serve) AS cost_to_serve,
@@ -156,6 +171,10 @@ class StoreBackedState:
         self._windows_complete = False
         #: Only customers whose budget caps runs need run totals.
         self.run_capped = run_capped
+        #: customer|outcome id -> its billed row (None: not billed), for reversals.
+        self.billed: dict[str, RatedUsage | None] = {}
+        #: customer|outcome id -> the accepted reversal of it.
+        self.reversed: dict[str, str] = {}
 
     # -- the SeenEvents protocol -----------------------------------------------------------------
 
@@ -176,6 +195,8 @@ class StoreBackedState:
         self.stored_upto = None
         self._complete_periods = set()
         self._windows_complete = False
+        self.billed.clear()
+        self.reversed.clear()
 
     def month_to_date(self, key: str) -> MonthToDate:
         return self.month_to_date_cache.get(key) or MonthToDate()
@@ -227,6 +248,14 @@ class StoreBackedState:
             self._load_windows({e.customer_id for e in events} - self._window_customers)
         self._load_runs(
             {f"{e.customer_id}|{e.run_id}" for e in events if e.run_id and self.run_capped(e.customer_id)} - set(self.runs)
+        )
+        self._load_reversal_targets(
+            {
+                dedupe_key(e.customer_id, e.reversal_of)
+                for e in events
+                if isinstance(e, OutcomeEvent) and e.reversal_of
+            }
+            - set(self.billed)
         )
         replayed = [
             event
@@ -298,6 +327,42 @@ class StoreBackedState:
         for key in keys:
             self.runs[key] = found.get(key, (Decimal(0), 0))
 
+    def _load_reversal_targets(self, keys: set[str]) -> None:
+        if not keys:
+            return
+        params = {
+            "customers": sorted({k.split("|", 1)[0] for k in keys}),
+            "ids": sorted({k.split("|", 1)[1] for k in keys}),
+        }
+        for key in keys:
+            self.billed[key] = None
+        fields = RatedUsage.model_fields
+        for row in self._query(_BILLED_OUTCOMES, params):
+            key = dedupe_key(row["customer_id"], row["event_id"])
+            if key in keys:
+                values = {name: value for name, value in row.items() if name in fields}
+                if values["occurred_at"].tzinfo is None:
+                    values["occurred_at"] = values["occurred_at"].replace(tzinfo=timezone.utc)
+                self.billed[key] = RatedUsage(**values)
+        for row in self._query(_ACCEPTED_REVERSALS, params):
+            key = dedupe_key(row["customer_id"], row["reversal_of"])
+            if key in keys:
+                self.reversed.setdefault(key, row["event_id"])
+
+    # -- the BilledOutcomes protocol ---------------------------------------------------------------
+
+    def billed_outcome(self, customer_id: str, event_id: str) -> RatedUsage | None:
+        return self.billed.get(dedupe_key(customer_id, event_id))
+
+    def reversed_by(self, customer_id: str, event_id: str) -> str | None:
+        return self.reversed.get(dedupe_key(customer_id, event_id))
+
+    def remember(self, result: BatchResult) -> None:
+        for row in result.rated:
+            if row.kind == "outcome" and not row.rule.endswith(":reversal"):
+                self.billed[dedupe_key(row.customer_id, row.event_id)] = row
+        self.reversed.update(result.reversals)
+
     # -- the SpendHistory protocol -----------------------------------------------------------------
 
     def run_totals(self, customer_id: str, run_id: str) -> tuple[Decimal, int]:
@@ -331,6 +396,7 @@ class StoreBackedState:
             current.tokens += counts.tokens
         for row in result.rated:
             self.recent.add(dedupe_key(row.customer_id, row.event_id))
+        self.remember(result)
         self._stored_in_batch = set()
 
     def expire_windows(self, now: datetime | None = None) -> int:

@@ -299,7 +299,7 @@ def test_migrating_a_store_with_usage_counts_its_days_and_settles_it(
         migrate(client, before)
         store = ClickHouseStore(client)
         _load(store, catalog)  # rows (and a resend) that predate 007
-        assert migrate(client) == ["007_settled_usage.sql"]
+        assert migrate(client)[0] == "007_settled_usage.sql"  # then any later ones
         assert migrate(client) == []
         counts = dict(
             store.query(

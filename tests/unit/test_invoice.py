@@ -128,10 +128,11 @@ def test_example_catalog_invoice_for_acme() -> None:
     # acme: the growth-2026-11 version (PRICING.md's plan), 10% discount, a free and a prepaid grant.
     catalog = load_catalog(EXAMPLE)
     invoice = compute_invoice("acme", "2026-11", PeriodUsage(credits=D(180000)), catalog, as_of=AFTER)
-    # 130,000 overage credits, 25,000 paid by grants: 100,000 × 0.012 + 5,000 × 0.010 billed = 1,250.00.
-    assert amounts(invoice, "credits_applied") == [D("-50.00"), D("-200.00")]
-    assert amounts(invoice, "discount") == [D("-125.00")]
-    assert invoice.total == D("500.00") + D("1250.00") - D("125.00")
+    # 130,000 overage credits cost 1,500.00 (average 1,500/130,000); 25,000 paid by grants at that average:
+    # 5,000 free -> 57.69; 25,000 cumulative -> 288.46, so the prepaid line is 230.77. Billed 1,211.54.
+    assert amounts(invoice, "credits_applied") == [D("-57.69"), D("-230.77")]
+    assert amounts(invoice, "discount") == [D("-121.15")]
+    assert invoice.total == D("500.00") + D("1211.54") - D("121.15")
 
 
 # --- commitments -------------------------------------------------------------------------------------
@@ -168,23 +169,23 @@ def test_commitment_is_measured_after_discount_and_excludes_the_base_fee() -> No
 def test_prepaid_credits_reduce_the_overage_billed() -> None:
     catalog = make_catalog(customer={"grants": [{"kind": "prepaid", "credits": "20000"}]})
     invoice = invoice_for(180_000, catalog)
-    # 130,000 overage credits, 20,000 prepaid: billed as 110,000 from the first tier.
-    assert amounts(invoice, "credits_applied") == [D("-200.00")]
-    assert invoice.total == D("500.00") + D("1200.00") + D("100.00")
+    # 130,000 overage credits cost 1,500.00; 20,000 prepaid at the average: 1,500 × 20,000 / 130,000 = 230.77.
+    assert amounts(invoice, "credits_applied") == [D("-230.77")]
+    assert invoice.total == D("500.00") + D("1500.00") - D("230.77")
     assert (invoice.usage.grant_credits_applied, invoice.usage.billed_overage_credits) == (D(20000), D(110000))
     (draw,) = invoice.grants
     assert (draw.opening_credits, draw.drawn_credits, draw.closing_credits) == (D(20000), D(20000), D(0))
 
 
-def test_credits_applied_across_tiers_shows_each_band() -> None:
+def test_credits_applied_are_valued_at_the_average_overage_price() -> None:
     catalog = make_catalog(customer={"grants": [{"kind": "prepaid", "credits": "40000"}]})
     invoice = invoice_for(180_000, catalog)
-    applied = [line for line in invoice.lines if line.kind == "credits_applied"]
-    assert [(line.quantity, line.unit_price, line.amount) for line in applied] == [
-        (D(-10000), D("0.012"), D("-120.00")),
-        (D(-30000), D("0.010"), D("-300.00")),
-    ]
-    assert invoice.total == D("500.00") + D("90000") * D("0.012")
+    (applied,) = [line for line in invoice.lines if line.kind == "credits_applied"]
+    # Not the cheapest tier (0.010) nor the first (0.012): 1,500.00 / 130,000 credits each.
+    assert (applied.quantity, applied.unit_price, applied.amount) == (
+        D(-40000), D("1500.00") / D(130000), D("-461.54")
+    )
+    assert invoice.total == D("500.00") + D("1500.00") - D("461.54")
 
 
 def test_free_credits_expiring_before_the_period_ends_are_ignored() -> None:
@@ -195,7 +196,7 @@ def test_free_credits_expiring_before_the_period_ends_are_ignored() -> None:
     assert invoice.grants[0].usable is False
     # Expiring on the last day of the period still counts.
     grants[0]["expires"] = "2025-02-28"
-    assert invoice_for(180_000, make_catalog(customer={"grants": grants})).total == D("1700.00")
+    assert invoice_for(180_000, make_catalog(customer={"grants": grants})).total == D("2000.00") - D("346.15")
 
 
 def test_free_credits_are_drawn_before_prepaid() -> None:
@@ -222,15 +223,29 @@ def test_grants_do_not_touch_usage_within_the_allowance() -> None:
     assert invoice.grants[0].drawn_credits == 0 and invoice.total == D("500.00")
 
 
-def test_grants_against_volume_overage_credit_the_difference() -> None:
+def test_grants_against_volume_overage_never_raise_the_bill() -> None:
     volume = {"model": "volume", "tiers": GRADUATED["tiers"]}
     catalog = make_catalog(overage=volume, customer={"grants": [{"kind": "prepaid", "credits": "40000"}]})
     invoice = invoice_for(180_000, catalog)
-    # 130,000 at 0.010 = 1,300.00; billed 90,000 at 0.012 = 1,080.00; credited 220.00.
+    # 130,000 at 0.010 = 1,300.00. As extra allowance the grant would bill 90,000 at the 0.012 tier
+    # (1,080.00, a credit of only 220.00); at the average price it takes 40,000 × 0.010 = 400.00 off.
     assert amounts(invoice, "overage") == [D("1300.00")]
     (applied,) = [line for line in invoice.lines if line.kind == "credits_applied"]
-    assert (applied.quantity, applied.unit_price, applied.amount) == (D(-40000), None, D("-220.00"))
-    assert invoice.total == D("1580.00")
+    assert (applied.quantity, applied.unit_price, applied.amount) == (D(-40000), D("0.01"), D("-400.00"))
+    assert invoice.total == D("1400.00")
+
+
+def test_issue_14_volume_grant_of_one_credit_lowers_the_bill() -> None:
+    # The reported case: 100,001 overage credits on volume tiers and a 1-credit prepaid grant.
+    tiers = [{"up_to": "100000", "unit_price": "0.0015"}, {"up_to": None, "unit_price": "0.0010"}]
+    plan = {"model": "volume", "tiers": tiers}
+    without = invoice_for(100_001, make_catalog(overage=plan, base_fee="0", included_credits="0"))
+    catalog = make_catalog(overage=plan, base_fee="0", included_credits="0",
+                           customer={"grants": [{"kind": "prepaid", "credits": "1"}]})  # fmt: skip
+    with_grant = invoice_for(100_001, catalog)
+    assert without.total == D("100.00")
+    assert with_grant.total <= without.total
+    assert with_grant.total == D("100.00")  # 1 credit at 0.001 rounds to 0.00 off
 
 
 # --- discount ------------------------------------------------------------------------------------------
@@ -344,15 +359,28 @@ def test_events_either_side_of_a_price_change_are_rated_then_invoiced_on_the_per
             | {"credits_per_1k": {"input": "0.25", "output": "1.0"}}
         }
     }
+    # next_period (the default): the whole of March, events included, is on the version at its start.
     catalog = parse_catalog(data)
     before = catalog.rate(make_usage(event_id="e1", occurred_at=datetime(2025, 3, 10, tzinfo=timezone.utc)))
     after = catalog.rate(make_usage(event_id="e2", occurred_at=datetime(2025, 3, 20, tzinfo=timezone.utc)))
-    assert (before.credits, after.credits) == (D(6), D(12))  # the new rate card from its date
+    assert (before.credits, after.credits) == (D(6), D(6))
     invoice = compute_invoice("acme", "2025-03", PeriodUsage.from_rated([before, after]), catalog, as_of=AFTER)
-    assert invoice.plan_version == "growth-2025-01"  # period charges: the version at the period start
-    assert invoice.usage.credits_used == D(18)
+    assert invoice.plan_versions == ("growth-2025-01",)
+    assert invoice.usage.credits_used == D(12)
     assert invoice.total == D("500.00")
     assert invoice.usage.cost_to_serve == D("0.12")
+
+    # immediate: the new rate card and the new period charges from the 15th, fixed fees by the day.
+    data["customers"]["acme"]["change_rule"] = "immediate"
+    catalog = parse_catalog(data)
+    before = catalog.rate(make_usage(event_id="e1", occurred_at=datetime(2025, 3, 10, tzinfo=timezone.utc)))
+    after = catalog.rate(make_usage(event_id="e2", occurred_at=datetime(2025, 3, 20, tzinfo=timezone.utc)))
+    assert (before.credits, after.credits) == (D(6), D(12))
+    invoice = compute_invoice("acme", "2025-03", PeriodUsage.from_rated([before, after]), catalog, as_of=AFTER)
+    assert invoice.plan_versions == ("growth-2025-01", "growth-2025-03-15")
+    # 500 × 14/31 = 225.81 and 900 × 17/31 = 493.55; 12 credits are within 10,000 × 17/31.
+    assert amounts(invoice, "base_fee") == [D("225.81"), D("493.55")]
+    assert invoice.total == D("719.36")
 
 
 # --- status, errors, output ------------------------------------------------------------------------------
@@ -379,7 +407,7 @@ def test_invoice_json_has_decimals_as_strings_and_round_trips() -> None:
     catalog = make_catalog(customer={"grants": [{"kind": "prepaid", "credits": "20000"}], "discount_percent": "10"})
     invoice = invoice_for(180_000, catalog)
     data = json.loads(invoice.model_dump_json())
-    assert data["total"] == "1670.00"  # 500 + 1,300 − 130
+    assert data["total"] == "1642.31"  # 500 + (1,500 − 230.77) − 126.92
     assert data["lines"][0]["amount"] == "500.00"
     assert all(isinstance(line["amount"], str) for line in data["lines"])
     assert Invoice.model_validate_json(invoice.model_dump_json()) == invoice
@@ -396,10 +424,10 @@ def test_render_invoice_text() -> None:
     text = render_invoice_text(invoice_for(180_000, catalog))
     assert "INVOICE\n" in text and "Customer: acme" in text and "growth-2025-01" in text
     assert "Overage credits 0–100,000" in text and "1,200.00" in text
-    assert "Prepaid credits (pp): overage 110,000–130,000" in text
+    assert "Prepaid credits (pp): 20,000 at the average overage price" in text
     assert text.splitlines()[-1] != ""  # no trailing blank line
     total_line = next(line for line in text.splitlines() if line.startswith("Total (USD)"))
-    assert total_line.endswith("1,800.00")
+    assert total_line.endswith("1,769.23")
     preview = render_invoice_text(invoice_for(0, as_of=datetime(2025, 2, 1, tzinfo=timezone.utc)))
     assert preview.startswith("INVOICE PREVIEW")
 
@@ -574,9 +602,10 @@ def test_total_is_the_sum_of_rounded_lines(
         assert line.amount == line.amount.quantize(D("0.01"))
     usage_based = sum((line.amount for line in invoice.lines if line.kind in USAGE_BASED_KINDS), D(0))
     discount = sum((line.amount for line in invoice.lines if line.kind == "discount"), D(0))
-    assert usage_based + discount + sum(amounts(invoice, "commitment_true_up"), D(0)) >= D(
-        version["minimum_commitment"]
-    ).quantize(D("0.01"))
+    if D(version["minimum_commitment"]):  # without a commitment, reversals may take usage below zero
+        assert usage_based + discount + sum(amounts(invoice, "commitment_true_up"), D(0)) >= D(
+            version["minimum_commitment"]
+        ).quantize(D("0.01"))
     assert invoice.usage.grant_credits_applied <= invoice.usage.overage_credits
 
 
@@ -603,14 +632,13 @@ def test_splitting_usage_across_events_never_changes_the_invoice(
 
 
 @given(customers(), versions(), credit_amounts)
-def test_grants_act_as_extra_included_credits(
+def test_grants_are_valued_at_the_average_overage_price(
     customer: dict[str, Any], version: dict[str, Any], credits: Decimal
 ) -> None:
-    # Exact to the cent: credits applied are differences of rounded overage lines.
-    customer = {**customer, "discount_percent": "0"}
-    with_grants = invoice_for(credits, make_catalog(customer=customer, **version))
-    included = D(version["included_credits"]) + with_grants.usage.grant_credits_applied
-    without = invoice_for(credits, make_catalog(**{**version, "included_credits": str(included)}))
-    assert with_grants.total == without.total
-    billed_overage = sum(amounts(with_grants, "overage") + amounts(with_grants, "credits_applied"), D(0))
-    assert billed_overage == sum(amounts(without, "overage"), D(0))
+    # Exact to the cent: the credits applied are one rounding of overage total × drawn ÷ overage.
+    invoice = invoice_for(credits, make_catalog(customer=customer, **version))
+    overage_total = sum(amounts(invoice, "overage"), D(0))
+    drawn, overage = invoice.usage.grant_credits_applied, invoice.usage.overage_credits
+    expected = (overage_total * drawn / overage).quantize(D("0.01"), rounding="ROUND_HALF_UP") if overage else D(0)
+    assert -sum(amounts(invoice, "credits_applied"), D(0)) == expected
+    assert 0 <= expected <= overage_total

@@ -77,7 +77,8 @@ CATALOG: dict[str, Any] = {
             ]
         },
     },
-    "customers": {"acme": {"plan": "growth"}},
+    # Immediate: a price change applies from its date, to the events and (prorated) to the period charges.
+    "customers": {"acme": {"plan": "growth", "change_rule": "immediate"}},
 }
 
 
@@ -182,6 +183,37 @@ def test_events_are_rated_with_the_rate_card_in_effect_when_they_occurred(
     # 12,000 input + 3,000 output tokens: 3 + 3 credits on the old card, 6 + 6 on the new one.
     assert (before.credits, before.price_book_version) == (D(6), "growth-2025-01")
     assert (after.credits, after.price_book_version) == (D(12), "growth-2025-03-15")
+
+
+def test_with_next_period_a_change_applies_to_events_and_charges_from_the_next_period(
+    make_usage: Callable[..., UsageEvent],
+) -> None:
+    data = catalog_with()
+    data["customers"]["acme"]["change_rule"] = "next_period"
+    catalog = parse_catalog(data)
+    after = catalog.rate(make_usage(event_id="e2", occurred_at=utc(2025, 3, 20)))
+    assert (after.credits, after.price_book_version) == (D(6), "growth-2025-01")
+    assert catalog.version_for("acme", utc(2025, 4, 1)).version == "growth-2025-03-15"
+    assert [s.version.version for s in catalog.segments("acme", "2025-03")] == ["growth-2025-01"]
+
+
+def test_assignment_changes_subscription_start_and_cancellation_cut_the_period() -> None:
+    data = catalog_with()
+    data["customers"]["acme"] = {
+        "plan": "basic", "change_rule": "immediate", "effective_from": "2025-02-10", "cancelled_from": "2025-04-20",
+        "changes": [{"effective_from": "2025-03-05", "plan": "growth", "discount_percent": "10"}],
+    }  # fmt: skip
+    catalog = parse_catalog(data)
+    assert catalog.segments("acme", "2025-01") == ()
+    feb = catalog.segments("acme", "2025-02")
+    assert [(s.start.day, s.days, s.plan_id) for s in feb] == [(10, 19, "basic")]
+    march = catalog.segments("acme", "2025-03")
+    assert [(s.start.day, s.days, s.version.version, s.discount_percent) for s in march] == [
+        (1, 4, "basic-1", D(0)), (5, 10, "growth-2025-01", D(10)), (15, 17, "growth-2025-03-15", D(10)),
+    ]  # fmt: skip
+    assert [(s.start.day, s.days) for s in catalog.segments("acme", "2025-04")] == [(1, 19)]
+    with pytest.raises(PlanError, match="no plan version in effect"):
+        catalog.version_for("acme", utc(2025, 4, 25))
 
 
 def test_unknown_customer_without_default_plan_is_a_clear_error(catalog: Catalog) -> None:
