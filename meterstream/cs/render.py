@@ -18,6 +18,8 @@ from enum import StrEnum
 from typing import Any, TextIO
 
 from rich.console import Console
+
+from meterstream.storage import clickhouse
 from rich.table import Table
 
 from meterstream.pricing.money import round_money
@@ -57,9 +59,7 @@ class Report:
         return self.fields if self.fields is not None else [c.key for c in self.columns]
 
 
-def as_utc(value: datetime) -> datetime:
-    """ClickHouse DateTime('UTC') values arrive naive from chDB: they are UTC."""
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+as_utc = clickhouse.as_utc  # one rule for timestamps read from the store
 
 
 def plain(value: Any) -> Any:

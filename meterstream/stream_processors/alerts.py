@@ -186,7 +186,7 @@ def current_states(store: ClickHouseStore, budgets: BudgetBook, now: datetime | 
     for customer in names:
         row = rows.get(customer)
         spent = row["credits"] if row else Decimal(0)
-        watermark = row["watermark"].astimezone(timezone.utc) if row else epoch
+        watermark = row["watermark"] if row else epoch
         states.append(customer_decision(customer, period, spent, budgets.customers[customer], watermark=watermark, now=now))
     return states
 

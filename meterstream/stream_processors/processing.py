@@ -259,6 +259,9 @@ class BatchProcessor:
         history = history or NoHistory()
         running: dict[str, _Running] = {}
         budget_of: dict[str, Budget | None] = {}
+        #: Credits of this batch per customer in the last hour: the history does not hold them yet.
+        batch_hour: dict[str, Decimal] = {}
+        hour_ago = now - timedelta(hours=1)
         window_seconds = self.window_seconds
         for event, rated in accepted:
             customer = rated.customer_id
@@ -281,9 +284,13 @@ class BatchProcessor:
             else:
                 budget = budget_of[customer] = self.budgets.for_customer(customer)
             if budget is not None:
+                if hour_ago <= rated.occurred_at <= now:
+                    batch_hour[customer] = batch_hour.get(customer, ZERO) + rated.credits
                 crossed = thresholds_to_alert(acc.credits, budget, acc.alerted)
                 if crossed:
-                    velocity = self._velocity(history, customer, now)
+                    # The first spend of the hour counts too: otherwise its velocity is zero
+                    # and the alert says nothing about when the budget runs out.
+                    velocity = self._velocity(history, customer, now) + batch_hour.get(customer, ZERO) / 3600
                     eta = projected_exhaustion(acc.credits, budget.monthly_credits, velocity, now)
                 for threshold in crossed:
                     result.alerts.append(

@@ -281,7 +281,7 @@ class StoreBackedState:
 
     def _add_windows(self, rows: list[dict[str, Any]]) -> None:
         for row in rows:
-            start = row["start"].astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            start = row["start"].strftime("%Y-%m-%dT%H:%M:%SZ")
             self.windows.setdefault(row["customer_id"], {})[start] = WindowCounts(
                 credits=row["credits"], cost_to_serve=row["cost_to_serve"],
                 events=int(row["events"]), tokens=int(row["tokens"]),

@@ -171,11 +171,20 @@ def test_a_spend_spike_is_alerted_with_its_hour():
 def test_threshold_alerts_carry_a_projected_exhaustion():
     budgets = BudgetBook.model_validate({"customers": {"acme": {"monthly_credits": "2", "thresholds": [50]}}})
     processor = BatchProcessor(load_catalog(), budgets)
-    # 3600 credits in the last hour -> 1 credit/s; after this event 1 of 2 credits spent -> 1 s left.
+    # 3600 credits stored in the last hour + this event's 1 -> 3601/3600 credit/s; 1 of 2 credits left.
     result = processor.process([_message(1)], lambda k: MonthToDate(), now=NOW,
                                history=History(recent_baseline=(Decimal(3600), Decimal(300))))  # fmt: skip
     [alert] = result.alerts
-    assert alert.projected_exhaustion_at == NOW + timedelta(seconds=1)
+    assert alert.projected_exhaustion_at == NOW + timedelta(seconds=float(Decimal(3600) / Decimal(3601)))
+
+
+def test_the_first_spend_of_the_hour_projects_an_exhaustion():
+    # Nothing stored in the last hour: the batch's own spend is the velocity (1 credit/hour).
+    budgets = BudgetBook.model_validate({"customers": {"acme": {"monthly_credits": "2", "thresholds": [50]}}})
+    result = BatchProcessor(load_catalog(), budgets).process([_message(1)], lambda k: MonthToDate(), now=NOW,
+                                                             history=History())  # fmt: skip
+    [alert] = result.alerts
+    assert alert.projected_exhaustion_at == NOW + timedelta(hours=1)
 
 
 def test_a_cap_in_money_is_converted_at_the_plan_credit_value(tmp_path):
