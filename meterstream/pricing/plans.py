@@ -52,6 +52,7 @@ A version is effective from 00:00 UTC on its ``effective_from`` date.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
@@ -362,6 +363,10 @@ class Catalog(_Strict):
     @property
     def _known(self) -> str:
         return ", ".join(sorted(self.plans))
+
+    def fingerprint(self) -> str:
+        """A digest of every price and rule: two processes rate alike only if theirs are equal."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
 
     def customer(self, customer_id: str) -> CustomerPlan:
         """The customer's assignment, or the default plan with no discount or grants."""

@@ -199,6 +199,7 @@ class BatchProcessor:
         self.budgets = budgets
         self.window_seconds = window_seconds
         self.seen: SeenEvents = seen if seen is not None else RecentIds()
+        self.catalog_fingerprint = catalog.fingerprint()
 
     def process(
         self,
@@ -261,6 +262,8 @@ class BatchProcessor:
         budget_of: dict[str, Budget | None] = {}
         #: Credits of this batch per customer in the last hour: the history does not hold them yet.
         batch_hour: dict[str, Decimal] = {}
+        #: Usage event ids per ``customer|period`` under a hard cap: guards release settled calls by id.
+        counted_ids: dict[str, list[str]] = {}
         hour_ago = now - timedelta(hours=1)
         window_seconds = self.window_seconds
         for event, rated in accepted:
@@ -284,6 +287,8 @@ class BatchProcessor:
             else:
                 budget = budget_of[customer] = self.budgets.for_customer(customer)
             if budget is not None:
+                if budget.action is not ThresholdAction.ALERT and rated.kind == "usage":
+                    counted_ids.setdefault(key, []).append(rated.event_id)
                 if hour_ago <= rated.occurred_at <= now:
                     batch_hour[customer] = batch_hour.get(customer, ZERO) + rated.credits
                 crossed = thresholds_to_alert(acc.credits, budget, acc.alerted)
@@ -329,8 +334,9 @@ class BatchProcessor:
             if budget is None or period != current_period:
                 continue  # enforcement is about this month's budget; late events for a past month only bill
             result.enforcement[customer_id] = customer_decision(
-                customer_id, period, totals.credits, budget, watermark=watermarks[key], now=now
-            )
+                customer_id, period, totals.credits, budget, watermark=watermarks[key], now=now,
+                counted_ids=tuple(counted_ids.get(key, ())), catalog_fingerprint=self.catalog_fingerprint,
+            )  # fmt: skip
         if self.budgets.spike is not None:
             self._spikes(result, history, now)
         return result
