@@ -52,6 +52,8 @@ class TrialResult:
     blocked_reasons: dict[str, int]
     first_block_after_s: float | None
     last_allowed_after_block_s: float
+    #: From the moment the calls allowed so far reached the cap to the last call allowed (0: never passed).
+    crossing_to_all_blocked_s: float
     #: Sum over allowed calls of (actual - estimate): <= 0 when max_tokens bounds the output.
     estimation_error: Decimal
 
@@ -103,7 +105,7 @@ def _callers(kafka: dict[str, Any], redis_url: str | None, customer: str, thread
             actual = guard.catalog.rate(event).credits
             guard.settle(decision, event)
             with lock:
-                allowed.append(time.time())
+                allowed.append((time.time(), str(actual)))
                 error[0] += actual - decision.estimated_credits
 
     workers = [threading.Thread(target=caller, args=(n,)) for n in range(threads)]
@@ -141,7 +143,13 @@ def run_trial(
     assert all(r["failed"] == 0 for r in results), "events were lost on the way to the broker"
     wait_processed(sent)
     stored = stored_credits()
-    allowed = sorted(t for r in results for t in r["allowed"])
+    calls = sorted((t, Decimal(c)) for r in results for t, c in r["allowed"])
+    allowed = [t for t, _ in calls]
+    running, crossing = Decimal(0), None
+    for t, credits in calls:
+        running += credits
+        if crossing is None and running > cap:
+            crossing = t
     blocks: dict[str, int] = {}
     for r in results:
         for code, n in r["blocks"].items():
@@ -155,6 +163,7 @@ def run_trial(
         first_block_after_s=None if first_block is None or start is None else round(first_block - start, 2),
         last_allowed_after_block_s=0.0 if first_block is None or not allowed else round(max(0.0, allowed[-1] - first_block), 2),
         estimation_error=sum((Decimal(r["error"]) for r in results), Decimal(0)),
+        crossing_to_all_blocked_s=0.0 if crossing is None else round(allowed[-1] - crossing, 2),
     )  # fmt: skip
 
 

@@ -156,7 +156,8 @@ class EnforcementView:
     """
 
     def __init__(
-        self, kafka: KafkaSettings, topic: str, on_update: object = None, *, rediscover_seconds: float = 1.0
+        self, kafka: KafkaSettings, topic: str, on_update: object = None, *, rediscover_seconds: float = 1.0,
+        lock: threading.Lock | None = None,
     ) -> None:
         self.kafka = kafka
         self.topic = topic
@@ -168,6 +169,9 @@ class EnforcementView:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._on_update = on_update
+        #: Held while a state is stored and ``on_update`` runs: a guard deciding under the same
+        #: lock never sees a new state's spend with its counted calls still in flight (or the reverse).
+        self._lock = lock or threading.Lock()
 
     def start(self) -> EnforcementView:
         self._thread = threading.Thread(target=self._run, name="meterstream-enforcement-view", daemon=True)
@@ -238,11 +242,12 @@ class EnforcementView:
                 except ValueError:
                     log.warning("unreadable enforcement state at offset %d", message.offset())
                     continue
-                self.states[state.key] = state
+                with self._lock:
+                    self.states[state.key] = state
+                    if self._on_update is not None:
+                        self._on_update(state)  # type: ignore[operator]
                 if state.catalog_fingerprint:
                     self.catalog_fingerprint = state.catalog_fingerprint
-                if self._on_update is not None:
-                    self._on_update(state)  # type: ignore[operator]
                 if behind and message.offset() + 1 >= ends.get(message.partition(), 0):
                     behind.discard(message.partition())
                     if not behind:
@@ -289,7 +294,9 @@ class BudgetGuard:
         self._lock = threading.Lock()
         self._customers: dict[str, _Customer] = {}
         self._mismatch_logged = False
-        self.view = EnforcementView(self.kafka, Topics.from_settings(self.kafka).enforcement.name, self._on_state)
+        self.view = EnforcementView(
+            self.kafka, Topics.from_settings(self.kafka).enforcement.name, self._on_state, lock=self._lock
+        )
 
     def start(self, ready_timeout: float = 30.0) -> BudgetGuard:
         """Start following the topic and wait (bounded) until the view has caught up."""
@@ -526,6 +533,9 @@ class BudgetGuard:
                     return None, ZERO, False, ""
                 log.warning("reservation ledger unreachable (%s); deciding %s within this process", exc, customer_id)
         with self._lock:
+            # The state again, under the lock the view stores states under (see EnforcementView).
+            state = self._state_for(customer_id, period, self._now()) or state
+            assert state.remaining_credits is not None
             account = self._customers.setdefault(customer_id, _Customer())
             self._expire(account)
             available = state.remaining_credits - account.in_flight()
@@ -552,17 +562,17 @@ class BudgetGuard:
         return GuardDecision(decision, model, code, reason, estimate, reservation)
 
     def _on_state(self, state: EnforcementState) -> None:
+        """A new state arrived (called by the view with ``self._lock`` held): release what it counts."""
         if state.run_id or not state.counted_ids:
             return
-        with self._lock:
-            account = self._customers.get(state.customer_id)
-            if account is None:
-                return
-            for event_id in state.counted_ids:
-                account.pending.pop(event_id, None)
-                account.counted[event_id] = None
-            while len(account.counted) > 100_000:
-                account.counted.popitem(last=False)
+        account = self._customers.get(state.customer_id)
+        if account is None:  # this guard has not checked a call of the customer
+            return
+        for event_id in state.counted_ids:
+            account.pending.pop(event_id, None)
+            account.counted[event_id] = None
+        while len(account.counted) > 20_000:
+            account.counted.popitem(last=False)
 
     def _expire(self, account: _Customer) -> None:
         now = time.monotonic()
