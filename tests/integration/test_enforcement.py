@@ -156,3 +156,18 @@ def test_a_guard_started_before_the_topic_exists_finds_it(kafka_settings):
         assert guard.check("late", "gpt-4o", input_tokens=2000, output_tokens=0).decision is Decision.OK
     finally:
         guard.stop()
+
+
+def test_fail_closed_with_only_a_default_budget_can_make_a_first_call(pipeline_factory):
+    pipeline = pipeline_factory(budgets="default: {monthly_credits: '3', thresholds: [100], action: block}\n")
+    guard = BudgetGuard(pipeline.kafka, catalog=load_catalog(), fail_closed=True, use_configured_ledger=False)
+    guard.start(ready_timeout=30)
+    try:
+        _wait(lambda: guard.check("newcomer", "gpt-4o", input_tokens=2000, output_tokens=0).allowed, 30,
+              "the default budget's state")  # fmt: skip
+        # The default cap applies to the newcomer: 1 credit held above, 2 more fit, a fourth does not.
+        held = [guard.check("newcomer", "gpt-4o", input_tokens=2000, output_tokens=0) for _ in range(3)]
+        assert [d.decision for d in held] == [Decision.OK, Decision.OK, Decision.BLOCK]
+        assert held[2].code is Reason.WOULD_EXCEED_BUDGET
+    finally:
+        guard.stop()
