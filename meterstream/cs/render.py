@@ -12,17 +12,16 @@ import json
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import date, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from enum import StrEnum
 from typing import Any, TextIO
 
 from rich.console import Console
-
-from meterstream.storage import clickhouse
 from rich.table import Table
 
 from meterstream.pricing.money import round_money
+from meterstream.storage import clickhouse
 
 
 class Format(StrEnum):
