@@ -217,18 +217,22 @@ class EnforcementView:
                     next_look = time.monotonic() + self.rediscover_seconds * (1 if not assigned else 10)
                     try:
                         partitions = self._partitions(consumer)
-                    except Exception:  # the broker is away; look again later
-                        partitions = assigned
-                    new = [p for p in partitions if p not in assigned]
+                        new = [p for p in partitions if p not in assigned]
+                        # A topic just created may have no leader yet: then this raises, and the
+                        # next look (a second later) tries again.
+                        new_ends = {
+                            p: consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)[1] for p in new
+                        }
+                    except Exception as exc:  # the broker is away or the topic is not ready: look again later
+                        log.debug("enforcement topic %s not readable yet: %s", self.topic, exc)
+                        new, next_look = [], time.monotonic() + self.rediscover_seconds
                     if new:
-                        for p in new:
-                            ends[p] = consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)[1]
-                            if ends[p] > 0:
-                                behind.add(p)
-                        assigned = partitions
-                        consumer.assign([TopicPartition(self.topic, p, 0) for p in assigned])
-                        # incremental assignment would keep positions; assign() from 0 re-reads the
-                        # compacted topic, which is harmless (the latest state per key wins)
+                        ends.update(new_ends)
+                        behind.update(p for p in new if new_ends[p] > 0)
+                        assigned = sorted(set(assigned) | set(new))
+                        # Only the new partitions, from their start: the others keep their position
+                        # (re-reading them would briefly put older states back in the view).
+                        consumer.incremental_assign([TopicPartition(self.topic, p, 0) for p in new])
                     if not behind:
                         self.ready.set()  # nothing to catch up with (maybe no topic yet: keep looking)
                     if not assigned:
