@@ -102,6 +102,8 @@ class Reservation:
     expires: float
     #: Held in the shared ledger (else only in this process).
     in_ledger: bool = False
+    #: Under a hard cap: once settled, held until the worker counts the event (else dropped at settle).
+    capped: bool = True
 
 
 @dataclass
@@ -425,14 +427,17 @@ class BudgetGuard:
             return GuardDecision(Decision.BLOCK, model, Reason.CANNOT_PRICE, f"cannot price this call: {exc}")
         hold = hold_seconds if hold_seconds is not None else self.reservation_ttl
         if not hard_cap:
-            return self._hold_locally(decision, code, reason, customer_id, period, run_id, model, estimate, hold)
+            # No hard cap: nothing to hold against once the call is settled.
+            return self._held(decision, code, reason, customer_id, period, run_id, model, estimate, hold,
+                              uuid.uuid4().hex, in_ledger=False, capped=False)  # fmt: skip
         assert state is not None and state.cap_credits is not None and state.remaining_credits is not None
         fits, available, in_ledger, call_id = self._try_reserve(state, customer_id, period, estimate, hold)
         if fits is None:
             return GuardDecision(Decision.BLOCK, model, Reason.LEDGER_UNAVAILABLE,
                                  "the reservation ledger is unreachable and this budget fails closed", estimate)  # fmt: skip
         if fits:
-            return self._held(decision, code, reason, customer_id, period, run_id, model, estimate, hold, call_id, in_ledger)
+            return self._held(decision, code, reason, customer_id, period, run_id, model, estimate, hold, call_id,
+                              in_ledger=in_ledger)  # fmt: skip
         if state.at_cap is ThresholdAction.DOWNGRADE and state.downgrade_to:
             # At a downgrade cap calls go on with the cheaper model: held (so they count), against no cap.
             if model != state.downgrade_to:
@@ -443,12 +448,12 @@ class BudgetGuard:
                     return GuardDecision(Decision.BLOCK, model, Reason.CANNOT_PRICE, f"cannot price this call: {exc}")
             reason = f"downgraded to {model}: the budget is nearly used"
             if in_ledger:
-                _, res = self._ledger_reserve(customer_id, period, estimate, _NO_CAP, hold)
+                downgraded_call, res = self._ledger_reserve(customer_id, period, estimate, _NO_CAP, hold)
                 if res is not None:
                     return self._held(Decision.DOWNGRADE, Reason.DOWNGRADED, reason, customer_id, period, run_id,
-                                      model, estimate, hold, _, True)  # fmt: skip
-            return self._hold_locally(Decision.DOWNGRADE, Reason.DOWNGRADED, reason, customer_id, period, run_id,
-                                      model, estimate, hold)  # fmt: skip
+                                      model, estimate, hold, downgraded_call, in_ledger=True)  # fmt: skip
+            return self._held(Decision.DOWNGRADE, Reason.DOWNGRADED, reason, customer_id, period, run_id,
+                              model, estimate, hold, uuid.uuid4().hex, in_ledger=False)  # fmt: skip
         return GuardDecision(
             Decision.BLOCK, model, Reason.WOULD_EXCEED_BUDGET,
             f"would exceed the monthly budget of {state.cap_credits} credits: {available:.4f} left "
@@ -474,7 +479,7 @@ class BudgetGuard:
         with self._lock:
             account = self._customers.setdefault(reservation.customer_id, _Customer())
             account.reserved.pop(reservation.id, None)
-            if event.event_id not in account.counted:
+            if reservation.capped and event.event_id not in account.counted:
                 account.pending[event.event_id] = (actual, time.monotonic())
         decision.reservation = None
 
@@ -550,17 +555,12 @@ class BudgetGuard:
             account.reserved[call_id] = Reservation(call_id, customer_id, period, "", estimate, time.monotonic() + hold)
             return True, available - estimate, False, call_id
 
-    def _hold_locally(
-        self, decision: Decision, code: Reason, reason: str, customer_id: str, period: str, run_id: str,
-        model: str, estimate: Decimal, hold: float,
-    ) -> GuardDecision:  # fmt: skip
-        return self._held(decision, code, reason, customer_id, period, run_id, model, estimate, hold, uuid.uuid4().hex, False)
-
     def _held(
         self, decision: Decision, code: Reason, reason: str, customer_id: str, period: str, run_id: str,
-        model: str, estimate: Decimal, hold: float, call_id: str, in_ledger: bool,
+        model: str, estimate: Decimal, hold: float, call_id: str, *, in_ledger: bool, capped: bool = True,
     ) -> GuardDecision:  # fmt: skip
-        reservation = Reservation(call_id, customer_id, period, run_id, estimate, time.monotonic() + hold, in_ledger)
+        reservation = Reservation(call_id, customer_id, period, run_id, estimate, time.monotonic() + hold, in_ledger,
+                                  capped)  # fmt: skip
         with self._lock:
             self._customers.setdefault(customer_id, _Customer()).reserved[call_id] = reservation
         return GuardDecision(decision, model, code, reason, estimate, reservation)

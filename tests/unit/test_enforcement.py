@@ -324,3 +324,13 @@ def test_a_late_adjustment_line_is_added_to_the_total():
     november = compute_invoice("acme", "2026-11", PeriodUsage(credits=Decimal(100)), catalog, adjustments=[line])
     assert november.total == Decimal("1.00") + Decimal("12.34")
     assert november.lines[-1].kind == "late_adjustment" and "2026-10" in november.lines[-1].description
+
+
+def test_calls_without_a_hard_cap_hold_nothing_once_settled(guard):
+    # An alert-only budget and a customer with no budget: no cap to hold settled calls against.
+    guard.view.states["acme"] = _state("0", action="alert")
+    for customer in ("acme", "nobody"):
+        decision = guard.check(customer, "gpt-4o", input_tokens=2000, output_tokens=0)
+        assert guard.in_flight(customer) == Decimal(1)
+        guard.settle(decision, _event(f"{customer}-1").model_copy(update={"customer_id": customer}))
+        assert guard.in_flight(customer) == 0
