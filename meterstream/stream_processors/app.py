@@ -20,7 +20,8 @@ produced is durable:
 
 The enforcement state (a view, not money) does not wait for the store: each
 customer's new state is sent to ``enforcement-state`` as soon as the batch is
-rated, with a heartbeat that tells guards how current the view is. Alerts keep
+rated, with a heartbeat that tells guards how current the view is (the produce
+time the batch reached on its slowest partition, or now while idle). Alerts keep
 their store-first outbox (step 2, then 3). After the write, the shared
 reservation ledger (if configured) is set to the stored totals and the batch's
 settled calls are removed from it, in one atomic step per customer.
@@ -41,7 +42,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, TypeVar
 
@@ -201,15 +202,33 @@ def create_app(
             await fut
         published.update(alert.alert_id for alert in fresh)
 
-    def heartbeat() -> EnforcementState:
+    def heartbeat(as_of: datetime | None = None) -> EnforcementState:
+        """``updated_at``: how current the published view is (now, or the produce time it has reached)."""
         now = clock()
+        as_of = min(as_of, now) if as_of is not None else now
         return EnforcementState(
             key=HEARTBEAT_KEY, customer_id="", period=now.strftime("%Y-%m"), decision=Decision.OK,
-            reason="worker heartbeat", spent_credits=Decimal(0), watermark=now, updated_at=now,
+            reason="worker heartbeat", spent_credits=Decimal(0), watermark=as_of, updated_at=as_of,
             catalog_fingerprint=fingerprint,
         )  # fmt: skip
 
-    async def publish_states(states: dict[str, EnforcementState]) -> list[Awaitable[Any]]:
+    def reached(messages: Sequence[InboundMessage]) -> datetime | None:
+        """The produce time the batch has reached on every partition it read (the slowest one's newest).
+
+        A worker working through a backlog thus publishes an old ``as_of``: guards see their
+        view's real age, not the time of the last batch.
+        """
+        newest: dict[tuple[str, int], int] = {}
+        for m in messages:
+            if m.timestamp > newest.get((m.topic, m.partition), 0):
+                newest[(m.topic, m.partition)] = m.timestamp
+        if not newest or min(newest.values()) <= 0:
+            return None
+        return datetime.fromtimestamp(min(newest.values()) / 1000, tz=timezone.utc)
+
+    async def publish_states(
+        states: dict[str, EnforcementState], as_of: datetime | None = None
+    ) -> list[Awaitable[Any]]:
         """Send the batch's decisions and a heartbeat now (a view, not money: no store involved)."""
         send = app.producer.send
         futures = []
@@ -217,7 +236,7 @@ def create_app(
             value = decision.model_dump_json().encode()
             futures.append(await send(topics.enforcement.name, key.encode(), value, None, None, None))
         futures.append(await send(topics.enforcement.name, HEARTBEAT_KEY.encode(),
-                                  heartbeat().model_dump_json().encode(), None, None, None))  # fmt: skip
+                                  heartbeat(as_of).model_dump_json().encode(), None, None, None))  # fmt: skip
         return futures
 
     def count_in_ledger(states: dict[str, EnforcementState]) -> None:
@@ -245,7 +264,7 @@ def create_app(
         )
         state.commit(result)
         activity.last_batch = time.monotonic()
-        state_sent = await publish_states(result.enforcement)
+        state_sent = await publish_states(result.enforcement, reached(messages))
         if result.dead_letters:
             key_of = {(m.topic, m.partition, m.offset): key for m, key in zip(messages, keys, strict=True)}
             dead_letter_keys = [

@@ -223,7 +223,8 @@ class BatchConsumer(Service):
                 continue  # revoked since the fetch: its new owner reads it
             kind = self.kinds[tp.topic]
             for record in batch:
-                messages.append(InboundMessage(kind, record.value, tp.topic, tp.partition, record.offset))  # type: ignore[arg-type]
+                messages.append(InboundMessage(kind, record.value, tp.topic, tp.partition, record.offset,  # type: ignore[arg-type]
+                                               record.timestamp or 0))  # fmt: skip
                 keys.append(record.key)
             last[tp] = batch[-1].offset
         if not messages:

@@ -54,6 +54,8 @@ class InboundMessage(NamedTuple):
     topic: str
     partition: int
     offset: int
+    #: The record's Kafka timestamp (ms; the producer's CreateTime), 0 if unknown.
+    timestamp: int = 0
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ class FakeKafkaConsumer:
 
 
 def _records(tp: TopicPartition, first: int, n: int) -> dict[TopicPartition, list[SimpleNamespace]]:
-    return {tp: [SimpleNamespace(offset=first + i, value=b"{}", key=b"acme") for i in range(n)]}
+    return {tp: [SimpleNamespace(offset=first + i, value=b"{}", key=b"acme", timestamp=0) for i in range(n)]}
 
 
 def _consumer(stage, commit_interval: float = 0.0, on_revoked=lambda: None) -> tuple[BatchConsumer, FakeKafkaConsumer]:

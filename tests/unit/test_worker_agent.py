@@ -154,3 +154,24 @@ def test_agent_retries_the_store_and_loses_nothing(tmp_path):
 @pytest.fixture(autouse=True)
 def _fast_backoff(monkeypatch):
     monkeypatch.setenv("METERSTREAM_CLICKHOUSE__RETRY_BACKOFF_INITIAL", "0.01")
+
+
+def test_the_heartbeat_says_how_far_the_view_has_reached(tmp_path):
+    """A batch read from a backlog publishes the produce time it reached on its slowest partition."""
+    settings = Settings(worker=WorkerSettings(app_id="unit", batch_timeout=0.05, data_dir=tmp_path))
+    app = create_app(settings, MemoryStore(), clock=CLOCK)
+    beats: list[dict] = []
+
+    async def capture(topic, key, value, partition, timestamp, headers):
+        if key == HEARTBEAT_KEY.encode():
+            beats.append(json.loads(value))
+        return _sent_future()
+
+    app.producer.send = AsyncMock(side_effect=capture)
+    behind = int((OCCURRED_AT + timedelta(seconds=10)).timestamp() * 1000)  # 4 min 50 s before the clock
+    ahead = int((OCCURRED_AT + timedelta(minutes=4)).timestamp() * 1000)
+    messages = [InboundMessage("usage", _event("p0"), "usage.events", 0, 0, behind),
+                InboundMessage("usage", _event("p1"), "usage.events", 1, 0, ahead)]  # fmt: skip
+    asyncio.run(asyncio.wait_for(app.meterstream_handle_batch(messages, [b"acme", b"acme"]), 10))
+    [beat] = beats
+    assert beat["updated_at"] == (OCCURRED_AT + timedelta(seconds=10)).isoformat().replace("+00:00", "Z")
