@@ -171,3 +171,20 @@ def test_fail_closed_with_only_a_default_budget_can_make_a_first_call(pipeline_f
         assert held[2].code is Reason.WOULD_EXCEED_BUDGET
     finally:
         guard.stop()
+
+
+def test_a_guard_fails_closed_when_its_view_grows_stale(pipeline_factory):
+    """The worker's heartbeat keeps the view young; once the worker stops, max_view_age blocks."""
+    pipeline = pipeline_factory(budgets=BUDGETS)
+    guard = BudgetGuard(pipeline.kafka, catalog=load_catalog(), max_view_age=3, use_configured_ledger=False)
+    guard.start(ready_timeout=30)
+    try:
+        _wait(lambda: guard.check("capped", "gpt-4o", input_tokens=10, output_tokens=10).allowed, 30,
+              "a heartbeat younger than 3 s")  # fmt: skip
+        assert guard.view_age() is not None and guard.view_age() < 3
+        pipeline.worker.stop()
+        _wait(lambda: guard.check("capped", "gpt-4o", input_tokens=10, output_tokens=10).code is Reason.STALE_VIEW,
+              30, "the stale view to block")  # fmt: skip
+        assert guard.view_age() > 3
+    finally:
+        guard.stop()
