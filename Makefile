@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 STATE  := .local
 
-.PHONY: demo test test-unit test-integration services-up services-down install browser kcat clean
+.PHONY: demo test test-unit test-integration services-up services-down install browser kcat redis clean
 
 install: $(STAMP)
 
@@ -35,6 +35,15 @@ kcat:
 	  $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y kcat; \
 	fi
 
+# The shared reservation ledger of hard caps (meterstream/producers/ledger.py): Debian's
+# redis-server, installed only when missing. The tests start their own on a free loopback
+# port (tests/integration/conftest.py) and stop it again; nothing listens between runs.
+redis:
+	@if ! command -v redis-server >/dev/null 2>&1; then \
+	  SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server; \
+	fi
+
 services-up: $(STAMP)
 	$(BIN)/meterstream services up
 
@@ -46,7 +55,7 @@ demo: $(STAMP)
 
 # The whole suite: starts the local broker, runs unit and integration tests,
 # and stops the broker again if this run started it.
-test: $(STAMP) browser kcat
+test: $(STAMP) browser kcat redis
 	@started=0; \
 	if ! $(BIN)/meterstream services status >/dev/null 2>&1; then started=1; fi; \
 	$(BIN)/meterstream services up || exit 1; \
@@ -57,7 +66,7 @@ test: $(STAMP) browser kcat
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -ra tests/unit $(PYTEST_ARGS)
 
-test-integration: $(STAMP) browser kcat services-up
+test-integration: $(STAMP) browser kcat redis services-up
 	$(BIN)/python -m pytest -ra tests/integration $(PYTEST_ARGS)
 
 clean:

@@ -12,6 +12,9 @@
    messages == N, rows checked with the ``store_totals`` saved query; beside a
    bare aiokafka consumer and a bare confluent-kafka consumer of the same topics.
 3. produce -> budget-alert latency (p50/p99) at a steady offered load.
+3b. produce -> enforcement-state latency (p50/p99) at 500 and 5,000 events/s
+   offered (``--phases state``; ``--state-rates``): states are published as
+   soon as a batch is rated, before its ClickHouse insert.
 4. ``invoice_usage`` invoice query for one customer-month over 10M stored rows
    (``bench/invoice.py``, in a child process; the store is cached).
 5. Worker peak memory (VmHWM) with every customer of the workload active.
@@ -850,6 +853,22 @@ class Bench:
             )
         return out
 
+    def phase_state_latency(self) -> dict[str, Any]:
+        """produce -> enforcement-state at each offered rate of ``--state-rates`` (default 500 and 5,000/s)."""
+        out: dict[str, Any] = {"rates": {}}
+        for rate in self.args.state_rates:
+            events = int(rate * self.plan.latency_seconds)
+            customers = min(self.plan.customers, max(50, events // 40))
+            run = self.latency_once(f"state{rate}", rate, self.plan.latency_seconds, customers, seed=300 + rate)
+            out["rates"][str(rate)] = {
+                "offered_events_per_s": rate,
+                "achieved_offered_events_per_s": run["achieved_offered_events_per_s"],
+                "worker_drained": run["worker_drained"],
+                "enforcement_state_s": run["latency_to_enforcement_state_s"],
+                "run": run,
+            }
+        return out
+
     def latency_once(self, label: str, rate: int, seconds: float, customers: int, *, seed: int) -> dict[str, Any]:
         total = int(rate * seconds)
         console.print(f"  {label}: offering {total:,} events at {rate:,}/s from {customers:,} customers")
@@ -960,6 +979,7 @@ class Bench:
             received - datetime.fromisoformat(state["watermark"]).timestamp()
             for received, _, state in states
             if state.get("watermark") and not state.get("run_id")
+            and not str(state.get("key", "")).startswith("__")  # the heartbeat and the default budget
             and datetime.fromisoformat(state["watermark"]).timestamp() >= started_wall
         ]
 
@@ -1199,6 +1219,14 @@ def render(results: dict[str, Any]) -> Table:
             st = low["latency_to_enforcement_state_s"]
             table.add_row("   same load, produce -> enforcement-state p50 / p99",
                           f"{ms(st['p50'])} / {ms(st['p99'])}", "", "", "", "diagnostic")
+    state = _ok_phase(results, "state")
+    if state:
+        for rate, r in state["rates"].items():
+            st = r["enforcement_state_s"]
+            p50 = "—" if st["p50"] is None else f"{st['p50'] * 1000:,.0f}"
+            p99 = "—" if st["p99"] is None else f"{st['p99'] * 1000:,.0f}"
+            table.add_row(f"3b. produce -> enforcement-state p50 / p99, {int(rate):,}/s offered ({st['count']:,} states)",
+                          f"{p50} / {p99} ms", "", "", "", "diagnostic")
     invoice = _ok_phase(results, "invoice")
     if invoice:
         for label, name in (("heaviest_customer", "heaviest"), ("median_customer", "median")):
@@ -1243,6 +1271,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=None, help="repetitions for the SDK and worker figures")
     parser.add_argument("--latency-rate", type=int, default=None, help="offered events/s (default 5,000)")
     parser.add_argument("--latency-seconds", type=float, default=None)
+    parser.add_argument("--state-rates", type=lambda s: [int(x) for x in s.split(",")], default=[500, 5000],
+                        help="offered events/s of the produce -> enforcement-state phase (default 500,5000)")
     parser.add_argument("--backlog-seconds", type=float, default=1800,
                         help="pre-filled events occurred within this many seconds before the run (default 1800)")
     parser.add_argument("--invoice-rows", type=int, default=None)
@@ -1318,6 +1348,7 @@ def main(argv: list[str] | None = None) -> int:
             ("sdk", "1. SDK produce rate", bench.phase_sdk),
             ("worker", "2+5. worker throughput, bare consumers, memory", bench.phase_worker),
             ("latency", "3. produce -> budget-alert latency", bench.phase_latency),
+            ("state", "3b. produce -> enforcement-state latency", bench.phase_state_latency),
             ("invoice", "4. invoice query over a large store", bench.phase_invoice),
         ):
             if phase not in phases:

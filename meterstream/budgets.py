@@ -16,6 +16,7 @@ Budgets file (YAML)::
         action: downgrade        # at 100%: alert | downgrade | block
         downgrade_to: gpt-4o-mini
         run_cap: {max_credits: "50", max_steps: 40, action: block}   # per workflow run
+        if_ledger_down: fail_open  # guards allow calls while the reservation ledger is unreachable
       hobbyist: {profile: free}
     spike:                       # spend-spike detection (optional)
       factor: "5"                # last 5 minutes >= 5x the trailing hour's 5-minute average
@@ -31,7 +32,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -72,6 +73,16 @@ class Budget(BaseModel):
     #: The cheaper model callers are moved to when ``action`` is downgrade.
     downgrade_to: str | None = None
     run_cap: RunCap | None = None
+    #: What SDK guards do while the shared reservation ledger is unreachable: ``fail_closed``
+    #: blocks the customer's calls, ``fail_open`` decides within the guard's own process.
+    #: Default: closed for a ``block`` budget (a hard cap), open otherwise.
+    if_ledger_down: Literal["fail_open", "fail_closed"] | None = None
+
+    @property
+    def fails_closed(self) -> bool:
+        if self.if_ledger_down is None:
+            return self.action is ThresholdAction.BLOCK
+        return self.if_ledger_down == "fail_closed"
 
     @model_validator(mode="after")
     def _downgrade_needs_a_model(self) -> Budget:
@@ -225,9 +236,14 @@ def projected_exhaustion(spent: Decimal, cap: Decimal, credits_per_second: Decim
 
 
 def customer_decision(
-    customer_id: str, period: str, spent: Decimal, budget: Budget, *, watermark: datetime, now: datetime
-) -> EnforcementState:
-    """What the runtime should do for this customer now: ok, warn, downgrade or block."""
+    customer_id: str, period: str, spent: Decimal, budget: Budget, *, watermark: datetime, now: datetime,
+    counted_ids: tuple[str, ...] = (), catalog_fingerprint: str = "",
+) -> EnforcementState:  # fmt: skip
+    """What the runtime should do for this customer now: ok, warn, downgrade or block.
+
+    ``counted_ids`` are the usage events this spend newly includes (guards release their
+    settled calls by them); ``catalog_fingerprint`` is the catalog the spend was rated with.
+    """
     cap = budget.monthly_credits
     remaining = cap - spent
     percent = spent * 100 / cap
@@ -235,6 +251,7 @@ def customer_decision(
         "key": customer_id, "customer_id": customer_id, "period": period, "cap_credits": cap,
         "spent_credits": spent, "remaining_credits": remaining, "at_cap": budget.action,
         "downgrade_to": budget.downgrade_to or "", "watermark": watermark, "updated_at": now,
+        "fail_closed": budget.fails_closed, "counted_ids": counted_ids, "catalog_fingerprint": catalog_fingerprint,
     }  # fmt: skip
     if spent >= cap:
         decision = {

@@ -167,7 +167,8 @@ def worker(
     from meterstream.pricing.pricebook import PriceBookError
     from meterstream.storage.clickhouse import StoreError, open_store
     from meterstream.storage.owner import StoreOwnership
-    from meterstream.stream_processors.alerts import current_states, publish_states, reconcile_alerts
+    from meterstream.producers.ledger import LedgerUnavailable, RedisLedger
+    from meterstream.stream_processors.alerts import current_states, publish_states, reconcile_alerts, reconcile_ledger
     from meterstream.stream_processors.app import create_app
     from meterstream.topics import TopicError, ensure_topics
 
@@ -181,11 +182,17 @@ def worker(
         ownership.release()
         raise fail(str(exc)) from None
     try:
-        budgets = load_budgets(settings.worker.budgets_file, load_catalog(settings.worker.plans_file))
+        catalog = load_catalog(settings.worker.plans_file)
+        budgets = load_budgets(settings.worker.budgets_file, catalog)
         published, sent = reconcile_alerts(store, budgets, settings.kafka, topics.budget_alerts.name)
         if sent:
             err_console.print(f"published {sent} budget alerts that a previous run recorded but had not sent")
-        publish_states(settings.kafka, topics.enforcement.name, current_states(store, budgets))
+        states = current_states(store, budgets, catalog_fingerprint=catalog.fingerprint())
+        publish_states(settings.kafka, topics.enforcement.name, states)
+        try:
+            reconcile_ledger(RedisLedger.from_settings(settings.ledger), states)
+        except LedgerUnavailable as exc:  # each batch sets its customers' totals again
+            err_console.print(f"warning: {exc}; the ledger's counted totals follow with the next batches")
         faust_app = create_app(settings, store, published)
         faust.Worker(faust_app, loglevel=loglevel).execute_from_commandline()
     except (PriceBookError, PlanError, BudgetBookError, StoreError, KafkaException, TimeoutError) as exc:

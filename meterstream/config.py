@@ -223,6 +223,20 @@ class AlertForwarderSettings(_Section):
         return value
 
 
+class LedgerSettings(_Section):
+    """The shared reservation ledger of hard caps (meterstream/producers/ledger.py), on Redis."""
+
+    #: ``redis://[:password@]host:port/db``; unset: each guard keeps its reservations in its own
+    #: process (a hard cap then holds within one process only). A secret: it may carry a password.
+    redis_url: SecretStr | None = None
+    #: A reservation of a caller that never settles nor releases (it died) is freed after this long.
+    reservation_ttl_seconds: float = Field(default=60.0, gt=0, le=3600)
+    #: A settled call the worker has not counted yet is held this long at most.
+    settled_ttl_seconds: float = Field(default=3600.0, gt=0)
+    #: Seconds a ledger call may take before the ledger counts as unreachable.
+    timeout_seconds: float = Field(default=0.5, gt=0, le=30)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="METERSTREAM_",
@@ -240,6 +254,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = WorkerSettings()
     web: WebSettings = WebSettings()
     alert_forwarder: AlertForwarderSettings = AlertForwarderSettings()
+    ledger: LedgerSettings = LedgerSettings()
 
 
 @lru_cache(maxsize=1)

@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import date, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from enum import StrEnum
 from typing import Any, TextIO
@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from meterstream.pricing.money import round_money
+from meterstream.storage import clickhouse
 
 
 class Format(StrEnum):
@@ -57,9 +58,7 @@ class Report:
         return self.fields if self.fields is not None else [c.key for c in self.columns]
 
 
-def as_utc(value: datetime) -> datetime:
-    """ClickHouse DateTime('UTC') values arrive naive from chDB: they are UTC."""
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+as_utc = clickhouse.as_utc  # one rule for timestamps read from the store
 
 
 def plain(value: Any) -> Any:

@@ -53,6 +53,7 @@ A version is effective from 00:00 UTC on its ``effective_from`` date.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
@@ -517,6 +518,10 @@ class Catalog(_Strict):
     @property
     def _known(self) -> str:
         return ", ".join(sorted(self.plans))
+
+    def fingerprint(self) -> str:
+        """A digest of every price and rule: two processes rate alike only if theirs are equal."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
 
     def customer(self, customer_id: str) -> CustomerPlan:
         """The customer's assignment, or the default plan with no discount or grants."""

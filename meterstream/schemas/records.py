@@ -146,9 +146,25 @@ class EnforcementState(BaseModel):
     #: What happens when the cap is reached (the guard refuses calls that would pass it).
     at_cap: ThresholdAction = ThresholdAction.ALERT
     downgrade_to: str = ""
-    #: The latest ``occurred_at`` of this customer's events that the spend includes.
+    #: The latest ``occurred_at`` of this customer's events that the spend includes (informational:
+    #: guards release settled calls by :attr:`counted_ids`, never by event time).
     watermark: AwareDatetime
     updated_at: AwareDatetime
+    #: Ids of the customer's usage events this state newly counts (a guard's settled calls
+    #: are released by id, so an ``occurred_at`` in the past or future cannot release one early).
+    counted_ids: tuple[str, ...] = ()
+    #: Guards block this customer's calls while the shared reservation ledger is unreachable.
+    fail_closed: bool = False
+    #: :meth:`Catalog.fingerprint` of the worker's catalog: a guard pricing with another one
+    #: cannot keep the overshoot bound and says so.
+    catalog_fingerprint: str = ""
+
+
+#: Key of the worker's heartbeat on ``enforcement-state``: ``updated_at`` is how current the
+#: worker's view is (the newest event it has rated, or now when it has nothing to read).
+HEARTBEAT_KEY = "__heartbeat__"
+#: Key of the ``default`` budget's state: the cap of a customer with no state of its own.
+DEFAULT_BUDGET_KEY = "__default__"
 
 
 #: Dead letters carry at most this much of a rejected value: base64 makes it ~342 KB, well

@@ -12,7 +12,7 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol
@@ -129,11 +129,44 @@ ALERT_COLUMNS = [
 ]  # fmt: skip
 
 
+def as_utc(value: datetime) -> datetime:
+    """A timestamp read back from the store, timezone-aware in UTC.
+
+    Every DateTime column of the DDL is declared in UTC, but clickhouse-connect (and chDB
+    through it) returns such values naive when the column's zone matches the session's.
+    Every reader gets its rows through :class:`QueryResult`, which applies this to each
+    DateTime column, so no reader sees a naive timestamp (a naive ``crossed_at`` once kept
+    the worker from starting: pydantic refuses it).
+    """
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc)
+
+
+def _aware_rows(types: list[str], rows: list[list[Any]]) -> list[list[Any]]:
+    datetime_columns = [i for i, t in enumerate(types) if "DateTime" in t]
+    if not datetime_columns:
+        return rows
+    for row in rows:
+        for i in datetime_columns:
+            value = row[i]
+            if isinstance(value, datetime):
+                row[i] = as_utc(value)
+            elif isinstance(value, list):  # Array(DateTime64(...))
+                row[i] = [as_utc(v) if isinstance(v, datetime) else v for v in value]
+    return rows
+
+
 @dataclass
 class QueryResult:
+    """Rows of a query; DateTime values are always timezone-aware UTC (:func:`as_utc`)."""
+
     columns: list[str]
     types: list[str]
     rows: list[list[Any]]
+
+    def __post_init__(self) -> None:
+        self.rows = _aware_rows(self.types, self.rows)
 
     def dicts(self) -> list[dict[str, Any]]:
         return [dict(zip(self.columns, row)) for row in self.rows]
@@ -159,7 +192,7 @@ def _revive(value: Any, clickhouse_type: str) -> Any:
     if "Decimal" in clickhouse_type:
         return Decimal(value)
     if "DateTime" in clickhouse_type:
-        return datetime.fromisoformat(value)
+        return as_utc(datetime.fromisoformat(value))
     return value
 
 

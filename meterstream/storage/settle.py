@@ -41,11 +41,13 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 from clickhouse_connect.driver.client import Client
 from meterstream.clock import utc_now
+
+from meterstream.storage.clickhouse import as_utc
 
 log = logging.getLogger(__name__)
 
@@ -287,8 +289,7 @@ def repair_views(client: Client) -> int:
     newest = client.query("SELECT max(rated_at) FROM usage_rated").result_rows[0][0]
     if newest is None or newest.year < 2000:  # an empty table gives the epoch
         return 0
-    if newest.tzinfo is None:
-        newest = newest.replace(tzinfo=UTC)
+    newest = as_utc(newest)
     count = "SELECT count() FROM usage_rated"  # before and after: chDB's insert summary says 0
     before = client.query(count).result_rows[0][0]
     client.command(_REPAIR_RECENT, parameters={"since": newest - REPAIR_WINDOW})

@@ -29,7 +29,8 @@ from meterstream.clock import utc_now
 from meterstream.billing import previous_period
 from meterstream.budgets import BudgetBook, customer_decision, thresholds_to_alert
 from meterstream.config import KafkaSettings
-from meterstream.schemas.records import AlertKind, BudgetAlert, EnforcementState, ThresholdAction
+from meterstream.producers.ledger import RedisLedger
+from meterstream.schemas.records import DEFAULT_BUDGET_KEY, AlertKind, BudgetAlert, EnforcementState, ThresholdAction
 from meterstream.storage.clickhouse import ClickHouseStore
 
 log = logging.getLogger(__name__)
@@ -163,32 +164,57 @@ def reconcile_alerts(
 _CURRENT_SPEND = """
 SELECT customer_id, sum(credits) AS credits, max(occurred_at) AS watermark
 FROM usage_rated FINAL
-WHERE period = {period:String} AND customer_id IN {customers:Array(String)}
+WHERE period = {period:String}
 GROUP BY customer_id
 """
 
 
-def current_states(store: ClickHouseStore, budgets: BudgetBook, now: datetime | None = None) -> list[EnforcementState]:
-    """The decision for every customer the budgets file names, from this period's stored spend.
+def current_states(
+    store: ClickHouseStore, budgets: BudgetBook, now: datetime | None = None, *, catalog_fingerprint: str = ""
+) -> list[EnforcementState]:
+    """The decision for every customer with a budget and spend this period, or named in the file.
 
     Published at start-up so SDK guards know each cap before the first event of
-    the period arrives (a customer under only the ``default`` budget gets its
-    first state with its first event).
+    the period arrives. The ``default`` budget is published under
+    :data:`DEFAULT_BUDGET_KEY` (nothing spent): a customer with no state of its
+    own has spent nothing this period as of this start, so guards apply that cap.
     """
     now = now or utc_now()
     period = now.strftime("%Y-%m")
-    names = sorted(budgets.customers)
-    if not names:
-        return []
-    rows = {r["customer_id"]: r for r in store.query(_CURRENT_SPEND, {"period": period, "customers": names}).dicts()}
+    rows = {r["customer_id"]: r for r in store.query(_CURRENT_SPEND, {"period": period}).dicts()}
     epoch = datetime(2000, 1, 1, tzinfo=timezone.utc)
     states = []
-    for customer in names:
+    if budgets.default is not None:
+        default = customer_decision(DEFAULT_BUDGET_KEY, period, Decimal(0), budgets.default, watermark=epoch, now=now,
+                                    catalog_fingerprint=catalog_fingerprint)  # fmt: skip
+        states.append(default)
+    for customer in sorted(set(budgets.customers) | set(rows)):
+        budget = budgets.for_customer(customer)
+        if budget is None:
+            continue
         row = rows.get(customer)
         spent = row["credits"] if row else Decimal(0)
-        watermark = row["watermark"].astimezone(timezone.utc) if row else epoch
-        states.append(customer_decision(customer, period, spent, budgets.customers[customer], watermark=watermark, now=now))
+        watermark = row["watermark"] if row else epoch
+        states.append(customer_decision(customer, period, spent, budget, watermark=watermark, now=now,
+                                        catalog_fingerprint=catalog_fingerprint))  # fmt: skip
     return states
+
+
+def reconcile_ledger(ledger: RedisLedger | None, states: list[EnforcementState]) -> int:
+    """Set the ledger's counted totals of every hard-capped customer to what the store holds.
+
+    Run at start-up: a batch counted in the ledger by a worker that died before storing
+    it is counted again, from the store, when it is replayed. Returns the customers set.
+    """
+    if ledger is None:
+        return 0
+    done = 0
+    for state in states:
+        if state.key == DEFAULT_BUDGET_KEY or state.run_id or state.at_cap is ThresholdAction.ALERT:
+            continue
+        ledger.count(state.customer_id, state.period, state.spent_credits, ())
+        done += 1
+    return done
 
 
 def publish_states(kafka: KafkaSettings, topic: str, states: list[EnforcementState], timeout: float = 30.0) -> None:

@@ -18,6 +18,14 @@ produced is durable:
    (through the Faust producer); the worker waits for the broker to confirm both;
 4. the offsets are committed (at least once, every ``commit_interval``).
 
+The enforcement state (a view, not money) does not wait for the store: each
+customer's new state is sent to ``enforcement-state`` as soon as the batch is
+rated, with a heartbeat that tells guards how current the view is (the produce
+time the batch reached on its slowest partition, or now while idle). Alerts keep
+their store-first outbox (step 2, then 3). After the write, the shared
+reservation ledger (if configured) is set to the stored totals and the batch's
+settled calls are removed from it, in one atomic step per customer.
+
 The in-memory state takes a batch's totals as soon as it is rated, and the next
 batch is rated while this one is written (two stages, see consumer.py). A
 replayed batch is recognised through the store, so nothing is counted or
@@ -34,7 +42,8 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 from typing import Any, TypeVar
 
 import faust
@@ -45,6 +54,8 @@ from meterstream.clock import Clock, utc_now
 from meterstream.budgets import load_budgets
 from meterstream.config import Settings
 from meterstream.pricing.plans import load_catalog
+from meterstream.producers.ledger import LedgerUnavailable, RedisLedger
+from meterstream.schemas.records import HEARTBEAT_KEY, Decision, EnforcementState, ThresholdAction
 from meterstream.storage.clickhouse import Storage, StoreError
 from meterstream.storage.queries import UnknownQuery, query_parameters, saved_query
 from meterstream.storage.settle import settle_store
@@ -91,6 +102,14 @@ class WorkerStats:
         }
 
 
+@dataclass
+class _Activity:
+    """When the worker last rated a batch, and whether a write is in progress (for the heartbeat)."""
+
+    last_batch: float = 0.0
+    writing: int = 0
+
+
 def create_app(
     settings: Settings, store: Storage, published_alerts: set[str] | None = None, clock: Clock = utc_now
 ) -> faust.App:
@@ -107,6 +126,8 @@ def create_app(
     budgets = load_budgets(worker.budgets_file, catalog)
     stats = WorkerStats()
     published = published_alerts if published_alerts is not None else set()
+    ledger = RedisLedger.from_settings(settings.ledger)
+    fingerprint = catalog.fingerprint()
     state = StoreBackedState(
         store,  # type: ignore[arg-type]
         topics=[topics.usage.name, topics.outcomes.name],
@@ -143,6 +164,7 @@ def create_app(
     # Faust's own consumer stays off: the BatchConsumer below reads the event topics.
     app.boot_strategy = BootStrategy(app, enable_kafka_consumer=False)
 
+    activity = _Activity()
     # One store call at a time: chDB runs in this process and inserts and reads share it.
     store_lock = asyncio.Lock()
     log.info(
@@ -231,14 +253,56 @@ def create_app(
         for alert in fresh:
             value = alert.model_dump_json().encode()
             futures.append(await send(topics.budget_alerts.name, alert.customer_id.encode(), value, None, None, None))
-        for key, decision in result.enforcement.items():
-            value = decision.model_dump_json().encode()
-            futures.append(await send(topics.enforcement.name, key.encode(), value, None, None, None))
         # Wait for the broker to confirm before the batch's offsets may be committed.
         for fut in futures:
             await fut
         published.update(alert.alert_id for alert in fresh)
         return held
+
+    def heartbeat(as_of: datetime | None = None) -> EnforcementState:
+        """``updated_at``: how current the published view is (now, or the produce time it has reached)."""
+        now = clock()
+        as_of = min(as_of, now) if as_of is not None else now
+        return EnforcementState(
+            key=HEARTBEAT_KEY, customer_id="", period=now.strftime("%Y-%m"), decision=Decision.OK,
+            reason="worker heartbeat", spent_credits=Decimal(0), watermark=as_of, updated_at=as_of,
+            catalog_fingerprint=fingerprint,
+        )  # fmt: skip
+
+    def reached(messages: Sequence[InboundMessage]) -> datetime | None:
+        """The produce time the batch has reached on every partition it read (the slowest one's newest).
+
+        A worker working through a backlog thus publishes an old ``as_of``: guards see their
+        view's real age, not the time of the last batch.
+        """
+        newest: dict[tuple[str, int], int] = {}
+        for m in messages:
+            if (m.timestamp_ms or 0) > newest.get((m.topic, m.partition), 0):
+                newest[(m.topic, m.partition)] = m.timestamp_ms or 0
+        if not newest or min(newest.values()) <= 0:
+            return None
+        return datetime.fromtimestamp(min(newest.values()) / 1000, tz=timezone.utc)
+
+    async def publish_states(
+        states: dict[str, EnforcementState], as_of: datetime | None = None
+    ) -> list[Awaitable[Any]]:
+        """Send the batch's decisions and a heartbeat now (a view, not money: no store involved)."""
+        send = app.producer.send
+        futures = []
+        for key, decision in states.items():
+            value = decision.model_dump_json().encode()
+            futures.append(await send(topics.enforcement.name, key.encode(), value, None, None, None))
+        futures.append(await send(topics.enforcement.name, HEARTBEAT_KEY.encode(),
+                                  heartbeat(as_of).model_dump_json().encode(), None, None, None))  # fmt: skip
+        return futures
+
+    def count_in_ledger(states: dict[str, EnforcementState]) -> None:
+        """After the write: the ledger's counted totals follow the stored money; settled calls leave it."""
+        assert ledger is not None
+        for state in states.values():
+            if state.run_id or state.at_cap is ThresholdAction.ALERT:
+                continue
+            ledger.count(state.customer_id, state.period, state.spent_credits, state.counted_ids)
 
     async def stage_batch(
         messages: Sequence[InboundMessage], keys: Sequence[bytes | None]
@@ -256,6 +320,8 @@ def create_app(
             exclusive=False,
         )
         state.commit(result)
+        activity.last_batch = time.monotonic()
+        state_sent = await publish_states(result.enforcement, reached(messages))
         if result.dead_letters:
             key_of = {(m.topic, m.partition, m.offset): key for m, key in zip(messages, keys, strict=True)}
             dead_letter_keys = [
@@ -265,8 +331,21 @@ def create_app(
             dead_letter_keys = []
 
         async def write() -> dict[tuple[str, int], int]:
-            await with_store(lambda: store.insert_batch(result.raw, result.rated, result.alerts), "store write")
+            activity.writing += 1
+            try:
+                await with_store(lambda: store.insert_batch(result.raw, result.rated, result.alerts), "store write")
+            finally:
+                activity.writing -= 1
+            if ledger is not None and result.enforcement:
+                try:
+                    await asyncio.to_thread(count_in_ledger, result.enforcement)
+                except LedgerUnavailable as exc:
+                    # Conservative meanwhile: the batch's settled calls stay held (until their TTL)
+                    # and the next batch of each customer sets its counted total again.
+                    log.warning("ledger not updated for this batch: %s", exc)
             held = await publish(result, dead_letter_keys)
+            for fut in state_sent:
+                await fut
             stats.messages += len(messages)
             stats.rated += len(result.rated)
             stats.duplicates += result.duplicates
@@ -305,6 +384,17 @@ def create_app(
         quiet_logs.install()
         # A runtime dependency of the app: started now, stopped before the app's producer.
         await app.add_runtime_dependency(consumer)
+
+    @app.timer(interval=1.0)
+    async def beat() -> None:
+        """Tell guards the view is current while nothing is read (batches send their own heartbeat).
+
+        Silent while a write is stuck (the store is down): guards then see the view age.
+        """
+        if activity.writing == 0 and time.monotonic() - activity.last_batch >= 1.0:
+            fut = await app.producer.send(topics.enforcement.name, HEARTBEAT_KEY.encode(),
+                                          heartbeat().model_dump_json().encode(), None, None, None)  # fmt: skip
+            await fut
 
     @app.timer(interval=60.0)
     async def expire_windows() -> None:

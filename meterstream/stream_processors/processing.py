@@ -236,6 +236,7 @@ class BatchProcessor:
         self.window_seconds = window_seconds
         self.seen: SeenEvents = seen if seen is not None else RecentIds()
         self.outcomes: BilledOutcomes = outcomes if outcomes is not None else OutcomeBook()
+        self.catalog_fingerprint = catalog.fingerprint()
 
     def process(
         self,
@@ -320,6 +321,11 @@ class BatchProcessor:
         history = history or NoHistory()
         running: dict[str, _Running] = {}
         budget_of: dict[str, Budget | None] = {}
+        #: Credits of this batch per customer in the last hour: the history does not hold them yet.
+        batch_hour: dict[str, Decimal] = {}
+        #: Usage event ids per ``customer|period`` under a hard cap: guards release settled calls by id.
+        counted_ids: dict[str, list[str]] = {}
+        hour_ago = now - timedelta(hours=1)
         window_seconds = self.window_seconds
         for event, rated in accepted:
             customer = rated.customer_id
@@ -342,9 +348,15 @@ class BatchProcessor:
             else:
                 budget = budget_of[customer] = self.budgets.for_customer(customer)
             if budget is not None:
+                if budget.action is not ThresholdAction.ALERT and rated.kind == "usage":
+                    counted_ids.setdefault(key, []).append(rated.event_id)
+                if hour_ago <= rated.occurred_at <= now:
+                    batch_hour[customer] = batch_hour.get(customer, ZERO) + rated.credits
                 crossed = thresholds_to_alert(acc.credits, budget, acc.alerted)
                 if crossed:
-                    velocity = self._velocity(history, customer, now)
+                    # The first spend of the hour counts too: otherwise its velocity is zero
+                    # and the alert says nothing about when the budget runs out.
+                    velocity = self._velocity(history, customer, now) + batch_hour.get(customer, ZERO) / 3600
                     eta = projected_exhaustion(acc.credits, budget.monthly_credits, velocity, now)
                 for threshold in crossed:
                     result.alerts.append(
@@ -383,8 +395,9 @@ class BatchProcessor:
             if budget is None or period != current_period:
                 continue  # enforcement is about this month's budget; late events for a past month only bill
             result.enforcement[customer_id] = customer_decision(
-                customer_id, period, totals.credits, budget, watermark=watermarks[key], now=now
-            )
+                customer_id, period, totals.credits, budget, watermark=watermarks[key], now=now,
+                counted_ids=tuple(counted_ids.get(key, ())), catalog_fingerprint=self.catalog_fingerprint,
+            )  # fmt: skip
         if self.budgets.spike is not None:
             self._spikes(result, history, now)
         return result

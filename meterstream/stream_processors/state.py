@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -310,7 +310,7 @@ class StoreBackedState:
 
     def _add_windows(self, rows: list[dict[str, Any]]) -> None:
         for row in rows:
-            start = row["start"].astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            start = row["start"].strftime("%Y-%m-%dT%H:%M:%SZ")
             self.windows.setdefault(row["customer_id"], {})[start] = WindowCounts(
                 credits=row["credits"], cost_to_serve=row["cost_to_serve"],
                 events=int(row["events"]), tokens=int(row["tokens"]),
@@ -341,8 +341,6 @@ class StoreBackedState:
             key = dedupe_key(row["customer_id"], row["event_id"])
             if key in keys:
                 values = {name: value for name, value in row.items() if name in fields}
-                if values["occurred_at"].tzinfo is None:
-                    values["occurred_at"] = values["occurred_at"].replace(tzinfo=timezone.utc)
                 self.billed[key] = RatedUsage(**values)
         for row in self._query(_ACCEPTED_REVERSALS, params):
             key = dedupe_key(row["customer_id"], row["reversal_of"])

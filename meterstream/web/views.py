@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from meterstream.budgets import Budget
 from meterstream.pricing.plans import period_bounds
+from meterstream.storage.clickhouse import as_utc
 
 ZERO = Decimal(0)
 Bucket = Literal["hour", "day"]
@@ -40,9 +41,7 @@ def dec(value: Decimal) -> str:
 
 
 def iso(at: datetime) -> str:
-    if at.tzinfo is None:  # the store's DateTime64(3, 'UTC') columns may come back naive
-        at = at.replace(tzinfo=timezone.utc)
-    return at.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return as_utc(at).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def sql_time(at: datetime) -> str:

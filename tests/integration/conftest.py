@@ -25,6 +25,7 @@ from confluent_kafka.admin import AdminClient
 from tests.conftest import clock_env
 
 from meterstream.config import ClickHouseSettings, KafkaSettings, Settings
+from meterstream.services.redis import RedisServer, RedisServerError
 from meterstream.stream_processors.runner import WorkerProcess
 from meterstream.topics import Topics, ensure_topics
 
@@ -83,7 +84,9 @@ def free_port() -> int:
 class Pipeline:
     """One isolated pipeline: own topics, consumer group, store and worker."""
 
-    def __init__(self, base: Settings, root: Path, server_dsn: str | None, budgets: str | None) -> None:
+    def __init__(
+        self, base: Settings, root: Path, server_dsn: str | None, budgets: str | None, env: dict[str, str] | None = None
+    ) -> None:
         name = f"t{uuid.uuid4().hex[:10]}"
         self.kafka = base.kafka.model_copy(update={"topic_prefix": f"{name}."})
         if server_dsn:
@@ -104,6 +107,7 @@ class Pipeline:
             "METERSTREAM_WORKER__DATA_DIR": str(root / "worker"),
             "METERSTREAM_WORKER__BATCH_TIMEOUT": "0.2",
             **clock_env(),  # the test's clock, also in the worker and CLI processes it starts
+            **(env or {}),
         }
         if budgets is not None:
             budgets_file = root / "budgets.yaml"
@@ -184,10 +188,10 @@ def pipeline_factory(
 ) -> Iterator[Callable[..., Pipeline]]:
     created: list[Pipeline] = []
 
-    def make(budgets: str | None = None, start: bool = True) -> Pipeline:
+    def make(budgets: str | None = None, start: bool = True, env: dict[str, str] | None = None) -> Pipeline:
         root = tmp_path / f"pipeline{len(created)}"
         root.mkdir()
-        pipeline = Pipeline(base_settings, root, clickhouse_server_dsn, budgets)
+        pipeline = Pipeline(base_settings, root, clickhouse_server_dsn, budgets, env)
         created.append(pipeline)
         return pipeline.start() if start else pipeline
 
@@ -214,3 +218,15 @@ def clickhouse(chdb_dir: Path, clickhouse_server_dsn: str | None) -> ClickHouseS
 @pytest.fixture
 def kafka_settings(base_settings: Settings) -> KafkaSettings:
     return base_settings.kafka.model_copy(update={"topic_prefix": f"t{uuid.uuid4().hex[:10]}."})
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
+    """Debian's redis-server (``make redis``) on a free loopback port, for the reservation ledger."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    try:
+        server.start()
+    except RedisServerError as exc:  # a missing server is a failed run, not a skipped one
+        pytest.fail(str(exc), pytrace=False)
+    yield server
+    server.stop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from datetime import datetime, timezone
 from decimal import Decimal
 
 import pytest
@@ -16,8 +17,8 @@ from confluent_kafka.admin import AdminClient, ConfigResource
 
 from meterstream.pricing.plans import load_catalog
 from meterstream.producers import MeterClient
-from meterstream.producers.guard import BudgetGuard, Verdict
-from meterstream.schemas.records import Decision
+from meterstream.producers import BudgetGuard, Decision, Reason
+from meterstream.topics import ensure_topics
 from meterstream.storage.owner import run_saved_query
 
 pytestmark = pytest.mark.integration
@@ -43,7 +44,7 @@ def _wait(predicate, timeout: float, what: str) -> None:
 @pytest.fixture
 def enforced(pipeline_factory):
     pipeline = pipeline_factory(budgets=BUDGETS)
-    guard = BudgetGuard(pipeline.kafka, catalog=load_catalog()).start(ready_timeout=30)
+    guard = BudgetGuard(pipeline.kafka, catalog=load_catalog(), use_configured_ledger=False).start(ready_timeout=30)
     _wait(lambda: "capped" in guard.view.states, 30, "the initial state of 'capped'")
     yield pipeline, guard
     guard.stop()
@@ -60,10 +61,10 @@ def test_fifty_concurrent_callers_cannot_overshoot_a_hard_cap(enforced):
 
     def caller(n: int) -> None:
         while time.monotonic() < deadline:
-            decision = guard.check("capped", "gpt-4o", input_tokens=2000)
+            decision = guard.check("capped", "gpt-4o", input_tokens=2000, output_tokens=0)
             if decision.blocked:
                 with lock:
-                    blocked.append(decision.reason)
+                    blocked.append(decision.code)
                 return
             event = meter.record_llm_call("capped", decision.model, input_tokens=2000, output_tokens=0)
             guard.settle(decision, event)
@@ -79,7 +80,7 @@ def test_fifty_concurrent_callers_cannot_overshoot_a_hard_cap(enforced):
     assert meter.failed == 0
     # Exact estimates: the documented bound on overshoot within one process is zero.
     assert len(allowed) == 100
-    assert len(blocked) == 50 and all("monthly budget" in reason for reason in blocked)
+    assert len(blocked) == 50 and set(blocked) <= {Reason.WOULD_EXCEED_BUDGET, Reason.BUDGET_EXHAUSTED}
 
     pipeline.wait_processed(100)
     stored = run_saved_query(pipeline.clickhouse, "month_to_date", period=time.strftime("%Y-%m"), customer="capped")
@@ -87,9 +88,10 @@ def test_fifty_concurrent_callers_cannot_overshoot_a_hard_cap(enforced):
 
     # The worker's block decision reaches the guard through the compacted topic.
     _wait(lambda: guard.view.states["capped"].decision is Decision.BLOCK, 30, "the block decision")
-    decision = guard.check("capped", "gpt-4o-mini", input_tokens=10)
-    assert decision.verdict is Verdict.BLOCK
+    decision = guard.check("capped", "gpt-4o-mini", input_tokens=10, output_tokens=10)
+    assert (decision.decision, decision.code) == (Decision.BLOCK, Reason.BUDGET_EXHAUSTED)
     assert "monthly budget of 100 credits reached" in decision.reason
+    assert guard.catalog_matches is True and guard.view_age() is not None
     assert guard.in_flight("capped") == 0  # every settled call has been counted by the worker
 
 
@@ -101,8 +103,8 @@ def test_downgrade_at_the_cap_moves_callers_to_the_cheaper_model(enforced):
     pipeline.wait_processed(11)
     _wait(lambda: guard.view.states.get("thrifty") is not None
           and guard.view.states["thrifty"].decision is Decision.DOWNGRADE, 30, "the downgrade decision")  # fmt: skip
-    decision = guard.check("thrifty", "gpt-4o", input_tokens=2000)
-    assert decision.verdict is Verdict.DOWNGRADE and decision.model == "gpt-4o-mini"
+    decision = guard.check("thrifty", "gpt-4o", input_tokens=2000, output_tokens=0)
+    assert decision.decision is Decision.DOWNGRADE and decision.model == "gpt-4o-mini"
     guard.release(decision)
 
 
@@ -120,9 +122,10 @@ def test_a_runaway_run_is_alerted_once_and_blocked(enforced):
         ("loop-1", Decimal("0.021"), "block")
     ]
     _wait(lambda: "agentic|loop-1" in guard.view.states, 30, "the run's state")
-    assert guard.check("agentic", "gpt-4o-mini", input_tokens=10, run_id="loop-1").verdict is Verdict.BLOCK
-    allowed = guard.check("agentic", "gpt-4o-mini", input_tokens=10, run_id="short-run")
-    assert allowed.verdict is Verdict.ALLOW
+    blocked = guard.check("agentic", "gpt-4o-mini", input_tokens=10, output_tokens=10, run_id="loop-1")
+    assert (blocked.decision, blocked.code) == (Decision.BLOCK, Reason.RUN_CAP_REACHED)
+    allowed = guard.check("agentic", "gpt-4o-mini", input_tokens=10, output_tokens=10, run_id="short-run")
+    assert allowed.decision is Decision.OK
     guard.release(allowed)
 
 
@@ -132,3 +135,56 @@ def test_the_enforcement_topic_is_compacted(enforced):
     resource = ConfigResource(ConfigResource.Type.TOPIC, pipeline.topics.enforcement.name)
     config = admin.describe_configs([resource])[resource].result(timeout=10)
     assert config["cleanup.policy"].value == "compact"
+
+
+def test_a_guard_started_before_the_topic_exists_finds_it(kafka_settings):
+    """A guard (here fail-closed) that starts before the worker created ``enforcement-state``."""
+    guard = BudgetGuard(kafka_settings, catalog=load_catalog(), fail_closed=True, use_configured_ledger=False)
+    guard.view.rediscover_seconds = 0.2
+    guard.start(ready_timeout=10)
+    try:
+        assert guard.check("late", "gpt-4o", input_tokens=10, output_tokens=10).code is Reason.NO_STATE
+        topics = ensure_topics(kafka_settings)  # created after the guard started
+        from meterstream.budgets import Budget, customer_decision
+        from meterstream.stream_processors.alerts import publish_states
+
+        now = datetime.now(timezone.utc)
+        state = customer_decision("late", now.strftime("%Y-%m"), Decimal(0), Budget(monthly_credits="5", action="block"),
+                                  watermark=now, now=now)  # fmt: skip
+        publish_states(kafka_settings, topics.enforcement.name, [state])
+        _wait(lambda: "late" in guard.view.states, 30, "the state on a topic created after the guard started")
+        assert guard.check("late", "gpt-4o", input_tokens=2000, output_tokens=0).decision is Decision.OK
+    finally:
+        guard.stop()
+
+
+def test_fail_closed_with_only_a_default_budget_can_make_a_first_call(pipeline_factory):
+    pipeline = pipeline_factory(budgets="default: {monthly_credits: '3', thresholds: [100], action: block}\n")
+    guard = BudgetGuard(pipeline.kafka, catalog=load_catalog(), fail_closed=True, use_configured_ledger=False)
+    guard.start(ready_timeout=30)
+    try:
+        _wait(lambda: guard.check("newcomer", "gpt-4o", input_tokens=2000, output_tokens=0).allowed, 30,
+              "the default budget's state")  # fmt: skip
+        # The default cap applies to the newcomer: 1 credit held above, 2 more fit, a fourth does not.
+        held = [guard.check("newcomer", "gpt-4o", input_tokens=2000, output_tokens=0) for _ in range(3)]
+        assert [d.decision for d in held] == [Decision.OK, Decision.OK, Decision.BLOCK]
+        assert held[2].code is Reason.WOULD_EXCEED_BUDGET
+    finally:
+        guard.stop()
+
+
+def test_a_guard_fails_closed_when_its_view_grows_stale(pipeline_factory):
+    """The worker's heartbeat keeps the view young; once the worker stops, max_view_age blocks."""
+    pipeline = pipeline_factory(budgets=BUDGETS)
+    guard = BudgetGuard(pipeline.kafka, catalog=load_catalog(), max_view_age=3, use_configured_ledger=False)
+    guard.start(ready_timeout=30)
+    try:
+        _wait(lambda: guard.check("capped", "gpt-4o", input_tokens=10, output_tokens=10).allowed, 30,
+              "a heartbeat younger than 3 s")  # fmt: skip
+        assert guard.view_age() is not None and guard.view_age() < 3
+        pipeline.worker.stop()
+        _wait(lambda: guard.check("capped", "gpt-4o", input_tokens=10, output_tokens=10).code is Reason.STALE_VIEW,
+              30, "the stale view to block")  # fmt: skip
+        assert guard.view_age() > 3
+    finally:
+        guard.stop()

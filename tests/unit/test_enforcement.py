@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
@@ -19,9 +20,9 @@ from meterstream.budgets import (
 )
 from meterstream.config import KafkaSettings
 from meterstream.pricing.plans import load_catalog
-from meterstream.producers.guard import BudgetGuard, Verdict
+from meterstream.producers import BudgetExceeded, BudgetGuard, CatalogMismatch, Decision, Reason
 from meterstream.schemas.events import UsageEvent
-from meterstream.schemas.records import Decision
+from meterstream.schemas.records import DEFAULT_BUDGET_KEY, HEARTBEAT_KEY
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=timezone.utc)
 
@@ -71,50 +72,134 @@ def test_projection_and_spikes():
 
 @pytest.fixture
 def guard():
-    # No consumer is started: states are placed in the view directly.
-    return BudgetGuard(KafkaSettings(bootstrap_servers="127.0.0.1:1"), catalog=load_catalog())
+    # No consumer is started: states are placed in the view directly; the clock is fixed.
+    return BudgetGuard(KafkaSettings(bootstrap_servers="127.0.0.1:1"), catalog=load_catalog(),
+                       use_configured_ledger=False, now=lambda: NOW)  # fmt: skip
 
 
-def _state(spent: str, *, cap: str = "10", action: str = "block", watermark: datetime = NOW, **kw):
-    budget = Budget(monthly_credits=cap, action=action, **kw)
-    return customer_decision("acme", "2026-11", Decimal(spent), budget, watermark=watermark, now=NOW)
+def _state(spent: str, *, cap: str = "10", action: str = "block", watermark: datetime = NOW, ids=(), **kw):
+    budget = Budget(monthly_credits=cap, action=action, **{"thresholds": (100,), **kw})
+    return customer_decision("acme", "2026-11", Decimal(spent), budget, watermark=watermark, now=NOW,
+                             counted_ids=tuple(ids), catalog_fingerprint=load_catalog().fingerprint())  # fmt: skip
+
+
+def _event(event_id: str, occurred_at: datetime = NOW) -> UsageEvent:
+    return UsageEvent(event_id=event_id, customer_id="acme", occurred_at=occurred_at, model="gpt-4o",
+                      input_tokens=2000)  # fmt: skip
 
 
 def test_reservations_stop_concurrent_calls_at_the_cap(guard):
     guard.view.states["acme"] = _state("7")  # 3 credits left
-    decisions = [guard.check("acme", "gpt-4o", input_tokens=2000) for _ in range(4)]  # 1 credit each
-    assert [d.verdict for d in decisions] == [Verdict.ALLOW] * 3 + [Verdict.BLOCK]
+    decisions = [guard.check("acme", "gpt-4o", input_tokens=2000, output_tokens=0) for _ in range(4)]  # 1 credit each
+    assert [d.decision for d in decisions] == [Decision.OK] * 3 + [Decision.BLOCK]
+    assert decisions[3].code is Reason.WOULD_EXCEED_BUDGET
     assert "0.0000 left" in decisions[3].reason and "needs about 1.0000" in decisions[3].reason
     guard.release(decisions[0])
-    assert guard.check("acme", "gpt-4o", input_tokens=2000).verdict is Verdict.ALLOW
+    assert guard.check("acme", "gpt-4o", input_tokens=2000, output_tokens=0).decision is Decision.OK
 
 
-def test_settled_calls_count_until_the_worker_has_counted_them(guard):
-    guard.view.states["acme"] = _state("9")  # 1 credit left
-    decision = guard.check("acme", "gpt-4o", input_tokens=2000)
-    event = UsageEvent(event_id="e1", customer_id="acme", occurred_at=NOW + timedelta(seconds=1), model="gpt-4o",
-                       input_tokens=2000)  # fmt: skip
-    guard.settle(decision, event)
+def test_settled_calls_are_released_by_event_id_not_by_event_time(guard):
+    guard.view.states["acme"] = _state("8")  # 2 credits left
+    first = guard.check("acme", "gpt-4o", input_tokens=2000, output_tokens=0)
+    second = guard.check("acme", "gpt-4o", input_tokens=2000, output_tokens=0)
+    # The first call was stamped long before the second (occurred_at at the start of a slow call).
+    guard.settle(first, _event("early", NOW - timedelta(minutes=5)))
+    guard.settle(second, _event("late", NOW))
+    assert guard.in_flight("acme") == Decimal(2)
+    # The worker counts the later call first; its watermark passes the earlier one's time, which
+    # the old guard took as counted. Released by id, the earlier call still holds its credit.
+    counted_late = _state("9", watermark=NOW, ids=["late"])
+    guard.view.states["acme"] = counted_late
+    guard._on_state(counted_late)
     assert guard.in_flight("acme") == Decimal(1)
-    assert guard.check("acme", "gpt-4o", input_tokens=2000).blocked
-    # The worker counted it: its state's watermark passes the event, spend includes it.
-    guard._on_state(_state("10", watermark=NOW + timedelta(seconds=1)))
+    assert guard.check("acme", "gpt-4o", input_tokens=2000, output_tokens=0).blocked  # 9 + 1 in flight = cap
+    counted_both = _state("10", ids=["early"])
+    guard._on_state(counted_both)
+    assert guard.in_flight("acme") == 0
+    # A settle that arrives after the worker counted its event adds nothing.
+    guard.view.states["acme"] = _state("9")
+    third = guard.check("acme", "gpt-4o", input_tokens=2000, output_tokens=0)
+    guard.settle(third, _event("early"))
     assert guard.in_flight("acme") == 0
 
 
-def test_block_and_downgrade_decisions(guard):
+def test_a_dead_callers_reservation_is_freed_after_its_hold(guard):
+    guard.view.states["acme"] = _state("9")
+    held = guard.check("acme", "gpt-4o", input_tokens=2000, output_tokens=0, hold_seconds=0.05)
+    assert held.decision is Decision.OK and guard.check("acme", "gpt-4o", input_tokens=2000, output_tokens=0).blocked
+    deadline = time.monotonic() + 5
+    while guard.in_flight("acme") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert guard.check("acme", "gpt-4o", input_tokens=2000, output_tokens=0).decision is Decision.OK
+
+
+def test_block_and_downgrade_decisions_use_the_topic_vocabulary(guard):
     guard.view.states["acme"] = _state("10")
-    assert guard.check("acme", "gpt-4o", input_tokens=1).verdict is Verdict.BLOCK
+    blocked = guard.check("acme", "gpt-4o", input_tokens=1, output_tokens=0)
+    assert (blocked.decision, blocked.code) == (Decision.BLOCK, Reason.BUDGET_EXHAUSTED)
+    with pytest.raises(BudgetExceeded) as raised:
+        guard.require("acme", "gpt-4o", input_tokens=1, output_tokens=0)
+    assert raised.value.code is Reason.BUDGET_EXHAUSTED
     guard.view.states["acme"] = _state("10", action="downgrade", downgrade_to="gpt-4o-mini")
-    decision = guard.check("acme", "gpt-4o", input_tokens=2000)
-    assert (decision.verdict, decision.model) == (Verdict.DOWNGRADE, "gpt-4o-mini")
+    decision = guard.check("acme", "gpt-4o", input_tokens=2000, output_tokens=0)
+    assert (decision.decision, decision.model, decision.code) == (Decision.DOWNGRADE, "gpt-4o-mini", Reason.DOWNGRADED)
+    guard.view.states["acme"] = _state("6", cap="10", thresholds=(50, 100))
+    assert guard.check("acme", "gpt-4o", input_tokens=2000, output_tokens=0).code is Reason.THRESHOLD_REACHED
 
 
-def test_unknown_customers_follow_the_fail_mode(guard):
-    assert guard.check("new", "gpt-4o", input_tokens=10).verdict is Verdict.ALLOW
-    strict = BudgetGuard(KafkaSettings(bootstrap_servers="127.0.0.1:1"), catalog=load_catalog(), fail_closed=True)
-    assert strict.check("new", "gpt-4o", input_tokens=10).blocked
-    assert guard.check("acme", "no-such-model", input_tokens=10).blocked
+def test_the_output_estimate_is_required(guard):
+    guard.view.states["acme"] = _state("0")
+    with pytest.raises(TypeError):
+        guard.check("acme", "gpt-4o", input_tokens=2000)  # forgetting max_tokens voided the guarantee
+
+
+def test_unknown_customers_follow_the_fail_mode_and_the_default_budget(guard):
+    assert guard.check("new", "gpt-4o", input_tokens=10, output_tokens=0).code is Reason.NO_BUDGET
+    strict = BudgetGuard(KafkaSettings(bootstrap_servers="127.0.0.1:1"), catalog=load_catalog(), fail_closed=True,
+                         use_configured_ledger=False, now=lambda: NOW)  # fmt: skip
+    assert strict.check("new", "gpt-4o", input_tokens=10, output_tokens=0).code is Reason.NO_STATE
+    # Only a default budget: a first call is allowed within its cap, a call past it is not.
+    default = customer_decision(DEFAULT_BUDGET_KEY, "2026-11", Decimal(0),
+                                Budget(monthly_credits="2", action="block"), watermark=NOW, now=NOW)  # fmt: skip
+    strict.view.states[DEFAULT_BUDGET_KEY] = default
+    first = strict.check("new", "gpt-4o", input_tokens=2000, output_tokens=0)
+    assert first.decision is Decision.OK
+    assert strict.check("new", "gpt-4o", input_tokens=4000, output_tokens=0).code is Reason.WOULD_EXCEED_BUDGET
+    assert guard.check("acme", "no-such-model", input_tokens=10, output_tokens=0).code is Reason.CANNOT_PRICE
+
+
+def test_a_stale_view_fails_closed_past_the_configured_age():
+    clock = [NOW]
+    guard = BudgetGuard(KafkaSettings(bootstrap_servers="127.0.0.1:1"), catalog=load_catalog(), max_view_age=5,
+                        use_configured_ledger=False, now=lambda: clock[0])  # fmt: skip
+    guard.view.states["acme"] = _state("0")
+    assert guard.check("acme", "gpt-4o", input_tokens=10, output_tokens=0).code is Reason.STALE_VIEW  # no heartbeat
+    guard.view.states[HEARTBEAT_KEY] = _state("0").model_copy(update={"key": HEARTBEAT_KEY, "updated_at": NOW})
+    clock[0] = NOW + timedelta(seconds=3)
+    assert guard.view_age() == 3.0
+    assert guard.check("acme", "gpt-4o", input_tokens=10, output_tokens=0).decision is Decision.OK
+    clock[0] = NOW + timedelta(seconds=6)
+    stale = guard.check("acme", "gpt-4o", input_tokens=10, output_tokens=0)
+    assert stale.code is Reason.STALE_VIEW and "6.0 s old" in stale.reason
+
+
+def test_a_guard_with_another_catalog_blocks_hard_caps(guard):
+    guard.view.states["acme"] = _state("0")
+    guard.view.catalog_fingerprint = "not-the-same"
+    assert guard.catalog_matches is False
+    assert guard.check("acme", "gpt-4o", input_tokens=10, output_tokens=0).code is Reason.CATALOG_MISMATCH
+    with pytest.raises(CatalogMismatch):
+        guard.assert_catalog_matches()
+    guard.view.catalog_fingerprint = guard.fingerprint
+    assert guard.check("acme", "gpt-4o", input_tokens=10, output_tokens=0).decision is Decision.OK
+
+
+def test_one_vocabulary_is_exported_from_producers():
+    import meterstream.producers as producers
+
+    for name in ("BudgetGuard", "BudgetExceeded", "Decision", "GuardDecision", "Reason", "RedisLedger"):
+        assert name in producers.__all__ and hasattr(producers, name)
+    assert {d.value for d in Decision} == {"ok", "warn", "downgrade", "block"}
 
 
 # -- the batch processor's side of enforcement ------------------------------------------------------
@@ -171,11 +256,20 @@ def test_a_spend_spike_is_alerted_with_its_hour():
 def test_threshold_alerts_carry_a_projected_exhaustion():
     budgets = BudgetBook.model_validate({"customers": {"acme": {"monthly_credits": "2", "thresholds": [50]}}})
     processor = BatchProcessor(load_catalog(), budgets)
-    # 3600 credits in the last hour -> 1 credit/s; after this event 1 of 2 credits spent -> 1 s left.
+    # 3600 credits stored in the last hour + this event's 1 -> 3601/3600 credit/s; 1 of 2 credits left.
     result = processor.process([_message(1)], lambda k: MonthToDate(), now=NOW,
                                history=History(recent_baseline=(Decimal(3600), Decimal(300))))  # fmt: skip
     [alert] = result.alerts
-    assert alert.projected_exhaustion_at == NOW + timedelta(seconds=1)
+    assert alert.projected_exhaustion_at == NOW + timedelta(seconds=float(Decimal(3600) / Decimal(3601)))
+
+
+def test_the_first_spend_of_the_hour_projects_an_exhaustion():
+    # Nothing stored in the last hour: the batch's own spend is the velocity (1 credit/hour).
+    budgets = BudgetBook.model_validate({"customers": {"acme": {"monthly_credits": "2", "thresholds": [50]}}})
+    result = BatchProcessor(load_catalog(), budgets).process([_message(1)], lambda k: MonthToDate(), now=NOW,
+                                                             history=History())  # fmt: skip
+    [alert] = result.alerts
+    assert alert.projected_exhaustion_at == NOW + timedelta(hours=1)
 
 
 def test_a_cap_in_money_is_converted_at_the_plan_credit_value(tmp_path):
@@ -230,3 +324,13 @@ def test_a_late_adjustment_line_is_added_to_the_total():
     november = compute_invoice("acme", "2026-11", PeriodUsage(credits=Decimal(100)), catalog, adjustments=[line])
     assert november.total == Decimal("1.00") + Decimal("12.34")
     assert november.lines[-1].kind == "late_adjustment" and "2026-10" in november.lines[-1].description
+
+
+def test_calls_without_a_hard_cap_hold_nothing_once_settled(guard):
+    # An alert-only budget and a customer with no budget: no cap to hold settled calls against.
+    guard.view.states["acme"] = _state("0", action="alert")
+    for customer in ("acme", "nobody"):
+        decision = guard.check(customer, "gpt-4o", input_tokens=2000, output_tokens=0)
+        assert guard.in_flight(customer) == Decimal(1)
+        guard.settle(decision, _event(f"{customer}-1").model_copy(update={"customer_id": customer}))
+        assert guard.in_flight(customer) == 0

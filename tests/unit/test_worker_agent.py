@@ -19,6 +19,7 @@ import pytest
 
 from meterstream.clock import fixed_clock
 from meterstream.config import Settings, WorkerSettings
+from meterstream.schemas.records import HEARTBEAT_KEY
 from meterstream.storage.clickhouse import QueryResult
 from meterstream.stream_processors.app import create_app
 from meterstream.stream_processors.processing import InboundMessage
@@ -72,7 +73,7 @@ def _sent_future() -> asyncio.Future:
     return future
 
 
-async def _run(store: MemoryStore, values: list[bytes], tmp_path: Path, budgets: str | None = None):
+async def _run(store: MemoryStore, values: list[bytes], tmp_path: Path, budgets: str | None = None, timeout=10.0, holder=None):
     budgets_file = None
     if budgets:
         budgets_file = tmp_path / "budgets.yaml"
@@ -81,16 +82,19 @@ async def _run(store: MemoryStore, values: list[bytes], tmp_path: Path, budgets:
         worker=WorkerSettings(app_id="unit", batch_timeout=0.05, budgets_file=budgets_file, data_dir=tmp_path)
     )
     app = create_app(settings, store, clock=CLOCK)
+    if holder is not None:
+        holder["app"] = app
     sent: dict[str, list[bytes]] = {"alerts": [], "dead_letter": [], "enforcement": []}
     names = {"budget-alerts": "alerts", "meterstream.dead-letter": "dead_letter", "enforcement-state": "enforcement"}
 
     async def capture(topic, key, value, partition, timestamp, headers):
-        sent[names[topic]].append(value)
+        if key != HEARTBEAT_KEY.encode():  # heartbeats: test_the_state_does_not_wait_for_the_store
+            sent[names[topic]].append(value)
         return _sent_future()
 
     app.producer.send = AsyncMock(side_effect=capture)
     messages = [InboundMessage("usage", value, "usage.events", 0, offset) for offset, value in enumerate(values)]
-    await asyncio.wait_for(app.meterstream_handle_batch(messages, [b"acme"] * len(values)), 10)
+    await asyncio.wait_for(app.meterstream_handle_batch(messages, [b"acme"] * len(values)), timeout)
     return app, sent
 
 
@@ -125,6 +129,21 @@ def test_agent_raises_each_threshold_once(tmp_path):
     assert [(s["customer_id"], s["decision"]) for s in states] == [("acme", "warn")]
 
 
+def test_the_state_does_not_wait_for_the_store_but_alerts_do(tmp_path):
+    """Enforcement states (a view) go out as soon as the batch is rated; alerts only once stored."""
+    budgets = 'customers:\n  acme: {monthly_credits: "10", thresholds: [50, 100], action: block}\n'
+    store = MemoryStore(failures=10**9)  # the store never accepts the write
+    holder: dict = {}
+    with pytest.raises(asyncio.TimeoutError):
+        asyncio.run(_run(store, [_event(f"e{i}") for i in range(3)], tmp_path, budgets, timeout=1.0, holder=holder))
+    calls = holder["app"].producer.send.await_args_list
+    topics_sent = [(c.args[0], c.args[1]) for c in calls]
+    assert ("enforcement-state", b"acme") in topics_sent and ("enforcement-state", HEARTBEAT_KEY.encode()) in topics_sent
+    state = json.loads(next(c.args[2] for c in calls if c.args[:2] == ("enforcement-state", b"acme")))
+    assert (state["decision"], state["counted_ids"]) == ("block", ["e0", "e1", "e2"])
+    assert not [t for t, _ in topics_sent if t == "budget-alerts"] and store.rated == []
+
+
 def test_agent_retries_the_store_and_loses_nothing(tmp_path):
     store = MemoryStore(failures=2)
     app, _ = asyncio.run(_run(store, [_event("r1"), _event("r2")], tmp_path))
@@ -135,3 +154,24 @@ def test_agent_retries_the_store_and_loses_nothing(tmp_path):
 @pytest.fixture(autouse=True)
 def _fast_backoff(monkeypatch):
     monkeypatch.setenv("METERSTREAM_CLICKHOUSE__RETRY_BACKOFF_INITIAL", "0.01")
+
+
+def test_the_heartbeat_says_how_far_the_view_has_reached(tmp_path):
+    """A batch read from a backlog publishes the produce time it reached on its slowest partition."""
+    settings = Settings(worker=WorkerSettings(app_id="unit", batch_timeout=0.05, data_dir=tmp_path))
+    app = create_app(settings, MemoryStore(), clock=CLOCK)
+    beats: list[dict] = []
+
+    async def capture(topic, key, value, partition, timestamp, headers):
+        if key == HEARTBEAT_KEY.encode():
+            beats.append(json.loads(value))
+        return _sent_future()
+
+    app.producer.send = AsyncMock(side_effect=capture)
+    behind = int((OCCURRED_AT + timedelta(seconds=10)).timestamp() * 1000)  # 4 min 50 s before the clock
+    ahead = int((OCCURRED_AT + timedelta(minutes=4)).timestamp() * 1000)
+    messages = [InboundMessage("usage", _event("p0"), "usage.events", 0, 0, behind),
+                InboundMessage("usage", _event("p1"), "usage.events", 1, 0, ahead)]  # fmt: skip
+    asyncio.run(asyncio.wait_for(app.meterstream_handle_batch(messages, [b"acme", b"acme"]), 10))
+    [beat] = beats
+    assert beat["updated_at"] == (OCCURRED_AT + timedelta(seconds=10)).isoformat().replace("+00:00", "Z")
