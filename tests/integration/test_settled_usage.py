@@ -9,11 +9,12 @@ hand-checked month of test_cs_queries.py (October 2026, a resent event included)
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 from decimal import Decimal
 
 import pytest
 
+from meterstream.clock import utc_now
 from meterstream.billing import invoice_from_store, invoices_from_rated, rate_events
 from meterstream.pricing.plans import load_catalog
 from meterstream.schemas.records import RawEvent
@@ -338,14 +339,16 @@ def test_recent_days_are_read_from_usage_recent_and_settled_from_it(
     clickhouse, catalog
 ):
     """Days in the last week: today live, the others settled, a late arrival and a resend since."""
-    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    now = utc_now()
+    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
     store = open_store(clickhouse)
     try:
         events = [
             _tokens(
                 f"r{n}",
                 customer,
-                today - timedelta(days=days, hours=-hour),
+                # Today's event at its hour, or now if that is still ahead (a run just after midnight).
+                min(today - timedelta(days=days, hours=-hour), now),
                 "gpt-4o",
                 1_000 * (n + 1),
                 0,
@@ -453,11 +456,12 @@ def test_an_insert_killed_between_usage_rated_and_its_views_is_repaired_when_par
     The kill is simulated by detaching the view for one insert: usage_rated gets the rows,
     the view's table does not (as when the process dies between the two).
     """
-    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    now = utc_now()
+    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
     store = open_store(clickhouse)
     try:
         first = [
-            _tokens(f"k{n}", "acme", today - timedelta(days=days, hours=-1), "gpt-4o", 1_000 * (n + 1), 0, 10)
+            _tokens(f"k{n}", "acme", min(today - timedelta(days=days, hours=-1), now), "gpt-4o", 1_000 * (n + 1), 0, 10)
             for n, days in enumerate([0, 1, 2])
         ]
         raw, rated = _rate(catalog, first)
@@ -465,7 +469,7 @@ def test_an_insert_killed_between_usage_rated_and_its_views_is_repaired_when_par
         settle(store.client)  # yesterday and the day before are settled
         # The killed insert: a new event today and a late one on a settled day.
         killed = [
-            _tokens("k7", "acme", today + timedelta(hours=2), "gpt-4o-mini", 7_000, 0, 70),
+            _tokens("k7", "acme", min(today + timedelta(hours=2), now), "gpt-4o-mini", 7_000, 0, 70),
             _tokens("k8", "acme", today - timedelta(days=1, hours=-5), "gpt-4o-mini", 8_000, 0, 80),
         ]
         raw2, rated2 = _rate(catalog, killed)
