@@ -22,7 +22,7 @@ from meterstream.ops.provider_commands import reconcile_provider_command
 from meterstream.producers.commands import import_command, otlp_command
 
 app = typer.Typer(help="Usage metering for AI products: SDK -> Kafka -> Faust -> ClickHouse.", no_args_is_help=True)
-services_app = typer.Typer(help="Local Kafka broker for machines without Docker.", no_args_is_help=True)
+services_app = typer.Typer(help="Local Kafka broker and ClickHouse server for machines without Docker.", no_args_is_help=True)
 alerts_app = typer.Typer(help="Budget alerts.", no_args_is_help=True)
 schemas_app = typer.Typer(help="Event schemas for producers in other languages.", no_args_is_help=True)
 app.add_typer(services_app, name="services")
@@ -42,45 +42,80 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of 
 # -- services ---------------------------------------------------------------------------------
 
 
+ServiceArgument = Annotated[
+    list[str] | None,
+    typer.Argument(help="kafka, clickhouse, or both (the default).", show_default=False),
+]
+SERVICES = ("kafka", "clickhouse")
+
+
+def _services(names: list[str] | None) -> list[str]:
+    chosen = names or list(SERVICES)
+    unknown = [name for name in chosen if name not in SERVICES]
+    if unknown:
+        raise fail(f"unknown service {unknown[0]!r}: choose from {', '.join(SERVICES)}")
+    return [name for name in SERVICES if name in chosen]
+
+
+def _service(name: str, settings: Any) -> Any:
+    from meterstream.services.clickhouse import ClickHouseServer
+    from meterstream.services.kafka import KafkaBroker
+
+    return KafkaBroker(settings.services) if name == "kafka" else ClickHouseServer(settings.services)
+
+
 @services_app.command("up")
-def services_up() -> None:
-    """Start the local Kafka broker (KRaft, 127.0.0.1 only); harmless if it already runs."""
-    from meterstream.services.kafka import KafkaBroker, ServiceError
+def services_up(names: ServiceArgument = None) -> None:
+    """Start the local Kafka broker and ClickHouse server (127.0.0.1 only); harmless if they run."""
+    from meterstream.services.kafka import ServiceError
 
     settings = get_settings()
-    broker = KafkaBroker(settings.services)
-    try:
-        with console.status("starting Kafka") as status:
-            result = broker.up(on_step=lambda step: status.update(f"Kafka: {step}"))
-    except ServiceError as exc:
-        raise fail(str(exc)) from None
-    console.print(f"Kafka ready at [bold]{result.bootstrap}[/] (pid {result.pid}, data in {result.data_dir})")
+    for name in _services(names):
+        label = "Kafka" if name == "kafka" else "ClickHouse"
+        try:
+            with console.status(f"starting {label}") as status:
+                result = _service(name, settings).up(on_step=lambda step: status.update(f"{label}: {step}"))
+        except ServiceError as exc:
+            raise fail(str(exc)) from None
+        if name == "kafka":
+            console.print(f"Kafka ready at [bold]{result.bootstrap}[/] (pid {result.pid}, data in {result.data_dir})")
+        else:
+            console.print(f"ClickHouse ready at [bold]{result.http_url}[/] (native port {result.tcp_port}, "
+                          f"pid {result.pid}, data in {result.data_dir})")
 
 
 @services_app.command("down")
-def services_down() -> None:
-    """Stop the local Kafka broker; harmless if it is not running."""
-    from meterstream.services.kafka import KafkaBroker, ServiceError
+def services_down(names: ServiceArgument = None) -> None:
+    """Stop the local Kafka broker and ClickHouse server; harmless if they are not running."""
+    from meterstream.services.kafka import ServiceError
 
-    try:
-        stopped = KafkaBroker(get_settings().services).down()
-    except ServiceError as exc:
-        raise fail(str(exc)) from None
-    console.print("Kafka stopped" if stopped else "Kafka was not running")
+    settings = get_settings()
+    for name in _services(names):
+        label = "Kafka" if name == "kafka" else "ClickHouse"
+        try:
+            stopped = _service(name, settings).down()
+        except ServiceError as exc:
+            raise fail(str(exc)) from None
+        console.print(f"{label} stopped" if stopped else f"{label} was not running")
 
 
 @services_app.command("status")
-def services_status(as_json: JsonOption = False) -> None:
-    """Show whether the local broker runs, where, and with which data directory."""
-    from meterstream.services.kafka import KafkaBroker
-
-    status = KafkaBroker(get_settings().services).status()
+def services_status(names: ServiceArgument = None, as_json: JsonOption = False) -> None:
+    """Show whether the local services run, where, and with which data directory (exit 3 if one is stopped)."""
+    settings = get_settings()
+    statuses = {name: _service(name, settings).status() for name in _services(names)}
     if as_json:
-        console.print_json(json.dumps(status.__dict__, default=str))
-        return
-    state = "[green]running[/]" if status.running else "[yellow]stopped[/]"
-    console.print(f"Kafka {state}  pid={status.pid}  bootstrap={status.bootstrap}  data={status.data_dir}")
-    if not status.running:
+        console.print_json(json.dumps({name: s.__dict__ for name, s in statuses.items()}, default=str))
+    for name, status in statuses.items():
+        if as_json:
+            break
+        state = "[green]running[/]" if status.running else "[yellow]stopped[/]"
+        if name == "kafka":
+            console.print(f"Kafka {state}  pid={status.pid}  bootstrap={status.bootstrap}  data={status.data_dir}")
+        else:
+            console.print(f"ClickHouse {state}  pid={status.pid}  http={status.http_url}  "
+                          f"tcp={status.tcp_port}  data={status.data_dir}")
+    if not all(status.running for status in statuses.values()):
         raise typer.Exit(3)
 
 

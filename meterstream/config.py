@@ -124,10 +124,18 @@ class LocalServicesSettings(_Section):
     kafka_sasl_username: str = "meterstream"
     kafka_sasl_password: SecretStr | None = None
     start_timeout: float = Field(default=90.0, gt=0)
+    #: The local ClickHouse server (meterstream/services/clickhouse.py), loopback only. The
+    #: default DSN (clickhouse.dsn) points at the HTTP port: change both together.
+    clickhouse_http_port: int = Field(default=8123, ge=1, le=65535)
+    clickhouse_tcp_port: int = Field(default=9000, ge=1, le=65535)
 
     @property
     def kafka_dir(self) -> Path:
         return self.state_dir / "kafka"
+
+    @property
+    def clickhouse_dir(self) -> Path:
+        return self.state_dir / "clickhouse-server"
 
 
 class WorkerSettings(_Section):
