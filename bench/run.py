@@ -18,7 +18,9 @@
 
 Uses its own Kafka broker (state in /tmp/bench-state, 127.0.0.1:19192 unless
 told otherwise), started if needed and stopped at the end if it started it;
-unique topic prefixes, consumer groups and embedded stores per run. Prints the
+unique topic prefixes and consumer groups per run; the workers of a run share one
+database on the ClickHouse server of METERSTREAM_CLICKHOUSE__DSN (the local one of
+`meterstream services up` by default: started if needed, stopped if started here). Prints the
 machine, the versions and a table; writes ``bench/results/<timestamp>.json``.
 Every wait is bounded; every process started here is stopped on exit.
 """
@@ -31,7 +33,7 @@ import gc
 import json
 import os
 import platform
-import shutil
+import re
 import signal
 import socket
 import statistics
@@ -58,11 +60,12 @@ from rich.table import Table
 
 from bench import pyspy
 from bench.workload import Workload, generate, serialize
-from meterstream.config import ClickHouseSettings, KafkaSettings, LocalServicesSettings, WorkerSettings
+from meterstream.config import ClickHouseSettings, KafkaSettings, LocalServicesSettings, WorkerSettings, get_settings
 from meterstream.pricing.pricebook import load_price_book
 from meterstream.pricing.rating import rate_event
 from meterstream.producers.client import DeliveryFailure, MeterClient
-from meterstream.storage.owner import run_saved_query
+from meterstream.storage.clickhouse import connect
+from meterstream.storage.queries import run_saved_query
 from meterstream.stream_processors.runner import WorkerProcess, WorkerProcessError
 from meterstream.topics import Topics, ensure_topics
 
@@ -404,6 +407,8 @@ class Bench:
         self.broker_started = False
         self.broker_pid: int | None = None
         self.broker_version: str | None = None
+        self.clickhouse = get_settings().clickhouse
+        self.clickhouse_server: Any = None
         self.bootstrap = args.bootstrap
         self.partitions = args.partitions or (3 if args.workers == 1 else 2 * args.workers)
         self.price_book = load_price_book(None)
@@ -442,6 +447,26 @@ class Bench:
         if self.broker is not None and self.broker_started and not self.args.keep_broker:
             self.broker.down()
             console.print("stopped the benchmark's Kafka broker")
+        if self.clickhouse_server is not None:
+            self.clickhouse_server.down()
+            console.print("stopped the benchmark's ClickHouse server")
+
+    def clickhouse_up(self) -> None:
+        """The one store every worker of a run shares; the local server is started if it is down."""
+        from meterstream.services.clickhouse import ClickHouseServer, is_local_dsn
+
+        services = get_settings().services
+        if not is_local_dsn(self.clickhouse, services):
+            console.print("using the ClickHouse server of METERSTREAM_CLICKHOUSE__DSN (not managed by the benchmark)")
+            return
+        server = ClickHouseServer(services)
+        if server.is_ready():
+            console.print(f"using the running ClickHouse server at {server.http_url}")
+            return
+        with console.status("starting ClickHouse"):
+            status = server.up()
+        self.clickhouse_server = server
+        console.print(f"started ClickHouse (pid {status.pid}) at {status.http_url}; stopped at the end")
 
     # topics, workers -------------------------------------------------------------------------------
 
@@ -460,7 +485,8 @@ class Bench:
             root = self.run_dir / app_id / f"worker{i}"
             root.mkdir(parents=True, exist_ok=True)
             port = free_port()
-            clickhouse = ClickHouseSettings(dsn=f"chdb://{root / 'clickhouse'}")
+            # One database per run phase, shared by every worker of it (as in production).
+            clickhouse = self.clickhouse.model_copy(update={"database": re.sub(r"\W", "_", f"bench_{app_id}")})
             env = {
                 "METERSTREAM_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
                 "METERSTREAM_KAFKA__TOPIC_PREFIX": kafka.topic_prefix,
@@ -488,9 +514,11 @@ class Bench:
     def stop_workers(self, workers: list[BenchWorker]) -> None:
         for worker in workers:
             worker.stop(timeout=30)
-        for worker in workers:
-            with contextlib.suppress(OSError):
-                shutil.rmtree(worker.clickhouse.chdb_path)  # keep the logs, drop the stores
+        for database in {worker.clickhouse.database for worker in workers}:  # keep the logs, drop the store
+            with contextlib.suppress(Exception):
+                client = connect(self.clickhouse, create_database=False)
+                client.command(f"DROP DATABASE IF EXISTS {database}")
+                client.close()
 
     def cleanup(self) -> None:
         for recorder in self.recorders:
@@ -770,14 +798,10 @@ class Bench:
             "dead_letters": sum(s["dead_letters"] for s in stats),
             "batches": sum(s["batches"] for s in stats),
             "store": stored,
-            # Several workers each own an embedded store: an event replayed across a rebalance is in two
-            # stores (one server store would collapse it with FINAL), so then the sum may only exceed.
+            # One store for every worker: an event two workers both wrote across a rebalance is one row (FINAL).
             "rows_ok": None if stored is None else (
                 stored["rated_rows"] == counts["distinct_events"] and stored["raw_events"] == counts["distinct_events"]
-                if len(workers) == 1
-                else stored["rated_rows"] >= counts["distinct_events"] and stored["raw_events"] >= counts["distinct_events"]
             ),
-            "rows_in_two_stores": None if stored is None or len(workers) == 1 else stored["rated_rows"] - counts["distinct_events"],
             "vmhwm_bytes": [m.get("VmHWM") for m in memory],
             "vmhwm_bytes_max": max((m.get("VmHWM", 0) for m in memory), default=0),
             "vmrss_bytes_end": [m.get("VmRSS") for m in memory],
@@ -788,15 +812,10 @@ class Bench:
         return result
 
     def store_totals(self, workers: list[BenchWorker], period: str) -> dict[str, Any]:
-        """``store_totals`` through each worker (it owns its embedded store), summed over workers."""
-        raw = rated = 0
-        credits = Decimal(0)
-        for worker in workers:
-            row = run_saved_query(worker.clickhouse, "store_totals", timeout=60, period=period).dicts()[0]
-            raw += int(row["raw_events"] or 0)
-            rated += int(row["rated_rows"] or 0)
-            credits += row["credits"] or Decimal(0)
-        return {"raw_events": raw, "rated_rows": rated, "credits": str(credits)}
+        """``store_totals`` of the run's one store (every worker wrote to it)."""
+        row = run_saved_query(workers[0].clickhouse, "store_totals", period=period).dicts()[0]
+        return {"raw_events": int(row["raw_events"] or 0), "rated_rows": int(row["rated_rows"] or 0),
+                "credits": str(row["credits"] or Decimal(0))}
 
     def reference(self, client: str, topics: list[str], expected: int) -> dict[str, Any]:
         timeout = min(900.0, 60 + expected / 1000)
@@ -1304,6 +1323,7 @@ def main(argv: list[str] | None = None) -> int:
     exit_code = 0
     try:
         bench.broker_up()
+        bench.clickhouse_up()
         results["versions"] = versions(bench.broker_version)
         m, v = results["machine"], results["versions"]
         console.print(

@@ -127,14 +127,8 @@ def migrate() -> None:
     """Apply the numbered ClickHouse DDL in sql/ (idempotent)."""
     from meterstream.storage.clickhouse import StoreError, connect
     from meterstream.storage.clickhouse import migrate as apply_migrations
-    from meterstream.storage.owner import current_owner
 
     settings = get_settings()
-    owner = current_owner(settings.clickhouse)
-    if owner is not None:
-        raise fail(
-            f"the worker (pid {owner.pid}) owns the embedded store and applied the migrations when it started"
-        )
     try:
         client = connect(settings.clickhouse)
         applied = apply_migrations(client)
@@ -158,13 +152,9 @@ def settle(
     from datetime import date
 
     from meterstream.storage.clickhouse import StoreError, open_store
-    from meterstream.storage.owner import current_owner
     from meterstream.storage.settle import settle as settle_days
 
     settings = get_settings()
-    owner = current_owner(settings.clickhouse)
-    if owner is not None:
-        raise fail(f"the worker (pid {owner.pid}) owns the embedded store and settles it on its timer")
     try:
         cutoff = date.fromisoformat(before) if before else None
     except ValueError:
@@ -201,19 +191,15 @@ def worker(
     from meterstream.pricing.plans import PlanError, load_catalog
     from meterstream.pricing.pricebook import PriceBookError
     from meterstream.storage.clickhouse import StoreError, open_store
-    from meterstream.storage.owner import StoreOwnership
     from meterstream.stream_processors.alerts import current_states, publish_states, reconcile_alerts
     from meterstream.stream_processors.app import create_app
     from meterstream.topics import TopicError, ensure_topics
 
     settings = get_settings()
-    ownership = StoreOwnership(settings.clickhouse, web_port=settings.worker.web_port)
     try:
         topics = ensure_topics(settings.kafka)
-        ownership.claim()
         store = open_store(settings.clickhouse)
     except (TopicError, StoreError) as exc:
-        ownership.release()
         raise fail(str(exc)) from None
     try:
         budgets = load_budgets(settings.worker.budgets_file, load_catalog(settings.worker.plans_file))
@@ -227,7 +213,6 @@ def worker(
         raise fail(str(exc)) from None
     finally:
         store.close()
-        ownership.release()
 
 
 # -- demo -------------------------------------------------------------------------------------

@@ -79,14 +79,16 @@ class KafkaSettings(_Section):
 
 
 class ClickHouseSettings(_Section):
-    """Where rated usage is stored.
+    """Where rated usage is stored: a ClickHouse server every process shares.
 
-    ``chdb://PATH`` runs the ClickHouse engine in-process (the default, data in
-    a git-ignored folder); ``http://user:password@host:8123/database`` talks to
-    a server through the same clickhouse-connect code.
+    The default is the local server of ``meterstream services up`` (its pipeline
+    user, services/clickhouse/users.xml); production sets
+    ``http(s)://user:password@host:8123/`` for its own server or Cloud.
+    ``chdb://PATH`` runs the engine inside one process (one process per data
+    directory): only for single-process tools such as ``bench/invoice.py``.
     """
 
-    dsn: SecretStr = SecretStr(f"chdb://{DEFAULT_STATE_DIR / 'clickhouse'}")
+    dsn: SecretStr = SecretStr("http://meterstream:meterstream@127.0.0.1:8123/")
     database: str = "meterstream"
     #: Seconds between insert retries while the store is unavailable (doubles, capped).
     retry_backoff_initial: float = Field(default=0.5, gt=0)

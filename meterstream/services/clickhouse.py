@@ -23,10 +23,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
+from urllib.parse import urlsplit
 
 import httpx
 
-from meterstream.config import LocalServicesSettings
+from meterstream.config import ClickHouseSettings, LocalServicesSettings
 from meterstream.services.kafka import ServiceError, _cmdline, _pid_alive, _port_owner, _tail, port_in_use
 
 #: ``services/clickhouse`` in the source tree: config.xml (a template) and users.xml.
@@ -34,6 +35,14 @@ SERVICE_FILES = Path(__file__).resolve().parents[2] / "services" / "clickhouse"
 STOP_TIMEOUT = 30.0
 PORT_RELEASE_GRACE = 3.0
 PROCESS_MODULE = "meterstream.services.clickhouse_process"
+
+
+def is_local_dsn(clickhouse: ClickHouseSettings, settings: LocalServicesSettings) -> bool:
+    """True when the DSN points at the local server's HTTP port (the demo and tests start it then)."""
+    url = urlsplit(clickhouse.dsn.get_secret_value())
+    return url.scheme == "http" and url.hostname in ("127.0.0.1", "localhost") and (
+        url.port == settings.clickhouse_http_port
+    )
 
 
 @dataclass(frozen=True)

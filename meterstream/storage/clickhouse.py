@@ -1,9 +1,11 @@
 """ClickHouse behind a small interface: connect, migrate, insert a batch, query.
 
-The same code serves chDB embedded (``chdb://PATH``, the ClickHouse engine in
-this process) and a server (``http://...``), both through clickhouse-connect.
-chDB allows one process per data directory: in embedded mode the worker owns
-the store while it runs and serves the CLI's reads (see :mod:`meterstream.storage.owner`).
+Every process talks to one ClickHouse server over HTTP (``http://...``; locally the
+server of ``meterstream services up``, see :mod:`meterstream.services.clickhouse`).
+``chdb://PATH`` (the engine inside this process, one process per data directory)
+is kept for single-process work that needs no server: ``bench/invoice.py`` builds
+and reads a 10M-event store in one process (tests/integration/test_storage.py
+checks the DDL and a batch on it).
 """
 
 from __future__ import annotations
@@ -242,7 +244,9 @@ class ClickHouseStore:
 
 
 def open_store(settings: ClickHouseSettings, *, apply_migrations: bool = True) -> ClickHouseStore:
-    client = connect(settings)
+    """A store on the configured database; a reader (``apply_migrations=False``) creates nothing,
+    so it works for read-only users (customer success, tenants)."""
+    client = connect(settings, create_database=apply_migrations)
     if apply_migrations:
         migrate(client)
     return ClickHouseStore(client)

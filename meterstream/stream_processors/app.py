@@ -46,7 +46,6 @@ from meterstream.budgets import load_budgets
 from meterstream.config import Settings
 from meterstream.pricing.plans import load_catalog
 from meterstream.storage.clickhouse import Storage, StoreError
-from meterstream.storage.queries import UnknownQuery, query_parameters, saved_query
 from meterstream.storage.settle import settle_store
 from meterstream.stream_processors import quiet_logs
 from meterstream.stream_processors.consumer import BatchConsumer
@@ -328,21 +327,6 @@ def create_app(
             "broker": consumer.broker_stats(),
         }  # fmt: skip
         return web.bytes(orjson.dumps(body), content_type="application/json")
-
-    @app.page("/store/query/{name}/")
-    async def query_view(web: Any, request: Any, name: str) -> Any:
-        """Run a saved query for the CLI while this worker owns the embedded store."""
-        try:
-            sql = saved_query(name)
-        except UnknownQuery:
-            return web.bytes(orjson.dumps({"error": f"unknown query {name!r}"}), status=404)
-        params = {p: request.query.get(p, "") for p in query_parameters(name)}
-        try:
-            async with store_lock:
-                rows = await asyncio.to_thread(store.query, sql, params)
-        except StoreError as exc:
-            return web.bytes(orjson.dumps({"error": str(exc)}), status=503)
-        return web.bytes(orjson.dumps(rows.to_json_dict()), content_type="application/json")
 
     # Handles for tests and the CLI (the batch path is unit-tested through ``meterstream_handle_batch``).
     app.meterstream_stats = stats  # type: ignore[attr-defined]

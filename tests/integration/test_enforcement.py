@@ -18,7 +18,7 @@ from meterstream.pricing.plans import load_catalog
 from meterstream.producers import MeterClient
 from meterstream.producers.guard import BudgetGuard, Verdict
 from meterstream.schemas.records import Decision
-from meterstream.storage.owner import run_saved_query
+from meterstream.storage.queries import run_saved_query
 
 pytestmark = pytest.mark.integration
 

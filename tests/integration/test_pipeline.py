@@ -21,7 +21,7 @@ from meterstream.clock import current_period, utc_now
 from meterstream.pricing.plans import load_catalog
 from meterstream.producers import MeterClient
 from meterstream.schemas.events import Attribution, Meter, OutcomeEvent, UsageEvent
-from meterstream.storage.owner import run_saved_query
+from meterstream.storage.queries import run_saved_query
 
 pytestmark = pytest.mark.integration
 
