@@ -52,14 +52,14 @@ def query_runner(settings: Settings) -> Iterator[Any]:
     """``run(name, **params)`` for the saved queries of one command; store errors end the command.
 
     The store is opened once for the whole command rather than once per query (a
-    report may run dozens), as a reader: nothing is created or migrated, so the
-    command runs under a read-only user too.
+    report may run dozens), as a reader: nothing is created or migrated, and with
+    ``METERSTREAM_CLICKHOUSE__CS_DSN`` set it connects as that (read-only) user.
     """
     from meterstream.storage.clickhouse import StoreError, open_store
     from meterstream.storage.queries import saved_query
 
     try:
-        store = open_store(settings.clickhouse, apply_migrations=False)
+        store = open_store(settings.clickhouse.for_reports(), apply_migrations=False)
 
         def run(name: str, **params: str) -> Any:
             return store.query(saved_query(name), params)

@@ -89,18 +89,29 @@ class ClickHouseSettings(_Section):
     """
 
     dsn: SecretStr = SecretStr("http://meterstream:meterstream@127.0.0.1:8123/")
+    #: The reporting commands (``usage …``, ``audit``, ``margin``, ``profile``, ``advise``,
+    #: ``invoice``, ``rerate``, ``alerts list``) connect with this DSN when set: a read-only
+    #: user such as the shipped ``cs_reader`` (role ``customer_success``,
+    #: services/clickhouse/users.xml). Unset: they use ``dsn``.
+    cs_dsn: SecretStr | None = None
     database: str = "meterstream"
     #: Seconds between insert retries while the store is unavailable (doubles, capped).
     retry_backoff_initial: float = Field(default=0.5, gt=0)
     retry_backoff_max: float = Field(default=10.0, gt=0)
 
-    @field_validator("dsn")
+    @field_validator("dsn", "cs_dsn")
     @classmethod
-    def _known_scheme(cls, value: SecretStr) -> SecretStr:
+    def _known_scheme(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return value
         raw = value.get_secret_value()
         if not raw.startswith(("chdb://", "http://", "https://")):
             raise ValueError("clickhouse.dsn must start with chdb://, http:// or https://")
         return value
+
+    def for_reports(self) -> ClickHouseSettings:
+        """These settings with the customer-success DSN, when one is configured."""
+        return self if self.cs_dsn is None else self.model_copy(update={"dsn": self.cs_dsn})
 
     @property
     def embedded(self) -> bool:
