@@ -47,7 +47,9 @@ def connect(settings: ClickHouseSettings, *, create_database: bool = True) -> Cl
             settings.chdb_path.mkdir(parents=True, exist_ok=True)
             client = clickhouse_connect.get_client(dsn=f"chdb://{settings.chdb_path.resolve()}")
         else:
-            client = clickhouse_connect.get_client(dsn=dsn)
+            # tz_mode="schema": a DateTime64(3, 'UTC') column reads back timezone-aware, as the
+            # records require (the default returns naive UTC datetimes over HTTP).
+            client = clickhouse_connect.get_client(dsn=dsn, tz_mode="schema")
         if create_database:
             client.command(f"CREATE DATABASE IF NOT EXISTS {_ident(settings.database)}")
         if settings.embedded:
