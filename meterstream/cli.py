@@ -198,7 +198,7 @@ def worker(
     settings = get_settings()
     try:
         topics = ensure_topics(settings.kafka)
-        store = open_store(settings.clickhouse)
+        store = _open_store_waiting(settings.clickhouse)
     except (TopicError, StoreError) as exc:
         raise fail(str(exc)) from None
     try:
@@ -213,6 +213,32 @@ def worker(
         raise fail(str(exc)) from None
     finally:
         store.close()
+
+
+def _open_store_waiting(clickhouse: Any) -> Any:
+    """Open the store, waiting (bounded) while it is unavailable: a worker started before its
+    ClickHouse server, or during an outage, waits instead of crashing. A wrong password or a
+    failing statement is not waited for."""
+    import time
+
+    from meterstream.storage.clickhouse import StoreError, dsn_origin, open_store
+
+    deadline = time.monotonic() + clickhouse.start_wait_seconds
+    delay = clickhouse.retry_backoff_initial
+    while True:
+        try:
+            return open_store(clickhouse)
+        except StoreError as exc:
+            left = deadline - time.monotonic()
+            if not exc.retryable or left <= 0:
+                if exc.retryable:
+                    raise StoreError(f"ClickHouse at {dsn_origin(clickhouse)} still unavailable after "
+                                     f"{clickhouse.start_wait_seconds:.0f} s: {exc}") from None
+                raise
+            err_console.print(f"waiting for ClickHouse at {dsn_origin(clickhouse)} (unavailable; "
+                              f"giving up in {left:.0f} s): {str(exc)[:200]}", highlight=False)
+            time.sleep(min(delay, max(left, 0.1)))
+            delay = min(delay * 2, clickhouse.retry_backoff_max)
 
 
 # -- demo -------------------------------------------------------------------------------------

@@ -98,6 +98,8 @@ class ClickHouseSettings(_Section):
     #: Seconds between insert retries while the store is unavailable (doubles, capped).
     retry_backoff_initial: float = Field(default=0.5, gt=0)
     retry_backoff_max: float = Field(default=10.0, gt=0)
+    #: A worker started while the store is unavailable waits this long (seconds) before giving up.
+    start_wait_seconds: float = Field(default=120.0, ge=0)
 
     @field_validator("dsn", "cs_dsn")
     @classmethod

@@ -73,6 +73,9 @@ class WorkerStats:
     store_retries: int = 0
     #: Dead letters the broker refused even without their raw bytes (their partitions are held).
     unpublishable_dead_letters: int = 0
+    #: Since when (epoch seconds) the store has been unavailable, and why; None while it answers.
+    store_unavailable_since: float | None = None
+    store_last_error: str | None = None
     started_at: float = field(default_factory=time.time)
 
     def as_dict(self) -> dict[str, Any]:
@@ -85,6 +88,10 @@ class WorkerStats:
             "batches": self.batches,
             "store_retries": self.store_retries,
             "unpublishable_dead_letters": self.unpublishable_dead_letters,
+            "store": "ok" if self.store_unavailable_since is None else "unavailable",
+            "store_unavailable_seconds": None if self.store_unavailable_since is None
+            else round(time.time() - self.store_unavailable_since, 1),
+            "store_last_error": self.store_last_error,
             "uptime_seconds": round(time.time() - self.started_at, 1),
             "pid": os.getpid(),
         }
@@ -161,14 +168,30 @@ def create_app(
         while True:
             try:
                 if not exclusive:
-                    return await asyncio.to_thread(call)
-                async with store_lock:
-                    return await asyncio.to_thread(call)
+                    result = await asyncio.to_thread(call)
+                else:
+                    async with store_lock:
+                        result = await asyncio.to_thread(call)
             except StoreError as exc:
+                if not exc.retryable:
+                    # A wrong password, a missing table, a SQL error: no retry fixes it. The batch
+                    # is not committed; the consumer stops the worker (consumer.py) naming this.
+                    log.critical("%s failed and will not be retried: %s", what, exc)
+                    stats.store_last_error = str(exc)[:300]
+                    raise
                 stats.store_retries += 1
+                stats.store_last_error = str(exc)[:300]
+                if stats.store_unavailable_since is None:
+                    stats.store_unavailable_since = time.time()
                 log.warning("%s failed (%s); retrying in %.1f s, offsets held", what, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, settings.clickhouse.retry_backoff_max)
+                continue
+            if stats.store_unavailable_since is not None:
+                log.warning("the store is available again after %.1f s (%d retries so far); catching up",
+                            time.time() - stats.store_unavailable_since, stats.store_retries)
+                stats.store_unavailable_since = None
+            return result
 
     async def send_dead_letters(result: BatchResult, keys: list[bytes | None]) -> dict[tuple[str, int], int]:
         """Publish the batch's dead letters; returns the messages whose letter the broker refuses for good.

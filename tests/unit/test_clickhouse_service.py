@@ -92,3 +92,24 @@ def test_users_xml_ships_the_launcher_the_pipeline_customer_success_and_a_tenant
     granted = {q.text.rsplit(".", 1)[1] for q in tenant.findall("grants/query")}
     assert set(filters) == granted  # every table it can read has its row policy
     assert set(filters.values()) == {"customer_id = 'acme'"}
+
+
+# -- errors told apart at the storage edge (meterstream.storage.clickhouse.classify_error) ---------
+
+
+def test_errors_are_told_apart_unavailable_access_statement():
+    from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
+
+    from meterstream.storage.clickhouse import StoreAccessError, StoreError, StoreStatementError, classify_error
+
+    unreachable = classify_error(OperationalError("HTTPConnectionPool(host='127.0.0.1', port=8123): refused"), "SELECT 1")
+    assert type(unreachable) is StoreError and unreachable.retryable
+    stopping = classify_error(DatabaseError("Code: 210. DB::NetException: Connection reset", code=210), "SELECT 1")
+    assert type(stopping) is StoreError and stopping.retryable
+    password = classify_error(DatabaseError("Code: 516. Authentication failed", code=516), "SELECT 1")
+    assert isinstance(password, StoreAccessError) and not password.retryable
+    missing = classify_error(DatabaseError("Code: 60. Unknown table 'usage_rated'"), "INSERT INTO usage_rated")
+    assert isinstance(missing, StoreStatementError) and not missing.retryable
+    assert missing.statement == "INSERT INTO usage_rated" and "INSERT INTO usage_rated" in str(missing)
+    syntax = classify_error(DatabaseError("Code: 62. Syntax error", code=62), "SELEC 1\nFROM t")
+    assert isinstance(syntax, StoreStatementError) and syntax.statement == "SELEC 1 FROM t"
