@@ -409,6 +409,7 @@ class Bench:
         self.broker_version: str | None = None
         self.clickhouse = get_settings().clickhouse
         self.clickhouse_server: Any = None
+        self.clickhouse_pid: int | None = None
         self.bootstrap = args.bootstrap
         self.partitions = args.partitions or (3 if args.workers == 1 else 2 * args.workers)
         self.price_book = load_price_book(None)
@@ -461,11 +462,13 @@ class Bench:
             return
         server = ClickHouseServer(services)
         if server.is_ready():
+            self.clickhouse_pid = server.status().pid
             console.print(f"using the running ClickHouse server at {server.http_url}")
             return
         with console.status("starting ClickHouse"):
             status = server.up()
         self.clickhouse_server = server
+        self.clickhouse_pid = status.pid
         console.print(f"started ClickHouse (pid {status.pid}) at {status.http_url}; stopped at the end")
 
     # topics, workers -------------------------------------------------------------------------------
@@ -478,10 +481,11 @@ class Bench:
         )
 
     def start_workers(
-        self, kafka: KafkaSettings, app_id: str, *, budgets_file: Path | None = None, wait_ready: bool = True
+        self, kafka: KafkaSettings, app_id: str, *, budgets_file: Path | None = None, wait_ready: bool = True,
+        count: int | None = None,
     ) -> list[BenchWorker]:
         started = []
-        for i in range(self.args.workers):
+        for i in range(count or self.args.workers):
             root = self.run_dir / app_id / f"worker{i}"
             root.mkdir(parents=True, exist_ok=True)
             port = free_port()
@@ -694,6 +698,13 @@ class Bench:
                 # A no-op Faust agent reads a sample: at its rate the whole topic would take minutes.
                 agent.append(self.reference("faust", topic_names, min(counts["messages"], FAUST_AGENT_SAMPLE)))
                 console.print(f"  no-op Faust agent: {agent[-1]['rate']:,} msg/s ({agent[-1]['messages']:,} messages)")
+        single: dict[str, Any] | None = None
+        if self.args.workers > 1:
+            # One worker on the same topics and the same server, in the same run: the baseline the
+            # group's throughput is read against.
+            single = self.worker_throughput(kafka, counts, period, f"{self.tag}-wrk1w", profile=False, count=1)
+            console.print(f"  one worker beside it: {single['events_per_s']:,.0f} ev/s ({single['seconds']:.1f} s; "
+                          f"rows ok: {single['rows_ok']})")
         profile = None
         if plan.profile:
             if pyspy.available():
@@ -713,12 +724,14 @@ class Bench:
             "period": period,
             "prefill_seconds": round(fill_s, 2),
             "worker_events_per_s": summary(rates),
+            "single_worker_events_per_s": None if single is None else single["events_per_s"],
+            "single_worker_run": single,
             "aiokafka_bare_msgs_per_s": summary(aio_rates),
             "confluent_bare_msgs_per_s": summary([r["rate"] for r in conf]),
             "faust_agent_msgs_per_s": summary([r["rate"] for r in agent]),
             "worker_share_of_aiokafka": round(statistics.median(rates) / statistics.median(aio_rates), 3),
             "vmhwm_bytes": summary([r["vmhwm_bytes_max"] for r in runs]),
-            "all_rows_ok": all(r["rows_ok"] for r in runs),
+            "all_rows_ok": all(r["rows_ok"] for r in runs) and (single is None or bool(single["rows_ok"])),
             "runs": runs,
             "aiokafka_runs": aio,
             "confluent_runs": conf,
@@ -727,11 +740,12 @@ class Bench:
         }
 
     def worker_throughput(
-        self, kafka: KafkaSettings, counts: dict[str, int], period: str, app_id: str, *, profile: bool
+        self, kafka: KafkaSettings, counts: dict[str, int], period: str, app_id: str, *, profile: bool,
+        count: int | None = None,
     ) -> dict[str, Any]:
         expected = counts["messages"]
         lag_checker = GroupLag(kafka)
-        workers = self.start_workers(kafka, app_id, wait_ready=False)
+        workers = self.start_workers(kafka, app_id, wait_ready=False, count=count)
         launched = time.monotonic()
         timeout = min(1800.0, 120 + expected / 300)
         deadline = launched + timeout
@@ -758,7 +772,9 @@ class Bench:
                 total = sum(s["messages"] for s in stats)
                 if t0 is None and total > 0:
                     t0, m0 = now, total
-                    window = CpuWindow({"broker": self.broker_pid, **{f"worker{i}": w.pid for i, w in enumerate(workers)}})
+                    window = CpuWindow({"broker": self.broker_pid, **({"clickhouse": self.clickhouse_pid}
+                                                                      if self.clickhouse_pid else {}),
+                                        **{f"worker{i}": w.pid for i, w in enumerate(workers)}})  # fmt: skip
                     if profile:
                         out = self.run_dir / f"{app_id}.pyspy.txt"
                         recorder = pyspy.Recorder(workers[0].pid, out)  # type: ignore[arg-type]
