@@ -193,7 +193,7 @@ def worker(
     from meterstream.storage.clickhouse import StoreError, open_store
     from meterstream.stream_processors.alerts import current_states, publish_states, reconcile_alerts
     from meterstream.stream_processors.app import create_app
-    from meterstream.topics import TopicError, ensure_topics
+    from meterstream.topics import TopicError, customer_partition, ensure_topics
 
     settings = get_settings()
     try:
@@ -203,11 +203,25 @@ def worker(
         raise fail(str(exc)) from None
     try:
         budgets = load_budgets(settings.worker.budgets_file, load_catalog(settings.worker.plans_file))
-        published, sent = reconcile_alerts(store, budgets, settings.kafka, topics.budget_alerts.name)
-        if sent:
-            err_console.print(f"published {sent} budget alerts that a previous run recorded but had not sent")
+        # The ids already on the topic; the outbox itself runs when partitions are assigned, for
+        # their customers only (alerts.py says why not here).
+        published, _ = reconcile_alerts(store, budgets, settings.kafka, topics.budget_alerts.name,
+                                        owns=lambda customer_id: False)  # fmt: skip
+
+        def reconcile_for(partitions: set[int]) -> set[str]:
+            count = settings.kafka.partitions
+            ids, sent = reconcile_alerts(
+                store, budgets, settings.kafka, topics.budget_alerts.name,
+                owns=lambda customer_id: customer_partition(customer_id, count) in partitions,
+            )  # fmt: skip
+            if sent:
+                logging.getLogger("meterstream.alerts").warning(
+                    "published %d budget alerts a previous owner of partitions %s recorded but had not sent",
+                    sent, sorted(partitions))  # fmt: skip
+            return ids
+
         publish_states(settings.kafka, topics.enforcement.name, current_states(store, budgets))
-        faust_app = create_app(settings, store, published)
+        faust_app = create_app(settings, store, published, reconcile_for)
         faust.Worker(faust_app, loglevel=loglevel).execute_from_commandline()
     except (PriceBookError, PlanError, BudgetBookError, StoreError, KafkaException, TimeoutError) as exc:
         raise fail(str(exc)) from None

@@ -98,13 +98,20 @@ class WorkerStats:
 
 
 def create_app(
-    settings: Settings, store: Storage, published_alerts: set[str] | None = None, clock: Clock = utc_now
+    settings: Settings,
+    store: Storage,
+    published_alerts: set[str] | None = None,
+    reconcile_alerts_for: Callable[[set[int]], set[str]] | None = None,
+    clock: Clock = utc_now,
 ) -> faust.App:
     """Build the worker app from settings and an open store (nothing is read from module globals).
 
     ``published_alerts`` holds the alert ids already on the ``budget-alerts`` topic
-    (read at start-up), so an alert is never published twice. ``clock`` is the time
-    every decision of the worker reads (periods closed, windows expired, days settled).
+    (read at start-up), so an alert is never published twice. ``reconcile_alerts_for``
+    runs the alert outbox for the assigned partitions of the event topics and returns
+    the ids on the topic (meterstream/stream_processors/alerts.py); None in unit tests.
+    ``clock`` is the time every decision of the worker reads (periods closed, windows expired,
+    days settled).
     """
     worker = settings.worker
     kafka = settings.kafka
@@ -113,6 +120,18 @@ def create_app(
     budgets = load_budgets(worker.budgets_file, catalog)
     stats = WorkerStats()
     published = published_alerts if published_alerts is not None else set()
+
+    def reconcile_assigned() -> None:
+        if reconcile_alerts_for is None:
+            return
+        partitions = {tp.partition for tp in consumer.assigned if tp.topic == topics.usage.name}
+        try:
+            published.update(reconcile_alerts_for(partitions))
+        except StoreError:
+            raise  # the batch is retried, and with it this pass
+        except Exception:  # the broker: unsent alerts stay recorded for the next assignment's pass
+            log.error("the alert outbox pass for partitions %s failed", sorted(partitions), exc_info=True)
+
     state = StoreBackedState(
         store,  # type: ignore[arg-type]
         topics=[topics.usage.name, topics.outcomes.name],
@@ -122,6 +141,7 @@ def create_app(
         dedupe_horizon_seconds=worker.dedupe_horizon_seconds,
         run_capped=lambda customer_id: getattr(budgets.for_customer(customer_id), "run_cap", None) is not None,
         clock=clock,
+        on_assigned=reconcile_assigned,
     )
     processor = BatchProcessor(
         catalog,
