@@ -1,7 +1,8 @@
 # Two commands on a fresh machine:  make demo   and   make test
 # Everything they need is set up here, once, and reused by a second run: the
-# virtualenv and Python packages below; the Kafka jars by `meterstream services up`
-# (Maven, services/kafka/pom.xml, cached in .local/kafka/lib). Nothing by hand.
+# virtualenv and Python packages below (the ClickHouse server is the pinned chdb-core
+# wheel's engine); the Kafka jars by `meterstream services up` (Maven,
+# services/kafka/pom.xml, cached in .local/kafka/lib). Nothing by hand.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -50,17 +51,28 @@ services-up: $(STAMP)
 services-down: $(STAMP)
 	-$(BIN)/meterstream services down
 
+# Both start the services they need (Kafka and ClickHouse) and stop those this run started;
+# a service that was already running stays up.
 demo: $(STAMP)
-	$(BIN)/meterstream demo
+	@started=; \
+	for svc in kafka clickhouse; do \
+	  $(BIN)/meterstream services status $$svc >/dev/null 2>&1 || started="$$started $$svc"; \
+	done; \
+	$(BIN)/meterstream services up || exit 1; \
+	$(BIN)/meterstream demo; rc=$$?; \
+	if [ -n "$$started" ]; then $(BIN)/meterstream services down $$started; fi; \
+	exit $$rc
 
-# The whole suite: starts the local broker, runs unit and integration tests,
-# and stops the broker again if this run started it.
+# The whole suite: starts the local broker and ClickHouse server, runs unit and integration
+# tests, and stops again whichever of the two this run started.
 test: $(STAMP) browser kcat redis
-	@started=0; \
-	if ! $(BIN)/meterstream services status >/dev/null 2>&1; then started=1; fi; \
+	@started=; \
+	for svc in kafka clickhouse; do \
+	  $(BIN)/meterstream services status $$svc >/dev/null 2>&1 || started="$$started $$svc"; \
+	done; \
 	$(BIN)/meterstream services up || exit 1; \
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS); rc=$$?; \
-	if [ $$started = 1 ]; then $(BIN)/meterstream services down; fi; \
+	if [ -n "$$started" ]; then $(BIN)/meterstream services down $$started; fi; \
 	exit $$rc
 
 test-unit: $(STAMP)

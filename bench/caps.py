@@ -177,7 +177,7 @@ def main() -> None:
 
     from meterstream.config import ClickHouseSettings, Settings
     from meterstream.services.redis import RedisServer, free_port
-    from meterstream.storage.owner import run_saved_query
+    from meterstream.storage.queries import run_saved_query
     from meterstream.stream_processors.runner import WorkerProcess
     from meterstream.topics import ensure_topics
 

@@ -21,7 +21,9 @@
 
 Uses its own Kafka broker (state in /tmp/bench-state, 127.0.0.1:19192 unless
 told otherwise), started if needed and stopped at the end if it started it;
-unique topic prefixes, consumer groups and embedded stores per run. Prints the
+unique topic prefixes and consumer groups per run; the workers of a run share one
+database on the ClickHouse server of METERSTREAM_CLICKHOUSE__DSN (the local one of
+`meterstream services up` by default: started if needed, stopped if started here). Prints the
 machine, the versions and a table; writes ``bench/results/<timestamp>.json``.
 Every wait is bounded; every process started here is stopped on exit.
 """
@@ -34,7 +36,7 @@ import gc
 import json
 import os
 import platform
-import shutil
+import re
 import signal
 import socket
 import statistics
@@ -61,11 +63,12 @@ from rich.table import Table
 
 from bench import pyspy
 from bench.workload import Workload, generate, serialize
-from meterstream.config import ClickHouseSettings, KafkaSettings, LocalServicesSettings, WorkerSettings
+from meterstream.config import ClickHouseSettings, KafkaSettings, LocalServicesSettings, WorkerSettings, get_settings
 from meterstream.pricing.pricebook import load_price_book
 from meterstream.pricing.rating import rate_event
 from meterstream.producers.client import DeliveryFailure, MeterClient
-from meterstream.storage.owner import run_saved_query
+from meterstream.storage.clickhouse import connect
+from meterstream.storage.queries import run_saved_query
 from meterstream.stream_processors.runner import WorkerProcess, WorkerProcessError
 from meterstream.topics import Topics, ensure_topics
 
@@ -407,6 +410,9 @@ class Bench:
         self.broker_started = False
         self.broker_pid: int | None = None
         self.broker_version: str | None = None
+        self.clickhouse = get_settings().clickhouse
+        self.clickhouse_server: Any = None
+        self.clickhouse_pid: int | None = None
         self.bootstrap = args.bootstrap
         self.partitions = args.partitions or (3 if args.workers == 1 else 2 * args.workers)
         self.price_book = load_price_book(None)
@@ -445,6 +451,28 @@ class Bench:
         if self.broker is not None and self.broker_started and not self.args.keep_broker:
             self.broker.down()
             console.print("stopped the benchmark's Kafka broker")
+        if self.clickhouse_server is not None:
+            self.clickhouse_server.down()
+            console.print("stopped the benchmark's ClickHouse server")
+
+    def clickhouse_up(self) -> None:
+        """The one store every worker of a run shares; the local server is started if it is down."""
+        from meterstream.services.clickhouse import ClickHouseServer, is_local_dsn
+
+        services = get_settings().services
+        if not is_local_dsn(self.clickhouse, services):
+            console.print("using the ClickHouse server of METERSTREAM_CLICKHOUSE__DSN (not managed by the benchmark)")
+            return
+        server = ClickHouseServer(services)
+        if server.is_ready():
+            self.clickhouse_pid = server.status().pid
+            console.print(f"using the running ClickHouse server at {server.http_url}")
+            return
+        with console.status("starting ClickHouse"):
+            status = server.up()
+        self.clickhouse_server = server
+        self.clickhouse_pid = status.pid
+        console.print(f"started ClickHouse (pid {status.pid}) at {status.http_url}; stopped at the end")
 
     # topics, workers -------------------------------------------------------------------------------
 
@@ -456,14 +484,16 @@ class Bench:
         )
 
     def start_workers(
-        self, kafka: KafkaSettings, app_id: str, *, budgets_file: Path | None = None, wait_ready: bool = True
+        self, kafka: KafkaSettings, app_id: str, *, budgets_file: Path | None = None, wait_ready: bool = True,
+        count: int | None = None,
     ) -> list[BenchWorker]:
         started = []
-        for i in range(self.args.workers):
+        for i in range(count or self.args.workers):
             root = self.run_dir / app_id / f"worker{i}"
             root.mkdir(parents=True, exist_ok=True)
             port = free_port()
-            clickhouse = ClickHouseSettings(dsn=f"chdb://{root / 'clickhouse'}")
+            # One database per run phase, shared by every worker of it (as in production).
+            clickhouse = self.clickhouse.model_copy(update={"database": re.sub(r"\W", "_", f"bench_{app_id}")})
             env = {
                 "METERSTREAM_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
                 "METERSTREAM_KAFKA__TOPIC_PREFIX": kafka.topic_prefix,
@@ -491,9 +521,11 @@ class Bench:
     def stop_workers(self, workers: list[BenchWorker]) -> None:
         for worker in workers:
             worker.stop(timeout=30)
-        for worker in workers:
-            with contextlib.suppress(OSError):
-                shutil.rmtree(worker.clickhouse.chdb_path)  # keep the logs, drop the stores
+        for database in {worker.clickhouse.database for worker in workers}:  # keep the logs, drop the store
+            with contextlib.suppress(Exception):
+                client = connect(self.clickhouse, create_database=False)
+                client.command(f"DROP DATABASE IF EXISTS {database}")
+                client.close()
 
     def cleanup(self) -> None:
         for recorder in self.recorders:
@@ -669,6 +701,13 @@ class Bench:
                 # A no-op Faust agent reads a sample: at its rate the whole topic would take minutes.
                 agent.append(self.reference("faust", topic_names, min(counts["messages"], FAUST_AGENT_SAMPLE)))
                 console.print(f"  no-op Faust agent: {agent[-1]['rate']:,} msg/s ({agent[-1]['messages']:,} messages)")
+        single: dict[str, Any] | None = None
+        if self.args.workers > 1:
+            # One worker on the same topics and the same server, in the same run: the baseline the
+            # group's throughput is read against.
+            single = self.worker_throughput(kafka, counts, period, f"{self.tag}-wrk1w", profile=False, count=1)
+            console.print(f"  one worker beside it: {single['events_per_s']:,.0f} ev/s ({single['seconds']:.1f} s; "
+                          f"rows ok: {single['rows_ok']})")
         profile = None
         if plan.profile:
             if pyspy.available():
@@ -688,12 +727,14 @@ class Bench:
             "period": period,
             "prefill_seconds": round(fill_s, 2),
             "worker_events_per_s": summary(rates),
+            "single_worker_events_per_s": None if single is None else single["events_per_s"],
+            "single_worker_run": single,
             "aiokafka_bare_msgs_per_s": summary(aio_rates),
             "confluent_bare_msgs_per_s": summary([r["rate"] for r in conf]),
             "faust_agent_msgs_per_s": summary([r["rate"] for r in agent]),
             "worker_share_of_aiokafka": round(statistics.median(rates) / statistics.median(aio_rates), 3),
             "vmhwm_bytes": summary([r["vmhwm_bytes_max"] for r in runs]),
-            "all_rows_ok": all(r["rows_ok"] for r in runs),
+            "all_rows_ok": all(r["rows_ok"] for r in runs) and (single is None or bool(single["rows_ok"])),
             "runs": runs,
             "aiokafka_runs": aio,
             "confluent_runs": conf,
@@ -702,11 +743,12 @@ class Bench:
         }
 
     def worker_throughput(
-        self, kafka: KafkaSettings, counts: dict[str, int], period: str, app_id: str, *, profile: bool
+        self, kafka: KafkaSettings, counts: dict[str, int], period: str, app_id: str, *, profile: bool,
+        count: int | None = None,
     ) -> dict[str, Any]:
         expected = counts["messages"]
         lag_checker = GroupLag(kafka)
-        workers = self.start_workers(kafka, app_id, wait_ready=False)
+        workers = self.start_workers(kafka, app_id, wait_ready=False, count=count)
         launched = time.monotonic()
         timeout = min(1800.0, 120 + expected / 300)
         deadline = launched + timeout
@@ -733,7 +775,9 @@ class Bench:
                 total = sum(s["messages"] for s in stats)
                 if t0 is None and total > 0:
                     t0, m0 = now, total
-                    window = CpuWindow({"broker": self.broker_pid, **{f"worker{i}": w.pid for i, w in enumerate(workers)}})
+                    window = CpuWindow({"broker": self.broker_pid, **({"clickhouse": self.clickhouse_pid}
+                                                                      if self.clickhouse_pid else {}),
+                                        **{f"worker{i}": w.pid for i, w in enumerate(workers)}})  # fmt: skip
                     if profile:
                         out = self.run_dir / f"{app_id}.pyspy.txt"
                         recorder = pyspy.Recorder(workers[0].pid, out)  # type: ignore[arg-type]
@@ -773,14 +817,10 @@ class Bench:
             "dead_letters": sum(s["dead_letters"] for s in stats),
             "batches": sum(s["batches"] for s in stats),
             "store": stored,
-            # Several workers each own an embedded store: an event replayed across a rebalance is in two
-            # stores (one server store would collapse it with FINAL), so then the sum may only exceed.
+            # One store for every worker: an event two workers both wrote across a rebalance is one row (FINAL).
             "rows_ok": None if stored is None else (
                 stored["rated_rows"] == counts["distinct_events"] and stored["raw_events"] == counts["distinct_events"]
-                if len(workers) == 1
-                else stored["rated_rows"] >= counts["distinct_events"] and stored["raw_events"] >= counts["distinct_events"]
             ),
-            "rows_in_two_stores": None if stored is None or len(workers) == 1 else stored["rated_rows"] - counts["distinct_events"],
             "vmhwm_bytes": [m.get("VmHWM") for m in memory],
             "vmhwm_bytes_max": max((m.get("VmHWM", 0) for m in memory), default=0),
             "vmrss_bytes_end": [m.get("VmRSS") for m in memory],
@@ -791,15 +831,10 @@ class Bench:
         return result
 
     def store_totals(self, workers: list[BenchWorker], period: str) -> dict[str, Any]:
-        """``store_totals`` through each worker (it owns its embedded store), summed over workers."""
-        raw = rated = 0
-        credits = Decimal(0)
-        for worker in workers:
-            row = run_saved_query(worker.clickhouse, "store_totals", timeout=60, period=period).dicts()[0]
-            raw += int(row["raw_events"] or 0)
-            rated += int(row["rated_rows"] or 0)
-            credits += row["credits"] or Decimal(0)
-        return {"raw_events": raw, "rated_rows": rated, "credits": str(credits)}
+        """``store_totals`` of the run's one store (every worker wrote to it)."""
+        row = run_saved_query(workers[0].clickhouse, "store_totals", period=period).dicts()[0]
+        return {"raw_events": int(row["raw_events"] or 0), "rated_rows": int(row["rated_rows"] or 0),
+                "credits": str(row["credits"] or Decimal(0))}
 
     def reference(self, client: str, topics: list[str], expected: int) -> dict[str, Any]:
         timeout = min(900.0, 60 + expected / 1000)
@@ -1334,6 +1369,7 @@ def main(argv: list[str] | None = None) -> int:
     exit_code = 0
     try:
         bench.broker_up()
+        bench.clickhouse_up()
         results["versions"] = versions(bench.broker_version)
         m, v = results["machine"], results["versions"]
         console.print(

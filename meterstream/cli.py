@@ -22,7 +22,7 @@ from meterstream.ops.provider_commands import reconcile_provider_command
 from meterstream.producers.commands import import_command, otlp_command
 
 app = typer.Typer(help="Usage metering for AI products: SDK -> Kafka -> Faust -> ClickHouse.", no_args_is_help=True)
-services_app = typer.Typer(help="Local Kafka broker for machines without Docker.", no_args_is_help=True)
+services_app = typer.Typer(help="Local Kafka broker and ClickHouse server for machines without Docker.", no_args_is_help=True)
 alerts_app = typer.Typer(help="Budget alerts.", no_args_is_help=True)
 schemas_app = typer.Typer(help="Event schemas for producers in other languages.", no_args_is_help=True)
 app.add_typer(services_app, name="services")
@@ -42,45 +42,80 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of 
 # -- services ---------------------------------------------------------------------------------
 
 
+ServiceArgument = Annotated[
+    list[str] | None,
+    typer.Argument(help="kafka, clickhouse, or both (the default).", show_default=False),
+]
+SERVICES = ("kafka", "clickhouse")
+
+
+def _services(names: list[str] | None) -> list[str]:
+    chosen = names or list(SERVICES)
+    unknown = [name for name in chosen if name not in SERVICES]
+    if unknown:
+        raise fail(f"unknown service {unknown[0]!r}: choose from {', '.join(SERVICES)}")
+    return [name for name in SERVICES if name in chosen]
+
+
+def _service(name: str, settings: Any) -> Any:
+    from meterstream.services.clickhouse import ClickHouseServer
+    from meterstream.services.kafka import KafkaBroker
+
+    return KafkaBroker(settings.services) if name == "kafka" else ClickHouseServer(settings.services)
+
+
 @services_app.command("up")
-def services_up() -> None:
-    """Start the local Kafka broker (KRaft, 127.0.0.1 only); harmless if it already runs."""
-    from meterstream.services.kafka import KafkaBroker, ServiceError
+def services_up(names: ServiceArgument = None) -> None:
+    """Start the local Kafka broker and ClickHouse server (127.0.0.1 only); harmless if they run."""
+    from meterstream.services.kafka import ServiceError
 
     settings = get_settings()
-    broker = KafkaBroker(settings.services)
-    try:
-        with console.status("starting Kafka") as status:
-            result = broker.up(on_step=lambda step: status.update(f"Kafka: {step}"))
-    except ServiceError as exc:
-        raise fail(str(exc)) from None
-    console.print(f"Kafka ready at [bold]{result.bootstrap}[/] (pid {result.pid}, data in {result.data_dir})")
+    for name in _services(names):
+        label = "Kafka" if name == "kafka" else "ClickHouse"
+        try:
+            with console.status(f"starting {label}") as status:
+                result = _service(name, settings).up(on_step=lambda step: status.update(f"{label}: {step}"))
+        except ServiceError as exc:
+            raise fail(str(exc)) from None
+        if name == "kafka":
+            console.print(f"Kafka ready at [bold]{result.bootstrap}[/] (pid {result.pid}, data in {result.data_dir})")
+        else:
+            console.print(f"ClickHouse ready at [bold]{result.http_url}[/] (native port {result.tcp_port}, "
+                          f"pid {result.pid}, data in {result.data_dir})")
 
 
 @services_app.command("down")
-def services_down() -> None:
-    """Stop the local Kafka broker; harmless if it is not running."""
-    from meterstream.services.kafka import KafkaBroker, ServiceError
+def services_down(names: ServiceArgument = None) -> None:
+    """Stop the local Kafka broker and ClickHouse server; harmless if they are not running."""
+    from meterstream.services.kafka import ServiceError
 
-    try:
-        stopped = KafkaBroker(get_settings().services).down()
-    except ServiceError as exc:
-        raise fail(str(exc)) from None
-    console.print("Kafka stopped" if stopped else "Kafka was not running")
+    settings = get_settings()
+    for name in _services(names):
+        label = "Kafka" if name == "kafka" else "ClickHouse"
+        try:
+            stopped = _service(name, settings).down()
+        except ServiceError as exc:
+            raise fail(str(exc)) from None
+        console.print(f"{label} stopped" if stopped else f"{label} was not running")
 
 
 @services_app.command("status")
-def services_status(as_json: JsonOption = False) -> None:
-    """Show whether the local broker runs, where, and with which data directory."""
-    from meterstream.services.kafka import KafkaBroker
-
-    status = KafkaBroker(get_settings().services).status()
+def services_status(names: ServiceArgument = None, as_json: JsonOption = False) -> None:
+    """Show whether the local services run, where, and with which data directory (exit 3 if one is stopped)."""
+    settings = get_settings()
+    statuses = {name: _service(name, settings).status() for name in _services(names)}
     if as_json:
-        console.print_json(json.dumps(status.__dict__, default=str))
-        return
-    state = "[green]running[/]" if status.running else "[yellow]stopped[/]"
-    console.print(f"Kafka {state}  pid={status.pid}  bootstrap={status.bootstrap}  data={status.data_dir}")
-    if not status.running:
+        console.print_json(json.dumps({name: s.__dict__ for name, s in statuses.items()}, default=str))
+    for name, status in statuses.items():
+        if as_json:
+            break
+        state = "[green]running[/]" if status.running else "[yellow]stopped[/]"
+        if name == "kafka":
+            console.print(f"Kafka {state}  pid={status.pid}  bootstrap={status.bootstrap}  data={status.data_dir}")
+        else:
+            console.print(f"ClickHouse {state}  pid={status.pid}  http={status.http_url}  "
+                          f"tcp={status.tcp_port}  data={status.data_dir}")
+    if not all(status.running for status in statuses.values()):
         raise typer.Exit(3)
 
 
@@ -92,14 +127,8 @@ def migrate() -> None:
     """Apply the numbered ClickHouse DDL in sql/ (idempotent)."""
     from meterstream.storage.clickhouse import StoreError, connect
     from meterstream.storage.clickhouse import migrate as apply_migrations
-    from meterstream.storage.owner import current_owner
 
     settings = get_settings()
-    owner = current_owner(settings.clickhouse)
-    if owner is not None:
-        raise fail(
-            f"the worker (pid {owner.pid}) owns the embedded store and applied the migrations when it started"
-        )
     try:
         client = connect(settings.clickhouse)
         applied = apply_migrations(client)
@@ -123,13 +152,9 @@ def settle(
     from datetime import date
 
     from meterstream.storage.clickhouse import StoreError, open_store
-    from meterstream.storage.owner import current_owner
     from meterstream.storage.settle import settle as settle_days
 
     settings = get_settings()
-    owner = current_owner(settings.clickhouse)
-    if owner is not None:
-        raise fail(f"the worker (pid {owner.pid}) owns the embedded store and settles it on its timer")
     try:
         cutoff = date.fromisoformat(before) if before else None
     except ValueError:
@@ -165,41 +190,76 @@ def worker(
     from meterstream.budgets import BudgetBookError, load_budgets
     from meterstream.pricing.plans import PlanError, load_catalog
     from meterstream.pricing.pricebook import PriceBookError
-    from meterstream.storage.clickhouse import StoreError, open_store
-    from meterstream.storage.owner import StoreOwnership
+    from meterstream.storage.clickhouse import StoreError
     from meterstream.producers.ledger import LedgerUnavailable, RedisLedger
     from meterstream.stream_processors.alerts import current_states, publish_states, reconcile_alerts, reconcile_ledger
     from meterstream.stream_processors.app import create_app
-    from meterstream.topics import TopicError, ensure_topics
+    from meterstream.topics import TopicError, customer_partition, ensure_topics
 
     settings = get_settings()
-    ownership = StoreOwnership(settings.clickhouse, web_port=settings.worker.web_port)
     try:
         topics = ensure_topics(settings.kafka)
-        ownership.claim()
-        store = open_store(settings.clickhouse)
+        store = _open_store_waiting(settings.clickhouse)
     except (TopicError, StoreError) as exc:
-        ownership.release()
         raise fail(str(exc)) from None
     try:
         catalog = load_catalog(settings.worker.plans_file)
         budgets = load_budgets(settings.worker.budgets_file, catalog)
-        published, sent = reconcile_alerts(store, budgets, settings.kafka, topics.budget_alerts.name)
-        if sent:
-            err_console.print(f"published {sent} budget alerts that a previous run recorded but had not sent")
+        # The ids already on the topic; the outbox itself runs when partitions are assigned, for
+        # their customers only (alerts.py says why not here).
+        published, _ = reconcile_alerts(store, budgets, settings.kafka, topics.budget_alerts.name,
+                                        owns=lambda customer_id: False)  # fmt: skip
+
+        def reconcile_for(partitions: set[int]) -> set[str]:
+            count = settings.kafka.partitions
+            ids, sent = reconcile_alerts(
+                store, budgets, settings.kafka, topics.budget_alerts.name,
+                owns=lambda customer_id: customer_partition(customer_id, count) in partitions,
+            )  # fmt: skip
+            if sent:
+                logging.getLogger("meterstream.alerts").warning(
+                    "published %d budget alerts a previous owner of partitions %s recorded but had not sent",
+                    sent, sorted(partitions))  # fmt: skip
+            return ids
+
         states = current_states(store, budgets, catalog_fingerprint=catalog.fingerprint())
         publish_states(settings.kafka, topics.enforcement.name, states)
         try:
             reconcile_ledger(RedisLedger.from_settings(settings.ledger), states)
         except LedgerUnavailable as exc:  # each batch sets its customers' totals again
             err_console.print(f"warning: {exc}; the ledger's counted totals follow with the next batches")
-        faust_app = create_app(settings, store, published)
+        faust_app = create_app(settings, store, published, reconcile_for)
         faust.Worker(faust_app, loglevel=loglevel).execute_from_commandline()
     except (PriceBookError, PlanError, BudgetBookError, StoreError, KafkaException, TimeoutError) as exc:
         raise fail(str(exc)) from None
     finally:
         store.close()
-        ownership.release()
+
+
+def _open_store_waiting(clickhouse: Any) -> Any:
+    """Open the store, waiting (bounded) while it is unavailable: a worker started before its
+    ClickHouse server, or during an outage, waits instead of crashing. A wrong password or a
+    failing statement is not waited for."""
+    import time
+
+    from meterstream.storage.clickhouse import StoreError, dsn_origin, open_store
+
+    deadline = time.monotonic() + clickhouse.start_wait_seconds
+    delay = clickhouse.retry_backoff_initial
+    while True:
+        try:
+            return open_store(clickhouse)
+        except StoreError as exc:
+            left = deadline - time.monotonic()
+            if not exc.retryable or left <= 0:
+                if exc.retryable:
+                    raise StoreError(f"ClickHouse at {dsn_origin(clickhouse)} still unavailable after "
+                                     f"{clickhouse.start_wait_seconds:.0f} s: {exc}") from None
+                raise
+            err_console.print(f"waiting for ClickHouse at {dsn_origin(clickhouse)} (unavailable; "
+                              f"giving up in {left:.0f} s): {str(exc)[:200]}", highlight=False)
+            time.sleep(min(delay, max(left, 0.1)))
+            delay = min(delay * 2, clickhouse.retry_backoff_max)
 
 
 # -- demo -------------------------------------------------------------------------------------
@@ -356,15 +416,11 @@ def close_period(
     from meterstream.clock import utc_now
     from meterstream.storage.clickhouse import StoreError, open_store
     from meterstream.storage.issued import store_issued_invoice
-    from meterstream.storage.owner import current_owner
     from meterstream.storage.queries import saved_query
 
     settings = get_settings()
     period = check_period(period)
     catalog = load_catalog_or_fail(plans, settings)
-    owner = current_owner(settings.clickhouse)
-    if owner is not None:
-        raise fail(f"the worker (pid {owner.pid}) owns the embedded store; stop it or use a ClickHouse server")
     try:
         store = open_store(settings.clickhouse)
         try:

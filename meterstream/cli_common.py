@@ -6,7 +6,6 @@ instead of each keeping a copy.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -52,32 +51,23 @@ def load_catalog_or_fail(path: Path | None, settings: Settings) -> Any:
 def query_runner(settings: Settings) -> Iterator[Any]:
     """``run(name, **params)`` for the saved queries of one command; store errors end the command.
 
-    While a worker owns the embedded store, each query goes through it
-    (:func:`run_saved_query`); otherwise the store is opened once for the whole
-    command rather than once per query (a report may run dozens).
+    The store is opened once for the whole command rather than once per query (a
+    report may run dozens), as a reader: nothing is created or migrated, and with
+    ``METERSTREAM_CLICKHOUSE__CS_DSN`` set it connects as that (read-only) user.
     """
     from meterstream.storage.clickhouse import StoreError, open_store
-    from meterstream.storage.owner import current_owner, run_saved_query
     from meterstream.storage.queries import saved_query
 
     try:
-        owner = current_owner(settings.clickhouse)
-        if owner is not None and owner.pid != os.getpid():
-            store = None
+        store = open_store(settings.clickhouse.for_reports(), apply_migrations=False)
 
-            def run(name: str, **params: str) -> Any:
-                return run_saved_query(settings.clickhouse, name, **params)
-        else:
-            store = open_store(settings.clickhouse)
-
-            def run(name: str, **params: str) -> Any:
-                return store.query(saved_query(name), params)
+        def run(name: str, **params: str) -> Any:
+            return store.query(saved_query(name), params)
 
         try:
             yield run
         finally:
-            if store is not None:
-                store.close()
+            store.close()
     except StoreError as exc:
         raise fail(str(exc)) from None
 

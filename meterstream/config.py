@@ -79,26 +79,41 @@ class KafkaSettings(_Section):
 
 
 class ClickHouseSettings(_Section):
-    """Where rated usage is stored.
+    """Where rated usage is stored: a ClickHouse server every process shares.
 
-    ``chdb://PATH`` runs the ClickHouse engine in-process (the default, data in
-    a git-ignored folder); ``http://user:password@host:8123/database`` talks to
-    a server through the same clickhouse-connect code.
+    The default is the local server of ``meterstream services up`` (its pipeline
+    user, services/clickhouse/users.xml); production sets
+    ``http(s)://user:password@host:8123/`` for its own server or Cloud.
+    ``chdb://PATH`` runs the engine inside one process (one process per data
+    directory): only for single-process tools such as ``bench/invoice.py``.
     """
 
-    dsn: SecretStr = SecretStr(f"chdb://{DEFAULT_STATE_DIR / 'clickhouse'}")
+    dsn: SecretStr = SecretStr("http://meterstream:meterstream@127.0.0.1:8123/")
+    #: The reporting commands (``usage …``, ``audit``, ``margin``, ``profile``, ``advise``,
+    #: ``invoice``, ``rerate``, ``alerts list``) connect with this DSN when set: a read-only
+    #: user such as the shipped ``cs_reader`` (role ``customer_success``,
+    #: services/clickhouse/users.xml). Unset: they use ``dsn``.
+    cs_dsn: SecretStr | None = None
     database: str = "meterstream"
     #: Seconds between insert retries while the store is unavailable (doubles, capped).
     retry_backoff_initial: float = Field(default=0.5, gt=0)
     retry_backoff_max: float = Field(default=10.0, gt=0)
+    #: A worker started while the store is unavailable waits this long (seconds) before giving up.
+    start_wait_seconds: float = Field(default=120.0, ge=0)
 
-    @field_validator("dsn")
+    @field_validator("dsn", "cs_dsn")
     @classmethod
-    def _known_scheme(cls, value: SecretStr) -> SecretStr:
+    def _known_scheme(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return value
         raw = value.get_secret_value()
         if not raw.startswith(("chdb://", "http://", "https://")):
             raise ValueError("clickhouse.dsn must start with chdb://, http:// or https://")
         return value
+
+    def for_reports(self) -> ClickHouseSettings:
+        """These settings with the customer-success DSN, when one is configured."""
+        return self if self.cs_dsn is None else self.model_copy(update={"dsn": self.cs_dsn})
 
     @property
     def embedded(self) -> bool:
@@ -124,10 +139,18 @@ class LocalServicesSettings(_Section):
     kafka_sasl_username: str = "meterstream"
     kafka_sasl_password: SecretStr | None = None
     start_timeout: float = Field(default=90.0, gt=0)
+    #: The local ClickHouse server (meterstream/services/clickhouse.py), loopback only. The
+    #: default DSN (clickhouse.dsn) points at the HTTP port: change both together.
+    clickhouse_http_port: int = Field(default=8123, ge=1, le=65535)
+    clickhouse_tcp_port: int = Field(default=9000, ge=1, le=65535)
 
     @property
     def kafka_dir(self) -> Path:
         return self.state_dir / "kafka"
+
+    @property
+    def clickhouse_dir(self) -> Path:
+        return self.state_dir / "clickhouse-server"
 
 
 class WorkerSettings(_Section):

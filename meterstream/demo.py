@@ -1,6 +1,6 @@
 """``meterstream demo``: the whole pipeline on this machine, with realistic traffic.
 
-Starts the local broker, runs the real worker as a child process (exactly as
+Starts the local broker and ClickHouse server, runs the real worker as a child process (exactly as
 ``meterstream worker`` runs in production), sends usage and outcome events for
 a few dozen customers through the SDK — a few heavy users, many light ones,
 several models, some resent events and a few malformed messages — and then
@@ -8,14 +8,14 @@ prints month-to-date usage, credits, cost to serve and the budget alerts raised,
 checking the stored totals against the same events rated offline.
 
 Each run is self-contained: its own topics (deleted afterwards), its own
-consumer group and its own embedded store under ``.local/demo/``.
+consumer group and its own database on the ClickHouse server (the local one, started
+here when the DSN points at it).
 """
 
 from __future__ import annotations
 
 import math
 import random
-import shutil
 import socket
 import time
 import uuid
@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from meterstream.clock import utc_now
-from meterstream.config import ClickHouseSettings, Settings
+from meterstream.config import Settings
 from meterstream.pricing.money import round_money
 from meterstream.pricing.plans import Catalog, load_catalog
 from meterstream.producers.client import DeliveryFailure, MeterClient
@@ -175,7 +175,8 @@ def run_demo(settings: Settings, *, customers: int, events: int, seed: int, time
     from meterstream.cli import alerts_table, usage_table
     from meterstream.services.kafka import KafkaBroker, ServiceError, bootstrap_servers
     from meterstream.storage.clickhouse import StoreError
-    from meterstream.storage.owner import run_saved_query
+    from meterstream.services.clickhouse import ClickHouseServer, is_local_dsn
+    from meterstream.storage.queries import run_saved_query
     from meterstream.stream_processors.runner import WorkerProcess, WorkerProcessError
     from meterstream.topics import ensure_topics
 
@@ -191,15 +192,17 @@ def run_demo(settings: Settings, *, customers: int, events: int, seed: int, time
         except ServiceError as exc:
             raise DemoError(str(exc)) from None
         console.print(f"[green]✓[/] Kafka broker ready at {local_bootstrap}")
+    if is_local_dsn(settings.clickhouse, settings.services):
+        try:
+            with console.status("starting ClickHouse") as status:
+                server = ClickHouseServer(settings.services).up(on_step=lambda s: status.update(f"ClickHouse: {s}"))
+        except ServiceError as exc:
+            raise DemoError(str(exc)) from None
+        console.print(f"[green]✓[/] ClickHouse server ready at {server.http_url}")
 
     # Isolate this run: own topics, consumer group, store.
     kafka = settings.kafka.model_copy(update={"topic_prefix": f"demo-{run_id}."})
-    if settings.clickhouse.embedded:
-        store_path = demo_dir / "clickhouse"
-        shutil.rmtree(store_path, ignore_errors=True)
-        clickhouse = ClickHouseSettings(dsn=f"chdb://{store_path}")
-    else:
-        clickhouse = settings.clickhouse.model_copy(update={"database": f"meterstream_demo_{run_id}"})
+    clickhouse = settings.clickhouse.model_copy(update={"database": f"meterstream_demo_{run_id}"})
     catalog = load_catalog(settings.worker.plans_file)
     names = customer_ids(customers)
     traffic = generate_traffic(names, events, seed, now)
@@ -303,8 +306,8 @@ def _summary(console, traffic, stats, totals, credits, usage, elapsed, store_pat
         f"{stats['alerts']} budget alerts; finished in {elapsed:.0f} s"
     )
     console.print(
-        f"  explore it: METERSTREAM_CLICKHOUSE__DSN={store_path.dsn.get_secret_value()} "
-        "meterstream usage   ·   stop Kafka: meterstream services down"
+        f"  explore it: METERSTREAM_CLICKHOUSE__DATABASE={store_path.database} "
+        "meterstream usage   ·   stop the services: meterstream services down"
     )
     if not (ok_rows and ok_credits):
         raise DemoError("stored totals differ from the offline rating of the same events")

@@ -80,3 +80,11 @@ def ensure_topics(kafka: KafkaSettings, timeout: float = 30.0) -> Topics:
                 if "TOPIC_ALREADY_EXISTS" not in str(exc):
                     raise TopicError(f"cannot create topic {name}: {exc}") from exc
     return topics
+
+
+def customer_partition(customer_id: str, partitions: int) -> int:
+    """The partition of ``customer_id``'s events: murmur2 of the UTF-8 key, as every meterstream
+    producer partitions (the Java client's, aiokafka's and librdkafka's ``murmur2_random``)."""
+    from aiokafka.partitioner import murmur2
+
+    return (murmur2(customer_id.encode()) & 0x7FFFFFFF) % partitions

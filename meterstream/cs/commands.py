@@ -1,9 +1,8 @@
 """The customer-success commands: ``meterstream usage …``, ``meterstream margin``, ``meterstream audit``.
 
 Registered in :mod:`meterstream.cli`; this module does not import it (``python -m
-meterstream.cli`` would import it twice). Reads go through
-:func:`meterstream.storage.owner.run_saved_query`: via the worker while it owns the
-embedded store, directly otherwise.
+meterstream.cli`` would import it twice). Reads are saved queries
+on one connection to the ClickHouse server (:func:`meterstream.cli_common.query_runner`).
 """
 
 from __future__ import annotations

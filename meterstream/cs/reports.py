@@ -1,7 +1,7 @@
 """The customer-success reports: a saved query each, plus the pricing engine where money is involved.
 
 Every function takes ``run(name, **params)`` (a saved-query runner, see
-:func:`meterstream.storage.owner.run_saved_query`) and returns plain rows
+:func:`meterstream.cli_common.query_runner`) and returns plain rows
 (dicts, Decimals at full precision). The SQL is in ``sql/queries/``; what is
 not SQL is the pricing engine's (:mod:`meterstream.pricing`,
 :mod:`meterstream.billing`), never a second copy of it.

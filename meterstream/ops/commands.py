@@ -229,7 +229,7 @@ def reconcile_command(
     from meterstream.ops.reconcile import reconcile
     from meterstream.pricing.plans import PlanError, load_catalog
     from meterstream.storage.clickhouse import StoreError
-    from meterstream.storage.owner import run_saved_query
+    from meterstream.storage.queries import run_saved_query
 
     period = check_period(period, code=2)
     settings = get_settings()

@@ -7,7 +7,7 @@
   offline with the catalog. Invalid messages and events the catalog cannot price are
   counted (the worker dead-letters them); the dead-letter topic is counted separately.
 - **Store**: ``events_raw FINAL`` and ``usage_rated FINAL`` rows of the period
-  (saved query ``reconcile_rows``), through the worker when it owns the embedded store.
+  (saved query ``reconcile_rows``).
 - **Invoices**: the sum of :func:`~meterstream.billing.invoice_from_store` totals of every
   customer with rated usage in the period (reported, not compared).
 

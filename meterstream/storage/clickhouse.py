@@ -1,9 +1,11 @@
 """ClickHouse behind a small interface: connect, migrate, insert a batch, query.
 
-The same code serves chDB embedded (``chdb://PATH``, the ClickHouse engine in
-this process) and a server (``http://...``), both through clickhouse-connect.
-chDB allows one process per data directory: in embedded mode the worker owns
-the store while it runs and serves the CLI's reads (see :mod:`meterstream.storage.owner`).
+Every process talks to one ClickHouse server over HTTP (``http://...``; locally the
+server of ``meterstream services up``, see :mod:`meterstream.services.clickhouse`).
+``chdb://PATH`` (the engine inside this process, one process per data directory)
+is kept for single-process work that needs no server: ``bench/invoice.py`` builds
+and reads a 10M-event store in one process (tests/integration/test_storage.py
+checks the DDL and a batch on it).
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import OperationalError
 
 from meterstream.clock import utc_now
 from meterstream.config import ClickHouseSettings
@@ -34,7 +38,70 @@ _MIGRATION_NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 
 
 class StoreError(RuntimeError):
-    """The store cannot be reached or refused a write; the caller may retry the same batch."""
+    """The store is unavailable (unreachable, overloaded, shutting down); the caller may retry
+    the same batch. Its subclasses :class:`StoreAccessError` and :class:`StoreStatementError`
+    are not worth retrying: ``retryable`` tells them apart."""
+
+    retryable = True
+
+
+class StoreAccessError(StoreError):
+    """The server refused the credentials or the grant (wrong password, unknown user, read-only
+    user, missing privilege): retrying will not help; fix the DSN or the user's grants."""
+
+    retryable = False
+
+
+class StoreStatementError(StoreError):
+    """A statement failed on a server that answered (a missing table, a SQL error, a type
+    mismatch): a programming or schema error that no retry fixes. ``statement`` names it."""
+
+    retryable = False
+
+    def __init__(self, message: str, statement: str) -> None:
+        super().__init__(message)
+        self.statement = statement
+
+
+#: Server error codes that mean "unavailable for now" (retry): timeouts, network errors, too many
+#: queries or parts, memory limit, cancelled or aborted because the server is stopping.
+_RETRYABLE_CODES = frozenset({3, 159, 202, 203, 209, 210, 236, 241, 242, 252, 319, 394, 425, 999, 1000})
+#: Credentials and grants: fix the DSN or the user, do not retry.
+_ACCESS_CODES = frozenset({164, 192, 193, 194, 195, 497, 516})
+
+
+def classify_error(exc: BaseException, statement: str, where: str = "the ClickHouse server") -> StoreError:
+    """Map a clickhouse-connect exception to the store's error classes, once, at the storage edge.
+
+    Transport errors carry no server code (refused connection, reset, timeout): unavailable.
+    ``statement`` names what failed (its first line), never the rows or the DSN.
+    """
+    if isinstance(exc, StoreError):
+        return exc
+    code = getattr(exc, "code", None)
+    if code is None:
+        code = _code_from_message(str(exc))
+    first_line = " ".join(statement.split())[:160]
+    reason = " ".join(str(exc).split())[:400]
+    if code in _ACCESS_CODES:
+        return StoreAccessError(f"{where} refused the credentials or grants ({reason}); check the DSN's user "
+                                f"and password and the user's grants")
+    if code is None or code in _RETRYABLE_CODES or isinstance(exc, (OperationalError, OSError)):
+        return StoreError(f"{where} is unavailable ({reason})")
+    return StoreStatementError(f"statement failed, not retried: {first_line!r}: {reason}", first_line)
+
+
+def _code_from_message(message: str) -> int | None:
+    match = re.search(r"\bCode:\s*(\d+)", message)
+    return int(match.group(1)) if match else None
+
+
+def dsn_origin(settings: ClickHouseSettings) -> str:
+    """Where the store is, for messages: scheme://host:port (no user, no password), or the chDB path."""
+    if settings.embedded:
+        return f"chDB at {settings.chdb_path}"
+    url = urlsplit(settings.dsn.get_secret_value())
+    return f"{url.scheme}://{url.hostname}:{url.port or (443 if url.scheme == 'https' else 8123)}"
 
 
 def connect(settings: ClickHouseSettings, *, create_database: bool = True) -> Client:
@@ -45,7 +112,9 @@ def connect(settings: ClickHouseSettings, *, create_database: bool = True) -> Cl
             settings.chdb_path.mkdir(parents=True, exist_ok=True)
             client = clickhouse_connect.get_client(dsn=f"chdb://{settings.chdb_path.resolve()}")
         else:
-            client = clickhouse_connect.get_client(dsn=dsn)
+            # tz_mode="schema": a DateTime64(3, 'UTC') column reads back timezone-aware, as the
+            # records require (the default returns naive UTC datetimes over HTTP).
+            client = clickhouse_connect.get_client(dsn=dsn, tz_mode="schema")
         if create_database:
             client.command(f"CREATE DATABASE IF NOT EXISTS {_ident(settings.database)}")
         if settings.embedded:
@@ -57,8 +126,9 @@ def connect(settings: ClickHouseSettings, *, create_database: bool = True) -> Cl
             client.database = settings.database
         return client
     except Exception as exc:  # clickhouse-connect raises several unrelated types
-        where = f"chDB at {settings.chdb_path}" if settings.embedded else "the ClickHouse server"
-        raise StoreError(f"cannot open {where}: {exc}") from exc
+        error = classify_error(exc, f"CREATE DATABASE IF NOT EXISTS {settings.database}", dsn_origin(settings))
+        error.args = (f"cannot open {dsn_origin(settings)}: {error}",)
+        raise error from exc
 
 
 def _ident(name: str) -> str:
@@ -221,16 +291,19 @@ class ClickHouseStore:
         alerts: Sequence[BudgetAlert] = (),
     ) -> None:
         now = utc_now()
+        statement = "INSERT INTO events_raw"
         try:
             # Raw events and rated rows go as Arrow columns (meterstream/storage/columns.py).
             if raw:
                 self.client.insert_arrow("events_raw", raw_table(raw, now))
+            statement = "INSERT INTO usage_rated"
             if rated:
                 # The view into usage_recent (sql/007) writes one partition per day: a replayed
                 # backlog may span more than the default 100.
                 self.client.insert_arrow(
                     "usage_rated", rated_table(rated, now), settings={"max_partitions_per_insert_block": 0}
                 )
+            statement = "INSERT INTO budget_alerts"
             if alerts:
                 self.client.insert(
                     "budget_alerts",
@@ -247,13 +320,13 @@ class ClickHouseStore:
                     column_names=ALERT_COLUMNS,
                 )
         except Exception as exc:
-            raise StoreError(f"insert of {len(rated)} rated rows failed: {exc}") from exc
+            raise classify_error(exc, statement) from exc
 
     def query(self, sql: str, parameters: dict[str, Any] | None = None) -> QueryResult:
         try:
             result = self.client.query(sql, parameters=parameters or {})
         except Exception as exc:
-            raise StoreError(f"query failed: {exc}") from exc
+            raise classify_error(exc, sql) from exc
         return QueryResult(
             columns=list(result.column_names),
             types=[t.name for t in result.column_types],
@@ -267,7 +340,7 @@ class ClickHouseStore:
         try:
             repair_views(self.client)
         except Exception as exc:  # clickhouse-connect raises several unrelated types
-            raise StoreError(f"repair of usage_recent / usage_day_counts failed: {exc}") from exc
+            raise classify_error(exc, "repair of usage_recent / usage_day_counts (settle.repair_views)") from exc
 
     def close(self) -> None:
         self.client.close()
@@ -275,7 +348,9 @@ class ClickHouseStore:
 
 
 def open_store(settings: ClickHouseSettings, *, apply_migrations: bool = True) -> ClickHouseStore:
-    client = connect(settings)
+    """A store on the configured database; a reader (``apply_migrations=False``) creates nothing,
+    so it works for read-only users (customer success, tenants)."""
+    client = connect(settings, create_database=apply_migrations)
     if apply_migrations:
         migrate(client)
     return ClickHouseStore(client)

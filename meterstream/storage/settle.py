@@ -31,8 +31,8 @@ read it from the rows (``usage_rated FINAL`` collapses the id over the period). 
 reuse on a day not yet settled is only seen at the next run that settles a day of
 that customer-period; until then that id is counted on both days.
 
-In embedded mode the worker runs :func:`settle` on a timer under its store lock;
-``meterstream settle`` runs it when no worker owns the store (or on a server).
+The worker runs :func:`settle` on a timer under its store lock; ``meterstream settle``
+runs it by hand (settling is idempotent, so a run beside a worker's is harmless).
 """
 
 from __future__ import annotations

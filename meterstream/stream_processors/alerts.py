@@ -2,7 +2,8 @@
 
 In a batch the worker stores rated rows, then the alert rows, then publishes
 the alerts and waits for the broker. A crash can stop it between any two of
-those steps, so at start-up, before consuming, :func:`reconcile_alerts`:
+those steps, so when partitions are assigned, before their first batch is rated,
+:func:`reconcile_alerts` runs for the customers of those partitions:
 
 1. reads the ids already on ``budget-alerts`` since the start of the previous
    month (the topic is the record of what was sent);
@@ -11,15 +12,19 @@ those steps, so at start-up, before consuming, :func:`reconcile_alerts`:
    were crossed but not recorded (a crash between rated rows and alert rows);
 3. publishes every recorded alert whose id is not on the topic yet.
 
-So each threshold crossing is published once, and none is missed. (Two workers
-starting at the same moment could both publish a missing one; the alert id is
-deterministic so consumers can still dedupe.)
+So each threshold crossing is published once, and none is missed. Why at
+assignment and not at start-up: a worker joining a running group found, at
+start-up, alerts another worker had stored and was about to publish, and
+published them too (tests/integration/test_scale_out.py). At assignment every
+live worker has finished the batches of the partitions that moved (they settle
+on revocation), and each customer's partition has one owner.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from decimal import Decimal
 
@@ -92,8 +97,12 @@ def published_alert_ids(kafka: KafkaSettings, topic: str, since: datetime, timeo
     return ids
 
 
-def missing_alerts(store: ClickHouseStore, budgets: BudgetBook, periods: list[str], now: datetime) -> list[BudgetAlert]:
-    """Thresholds that month-to-date credits in the store have reached but ``budget_alerts`` lacks."""
+def missing_alerts(
+    store: ClickHouseStore, budgets: BudgetBook, periods: list[str], now: datetime,
+    owns: Callable[[str], bool] = lambda customer_id: True,
+) -> list[BudgetAlert]:
+    """Thresholds that month-to-date credits in the store have reached but ``budget_alerts`` lacks
+    (for the customers ``owns`` accepts)."""
     recorded: dict[tuple[str, str], set[int]] = {}
     for row in store.query(_RECORDED, {"periods": periods}).dicts():
         if row["kind"] == AlertKind.THRESHOLD.value:
@@ -101,7 +110,7 @@ def missing_alerts(store: ClickHouseStore, budgets: BudgetBook, periods: list[st
     missing = []
     for row in store.query(_TOTALS, {"periods": periods}).dicts():
         budget = budgets.for_customer(row["customer_id"])
-        if budget is None:
+        if budget is None or not owns(row["customer_id"]):
             continue
         spent: Decimal = row["credits"]
         for threshold in thresholds_to_alert(spent, budget, recorded.get((row["customer_id"], row["period"]), set())):
@@ -129,20 +138,22 @@ def reconcile_alerts(
     *,
     now: datetime | None = None,
     timeout: float = 30.0,
+    owns: Callable[[str], bool] = lambda customer_id: True,
 ) -> tuple[set[str], int]:
-    """Record and publish what a crash left undone; returns (ids on the topic, alerts published now)."""
+    """Record and publish what a crash left undone for the customers ``owns`` accepts (those of
+    the partitions this worker was assigned); returns (ids on the topic, alerts published now)."""
     now = now or utc_now()
     period = now.strftime("%Y-%m")
     periods = [previous_period(period), period]
     since = datetime(int(periods[0][:4]), int(periods[0][5:7]), 1, tzinfo=timezone.utc)
     published = published_alert_ids(kafka, topic, since, timeout)
-    missing = missing_alerts(store, budgets, periods, now)
+    missing = missing_alerts(store, budgets, periods, now, owns)
     if missing:
         store.insert_batch([], [], missing)
     pending = [
         BudgetAlert.model_validate(row)
         for row in store.query(_RECORDED, {"periods": periods}).dicts()
-        if row["alert_id"] not in published
+        if row["alert_id"] not in published and owns(row["customer_id"])
     ]
     if pending:
         producer = Producer(kafka.producer_config())

@@ -57,7 +57,6 @@ from meterstream.pricing.plans import load_catalog
 from meterstream.producers.ledger import LedgerUnavailable, RedisLedger
 from meterstream.schemas.records import HEARTBEAT_KEY, Decision, EnforcementState, ThresholdAction
 from meterstream.storage.clickhouse import Storage, StoreError
-from meterstream.storage.queries import UnknownQuery, query_parameters, saved_query
 from meterstream.storage.settle import settle_store
 from meterstream.stream_processors import quiet_logs
 from meterstream.stream_processors.consumer import BatchConsumer
@@ -85,6 +84,9 @@ class WorkerStats:
     store_retries: int = 0
     #: Dead letters the broker refused even without their raw bytes (their partitions are held).
     unpublishable_dead_letters: int = 0
+    #: Since when (epoch seconds) the store has been unavailable, and why; None while it answers.
+    store_unavailable_since: float | None = None
+    store_last_error: str | None = None
     started_at: float = field(default_factory=time.time)
 
     def as_dict(self) -> dict[str, Any]:
@@ -97,6 +99,10 @@ class WorkerStats:
             "batches": self.batches,
             "store_retries": self.store_retries,
             "unpublishable_dead_letters": self.unpublishable_dead_letters,
+            "store": "ok" if self.store_unavailable_since is None else "unavailable",
+            "store_unavailable_seconds": None if self.store_unavailable_since is None
+            else round(time.time() - self.store_unavailable_since, 1),
+            "store_last_error": self.store_last_error,
             "uptime_seconds": round(time.time() - self.started_at, 1),
             "pid": os.getpid(),
         }
@@ -111,13 +117,20 @@ class _Activity:
 
 
 def create_app(
-    settings: Settings, store: Storage, published_alerts: set[str] | None = None, clock: Clock = utc_now
+    settings: Settings,
+    store: Storage,
+    published_alerts: set[str] | None = None,
+    reconcile_alerts_for: Callable[[set[int]], set[str]] | None = None,
+    clock: Clock = utc_now,
 ) -> faust.App:
     """Build the worker app from settings and an open store (nothing is read from module globals).
 
     ``published_alerts`` holds the alert ids already on the ``budget-alerts`` topic
-    (read at start-up), so an alert is never published twice. ``clock`` is the time
-    every decision of the worker reads (periods closed, windows expired, days settled).
+    (read at start-up), so an alert is never published twice. ``reconcile_alerts_for``
+    runs the alert outbox for the assigned partitions of the event topics and returns
+    the ids on the topic (meterstream/stream_processors/alerts.py); None in unit tests.
+    ``clock`` is the time every decision of the worker reads (periods closed, windows expired,
+    days settled).
     """
     worker = settings.worker
     kafka = settings.kafka
@@ -128,6 +141,18 @@ def create_app(
     published = published_alerts if published_alerts is not None else set()
     ledger = RedisLedger.from_settings(settings.ledger)
     fingerprint = catalog.fingerprint()
+
+    def reconcile_assigned() -> None:
+        if reconcile_alerts_for is None:
+            return
+        partitions = {tp.partition for tp in consumer.assigned if tp.topic == topics.usage.name}
+        try:
+            published.update(reconcile_alerts_for(partitions))
+        except StoreError:
+            raise  # the batch is retried, and with it this pass
+        except Exception:  # the broker: unsent alerts stay recorded for the next assignment's pass
+            log.error("the alert outbox pass for partitions %s failed", sorted(partitions), exc_info=True)
+
     state = StoreBackedState(
         store,  # type: ignore[arg-type]
         topics=[topics.usage.name, topics.outcomes.name],
@@ -137,6 +162,7 @@ def create_app(
         dedupe_horizon_seconds=worker.dedupe_horizon_seconds,
         run_capped=lambda customer_id: getattr(budgets.for_customer(customer_id), "run_cap", None) is not None,
         clock=clock,
+        on_assigned=reconcile_assigned,
     )
     processor = BatchProcessor(
         catalog,
@@ -184,14 +210,30 @@ def create_app(
         while True:
             try:
                 if not exclusive:
-                    return await asyncio.to_thread(call)
-                async with store_lock:
-                    return await asyncio.to_thread(call)
+                    result = await asyncio.to_thread(call)
+                else:
+                    async with store_lock:
+                        result = await asyncio.to_thread(call)
             except StoreError as exc:
+                if not exc.retryable:
+                    # A wrong password, a missing table, a SQL error: no retry fixes it. The batch
+                    # is not committed; the consumer stops the worker (consumer.py) naming this.
+                    log.critical("%s failed and will not be retried: %s", what, exc)
+                    stats.store_last_error = str(exc)[:300]
+                    raise
                 stats.store_retries += 1
+                stats.store_last_error = str(exc)[:300]
+                if stats.store_unavailable_since is None:
+                    stats.store_unavailable_since = time.time()
                 log.warning("%s failed (%s); retrying in %.1f s, offsets held", what, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, settings.clickhouse.retry_backoff_max)
+                continue
+            if stats.store_unavailable_since is not None:
+                log.warning("the store is available again after %.1f s (%d retries so far); catching up",
+                            time.time() - stats.store_unavailable_since, stats.store_retries)
+                stats.store_unavailable_since = None
+            return result
 
     async def send_dead_letters(result: BatchResult, keys: list[bytes | None]) -> dict[tuple[str, int], int]:
         """Publish the batch's dead letters; returns the messages whose letter the broker refuses for good.
@@ -418,21 +460,6 @@ def create_app(
             "broker": consumer.broker_stats(),
         }  # fmt: skip
         return web.bytes(orjson.dumps(body), content_type="application/json")
-
-    @app.page("/store/query/{name}/")
-    async def query_view(web: Any, request: Any, name: str) -> Any:
-        """Run a saved query for the CLI while this worker owns the embedded store."""
-        try:
-            sql = saved_query(name)
-        except UnknownQuery:
-            return web.bytes(orjson.dumps({"error": f"unknown query {name!r}"}), status=404)
-        params = {p: request.query.get(p, "") for p in query_parameters(name)}
-        try:
-            async with store_lock:
-                rows = await asyncio.to_thread(store.query, sql, params)
-        except StoreError as exc:
-            return web.bytes(orjson.dumps({"error": str(exc)}), status=503)
-        return web.bytes(orjson.dumps(rows.to_json_dict()), content_type="application/json")
 
     # Handles for tests and the CLI (the batch path is unit-tested through ``meterstream_handle_batch``).
     app.meterstream_stats = stats  # type: ignore[attr-defined]

@@ -146,9 +146,12 @@ class StoreBackedState:
         dedupe_horizon_seconds: int = 3600,
         run_capped: Callable[[str], bool] = lambda customer_id: True,
         clock: Clock = utc_now,
+        on_assigned: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
         self.clock = clock
+        #: Run after partitions are (re)assigned, before the totals are loaded (the alert outbox).
+        self.on_assigned = on_assigned
         self.topics = list(topics)
         self.window_seconds = window_seconds
         self.window_expires_seconds = window_expires_seconds
@@ -234,6 +237,8 @@ class StoreBackedState:
             # Partitions were (re)assigned, perhaps after a worker was killed mid-insert. Set
             # stored_upto last: if a load fails, the retried batch loads everything again.
             self.store.repair_views()
+            if self.on_assigned is not None:
+                self.on_assigned()
             stored_upto = self._stored_offsets()
             self._load_recent_ids()
             self._preload(self.clock())

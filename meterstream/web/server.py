@@ -34,7 +34,6 @@ from meterstream.config import Settings
 from meterstream.pricing.plans import load_catalog, period_bounds
 from meterstream.storage.clickhouse import StoreError
 from meterstream.producers.guard import EnforcementView
-from meterstream.storage.owner import current_owner
 from meterstream.topics import Topics
 from meterstream.web.store import CustomerQueries, Rows
 from meterstream.web.tokens import ReloadingTokenBook, TokenFileError, TokenLookup
@@ -291,11 +290,6 @@ def serve(settings: Settings, *, port: int | None = None, bind: str | None = Non
     app.on_cleanup.append(close_queries)
     for name in ("meterstream.web", "aiohttp.access"):
         logging.getLogger(name).setLevel(logging.INFO)
-    if settings.clickhouse.embedded and current_owner(settings.clickhouse) is None:
-        log.warning(
-            "no worker owns the embedded store %s yet; the API answers 503 until `meterstream worker` runs",
-            settings.clickhouse.chdb_path,
-        )
     host = bind or web_settings.bind
     listen = port or web_settings.port
     web.run_app(

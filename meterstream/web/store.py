@@ -1,9 +1,7 @@
 """How the web server reads the store: saved queries only, always bound to one customer.
 
-Embedded chDB: the running worker owns the store, so every query goes through
-its ``/store/query/NAME/`` endpoint, and the server never opens the data
-directory itself (that would keep the worker from starting). With a server DSN
-the web process holds one connection of its own.
+The web process holds one connection of its own to the ClickHouse server, as a
+reader (point METERSTREAM_CLICKHOUSE__DSN at a read-only user in production).
 """
 
 from __future__ import annotations
@@ -13,7 +11,6 @@ from typing import Any, Protocol
 
 from meterstream.config import ClickHouseSettings
 from meterstream.storage.clickhouse import ClickHouseStore, StoreError, open_store
-from meterstream.storage.owner import run_saved_query
 from meterstream.storage.queries import query_parameters, saved_query
 
 
@@ -39,11 +36,6 @@ class CustomerQueries:
         bound = {**params, "customer": customer}
         if set(bound) != expected:
             raise ValueError(f"saved query {name} takes {sorted(expected)}, got {sorted(bound)}")
-        if self.settings.embedded:
-            result = await asyncio.to_thread(
-                run_saved_query, self.settings, name, self.timeout, open_directly=False, **bound
-            )
-            return result.dicts()
         async with self._lock:
             if self._store is None:
                 # The worker applies migrations; a reader that ran them could race it.

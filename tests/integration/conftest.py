@@ -1,15 +1,17 @@
 """Integration fixtures: the real broker and the real ClickHouse engine, taken from settings.
 
-``make test`` starts the local broker first (``meterstream services up``); the
-fixtures read its address from the same settings as every other process
-(``METERSTREAM_KAFKA__BOOTSTRAP_SERVERS``). ClickHouse is chDB owned by each
-worker under test, or a server: ``METERSTREAM_TEST_CLICKHOUSE_DSN=http://...``,
-or, where a Docker engine answers, a ClickHouse container started with
-testcontainers (the path that exercises a server over HTTP).
+``make test`` starts the local broker and ClickHouse server first (``meterstream
+services up``); the fixtures read their addresses from the same settings as every
+other process (``METERSTREAM_KAFKA__BOOTSTRAP_SERVERS``, ``METERSTREAM_CLICKHOUSE__DSN``;
+``METERSTREAM_TEST_CLICKHOUSE_DSN`` overrides the latter for the tests). One server
+for the session, a random database per test (dropped afterwards), like
+clickhouse-connect's own tests. Tests that stop a server or need its users' fixed
+database start a private one (:func:`private_clickhouse`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -17,29 +19,22 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import clickhouse_connect
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from tests.conftest import clock_env
 
-from meterstream.config import ClickHouseSettings, KafkaSettings, Settings
+from meterstream.config import ClickHouseSettings, KafkaSettings, LocalServicesSettings, Settings
+from meterstream.services.clickhouse import ClickHouseServer
 from meterstream.services.redis import RedisServer, RedisServerError
 from meterstream.stream_processors.runner import WorkerProcess
 from meterstream.topics import Topics, ensure_topics
 
 pytestmark = pytest.mark.integration
-
-
-def _docker_available() -> bool:
-    try:
-        import docker
-
-        docker.from_env(timeout=3).ping()
-        return True
-    except Exception:
-        return False
 
 
 @pytest.fixture(scope="session")
@@ -58,21 +53,46 @@ def base_settings() -> Settings:
 
 
 @pytest.fixture(scope="session")
-def clickhouse_server_dsn() -> Iterator[str | None]:
-    """A ClickHouse server DSN when one is configured or Docker can start one; else None (chDB)."""
-    dsn = os.environ.get("METERSTREAM_TEST_CLICKHOUSE_DSN")
-    if dsn:
-        yield dsn
-        return
-    if not _docker_available():
-        yield None
-        return
-    from testcontainers.clickhouse import ClickHouseContainer
+def clickhouse_server_dsn(base_settings: Settings) -> str:
+    """The session's ClickHouse server (a missing one is a failed run, as for the broker)."""
+    dsn = os.environ.get("METERSTREAM_TEST_CLICKHOUSE_DSN") or base_settings.clickhouse.dsn.get_secret_value()
+    try:
+        client = clickhouse_connect.get_client(dsn=dsn, connect_timeout=5)
+        client.close()
+    except Exception as exc:
+        pytest.fail(
+            f"no ClickHouse server at {_origin(dsn)} ({type(exc).__name__}); run `make test` (it starts one) "
+            "or `meterstream services up clickhouse`",
+            pytrace=False,
+        )
+    return dsn
 
-    with ClickHouseContainer("clickhouse/clickhouse-server:25.8") as container:
-        host = container.get_container_host_ip()
-        port = container.get_exposed_port(8123)
-        yield f"http://{container.username}:{container.password}@{host}:{port}/"
+
+def _origin(dsn: str) -> str:
+    url = urlsplit(dsn)
+    return f"{url.scheme}://{url.hostname}:{url.port}"
+
+
+def drop_database(settings: ClickHouseSettings) -> None:
+    with contextlib.suppress(Exception):  # best effort: a leftover test database is harmless
+        client = clickhouse_connect.get_client(dsn=settings.dsn.get_secret_value(), connect_timeout=5)
+        client.command(f"DROP DATABASE IF EXISTS {settings.database}")
+        client.close()
+
+
+@contextlib.contextmanager
+def private_clickhouse(root: Path) -> Iterator[tuple[ClickHouseServer, str]]:
+    """A ClickHouse server of this test alone (free ports, data under ``root``): one the test may
+    stop, kill and restart, or whose users.xml database (``meterstream``) it may fill. Yields the
+    server and the pipeline user's DSN."""
+    services = LocalServicesSettings(state_dir=root, clickhouse_http_port=free_port(),
+                                     clickhouse_tcp_port=free_port(), start_timeout=60)  # fmt: skip
+    server = ClickHouseServer(services)
+    server.up()
+    try:
+        yield server, f"http://meterstream:meterstream@127.0.0.1:{services.clickhouse_http_port}/"
+    finally:
+        server.down()
 
 
 def free_port() -> int:
@@ -85,14 +105,11 @@ class Pipeline:
     """One isolated pipeline: own topics, consumer group, store and worker."""
 
     def __init__(
-        self, base: Settings, root: Path, server_dsn: str | None, budgets: str | None, env: dict[str, str] | None = None
+        self, base: Settings, root: Path, server_dsn: str, budgets: str | None, env: dict[str, str] | None = None
     ) -> None:
         name = f"t{uuid.uuid4().hex[:10]}"
         self.kafka = base.kafka.model_copy(update={"topic_prefix": f"{name}."})
-        if server_dsn:
-            self.clickhouse = ClickHouseSettings(dsn=server_dsn, database=name)
-        else:
-            self.clickhouse = ClickHouseSettings(dsn=f"chdb://{root / 'clickhouse'}")
+        self.clickhouse = ClickHouseSettings(dsn=server_dsn, database=name)
         self.app_id = name
         self.topics: Topics = ensure_topics(self.kafka)
         self.web_port = free_port()
@@ -168,6 +185,7 @@ class Pipeline:
 
     def stop(self) -> None:
         self.worker.stop()
+        drop_database(self.clickhouse)
         admin = AdminClient(self.kafka.confluent_config())
         try:
             names = [
@@ -184,7 +202,7 @@ class Pipeline:
 
 @pytest.fixture
 def pipeline_factory(
-    base_settings: Settings, clickhouse_server_dsn: str | None, tmp_path: Path
+    base_settings: Settings, clickhouse_server_dsn: str, tmp_path: Path
 ) -> Iterator[Callable[..., Pipeline]]:
     created: list[Pipeline] = []
 
@@ -200,19 +218,12 @@ def pipeline_factory(
         pipeline.stop()
 
 
-@pytest.fixture(scope="session")
-def chdb_dir(tmp_path_factory) -> Path:
-    """One chDB data directory for the whole session: chDB serves one directory per process."""
-    return tmp_path_factory.mktemp("chdb")
-
-
 @pytest.fixture
-def clickhouse(chdb_dir: Path, clickhouse_server_dsn: str | None) -> ClickHouseSettings:
-    """A fresh database per test, on the session's chDB directory or on the server."""
-    database = f"t_{uuid.uuid4().hex[:12]}"
-    if clickhouse_server_dsn:
-        return ClickHouseSettings(dsn=clickhouse_server_dsn, database=database)
-    return ClickHouseSettings(dsn=f"chdb://{chdb_dir}", database=database)
+def clickhouse(clickhouse_server_dsn: str) -> Iterator[ClickHouseSettings]:
+    """A fresh database per test on the session's server, dropped afterwards."""
+    settings = ClickHouseSettings(dsn=clickhouse_server_dsn, database=f"t_{uuid.uuid4().hex[:12]}")
+    yield settings
+    drop_database(settings)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import pytest
 from meterstream.config import LocalServicesSettings
 from meterstream.producers import DeliveryFailure, MeterClient
 from meterstream.services.kafka import KafkaBroker, bootstrap_servers
-from meterstream.storage.owner import run_saved_query
+from meterstream.storage.queries import run_saved_query
 
 pytestmark = pytest.mark.integration
 

@@ -500,10 +500,10 @@ def test_cli_audit_is_reproducible_and_reconciles_with_the_invoice(loaded, catal
     assert unknown.returncode != 0 and "--line must be one of" in unknown.stderr
 
 
-# -- through a running worker (it owns the embedded store and serves the saved queries) -----------
+# -- the commands beside a running worker (both on the one ClickHouse server) --------------------
 
 
-def test_reports_and_audit_read_through_the_running_worker(pipeline_factory, tmp_path):
+def test_reports_and_audit_beside_the_running_worker(pipeline_factory, tmp_path):
     from datetime import timedelta
 
     from meterstream.clock import current_period, utc_now

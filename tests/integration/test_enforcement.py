@@ -19,7 +19,7 @@ from meterstream.pricing.plans import load_catalog
 from meterstream.producers import MeterClient
 from meterstream.producers import BudgetGuard, Decision, Reason
 from meterstream.topics import ensure_topics
-from meterstream.storage.owner import run_saved_query
+from meterstream.storage.queries import run_saved_query
 
 pytestmark = pytest.mark.integration
 

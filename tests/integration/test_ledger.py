@@ -19,7 +19,7 @@ from meterstream.config import KafkaSettings
 from meterstream.pricing.plans import load_catalog
 from meterstream.producers import BudgetGuard, Decision, LedgerUnavailable, Reason, RedisLedger
 from meterstream.services.redis import RedisServer
-from meterstream.storage.owner import run_saved_query
+from meterstream.storage.queries import run_saved_query
 
 pytestmark = pytest.mark.integration
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=timezone.utc)

@@ -22,7 +22,7 @@ from confluent_kafka import Producer
 from meterstream.producers import MeterClient
 from meterstream.schemas.events import Attribution, OutcomeEvent, UsageEvent
 from meterstream.schemas.records import DeadLetter
-from meterstream.storage.owner import run_saved_query
+from meterstream.storage.queries import run_saved_query
 
 pytestmark = pytest.mark.integration
 

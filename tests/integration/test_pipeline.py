@@ -21,7 +21,7 @@ from meterstream.clock import current_period, utc_now
 from meterstream.pricing.plans import load_catalog
 from meterstream.producers import MeterClient
 from meterstream.schemas.events import Attribution, Meter, OutcomeEvent, UsageEvent
-from meterstream.storage.owner import run_saved_query
+from meterstream.storage.queries import run_saved_query
 
 pytestmark = pytest.mark.integration
 
@@ -280,7 +280,8 @@ def test_usage_cli_reads_through_the_running_worker(pipeline_factory):
     assert Decimal(rows[0]["credits"]) == Decimal("0.21")
 
 
-@pytest.mark.clock
+# Not a `clock` test: settling reads usage_recent, whose TTL runs on the ClickHouse server's clock, so
+# moving only the application's clock weeks back would test a skew production never has.
 def test_the_worker_settles_closed_days_on_its_timer(pipeline_factory):
     """Settling runs inside the worker (it owns the embedded store); invoices then read settled days."""
     pipeline = pipeline_factory(start=False)

@@ -28,7 +28,7 @@ from confluent_kafka.admin import AdminClient, ConfigResource
 
 from meterstream.schemas.events import UsageEvent
 from meterstream.schemas.records import DEAD_LETTER_RAW_LIMIT
-from meterstream.storage.owner import run_saved_query
+from meterstream.storage.queries import run_saved_query
 
 pytestmark = pytest.mark.integration
 

@@ -97,7 +97,7 @@ def test_the_sdk_example(readme_env):
     assert logged == [] and namespace["meter"].failed == 0
     stats = pipeline.wait_processed(5)
     assert stats["dead_letters"] == 0
-    from meterstream.storage.owner import run_saved_query
+    from meterstream.storage.queries import run_saved_query
 
     rows = run_saved_query(pipeline.clickhouse, "month_to_date", period=datetime.now(timezone.utc).strftime("%Y-%m"), customer="acme").dicts()
     assert rows and rows[0]["credits"] > Decimal(0)

@@ -15,7 +15,7 @@ from meterstream.clock import current_period, utc_now
 from meterstream.config import KafkaSettings, LocalServicesSettings
 from meterstream.producers import DeliveryFailure, MeterClient
 from meterstream.services.kafka import KafkaBroker
-from meterstream.storage.owner import run_saved_query
+from meterstream.storage.queries import run_saved_query
 
 pytestmark = pytest.mark.integration
 PASSWORD = "s3cret-scram-password"

@@ -17,7 +17,6 @@ from meterstream.pricing.plans import load_catalog
 from meterstream.schemas.events import UsageEvent
 from meterstream.schemas.records import RawEvent
 from meterstream.storage.clickhouse import connect, discover_migrations, migrate, open_store
-from meterstream.storage.owner import StoreOwnership, current_owner
 from meterstream.storage.queries import query_parameters, saved_query, saved_query_names
 
 pytestmark = pytest.mark.integration
@@ -77,17 +76,24 @@ def test_every_saved_query_runs_on_an_empty_store(clickhouse):
         store.close()
 
 
-def test_only_one_worker_may_own_the_embedded_store(tmp_path):
+def test_in_process_chdb_store_serves_a_single_process_tool(tmp_path):
+    """chdb:// is kept for single-process tools (bench/invoice.py): the DDL, a batch and a saved query."""
+    from meterstream.schemas.records import RatedUsage, RawEvent
+
     settings = ClickHouseSettings(dsn=f"chdb://{tmp_path / 'store'}")
-    mine = StoreOwnership(settings, web_port=1234)
-    mine.claim()
-    assert current_owner(settings).web_port == 1234
-    # A record left by a dead process is ignored.
-    mine.path.write_text('{"pid": 999999999, "web_port": 1}')
-    assert current_owner(settings) is None
-    mine.claim()
-    mine.release()
-    assert current_owner(settings) is None
+    store = open_store(settings)
+    try:
+        at = datetime(2026, 11, 3, 10, 0, tzinfo=timezone.utc)
+        store.insert_batch(
+            [RawEvent("e1", "acme", "usage", at, "2026-11", b"{}", "usage.events", 0, 0)],
+            [RatedUsage(event_id="e1", kind="usage", customer_id="acme", occurred_at=at, period="2026-11",
+                        meter="tokens", model="gpt-4o", provider="openai", input_tokens=1000, credits=Decimal("2.5"),
+                        cost_to_serve=Decimal("0.0025"), price_book_version="v1", rule="tokens:gpt-4o")],
+        )  # fmt: skip
+        totals = store.query(saved_query("store_totals"), {"period": "2026-11"}).dicts()[0]
+        assert (totals["raw_events"], totals["rated_rows"], totals["credits"]) == (1, 1, Decimal("2.5"))
+    finally:
+        store.close()
 
 
 def test_every_column_of_a_batch_reads_back_as_written(clickhouse):

@@ -27,7 +27,7 @@ from meterstream.budgets import BudgetBook, thresholds_to_alert
 from meterstream.pricing.plans import load_catalog
 from meterstream.producers import MeterClient
 from meterstream.schemas.events import UsageEvent
-from meterstream.storage.owner import run_saved_query
+from meterstream.storage.queries import run_saved_query
 from meterstream.stream_processors.runner import WorkerProcess
 
 

@@ -29,7 +29,10 @@ def test_defaults() -> None:
     settings = Settings()
     assert settings.kafka.bootstrap_servers == "127.0.0.1:9092"
     assert settings.kafka.partitions == 3
-    assert settings.clickhouse.embedded is True
+    # The local server of `meterstream services up`, every process connecting to it over HTTP.
+    assert settings.clickhouse.dsn.get_secret_value() == "http://meterstream:meterstream@127.0.0.1:8123/"
+    assert settings.clickhouse.embedded is False
+    assert (settings.services.clickhouse_http_port, settings.services.clickhouse_tcp_port) == (8123, 9000)
     assert settings.worker.batch_size == 5000
 
 

@@ -20,24 +20,27 @@ import pytest
 from meterstream.clock import fixed_clock
 from meterstream.config import Settings, WorkerSettings
 from meterstream.schemas.records import HEARTBEAT_KEY
-from meterstream.storage.clickhouse import QueryResult
+from meterstream.storage.clickhouse import QueryResult, StoreAccessError, StoreStatementError
 from meterstream.stream_processors.app import create_app
 from meterstream.stream_processors.processing import InboundMessage
 
 
 class MemoryStore:
-    def __init__(self, failures: int = 0) -> None:
+    def __init__(self, failures: int = 0, error: Exception | None = None) -> None:
         self.raw: list = []
         self.rated: list = []
         self.alerts: list = []
         self.failures = failures
+        self.error = error
+        self.attempts = 0
 
     def insert_batch(self, raw, rated, alerts=()) -> None:
         from meterstream.storage.clickhouse import StoreError
 
+        self.attempts += 1
         if self.failures:
             self.failures -= 1
-            raise StoreError("store down")
+            raise self.error or StoreError("store down")
         self.raw += raw
         self.rated += rated
         self.alerts += alerts
@@ -149,6 +152,18 @@ def test_agent_retries_the_store_and_loses_nothing(tmp_path):
     app, _ = asyncio.run(_run(store, [_event("r1"), _event("r2")], tmp_path))
     assert [row.event_id for row in store.rated] == ["r1", "r2"]
     assert app.meterstream_stats.store_retries == 2
+    assert app.meterstream_stats.as_dict()["store"] == "ok"  # available again
+
+
+@pytest.mark.parametrize("error", [
+    StoreStatementError("statement failed, not retried: 'INSERT INTO usage_rated': UNKNOWN_TABLE", "INSERT INTO usage_rated"),
+    StoreAccessError("the ClickHouse server refused the credentials or grants (AUTHENTICATION_FAILED)"),
+])  # fmt: skip
+def test_a_programming_or_access_error_is_not_retried_and_nothing_is_written(tmp_path, error):
+    store = MemoryStore(failures=100, error=error)
+    with pytest.raises(type(error), match=str(error)[:20]):
+        asyncio.run(_run(store, [_event("p1")], tmp_path))
+    assert store.attempts == 1 and store.rated == []
 
 
 @pytest.fixture(autouse=True)
