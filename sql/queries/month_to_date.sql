@@ -36,7 +36,8 @@ SELECT
     sum(output_tokens)                       AS output_tokens,
     sum(credits)                             AS credits,
     sum(cost_to_serve)                       AS cost_to_serve,
-    uniqExact(model)                         AS models
+    -- Non-token meters (documents, seats, ...) and outcomes carry no model: not a model.
+    uniqExactIf(model, model != '')          AS models
 FROM
 (
     SELECT customer_id, model, events, input_tokens, cached_input_tokens, output_tokens, credits, cost_to_serve

@@ -1,7 +1,11 @@
 -- Customers ranked by cost to serve in a billing period, the most expensive to serve first:
--- events, tokens, credits, cost to serve and each customer's share of the period's cost.
+-- events, tokens, credits, cost to serve and each customer's share of
+-- the period's cost.
 -- Parameters: period (YYYY-MM), limit (how many customers; '' for 10).
 -- FINAL: a resent event counts once. cost_share is NULL when the period cost nothing.
+-- The share is divided in Decimal256: Decimal(38, 18) / Decimal(38, 18) scales the dividend
+-- by 10^18 inside an Int128 and wraps around silently once it passes ~1.7e38, i.e. for any
+-- customer costing more than ~$170 (171 / 200 gave -0.846). The share itself is <= 1.
 SELECT
     customer_id,
     count()                                                         AS events,
@@ -10,7 +14,11 @@ SELECT
     sum(output_tokens)                                              AS output_tokens,
     sum(credits)                                                    AS credits,
     sum(cost_to_serve)                                              AS cost_to_serve,
-    sum(rated.cost_to_serve) / nullIf(sum(sum(rated.cost_to_serve)) OVER (), 0) AS cost_share,
+    toDecimal128(
+        toDecimal256(sum(rated.cost_to_serve), 18)
+        / nullIf(toDecimal256(sum(sum(rated.cost_to_serve)) OVER (), 18), 0),
+        18
+    )                                                               AS cost_share,
     uniqExactIf(rated.model, rated.model != '')                     AS models
 FROM usage_rated AS rated FINAL
 WHERE period = {period:String}

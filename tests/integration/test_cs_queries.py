@@ -210,6 +210,8 @@ def test_month_to_date_usage_and_spend(store, catalog):
     # usage 1,285 + outcomes 90 + 0 + 90 - 90 + 90 = 1,465 credits
     assert acme["credits"] == D("1465")
     assert acme["cost_to_serve"] == D("5.825")
+    # gpt-4o and gpt-4o-mini: the documents, seats and outcome rows carry no model and are not one.
+    assert acme["models"] == 2
     assert (acme["spend"], acme["plan_version"], acme["invoice_status"]) == (ACME_TOTAL, "growth-test-1", "final")
     # the resent g2 counts once: 2.5 + 12 + 90 credits, 0.0125 + 0.06 cost
     assert (rows["globex"]["events"], rows["globex"]["credits"], rows["globex"]["cost_to_serve"]) == (
@@ -230,6 +232,26 @@ def test_top_customers_by_cost(store):
     assert sum(r["cost_share"] for r in rows) == pytest.approx(D(1), abs=D("1e-15"))
     assert rows[0]["models"] == 2 and rows[1]["events"] == 3
     assert [r["customer_id"] for r in reports.top_customers(_runner(store), PERIOD, limit=2).rows] == ["acme", "globex"]
+
+
+def test_top_customers_share_of_a_customer_costing_over_1000_dollars(clickhouse, catalog):
+    """Decimal(38, 18) / Decimal(38, 18) wraps around in ClickHouse above ~$170: the share must not."""
+    events = [
+        # 100M input x 2.50 / 1M + 100M output x 10 / 1M = $1,250
+        _tokens("big-1", "heavy", _at(2, 9), "gpt-4o", 100_000_000, 0, 100_000_000),
+        # 10M output x 10 / 1M = $100
+        _tokens("small-1", "light", _at(2, 10), "gpt-4o", 0, 0, 10_000_000),
+    ]
+    store = open_store(clickhouse)
+    try:
+        store.insert_batch([], [catalog.rate(e) for e in events])
+        rows = _by(reports.top_customers(_runner(store), PERIOD).rows, "customer_id")
+    finally:
+        store.close()
+    assert rows["heavy"]["cost_to_serve"] == D("1250")
+    assert rows["heavy"]["cost_share"] == (D(1250) / D(1350)).quantize(D("1e-18"), rounding="ROUND_DOWN")  # 92.6%
+    assert rows["light"]["cost_share"] == (D(100) / D(1350)).quantize(D("1e-18"), rounding="ROUND_DOWN")
+    assert all(D(0) <= r["cost_share"] <= D(1) for r in rows.values())
 
 
 # -- margin ------------------------------------------------------------------------------------
