@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from datetime import datetime
 from decimal import Decimal
@@ -17,6 +16,7 @@ from meterstream.alerting.commands import forward_command, redeliver_command, ta
 from meterstream.cli_common import check_period, fail, load_catalog_or_fail, pricing_errors, query_runner
 from meterstream.config import get_settings
 from meterstream.cs.commands import audit_command, margin_command, usage_app
+from meterstream.cs.render import json_text, stdout_console
 from meterstream.ops.commands import dlq_app, reconcile_command
 from meterstream.ops.provider_commands import reconcile_provider_command
 from meterstream.producers.commands import import_command, otlp_command
@@ -29,7 +29,7 @@ app.add_typer(services_app, name="services")
 app.add_typer(alerts_app, name="alerts")
 app.add_typer(schemas_app, name="schemas")
 
-console = Console()
+console = stdout_console()  # full width when piped: nothing cut
 err_console = Console(stderr=True)
 
 PeriodOption = Annotated[
@@ -297,7 +297,7 @@ def _fmt(value: Any, places: int | None = None) -> str:
 
 
 def _emit_json(result: Any) -> None:
-    console.print_json(json.dumps(result.dicts(), default=str))
+    print(json_text(result.dicts()))
 
 
 def usage_table(rows: list[dict[str, Any]], title: str) -> Table:
@@ -366,9 +366,9 @@ PlansOption = Annotated[
 ]
 
 
-def _print_invoice_json(invoices: list[Any]) -> None:
-    # Decimals as strings, exactly as computed: machines must not re-round them.
-    print(json.dumps([inv.model_dump(mode="json") for inv in invoices], indent=2))
+def _print_invoice_json(invoices: Any) -> None:
+    # Decimals as plain decimal strings, exactly as computed: machines must not re-round them.
+    print(json_text(invoices))
 
 
 @app.command()
@@ -393,7 +393,7 @@ def invoice(
     with pricing_errors(), query_runner(settings) as run:
         result = invoice_from_store(run, catalog, customer, period)
     if as_json:
-        _print_invoice_json([result])
+        _print_invoice_json(result)  # one customer, one period: one object
     else:
         console.print(render_invoice_text(result), highlight=False)
 
@@ -523,7 +523,7 @@ def rerate(
                          "difference": new_total - old.total, "old_plan_version": old.plan_version,
                          "new_plan_version": new[0].plan_version if new else ""})  # fmt: skip
     if as_json:
-        print(json.dumps(rows, indent=2, default=str))
+        print(json_text(rows))
         return
     table = Table(title=f"Re-rating {period}: {current or 'current catalog'} -> {plans}")
     for column in ("customer", "old plan", "old total", "new plan", "new total", "difference"):
@@ -632,7 +632,7 @@ def advise(
     if png is not None:
         advisor.write_advice_chart(advice, png)
     if as_json:
-        print(json.dumps(advice.to_json(), indent=2))
+        print(json_text(advice.to_json()))
         return
     console.print(advisor.advice_table(advice))
     for line in advisor.advice_summary(advice):

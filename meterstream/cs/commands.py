@@ -20,9 +20,9 @@ from rich.console import Console
 
 from meterstream.cli_common import check_period, fail, load_catalog_or_fail, pricing_errors, query_runner
 from meterstream.config import get_settings
-from meterstream.cs.render import Column, Format, Report, emit
+from meterstream.cs.render import Column, Format, Report, emit, stdout_console
 
-console = Console()
+console = stdout_console()  # full width when piped: nothing cut
 err_console = Console(stderr=True)
 
 PeriodOption = Annotated[

@@ -3,6 +3,12 @@
 JSON and CSV carry every field at full precision (Decimals as plain decimal
 strings, never floats or exponents; times in UTC ISO 8601); the table rounds for
 reading: money to the cent, costs to 4 decimals, credits to 2.
+
+Tables survive a pipe: on a terminal every column folds a long value onto the
+next line rather than cutting it; anywhere else (a pipe, a file) the console is
+as wide as the widest row (:func:`stdout_console`), so every value is printed
+whole, ids and plan versions included. Every JSON the CLI prints goes through
+:func:`json_text`, so ``Decimal('0E-18')`` is ``"0.000000000000000000"``, never ``"0E-18"``.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import ROUND_HALF_UP, Decimal
-from enum import StrEnum
+from enum import Enum, StrEnum
 from typing import Any, TextIO
 
 from rich.console import Console
@@ -72,6 +78,42 @@ def plain(value: Any) -> Any:
     return value
 
 
+def plain_tree(value: Any) -> Any:
+    """:func:`plain` applied through dicts, lists and tuples; enums as their values."""
+    if isinstance(value, dict):
+        return {str(k): plain_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_tree(v) for v in value]
+    if isinstance(value, Enum):
+        return value.value
+    return plain(value)
+
+
+def json_text(data: Any, indent: int | None = 2) -> str:
+    """JSON for machines: Decimals as plain decimal strings at full precision, times in UTC ISO 8601.
+
+    ``Decimal('0E-18')`` (how ClickHouse's Decimal(38, 18) zero arrives) is ``"0.000000000000000000"``.
+    """
+    if hasattr(data, "model_dump"):
+        data = data.model_dump(mode="python")
+    return json.dumps(plain_tree(data), indent=indent, default=str)
+
+
+#: Wide enough for any row: rich never cuts or wraps a table printed on a console this wide.
+PIPE_WIDTH = 100_000
+
+
+def stdout_console() -> Console:
+    """The console for tables on stdout: the terminal's width on a terminal, unlimited otherwise.
+
+    Off a terminal rich falls back to 80 columns and would cut values (``tenant-0…``);
+    a pipe or a file gets every value whole instead.
+    """
+    if sys.stdout.isatty():
+        return Console()
+    return Console(width=PIPE_WIDTH, soft_wrap=True)
+
+
 def cell(value: Any, style: str) -> str:
     if value is None:
         return "-"
@@ -99,7 +141,9 @@ def cell(value: Any, style: str) -> str:
 def table(report: Report) -> Table:
     out = Table(title=report.title)
     for column in report.columns:
-        out.add_column(column.header, justify="left" if column.style in ("text", "datetime", "date") else "right")
+        # fold: a value too long for a narrow terminal continues on the next line; never "…".
+        out.add_column(column.header, justify="left" if column.style in ("text", "datetime", "date") else "right",
+                       overflow="fold")
     for row in report.rows:
         out.add_row(*(cell(row.get(c.key), c.style) for c in report.columns))
     if report.total is not None:
@@ -109,15 +153,14 @@ def table(report: Report) -> Table:
 
 
 def write_json(rows: Iterable[dict[str, Any]], fields: list[str], stream: TextIO) -> None:
-    data = [{key: plain(row.get(key)) for key in fields} for row in rows]
-    stream.write(json.dumps(data, indent=2) + "\n")
+    stream.write(json_text([{key: row.get(key) for key in fields} for row in rows]) + "\n")
 
 
 def write_csv(rows: Iterable[dict[str, Any]], fields: list[str], stream: TextIO) -> None:
     writer = csv.writer(stream, lineterminator="\n")
     writer.writerow(fields)
     for row in rows:
-        writer.writerow(["" if row.get(key) is None else plain(row.get(key)) for key in fields])
+        writer.writerow(["" if row.get(key) is None else plain_tree(row.get(key)) for key in fields])
 
 
 def emit(report: Report, fmt: Format, console: Console) -> None:

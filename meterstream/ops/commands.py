@@ -19,8 +19,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from meterstream.config import get_settings
+from meterstream.cs.render import stdout_console
 
-console = Console()
+console = stdout_console()  # full width when piped: nothing cut
 err_console = Console(stderr=True)
 
 dlq_app = typer.Typer(

@@ -914,9 +914,8 @@ def render_invoice_text(invoice: Invoice) -> str:
     ]
 
     def row(label: str, quantity: str, unit: str, amount: str) -> str:
-        if len(label) > 65:
-            label = label[:64] + "…"
-        return f"{label:<66}{quantity:>14}{unit:>12}{amount:>16}"
+        # A long description is never cut (a dispute needs all of it): it pushes its row wider.
+        return f"{label:<65} {quantity:>14}{unit:>12}{amount:>16}"
 
     for line in invoice.lines:
         quantity = "" if line.quantity is None else _num(line.quantity)

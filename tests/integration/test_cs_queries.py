@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -422,14 +423,15 @@ def test_audit_of_one_line_exports_only_the_rows_behind_it(store, catalog):
 # -- the CLI faces (a subprocess: it opens the store itself) --------------------------------------
 
 
-def _cli(clickhouse: ClickHouseSettings, catalog_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def _cli(clickhouse: ClickHouseSettings, catalog_file: Path, *args: str, columns: str | None = "250") -> subprocess.CompletedProcess[str]:
     env = {
         "PATH": "/usr/bin:/bin",
         "METERSTREAM_CLICKHOUSE__DSN": clickhouse.dsn.get_secret_value(),
         "METERSTREAM_CLICKHOUSE__DATABASE": clickhouse.database,
         "METERSTREAM_WORKER__PLANS_FILE": str(catalog_file),
-        "COLUMNS": "250",
     }
+    if columns is not None:
+        env["COLUMNS"] = columns
     return subprocess.run([sys.executable, "-m", "meterstream.cli", *args], env=env, capture_output=True,
                           text=True, timeout=120, cwd=ROOT)  # fmt: skip
 
@@ -483,10 +485,39 @@ def test_cli_usage_reports_as_table_json_and_csv(loaded, catalog_file):
     assert bad.returncode != 0 and "not in --period" in bad.stderr
 
 
+def test_cli_output_survives_a_pipe(loaded, catalog_file):
+    """Piped (stdout is not a terminal, no COLUMNS): every value whole; JSON decimals never in exponent form."""
+    for columns in (None, "80"):
+        usage = _cli(loaded, catalog_file, "usage", "--period", PERIOD, columns=columns)
+        assert usage.returncode == 0, usage.stderr
+        assert "…" not in usage.stdout
+        [acme] = [line for line in usage.stdout.splitlines() if "acme" in line]
+        # the whole row on one line: ids, figures and the plan version a dispute needs
+        for value in ("acme", "3,100,000", "1,040,000", "193.55", "growth-test-1", "final"):
+            assert value in acme, (value, acme)
+        assert "payg-test-1" in usage.stdout
+        top = _cli(loaded, catalog_file, "usage", "top-customers", "--period", PERIOD, columns=columns)
+        assert top.returncode == 0 and "…" not in top.stdout and "initech" in top.stdout
+    text = _cli(loaded, catalog_file, "invoice", "--customer", "acme", "--period", PERIOD, columns=None)
+    assert "…" not in text.stdout and "Free credits (acme-free): overage" in text.stdout
+
+    exponent = re.compile(r'"-?\d+(\.\d+)?[eE][-+]?\d+"')
+    for customer in ("acme", "globex", "initech"):
+        result = _cli(loaded, catalog_file, "invoice", "--customer", customer, "--period", PERIOD, "--json")
+        assert result.returncode == 0, result.stderr
+        invoice = json.loads(result.stdout)
+        assert isinstance(invoice, dict) and invoice["customer_id"] == customer
+        assert not exponent.search(result.stdout), result.stdout
+    for args in (("usage", "--period", PERIOD, "--json"), ("usage", "top-customers", "--period", PERIOD, "--json"),
+                 ("usage", "margin", "--period", PERIOD, "--json"), ("usage", "daily", "--period", PERIOD, "--json")):
+        result = _cli(loaded, catalog_file, *args)
+        assert result.returncode == 0 and not exponent.search(result.stdout), (args, result.stdout)
+
+
 def test_cli_audit_is_reproducible_and_reconciles_with_the_invoice(loaded, catalog_file, tmp_path):
     invoice = _cli(loaded, catalog_file, "invoice", "--customer", "acme", "--period", PERIOD, "--json")
     assert invoice.returncode == 0, invoice.stderr
-    [inv] = json.loads(invoice.stdout)
+    inv = json.loads(invoice.stdout)  # one customer and period: an object
     first, second = tmp_path / "first.csv", tmp_path / "second.csv"
     runs = [
         _cli(
@@ -561,7 +592,7 @@ def test_reports_and_audit_beside_the_running_worker(pipeline_factory, tmp_path)
     # run0 = w0, w3, w6, w9: 2 x 0.0125 + 2 x 0.025 = $0.075 for its one outcome
     [outcome] = json.loads(cli("usage", "cost-per-outcome", "--period", period, "--customer", "cs-worker", "--json"))
     assert D(outcome["cost_per_outcome"]) == D("0.075")
-    [invoice] = json.loads(cli("invoice", "--customer", "cs-worker", "--period", period, "--json"))
+    invoice = json.loads(cli("invoice", "--customer", "cs-worker", "--period", period, "--json"))
     assert D(invoice["total"]) == D("1.35")  # 45 x 0.01 + 0.90
     first, second = tmp_path / "a.csv", tmp_path / "b.csv"
     summaries = [json.loads(cli("audit", "--customer", "cs-worker", "--period", period, "--csv", str(path),

@@ -88,10 +88,10 @@ def test_late_usage_of_a_closed_period_is_a_flagged_adjustment_on_the_next_invoi
                 for i in range(4)]  # fmt: skip
     pipeline.wait_processed(len(on_time) + len(late))
 
-    issued = json.loads(_cli(pipeline.env, "invoice", "--customer", "acme", "--period", last_month, "--json").stdout)[0]
+    issued = json.loads(_cli(pipeline.env, "invoice", "--customer", "acme", "--period", last_month, "--json").stdout)
     current = _cli(pipeline.env, "invoice", "--customer", "acme", "--period", this_month, "--json")
     assert current.returncode == 0, current.stderr
-    [invoice] = json.loads(current.stdout)
+    invoice = json.loads(current.stdout)
     [adjustment] = [line for line in invoice["lines"] if line["kind"] == "late_adjustment"]
     assert last_month in adjustment["description"] and Decimal(adjustment["quantity"]) == 4
 

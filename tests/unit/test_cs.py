@@ -62,3 +62,42 @@ def test_an_audit_csv_row_has_fixed_scales():
     assert values[10:13] == ["0.000000000", "80.000000000000000000", "0.400000000000000000"]
     aware = csv_row({**row, "occurred_at": datetime(2026, 10, 3, 10, 15, 0, 250_000, tzinfo=timezone.utc)})
     assert aware == values
+
+
+def test_json_for_machines_never_writes_an_exponent():
+    from meterstream.cs.render import json_text
+    from meterstream.pricing.invoice import PeriodUsage, compute_invoice
+    from meterstream.pricing.plans import load_catalog
+
+    data = {"zero": D("0E-18"), "tiny": D("1E-7"), "big": D("1E+3"), "list": [D("0E-9")], "at": datetime(2026, 11, 1, tzinfo=timezone.utc)}
+    assert json_text(data, indent=None) == (
+        '{"zero": "0.000000000000000000", "tiny": "0.0000001", "big": "1000", "list": ["0.000000000"], '
+        '"at": "2026-11-01T00:00:00Z"}'
+    )
+    # A zero-usage invoice, its figures as a ClickHouse Decimal(38, 18) zero: pydantic alone gave "0E-18".
+    usage = PeriodUsage(customer_id="acme", period="2026-11", credits=D("0E-18"), cost_to_serve=D("0E-18"))
+    invoice = compute_invoice("acme", "2026-11", usage, load_catalog(), as_of=datetime(2026, 11, 5, tzinfo=timezone.utc))
+    assert "E-18" in invoice.model_dump_json()
+    text = json_text(invoice)
+    assert "E-" not in text and '"credits_used": "0.000000000000000000"' in text
+
+
+def test_tables_fold_long_values_on_a_terminal_and_print_them_whole_in_a_pipe():
+    from rich.console import Console
+
+    from meterstream.cs.render import PIPE_WIDTH, table
+
+    row = {"customer_id": "tenant-0042-with-a-rather-long-name", "plan_version": "enterprise-2026-11-01-v3",
+           "total": D("9463.00")}  # fmt: skip
+    report = Report("t", [Column("customer_id", "customer"), Column("plan_version", "plan version"),
+                          Column("total", "total $", "money")], [row])  # fmt: skip
+    narrow = Console(width=40, record=True, file=io.StringIO())
+    narrow.print(table(report))
+    folded = narrow.export_text()
+    cells = [line.split("│")[1:4] for line in folded.splitlines() if line.startswith("│")]
+    columns = ["".join(c[i].strip() for c in cells) for i in range(3)]  # each column's text, unfolded
+    assert "…" not in folded and columns == ["tenant-0042-with-a-rather-long-name", "enterprise-2026-11-01-v3", "9,463.00"]
+    wide = Console(width=PIPE_WIDTH, record=True, file=io.StringIO())
+    wide.print(table(report))
+    line = next(line for line in wide.export_text().splitlines() if "tenant" in line)
+    assert all(value in line for value in ("tenant-0042-with-a-rather-long-name", "enterprise-2026-11-01-v3", "9,463.00"))
