@@ -79,7 +79,9 @@ def plain(value: Any) -> Any:
 
 
 def plain_tree(value: Any) -> Any:
-    """:func:`plain` applied through dicts, lists and tuples; enums as their values."""
+    """:func:`plain` applied through pydantic models, dicts, lists and tuples; enums as their values."""
+    if hasattr(value, "model_dump"):
+        value = value.model_dump(mode="python")
     if isinstance(value, dict):
         return {str(k): plain_tree(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -94,8 +96,6 @@ def json_text(data: Any, indent: int | None = 2) -> str:
 
     ``Decimal('0E-18')`` (how ClickHouse's Decimal(38, 18) zero arrives) is ``"0.000000000000000000"``.
     """
-    if hasattr(data, "model_dump"):
-        data = data.model_dump(mode="python")
     return json.dumps(plain_tree(data), indent=indent, default=str)
 
 

@@ -101,3 +101,12 @@ def test_tables_fold_long_values_on_a_terminal_and_print_them_whole_in_a_pipe():
     wide.print(table(report))
     line = next(line for line in wide.export_text().splitlines() if "tenant" in line)
     assert all(value in line for value in ("tenant-0042-with-a-rather-long-name", "enterprise-2026-11-01-v3", "9,463.00"))
+
+
+def test_a_list_of_models_is_json_too():
+    from meterstream.cs.render import json_text
+    from meterstream.pricing.invoice import PeriodUsage
+
+    assert json_text([PeriodUsage(customer_id="a", credits=D("0E-18"))], indent=None).startswith(
+        '[{"customer_id": "a", "period": null, "credits": "0.000000000000000000"'
+    )
