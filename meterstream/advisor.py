@@ -50,6 +50,7 @@ different price book (credits per token) is a re-rating: ``meterstream rerate``.
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -649,9 +650,49 @@ def _percent(part: Decimal, whole: Decimal) -> str:
     return f"{part / whole * HUNDRED:.1f}" if whole else "-"
 
 
+#: A spread wider than this (largest / median customer credits) draws the distribution on a log axis.
+LOG_AXIS_SPREAD = 10
+#: A customer whose revenue or cost is more than this times the next one's is clipped off the bar chart
+#: and labelled with its figures, so the other bars stay readable.
+CLIP_FACTOR = 3
+
+
+@dataclass(frozen=True)
+class ChartScales:
+    """How the chart keeps every customer readable next to a heavy one."""
+
+    #: The credit axis of the distribution is logarithmic (largest > LOG_AXIS_SPREAD x median).
+    log_credits: bool
+    #: The top of the bar chart's range when a customer is cut off it (else None: everything fits).
+    bar_top: float | None
+    #: The customers whose bars are cut, labelled with their figures.
+    clipped: tuple[str, ...]
+
+
+def chart_scales(advice: Advice) -> ChartScales:
+    rows = sorted(advice.rows, key=lambda r: (r.credits, r.customer_id))
+    credits = [r.credits for r in rows]
+    median = credits[(len(credits) - 1) // 2] if credits else ZERO
+    log_credits = len(credits) > 1 and credits[-1] > LOG_AXIS_SPREAD * max(median, Decimal(1))
+    heights = sorted(max(r.revenue, r.cost_to_serve) for r in rows)
+    if len(heights) > 1 and heights[-2] > 0 and heights[-1] > CLIP_FACTOR * heights[-2]:
+        top = float(heights[-2]) * 1.25
+        clipped = tuple(r.customer_id for r in rows if float(max(r.revenue, r.cost_to_serve)) > top)
+        return ChartScales(log_credits, top, clipped)
+    return ChartScales(log_credits, None, ())
+
+
 def write_advice_chart(advice: Advice, path: Path) -> Path:
-    """A PNG: customers' credits as a cumulative distribution with the allowances marked, and
-    revenue against cost to serve per customer. Floats are for drawing only."""
+    """A PNG: customers' usage credits as a cumulative distribution with the allowances marked, and
+    revenue against cost to serve per customer. Floats are for drawing only.
+
+    Readable with one heavy customer: when the largest customer used more than
+    ``LOG_AXIS_SPREAD`` times the median customer's credits, the distribution's
+    credit axis is logarithmic (symlog: 0 stays on the axis) and the largest customer
+    is labelled; on the bar chart a customer whose revenue or cost is more than
+    ``CLIP_FACTOR`` times the next highest is cut at the top of a range that fits
+    the others, and labelled with its exact figures.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, PercentFormatter
@@ -665,6 +706,8 @@ def write_advice_chart(advice: Advice, path: Path) -> Path:
     cdf, money = figure.subplots(1, 2, width_ratios=(1, 1.25))
 
     # Left: share of customers at or below each credit total.
+    scales = chart_scales(advice)
+    log_axis = scales.log_credits
     xs = [0.0, *credits]
     ys = [0.0, *((i + 1) / n for i in range(n))]
     cdf.step(xs, ys, where="post", color="#1f4e79", linewidth=2, label="customers at or below")
@@ -679,32 +722,62 @@ def write_advice_chart(advice: Advice, path: Path) -> Path:
                       f"{advice.within_at_percentile} of {n} within")  # fmt: skip
     cdf.axhline(float(advice.percentile) / 100, color="#27ae60", linestyle=":", linewidth=1)
     cdf.set_ylim(0, 1.05)
-    cdf.set_xlim(left=0)
+    if log_axis:
+        # Linear below the smallest non-zero total's order of magnitude, logarithmic above it.
+        smallest = min((c for c in credits if c > 0), default=1.0)
+        low = max(0, math.floor(math.log10(smallest)))
+        cdf.set_xscale("symlog", linthresh=10**low)
+        cdf.set_xlim(left=0, right=credits[-1] * 2)
+        cdf.set_xticks([0.0] + [10.0**k for k in range(low, math.floor(math.log10(credits[-1])) + 1)])
+        cdf.minorticks_off()
+        heaviest = rows[-1]
+        cdf.annotate(f"{heaviest.customer_id}\n{_show(heaviest.credits)}", (credits[-1], 1.0),
+                     xytext=(-8, -28), textcoords="offset points", ha="right", fontsize=9, color="#1f4e79",
+                     arrowprops={"arrowstyle": "->", "color": "#1f4e79"})  # fmt: skip
+    else:
+        cdf.set_xlim(left=0)
     cdf.yaxis.set_major_formatter(PercentFormatter(1.0))
     cdf.xaxis.set_major_formatter(thousands)
-    cdf.set_xlabel(f"credits used in {advice.period}")
+    scale = " (log scale)" if log_axis else ""
+    cdf.set_xlabel(f"usage credits used in {advice.period}{scale}")
     cdf.set_ylabel("share of customers")
-    cdf.set_title(f"Customers' credits, {advice.period} ({n} customers)")
-    cdf.grid(alpha=0.3)
+    cdf.set_title(f"Customers' usage credits, {advice.period} ({n} customers)")
+    cdf.grid(alpha=0.3, which="both")
     cdf.legend(loc="lower right", fontsize=9)
 
     # Right: what each customer would pay against what it costs to serve, by credits.
     positions = list(range(n))
     width = 0.4
-    money.bar([x - width / 2 for x in positions], [float(r.revenue) for r in rows], width,
-              color="#1f4e79", label="revenue")  # fmt: skip
-    money.bar([x + width / 2 for x in positions], [float(r.cost_to_serve) for r in rows], width,
-              color="#e67e22", label="cost to serve")  # fmt: skip
+    revenue = [float(r.revenue) for r in rows]
+    cost = [float(r.cost_to_serve) for r in rows]
+    money.bar([x - width / 2 for x in positions], revenue, width, color="#1f4e79", label="revenue")
+    money.bar([x + width / 2 for x in positions], cost, width, color="#e67e22", label="cost to serve")
+    if scales.bar_top is not None:
+        top = scales.bar_top
+        money.set_ylim(0, top)
+        for i, r in enumerate(rows):
+            if r.customer_id in scales.clipped:
+                money.annotate(
+                    f"{r.customer_id}: revenue {_show(r.revenue)}, cost {_show(r.cost_to_serve)} {advice.currency}\n"
+                    "(bar cut: off this scale)",
+                    (i, top), xytext=(-10, -70), textcoords="offset points", ha="right", fontsize=9,
+                    color="#c0392b", arrowprops={"arrowstyle": "->", "color": "#c0392b"},
+                    bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "#c0392b"},
+                )  # fmt: skip
     within = sum(1 for r in rows if r.within_allowance)
     if 0 < within < n:
         money.axvline(within - 0.5, color="#c0392b", linewidth=1.5, linestyle="--")
-        money.text(within - 0.45, 0.97, " over the allowance →", transform=money.get_xaxis_transform(),
-                   color="#c0392b", fontsize=9, va="top")  # fmt: skip
+        if within > 0.7 * n:  # the line is near the right edge: the label goes to its left
+            money.text(within - 0.55, 0.97, "over the allowance →", transform=money.get_xaxis_transform(),
+                       color="#c0392b", fontsize=9, va="top", ha="right")  # fmt: skip
+        else:
+            money.text(within - 0.45, 0.97, " over the allowance →", transform=money.get_xaxis_transform(),
+                       color="#c0392b", fontsize=9, va="top")  # fmt: skip
     if n <= 40:
         money.set_xticks(positions, [r.customer_id for r in rows], rotation=60, ha="right", fontsize=8)
     else:
         money.set_xticks([])
-        money.set_xlabel("customers, by credits used")
+        money.set_xlabel("customers, by usage credits used")
     money.yaxis.set_major_formatter(thousands)
     money.set_ylabel(advice.currency)
     money.set_title(

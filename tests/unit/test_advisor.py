@@ -239,3 +239,31 @@ def test_replayed_revenue_is_base_plus_rate_times_credits_over_the_allowance(cre
         assert row.within_allowance == (used <= included)
     assert advice.within_allowance == sum(1 for c in credits if c <= included)
     assert advice.revenue == sum((r.revenue for r in advice.rows), D(0))
+
+
+def test_the_chart_stays_readable_with_one_heavy_customer():
+    """24 customers of 1-10k credits and one of 2M: log credit axis, the heavy bar cut and labelled."""
+    from pathlib import Path
+
+    from meterstream import advisor as adv
+    from meterstream.pricing.charges import ChargeModel
+
+    def row(customer: str, credits: int) -> adv.ReplayRow:
+        revenue = Decimal(400) + max(Decimal(credits) - 40_000, Decimal(0)) * Decimal("0.015")
+        return adv.ReplayRow(customer, Decimal(credits), max(Decimal(credits) - 40_000, Decimal(0)), revenue,
+                             Decimal(credits) * Decimal("0.004"), credits <= 40_000, invoice=None)  # type: ignore[arg-type]
+
+    rows = tuple(row(f"tenant-{i:02d}", 1_000 + 400 * i) for i in range(24)) + (row("tenant-heavy", 2_000_000),)
+    advice = adv.Advice(period="2026-10", plan_id="growth", plan_version="growth-2026-01", currency="USD",
+                        base_fee=Decimal(400), included_credits=Decimal(40_000),
+                        overage=ChargeModel(model="per_unit", unit_price=Decimal("0.015")), overrides={},
+                        percentile=Decimal(75), rows=rows)  # fmt: skip
+    scales = adv.chart_scales(advice)
+    assert scales.log_credits and scales.clipped == ("tenant-heavy",)
+    assert scales.bar_top == pytest.approx(400 * 1.25)  # the next highest bar (400) fits, with room
+    even = adv.Advice(**{**advice.__dict__, "rows": rows[:24]})
+    assert adv.chart_scales(even) == adv.ChartScales(False, None, ())
+    # Kept for a look (git-ignored): tests/artifacts/advisor-heavy-customer.png
+    artifacts = Path(__file__).resolve().parents[1] / "artifacts"
+    path = adv.write_advice_chart(advice, artifacts / "advisor-heavy-customer.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
