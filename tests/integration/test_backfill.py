@@ -99,13 +99,13 @@ def test_worked_example_dry_run_then_import(pipeline_factory, tmp_path):
     for period in ("2026-08", "2026-09", "2026-10"):
         issued = _cli(pipeline.env, "invoice", "--customer", "acme", "--period", period, "--json")
         assert issued.returncode == 0, issued.stderr
-        assert Decimal(json.loads(issued.stdout)[0]["usage"]["credits_used"]) == 0
+        assert Decimal(json.loads(issued.stdout)["usage"]["credits_used"]) == 0  # one customer: one object
     # ...the open invoice carries it as flagged late adjustments
     late = []
     for period in open_periods:
         invoice = _cli(pipeline.env, "invoice", "--customer", "acme", "--period", period, "--json")
         assert invoice.returncode == 0, invoice.stderr
-        late += [line for line in json.loads(invoice.stdout)[0]["lines"] if line["kind"] == "late_adjustment"]
+        late += [line for line in json.loads(invoice.stdout)["lines"] if line["kind"] == "late_adjustment"]
     assert {p for p in ("2026-08", "2026-09", "2026-10") if any(p in line["description"] for line in late)} == {
         "2026-08", "2026-09", "2026-10"}  # fmt: skip
 
