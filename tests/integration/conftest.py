@@ -135,6 +135,7 @@ class Pipeline:
 
     def start(self) -> Pipeline:
         self.worker.start(ready_timeout=120)
+        self.processed_before = 0  # a started worker counts its messages from zero
         return self
 
     def wait_processed(self, count: int, timeout: float = 120) -> dict[str, Any]:

@@ -49,6 +49,16 @@ def _alert(customer: str, period: str, threshold: int, spent: str, crossed_at: d
     )  # fmt: skip
 
 
+def _one_more_call(pipeline, customer: str, event_id: str, at: datetime) -> None:
+    """A small call (1,000 gpt-4o-mini input tokens) that crosses no new threshold; waits until it is handled."""
+    from meterstream.producers import MeterClient
+
+    with MeterClient(pipeline.kafka) as meter:
+        meter.record_llm_call(customer, "gpt-4o-mini", input_tokens=1000, output_tokens=0, event_id=event_id,
+                              occurred_at=at)  # fmt: skip
+    pipeline.wait_processed(1)
+
+
 def _alerts_on(topic: str, kafka, expected: int) -> list[dict]:
     from confluent_kafka import Consumer, TopicPartition
 
@@ -128,10 +138,14 @@ def test_the_worker_starts_with_an_unpublished_alert_in_its_store(pipeline_facto
     finally:
         store.close()
     pipeline.start()  # used to exit at once: "Input should have timezone info"
+    # The outbox pass runs when the partition's first batch after the assignment arrives (for the
+    # customers of the partitions this worker owns, see stream_processors/alerts.py): send one.
+    _one_more_call(pipeline, "acme", "after-start-1", now)
     on_topic = _alerts_on(pipeline.topics.budget_alerts.name, pipeline.kafka, 1)
     assert [a["alert_id"] for a in on_topic] == [stored.alert_id]
     pipeline.worker.stop()
     pipeline.start()
+    _one_more_call(pipeline, "acme", "after-start-2", now)
     assert [a["alert_id"] for a in _alerts_on(pipeline.topics.budget_alerts.name, pipeline.kafka, 1)] == [
         stored.alert_id
     ]
