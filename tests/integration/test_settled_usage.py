@@ -59,7 +59,7 @@ REFERENCE = {
     "month_to_date": """
         SELECT customer_id, count() AS events, sum(input_tokens) AS input_tokens,
                sum(cached_input_tokens) AS cached_input_tokens, sum(output_tokens) AS output_tokens,
-               sum(credits) AS credits, sum(cost_to_serve) AS cost_to_serve, uniqExact(model) AS models
+               sum(credits) AS credits, sum(cost_to_serve) AS cost_to_serve, uniqExactIf(model, model != '') AS models
         FROM usage_rated FINAL
         WHERE period = {period:String} AND ({customer:String} = '' OR customer_id = {customer:String})
         GROUP BY customer_id
