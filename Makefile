@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 STATE  := .local
 
-.PHONY: demo test test-unit test-integration services-up services-down install browser kcat redis clean
+.PHONY: demo test test-unit test-integration lint services-up services-down install browser kcat redis clean
 
 install: $(STAMP)
 
@@ -74,6 +74,12 @@ test: $(STAMP) browser kcat redis
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS); rc=$$?; \
 	if [ -n "$$started" ]; then $(BIN)/meterstream services down $$started; fi; \
 	exit $$rc
+
+# The gate .ci/run passes before the tests: ruff (pyproject's [tool.ruff]) over the repo, and mypy
+# over the package, strict on meterstream/pricing and meterstream/schemas ([tool.mypy]).
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -ra tests/unit $(PYTEST_ARGS)

@@ -46,11 +46,11 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from meterstream.billing import invoice_from_store
 from meterstream.config import ClickHouseSettings
 from meterstream.demo import MODEL_MIX, WORKFLOWS, customer_ids
-from meterstream.pricing.pricebook import load_price_book
-from meterstream.billing import invoice_from_store
 from meterstream.pricing.plans import load_catalog
+from meterstream.pricing.pricebook import load_price_book
 from meterstream.storage.clickhouse import SQL_DIR, ClickHouseStore, _statements, open_store
 from meterstream.storage.queries import UnknownQuery, saved_query
 from meterstream.storage.settle import settle

@@ -63,7 +63,13 @@ from rich.table import Table
 
 from bench import pyspy
 from bench.workload import Workload, generate, serialize
-from meterstream.config import ClickHouseSettings, KafkaSettings, LocalServicesSettings, WorkerSettings, get_settings
+from meterstream.config import (
+    ClickHouseSettings,
+    KafkaSettings,
+    LocalServicesSettings,
+    WorkerSettings,
+    get_settings,
+)
 from meterstream.pricing.pricebook import load_price_book
 from meterstream.pricing.rating import rate_event
 from meterstream.producers.client import DeliveryFailure, MeterClient

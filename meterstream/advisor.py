@@ -66,7 +66,14 @@ from meterstream.billing import QueryRunner, period_usage_from_aggregates
 from meterstream.pricing.charges import ChargeModel
 from meterstream.pricing.invoice import Invoice, PeriodUsage, compute_invoice
 from meterstream.pricing.money import round_money
-from meterstream.pricing.plans import Catalog, Plan, PlanError, PlanVersion, UnknownCustomerError, period_bounds
+from meterstream.pricing.plans import (
+    Catalog,
+    Plan,
+    PlanError,
+    PlanVersion,
+    UnknownCustomerError,
+    period_bounds,
+)
 
 ZERO = Decimal(0)
 HUNDRED = Decimal(100)

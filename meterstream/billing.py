@@ -29,6 +29,7 @@ from pydantic import ValidationError
 
 from meterstream.pricing.invoice import (
     Invoice,
+    InvoiceError,
     InvoiceLine,
     MeterSubtotal,
     OutcomeCount,
@@ -39,7 +40,6 @@ from meterstream.pricing.invoice import (
     issue,
     late_adjustment,
 )
-from meterstream.pricing.invoice import InvoiceError
 from meterstream.pricing.plans import Catalog, period_bounds
 from meterstream.pricing.reversals import RefusedReversal, match_reversals
 from meterstream.schemas.events import Attribution, OutcomeEvent, UsageEvent

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import datetime
 from decimal import Decimal
@@ -74,7 +75,7 @@ def services_up(names: ServiceArgument = None) -> None:
         label = "Kafka" if name == "kafka" else "ClickHouse"
         try:
             with console.status(f"starting {label}") as status:
-                result = _service(name, settings).up(on_step=lambda step: status.update(f"{label}: {step}"))
+                result = _service(name, settings).up(on_step=lambda step, label=label: status.update(f"{label}: {step}"))
         except ServiceError as exc:
             raise fail(str(exc)) from None
         if name == "kafka":
@@ -190,9 +191,14 @@ def worker(
     from meterstream.budgets import BudgetBookError, load_budgets
     from meterstream.pricing.plans import PlanError, load_catalog
     from meterstream.pricing.pricebook import PriceBookError
-    from meterstream.storage.clickhouse import StoreError
     from meterstream.producers.ledger import LedgerUnavailable, RedisLedger
-    from meterstream.stream_processors.alerts import current_states, publish_states, reconcile_alerts, reconcile_ledger
+    from meterstream.storage.clickhouse import StoreError
+    from meterstream.stream_processors.alerts import (
+        current_states,
+        publish_states,
+        reconcile_alerts,
+        reconcile_ledger,
+    )
     from meterstream.stream_processors.app import create_app
     from meterstream.topics import TopicError, customer_partition, ensure_topics
 
@@ -502,7 +508,12 @@ def rerate(
     The old total is the issued invoice once the period is closed (else it is computed with
     --current). Read-only: nothing stored changes; issued invoices stay as they were billed.
     """
-    from meterstream.billing import invoice_from_store, invoices_from_rated, rate_events, stored_events_to_rerate
+    from meterstream.billing import (
+        invoice_from_store,
+        invoices_from_rated,
+        rate_events,
+        stored_events_to_rerate,
+    )
 
     settings = get_settings()
     period = check_period(period)

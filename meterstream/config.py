@@ -57,13 +57,13 @@ class KafkaSettings(_Section):
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"
 
-    def producer_config(self) -> dict[str, str | bool]:
+    def producer_config(self) -> dict[str, str | int | float | bool]:
         """librdkafka producer properties every meterstream producer uses (see PRODUCER_GUARANTEES)."""
         return {**self.confluent_config(), **PRODUCER_GUARANTEES}
 
-    def confluent_config(self) -> dict[str, str]:
+    def confluent_config(self) -> dict[str, str | int | float | bool]:
         """librdkafka properties for confluent-kafka clients (secrets unwrapped here only)."""
-        conf: dict[str, str] = {
+        conf: dict[str, str | int | float | bool] = {
             "bootstrap.servers": self.bootstrap_servers,
             "security.protocol": self.security_protocol,
         }

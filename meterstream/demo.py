@@ -168,14 +168,15 @@ def budgets_yaml(credits: dict[str, Decimal], customers: list[str]) -> str:
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def run_demo(settings: Settings, *, customers: int, events: int, seed: int, timeout: float, console: Console) -> None:
     from meterstream.cli import alerts_table, usage_table
+    from meterstream.services.clickhouse import ClickHouseServer, is_local_dsn
     from meterstream.services.kafka import KafkaBroker, ServiceError, bootstrap_servers
     from meterstream.storage.clickhouse import StoreError
-    from meterstream.services.clickhouse import ClickHouseServer, is_local_dsn
     from meterstream.storage.queries import run_saved_query
     from meterstream.stream_processors.runner import WorkerProcess, WorkerProcessError
     from meterstream.topics import ensure_topics

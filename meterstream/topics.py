@@ -87,4 +87,4 @@ def customer_partition(customer_id: str, partitions: int) -> int:
     producer partitions (the Java client's, aiokafka's and librdkafka's ``murmur2_random``)."""
     from aiokafka.partitioner import murmur2
 
-    return (murmur2(customer_id.encode()) & 0x7FFFFFFF) % partitions
+    return int(murmur2(customer_id.encode()) & 0x7FFFFFFF) % partitions

@@ -14,12 +14,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-
-from meterstream.cli_common import fail
 from pydantic import SecretStr, ValidationError
 from rich.console import Console
 from rich.markup import escape
 
+from meterstream.cli_common import fail
 from meterstream.config import AlertForwarderSettings, get_settings
 
 if TYPE_CHECKING:

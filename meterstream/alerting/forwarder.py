@@ -52,10 +52,16 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaException
 from pydantic import SecretStr
 
-from meterstream.clock import utc_now
 from meterstream.alerting.ledger import DeliveryLedger, DeliveryState
-from meterstream.alerting.source import AlertMessage, AlertSourceError, consumer_config, decode_alert, topic_partitions
+from meterstream.alerting.source import (
+    AlertMessage,
+    AlertSourceError,
+    consumer_config,
+    decode_alert,
+    topic_partitions,
+)
 from meterstream.alerting.webhook import Delivery, Outcome, RetryPolicy, WebhookSender
+from meterstream.clock import utc_now
 from meterstream.config import AlertForwarderSettings, KafkaSettings
 from meterstream.schemas.records import BudgetAlert
 
@@ -288,7 +294,7 @@ def run_forwarder(
             if raw is None:
                 continue
             if raw.error():
-                if raw.error().fatal():
+                if raw.error().fatal():  # type: ignore[union-attr]  # error() is set: checked above
                     raise ForwarderError(f"reading {topic}: {raw.error()}")
                 log.warning("reading %s: %s", topic, raw.error())
                 continue

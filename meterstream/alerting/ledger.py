@@ -80,7 +80,7 @@ class DeliveryLedger:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock_file: IO[str] | None = open(path.with_name(path.name + ".lock"), "a+")  # noqa: SIM115
+        self._lock_file: IO[str] | None = open(path.with_name(path.name + ".lock"), "a+")
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

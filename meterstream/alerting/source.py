@@ -114,8 +114,9 @@ def follow_topic(
             if message is None:
                 continue
             if message.error():
-                if message.error().fatal():
-                    raise AlertSourceError(str(message.error()))
+                error = message.error()
+                if error is not None and error.fatal():
+                    raise AlertSourceError(str(error))
                 log.warning("reading %s: %s", topic, message.error())
                 continue
             yield decode_alert(message)

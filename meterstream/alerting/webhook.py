@@ -76,7 +76,7 @@ def backoff_delay(failed_attempts: int, initial: float, cap: float) -> float:
         raise ValueError("failed_attempts starts at 1")
     # min() before the power would overflow: 2**1100 is fine for ints, not for floats.
     exponent = min(failed_attempts - 1, 64)
-    return min(cap, initial * (2**exponent))
+    return float(min(cap, initial * (2**exponent)))
 
 
 def retry_schedule(max_attempts: int, initial: float, cap: float) -> list[float]:

@@ -30,8 +30,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, TextIO
 
-from meterstream.clock import utc_now
 from meterstream.billing import QueryRunner, invoice_from_store
+from meterstream.clock import utc_now
 from meterstream.cs.render import as_utc
 from meterstream.pricing.invoice import Invoice, InvoiceLine, PeriodUsage
 from meterstream.pricing.money import round_money

@@ -11,13 +11,12 @@ from datetime import timedelta
 from typing import Annotated, Any
 
 import typer
-
-from meterstream.cli_common import check_period
-from meterstream.cli_common import fail as _fail
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from meterstream.cli_common import check_period
+from meterstream.cli_common import fail as _fail
 from meterstream.config import get_settings
 from meterstream.cs.render import stdout_console
 
@@ -254,7 +253,10 @@ def reconcile_command(
 
 def _print_report(data: dict[str, Any], show: int) -> None:
     k, s = data["kafka"], data["store"]
-    say = lambda text: console.print(text, highlight=False, soft_wrap=True)
+
+    def say(text: str) -> None:
+        console.print(text, highlight=False, soft_wrap=True)
+
     say(f"period {data['period']}")
     say(f"  kafka : {k['events']} events priced ({k['credits']} credits), {k['unpriced']} not priceable, "
         f"{k['duplicates']} duplicates, {k['invalid']} invalid messages, {k['other_periods']} in other periods; "

@@ -21,8 +21,8 @@ import json
 import logging
 import time
 import uuid
-from datetime import datetime
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from confluent_kafka import KafkaException, Producer

@@ -83,15 +83,14 @@ def read_topic(kafka: KafkaSettings, topic: str, timeout: float = 30.0) -> Topic
                 continue
             if message.error():
                 raise TopicReadError(f"error reading {topic}: {message.error()}")
-            if message.partition() not in todo:
+            partition, offset = message.partition(), message.offset()
+            if partition is None or offset is None or partition not in todo:
                 continue
-            if message.offset() < watermarks[message.partition()][1]:
+            if offset < watermarks[partition][1]:
                 _, stamp = message.timestamp()
-                messages.append(
-                    TopicMessage(topic, message.partition(), message.offset(), message.key(), message.value(), stamp)
-                )
-            if message.offset() + 1 >= watermarks[message.partition()][1]:
-                todo.discard(message.partition())
+                messages.append(TopicMessage(topic, partition, offset, message.key(), message.value(), stamp))
+            if offset + 1 >= watermarks[partition][1]:
+                todo.discard(partition)
     finally:
         consumer.close()
     return TopicRead(topic, messages, watermarks)

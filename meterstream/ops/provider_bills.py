@@ -192,7 +192,7 @@ def read_bills(paths: Iterable[Path], aliases: Mapping[str, str] | None = None) 
     return bills
 
 
-def _openai_usage(bills: ProviderBills, bucket: dict, result: dict, where: str, aliases: Any) -> None:
+def _openai_usage(bills: ProviderBills, bucket: dict[str, Any], result: dict[str, Any], where: str, aliases: Any) -> None:
     day = _day_of_unix(bucket.get("start_time"), where)
     model = normalise_model(result.get("model") or "(unattributed)", aliases)
     billed = bills.at("openai", model, day)
@@ -203,7 +203,7 @@ def _openai_usage(bills: ProviderBills, bucket: dict, result: dict, where: str, 
     billed.requests += _int(result.get("num_model_requests"), f"{where}.num_model_requests")
 
 
-def _openai_costs(bills: ProviderBills, bucket: dict, result: dict, where: str, aliases: Any) -> None:
+def _openai_costs(bills: ProviderBills, bucket: dict[str, Any], result: dict[str, Any], where: str, aliases: Any) -> None:
     day = _day_of_unix(bucket.get("start_time"), where)
     amount = result.get("amount") or {}
     bills.currencies.add(str(amount.get("currency", "usd")).upper())
@@ -212,7 +212,7 @@ def _openai_costs(bills: ProviderBills, bucket: dict, result: dict, where: str, 
     bills.at("openai", model, day).add_cost(_decimal(amount.get("value", 0), f"{where}.amount.value"))
 
 
-def _anthropic_usage(bills: ProviderBills, bucket: dict, result: dict, where: str, aliases: Any) -> None:
+def _anthropic_usage(bills: ProviderBills, bucket: dict[str, Any], result: dict[str, Any], where: str, aliases: Any) -> None:
     day = _day_of_rfc3339(bucket.get("starting_at"), where)
     model = normalise_model(result.get("model") or "(unattributed)", aliases)
     billed = bills.at("anthropic", model, day)
@@ -225,7 +225,7 @@ def _anthropic_usage(bills: ProviderBills, bucket: dict, result: dict, where: st
     billed.output_tokens += _int(result.get("output_tokens"), f"{where}.output_tokens")
 
 
-def _anthropic_costs(bills: ProviderBills, bucket: dict, result: dict, where: str, aliases: Any) -> None:
+def _anthropic_costs(bills: ProviderBills, bucket: dict[str, Any], result: dict[str, Any], where: str, aliases: Any) -> None:
     day = _day_of_rfc3339(bucket.get("starting_at"), where)
     bills.currencies.add(str(result.get("currency", "USD")).upper())
     cost_type = result.get("cost_type") or "tokens"
@@ -324,10 +324,10 @@ class ReconciledRow:
             "metered": {"events": self.metered.events, "input_tokens": self.metered.input_tokens,
                         "cached_input_tokens": self.metered.cached_input_tokens,
                         "output_tokens": self.metered.output_tokens, "cost": str(self.metered.cost_to_serve)},
-            "billed": {"input_tokens": b.input_tokens if has_usage else None,
-                       "cached_input_tokens": b.cached_input_tokens if has_usage else None,
-                       "output_tokens": b.output_tokens if has_usage else None,
-                       "requests": b.requests if has_usage and self.provider == "openai" else None,
+            "billed": {"input_tokens": b.input_tokens if b is not None and has_usage else None,
+                       "cached_input_tokens": b.cached_input_tokens if b is not None and has_usage else None,
+                       "output_tokens": b.output_tokens if b is not None and has_usage else None,
+                       "requests": b.requests if b is not None and has_usage and self.provider == "openai" else None,
                        "cost": text(b.cost if b is not None else None)},
             "token_gap": self.token_gap, "token_gap_percent": text(_percent(self.token_gap, self.billed_tokens, self.metered_tokens)),
             "cost_gap": text(self.cost_gap),

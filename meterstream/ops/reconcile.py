@@ -29,12 +29,12 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
+from meterstream.clock import utc_now
 from meterstream.config import Settings
 from meterstream.ops.dlq import read_dead_letters
 from meterstream.ops.kafka_read import TopicRead, read_topic
 from meterstream.pricing.plans import Catalog, PlanError
 from meterstream.pricing.rating import RatingError
-from meterstream.clock import utc_now
 from meterstream.stream_processors.decode import Rejection, decode_event, received_at
 from meterstream.topics import Topics
 

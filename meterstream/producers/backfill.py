@@ -272,7 +272,8 @@ def _scan_chunk(task: tuple[Path, int, int]) -> dict[str, Any]:
     # The hot loop of a scan, kept lean: months as integers (year * 12 + month) until the end,
     # the usage model called directly unless the line may be an outcome (as _validate_json does).
     customers_by_month: dict[int, set[str]] = defaultdict(set)
-    first = last = None
+    first: datetime | None = None
+    last: datetime | None = None
     records = 0
     validate_usage, limit = UsageEvent.model_validate_json, MAX_EVENT_BYTES
     add_key, add_line = keys.append, lines.append
@@ -293,7 +294,7 @@ def _scan_chunk(task: tuple[Path, int, int]) -> dict[str, Any]:
         add_key(hash((customer, event.event_id)))
         add_line(number)
         customers_by_month[at.year * 12 + at.month].add(customer)
-        if first is None:
+        if first is None or last is None:
             first = last = at
         elif at < first:
             first = at

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -16,6 +16,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from meterstream.cli_common import fail, load_catalog_or_fail, query_runner
+
+if TYPE_CHECKING:
+    from meterstream.producers.backfill import Priced
 from meterstream.clock import utc_now
 from meterstream.config import get_settings
 
@@ -34,7 +37,7 @@ def _progress(enabled: bool) -> Iterator[Progress | None]:
         yield progress
 
 
-def _task(progress: Progress | None, description: str, total: int | None):  # -> callback or None
+def _task(progress: Progress | None, description: str, total: int | None) -> Callable[[int], None] | None:
     if progress is None:
         return None
     task = progress.add_task(description, total=total, rate="")
@@ -96,7 +99,7 @@ def import_command(
             raise fail(f"{len(scanned.bad):,} invalid records; nothing sent (fix them, or --skip-invalid)", 2)
         with query_runner(settings) as run:
             stored = backfill.stored_keys(run, scanned)
-        summary = {
+        summary: dict[str, Any] = {
             "file": str(file), "format": fmt_, "records": scanned.records, "valid": scanned.valid,
             "invalid": len(scanned.bad), "repeated_in_file": len(scanned.repeated_lines),
             "first_occurred_at": scanned.first_at.isoformat() if scanned.first_at else None,
@@ -104,6 +107,7 @@ def import_command(
             "closed_periods": [p for p in scanned.periods if backfill.period_closed(p, now, late_grace)],
         }  # fmt: skip
         if dry_run:
+            assert catalog is not None  # loaded above for a dry run
             priced = backfill.price(scanned, stored, catalog, now=now, late_grace=late_grace,
                                     progress=_task(progress, "pricing", scanned.records))  # fmt: skip
         else:
@@ -146,7 +150,7 @@ def import_command(
         raise typer.Exit(2)
 
 
-def _print_priced(priced, summary: dict) -> None:
+def _print_priced(priced: Priced, summary: dict[str, Any]) -> None:
     table = Table(title=f"Dry run: {summary['file']} (nothing sent)")
     for column in ("customer", "period", "billed in", "events", "credits", "cost to serve $"):
         table.add_column(column, justify="left" if column in ("customer", "period", "billed in") else "right")

@@ -243,8 +243,9 @@ class EnforcementView:
                 message = consumer.poll(0.2)
                 if message is None or message.error():
                     continue
+                partition, offset = message.partition(), message.offset()
                 try:
-                    state = EnforcementState.model_validate_json(message.value())
+                    state = EnforcementState.model_validate_json(message.value() or b"")
                 except ValueError:
                     log.warning("unreadable enforcement state at offset %d", message.offset())
                     continue
@@ -254,8 +255,8 @@ class EnforcementView:
                         self._on_update(state)  # type: ignore[operator]
                 if state.catalog_fingerprint:
                     self.catalog_fingerprint = state.catalog_fingerprint
-                if behind and message.offset() + 1 >= ends.get(message.partition(), 0):
-                    behind.discard(message.partition())
+                if behind and offset is not None and offset + 1 >= ends.get(partition or 0, 0):
+                    behind.discard(partition)
                     if not behind:
                         self.ready.set()
         except Exception:  # the guard must never take the service down with it
@@ -383,7 +384,7 @@ class BudgetGuard:
         estimate is too low and the cap can be passed by the difference. ``hold_seconds``:
         how long the reservation outlives a caller that never settles (default 60 s).
         """
-        if output_tokens is None:  # type: ignore[comparison-overlap]
+        if output_tokens is None:
             raise TypeError("check() needs output_tokens: pass the call's max_tokens")
         now = self._now()
         period = now.strftime("%Y-%m")

@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, Decimal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 if TYPE_CHECKING:
     from meterstream.config import LedgerSettings
@@ -86,7 +86,7 @@ purge(KEYS[4], KEYS[5], 'settled')
 local function touch()
   for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], %d) end
 end
-""" % _KEY_TTL_SECONDS
+""" % _KEY_TTL_SECONDS  # noqa: UP031 (the Lua text has braces; %d is the one hole)
 
 # ARGV: call id, amount, cap, ttl ms
 _RESERVE = _PURGE + """
@@ -198,9 +198,10 @@ class RedisLedger:
         """Hold ``credits`` for a new call if the cap allows it; returns the call's id and the outcome."""
         call_id = uuid.uuid4().hex
         ms = int((ttl if ttl is not None else self.reservation_ttl) * 1000)
-        ok, available = self._call(
-            self._reserve, self.keys(customer_id, period), [call_id, to_micro(credits), to_micro(cap), ms]
-        )  # type: ignore[misc]
+        ok, available = cast(
+            "tuple[int, int]",
+            self._call(self._reserve, self.keys(customer_id, period), [call_id, to_micro(credits), to_micro(cap), ms]),
+        )
         return call_id, Reserved(bool(ok), from_micro(int(available)))
 
     def settle(self, customer_id: str, period: str, call_id: str, event_id: str, credits: Decimal) -> None:

@@ -82,6 +82,8 @@ class MeteringSpanProcessor(SpanProcessor):
 
     def on_end(self, span: ReadableSpan) -> None:
         context = span.get_span_context()
+        if context is None:  # a span that was never started has no context to meter
+            return
         inherited = self._inherited.pop(context.span_id, None)
         usage = span_usage(
             span.attributes or {},
@@ -117,4 +119,4 @@ class MeteringSpanProcessor(SpanProcessor):
         self.meter.flush()
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
-        return self.meter.flush(timeout_millis / 1000) == 0
+        return bool(self.meter.flush(timeout_millis / 1000) == 0)

@@ -190,7 +190,7 @@ class Receiver:
         app = web.Application(client_max_size=32 * 1024 * 1024)
         app.router.add_post("/v1/traces", self.handle_traces)
         app.router.add_get("/stats", self.handle_stats)
-        app.router.add_get("/healthz", lambda _: web.json_response({"ok": True}))
+        app.router.add_get("/healthz", _healthz)
         return app
 
 
@@ -206,3 +206,6 @@ def mapping_from_options(customer: list[str], workflow: list[str], run: list[str
 def serve(meter: Any, mapping: GenAIMapping, bind: str, port: int) -> None:  # pragma: no cover - CLI loop
     web.run_app(Receiver(meter, mapping).app(), host=bind, port=port, access_log=None, print=None)
 
+
+async def _healthz(_: web.Request) -> web.Response:
+    return web.json_response({"ok": True})

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from enum import StrEnum
 from time import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
     AfterValidator,
@@ -35,7 +35,7 @@ from pydantic import (
 
 from meterstream.clock import utc_now
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 
 #: Bounds on free-form attributes, so one event cannot blow up a row or a table.
 MAX_ATTRIBUTES = 32
@@ -135,7 +135,7 @@ def _occurred_at(value: Any, parse: ValidatorFunctionWrapHandler, info: Validati
         raise ValueError(
             f"occurred_at {value.isoformat()} is more than {int(MAX_FUTURE_SKEW.total_seconds())} s in the future"
         )
-    utc = value
+    utc: datetime = value
     if value.tzinfo is not _UTC:
         try:
             utc = value.astimezone(_UTC)

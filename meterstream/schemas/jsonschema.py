@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -24,7 +24,9 @@ def json_schemas() -> dict[str, dict[str, Any]]:
     """Schemas of the JSON as it travels (``mode="serialization"`` for records we emit)."""
     out = {}
     for name, model in EXPORTED.items():
-        mode = "validation" if model in (UsageEvent, OutcomeEvent) else "serialization"
+        mode: Literal["validation", "serialization"] = (
+            "validation" if model in (UsageEvent, OutcomeEvent) else "serialization"
+        )
         schema = model.model_json_schema(mode=mode)
         schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
         schema["$id"] = f"https://meterstream.dev/schemas/{name}.schema.json"

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
@@ -97,7 +98,7 @@ class ClickHouseServer:
         except httpx.HTTPError:
             return False
 
-    def up(self, on_step=None) -> ServerStatus:  # noqa: ANN001 - same callback as KafkaBroker.up
+    def up(self, on_step: Callable[[str], object] | None = None) -> ServerStatus:
         """Start the server and wait until ``/ping`` answers. Idempotent: if our server already
         runs with this configuration, only wait for it to be ready."""
         step = on_step or (lambda _label: None)

@@ -37,10 +37,10 @@ def main(argv: list[str]) -> int:
     if not Path("config.xml").is_file():
         print(f"no config.xml in {Path.cwd()}: start the server with `meterstream services up`", file=sys.stderr)
         return 2
-    from chdb import _chdb  # noqa: PLC0415 - importing reads ./config.xml
+    from chdb import _chdb
 
     print("clickhouse: starting listeners", flush=True)
-    _chdb.query(START, DEFAULT_FORMAT, path=argv[1], params={})
+    _chdb.query(START, DEFAULT_FORMAT, path=argv[1], params={})  # type: ignore[attr-defined]  # private, no stub
     # The keep-alive query only ends when the engine stops (a signal) or a statement failed
     # (the engine printed why on stderr, e.g. a port in use).
     print("clickhouse: stopped", flush=True)

@@ -239,7 +239,7 @@ class QueryResult:
         self.rows = _aware_rows(self.types, self.rows)
 
     def dicts(self) -> list[dict[str, Any]]:
-        return [dict(zip(self.columns, row)) for row in self.rows]
+        return [dict(zip(self.columns, row, strict=True)) for row in self.rows]
 
     def to_json_dict(self) -> dict[str, Any]:
         """Decimals and datetimes as text, so a reader can restore them exactly from ``types``."""
@@ -252,7 +252,7 @@ class QueryResult:
     @classmethod
     def from_json_dict(cls, data: dict[str, Any]) -> QueryResult:
         types = data["types"]
-        rows = [[_revive(v, t) for v, t in zip(row, types)] for row in data["rows"]]
+        rows = [[_revive(v, t) for v, t in zip(row, types, strict=True)] for row in data["rows"]]
         return cls(columns=data["columns"], types=types, rows=rows)
 
 

@@ -31,9 +31,16 @@ _MONEY_STEP = Decimal(1).scaleb(-18)
 _QUANTITY_STEP = Decimal(1).scaleb(-9)
 
 
+def _exponent(value: Decimal) -> int:
+    exponent = value.as_tuple().exponent
+    if isinstance(exponent, str):  # NaN and infinities: no column takes them
+        raise ValueError(f"{value} is not a finite decimal")
+    return exponent
+
+
 def _decimals(values: list[Decimal], step: Decimal, scale: int, type_: pa.DataType) -> pa.Array:
     # Exact when every value fits the scale (the usual case); otherwise cut each to it first.
-    fitted = [v if v.as_tuple().exponent >= -scale else v.quantize(step, rounding=ROUND_DOWN) for v in values]
+    fitted = [v if _exponent(v) >= -scale else v.quantize(step, rounding=ROUND_DOWN) for v in values]
     return pa.array(fitted, type_)
 
 

@@ -45,8 +45,8 @@ from datetime import date, datetime, timedelta
 from typing import Any
 
 from clickhouse_connect.driver.client import Client
-from meterstream.clock import utc_now
 
+from meterstream.clock import utc_now
 from meterstream.storage.clickhouse import as_utc
 
 log = logging.getLogger(__name__)
@@ -211,7 +211,7 @@ def settle(
     if counts[0] or counts[1]:
         client.command(_PUBLISH, parameters=params)
     result = SettleResult(
-        settle_id=params["settle_id"],
+        settle_id=str(params["settle_id"]),
         before=before,
         customer_days=int(counts[0]),
         unsettleable_customer_days=int(counts[1]),

@@ -30,12 +30,18 @@ from decimal import Decimal
 
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
-from meterstream.clock import utc_now
 from meterstream.billing import previous_period
 from meterstream.budgets import BudgetBook, customer_decision, thresholds_to_alert
+from meterstream.clock import utc_now
 from meterstream.config import KafkaSettings
 from meterstream.producers.ledger import RedisLedger
-from meterstream.schemas.records import DEFAULT_BUDGET_KEY, AlertKind, BudgetAlert, EnforcementState, ThresholdAction
+from meterstream.schemas.records import (
+    DEFAULT_BUDGET_KEY,
+    AlertKind,
+    BudgetAlert,
+    EnforcementState,
+    ThresholdAction,
+)
 from meterstream.storage.clickhouse import ClickHouseStore
 
 log = logging.getLogger(__name__)
@@ -86,12 +92,13 @@ def published_alert_ids(kafka: KafkaSettings, topic: str, since: datetime, timeo
                 continue
             if message.error():
                 raise KafkaException(message.error())
+            partition, offset = message.partition(), message.offset()
             try:
-                ids.add(BudgetAlert.model_validate_json(message.value()).alert_id)
+                ids.add(BudgetAlert.model_validate_json(message.value() or b"").alert_id)
             except ValueError:
-                log.warning("skipping an unreadable message on %s at offset %d", topic, message.offset())
-            if message.offset() + 1 >= ends[message.partition()]:
-                todo.discard(message.partition())
+                log.warning("skipping an unreadable message on %s at offset %s", topic, offset)
+            if partition is not None and offset is not None and offset + 1 >= ends[partition]:
+                todo.discard(partition)
     finally:
         consumer.close()
     return ids

@@ -50,8 +50,8 @@ import faust
 import orjson
 from faust.app.base import BootStrategy
 
-from meterstream.clock import Clock, utc_now
 from meterstream.budgets import load_budgets
+from meterstream.clock import Clock, utc_now
 from meterstream.config import Settings
 from meterstream.pricing.plans import load_catalog
 from meterstream.producers.ledger import LedgerUnavailable, RedisLedger
@@ -272,7 +272,7 @@ def create_app(
         """The producer's delivery future, or the exception ``send`` raised at once (e.g. too large)."""
         try:
             return await app.producer.send(topic, key, value, None, None, None)
-        except Exception as exc:  # noqa: BLE001 - judged by _delivered's caller
+        except Exception as exc:
             return exc
 
     async def _delivered(pending: Any) -> BaseException | None:
@@ -280,7 +280,7 @@ def create_app(
             return pending
         try:
             await pending
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             return exc
         return None
 
@@ -365,7 +365,9 @@ def create_app(
         activity.last_batch = time.monotonic()
         state_sent = await publish_states(result.enforcement, reached(messages))
         if result.dead_letters:
-            key_of = {(m.topic, m.partition, m.offset): key for m, key in zip(messages, keys, strict=True)}
+            key_of: dict[tuple[str | None, int | None, int | None], Any] = {
+                (m.topic, m.partition, m.offset): key for m, key in zip(messages, keys, strict=True)
+            }
             dead_letter_keys = [
                 key_of.get((d.source_topic, d.source_partition, d.source_offset)) for d in result.dead_letters
             ]

@@ -236,7 +236,7 @@ class BatchConsumer(Service):
             try:
                 if await asyncio.wait_for(client.ready(node), timeout=5.0):
                     return True
-            except (asyncio.TimeoutError, KafkaError, OSError):
+            except (TimeoutError, KafkaError, OSError):
                 continue
         return not nodes and self.broker_down_since is None  # no metadata yet: nothing known
 

@@ -77,5 +77,5 @@ def decode_event(
         return Rejection(f"invalid event: {describe_validation_error(exc)}")
     except (ValueError, RecursionError) as exc:  # defensive: pydantic-core reports most as ValidationError
         return Rejection(f"undecodable message: {str(exc)[:500]}")
-    except Exception as exc:  # noqa: BLE001 - a hostile value must become a rejection, never stop a batch
+    except Exception as exc:
         return Rejection(f"undecodable message ({type(exc).__name__}): {str(exc)[:500]}")

@@ -17,7 +17,6 @@ from decimal import Decimal
 from functools import lru_cache
 from typing import Literal, NamedTuple, Protocol
 
-from meterstream.clock import Clock, utc_now
 from meterstream.budgets import (
     Budget,
     BudgetBook,
@@ -27,6 +26,7 @@ from meterstream.budgets import (
     run_decision,
     thresholds_to_alert,
 )
+from meterstream.clock import Clock, utc_now
 from meterstream.pricing.plans import Catalog, PlanError
 from meterstream.pricing.rating import RatingError
 from meterstream.pricing.reversals import ReversalRefused, is_reversal, reverse_billed_outcome

@@ -62,7 +62,8 @@ class WorkerProcess:
     def stats(self, timeout: float = 5.0) -> dict[str, Any]:
         response = httpx.get(f"http://127.0.0.1:{self.web_port}/stats/", timeout=timeout)
         response.raise_for_status()
-        return response.json()
+        stats: dict[str, Any] = response.json()
+        return stats
 
     def wait_for(self, messages: int, timeout: float, on_progress: Any = None) -> dict[str, Any]:
         """Wait until the worker has processed ``messages`` messages in total."""

@@ -296,12 +296,12 @@ class StoreBackedState:
         for row in self._query(_ALERTED, params):
             alerted.setdefault(month_key(row["customer_id"], row["period"]), set()).add(int(row["threshold_percent"]))
         for key in keys:
-            row = totals.get(key)
+            stored = totals.get(key)
             self.month_to_date_cache[key] = MonthToDate(
-                credits=row["credits"] if row else Decimal(0),
-                cost_to_serve=row["cost_to_serve"] if row else Decimal(0),
-                events=int(row["events"]) if row else 0,
-                tokens=int(row["tokens"]) if row else 0,
+                credits=stored["credits"] if stored else Decimal(0),
+                cost_to_serve=stored["cost_to_serve"] if stored else Decimal(0),
+                events=int(stored["events"]) if stored else 0,
+                tokens=int(stored["tokens"]) if stored else 0,
                 alerted=frozenset(alerted.get(key, ())),
             )
 

@@ -22,18 +22,18 @@ import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from meterstream.clock import utc_now
 from meterstream.budgets import BudgetBook, BudgetBookError, load_budgets
+from meterstream.clock import utc_now
 from meterstream.config import Settings
 from meterstream.pricing.plans import load_catalog, period_bounds
-from meterstream.storage.clickhouse import StoreError
 from meterstream.producers.guard import EnforcementView
+from meterstream.storage.clickhouse import StoreError
 from meterstream.topics import Topics
 from meterstream.web.store import CustomerQueries, Rows
 from meterstream.web.tokens import ReloadingTokenBook, TokenFileError, TokenLookup
@@ -165,9 +165,10 @@ async def me(request: web.Request) -> web.Response:
 async def usage(request: web.Request) -> web.Response:
     customer = _own_customer(request)
     web_settings = request.app[SETTINGS].web
-    bucket = request.query.get("bucket", "day")
-    if bucket not in ("day", "hour"):
+    requested = request.query.get("bucket", "day")
+    if requested not in ("day", "hour"):
         return _json({"error": "bucket must be day or hour"}, status=400)
+    bucket: Literal["day", "hour"] = "hour" if requested == "hour" else "day"
     try:
         days = int(request.query.get("days", min(web_settings.default_days, web_settings.max_days)))
     except ValueError:

@@ -26,13 +26,12 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from tests.conftest import clock_env
-
 from meterstream.config import ClickHouseSettings, KafkaSettings, LocalServicesSettings, Settings
 from meterstream.services.clickhouse import ClickHouseServer
 from meterstream.services.redis import RedisServer, RedisServerError
 from meterstream.stream_processors.runner import WorkerProcess
 from meterstream.topics import Topics, ensure_topics
+from tests.conftest import clock_env
 
 pytestmark = pytest.mark.integration
 

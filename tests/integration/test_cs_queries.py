@@ -170,7 +170,7 @@ def _load(store: ClickHouseStore, catalog) -> None:
             e.event_id, e.customer_id, e.type, r.occurred_at, r.period, e.model_dump_json().encode(),
             f"{e.type}.events", 0, offset,
         )
-        for offset, (e, r) in enumerate(zip(EVENTS, rated))
+        for offset, (e, r) in enumerate(zip(EVENTS, rated, strict=True))
     ]
     store.insert_batch(raw, rated)
     again = [i for i, e in enumerate(EVENTS) if e.event_id in RESENT]

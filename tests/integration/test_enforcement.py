@@ -16,10 +16,9 @@ import pytest
 from confluent_kafka.admin import AdminClient, ConfigResource
 
 from meterstream.pricing.plans import load_catalog
-from meterstream.producers import MeterClient
-from meterstream.producers import BudgetGuard, Decision, Reason
-from meterstream.topics import ensure_topics
+from meterstream.producers import BudgetGuard, Decision, MeterClient, Reason
 from meterstream.storage.queries import run_saved_query
+from meterstream.topics import ensure_topics
 
 pytestmark = pytest.mark.integration
 
@@ -111,7 +110,7 @@ def test_downgrade_at_the_cap_moves_callers_to_the_cheaper_model(enforced):
 def test_a_runaway_run_is_alerted_once_and_blocked(enforced):
     pipeline, guard = enforced
     with MeterClient(pipeline.kafka) as meter:
-        for step in range(8):  # the cap is 5 steps per run
+        for _ in range(8):  # the cap is 5 steps per run
             meter.record_llm_call("agentic", "gpt-4o-mini", input_tokens=100, output_tokens=10, run_id="loop-1")
         meter.record_llm_call("agentic", "gpt-4o-mini", input_tokens=100, output_tokens=10, run_id="short-run")
     pipeline.wait_processed(9)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 import sys
+import time
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path

@@ -14,8 +14,8 @@ from decimal import Decimal
 
 import pytest
 
-from meterstream.clock import utc_now
 from meterstream.billing import invoice_from_store, invoices_from_rated, rate_events
+from meterstream.clock import utc_now
 from meterstream.pricing.plans import load_catalog
 from meterstream.schemas.records import RawEvent
 from meterstream.storage.clickhouse import (
@@ -143,7 +143,7 @@ def _rate(catalog, events):
             0,
             1000 + i,
         )  # fmt: skip
-        for i, (e, r) in enumerate(zip(events, rated))
+        for i, (e, r) in enumerate(zip(events, rated, strict=True))
     ]
     return raw, rated
 

@@ -30,7 +30,6 @@ from meterstream.schemas.events import UsageEvent
 from meterstream.storage.queries import run_saved_query
 from meterstream.stream_processors.runner import WorkerProcess
 
-
 pytestmark = pytest.mark.integration
 
 NOW = datetime.now(timezone.utc)

@@ -188,7 +188,7 @@ def test_candidate_version_choice_and_overrides():
 def _usages(credits, costs=None):
     costs = costs or [c * D("0.005") for c in credits]
     return {f"c{i + 1}": PeriodUsage(customer_id=f"c{i + 1}", period=PERIOD, credits=c, cost_to_serve=k)
-            for i, (c, k) in enumerate(zip(credits, costs))}  # fmt: skip
+            for i, (c, k) in enumerate(zip(credits, costs, strict=True))}  # fmt: skip
 
 
 def test_replay_of_the_hand_computed_example():

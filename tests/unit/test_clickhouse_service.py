@@ -100,7 +100,12 @@ def test_users_xml_ships_the_launcher_the_pipeline_customer_success_and_a_tenant
 def test_errors_are_told_apart_unavailable_access_statement():
     from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 
-    from meterstream.storage.clickhouse import StoreAccessError, StoreError, StoreStatementError, classify_error
+    from meterstream.storage.clickhouse import (
+        StoreAccessError,
+        StoreError,
+        StoreStatementError,
+        classify_error,
+    )
 
     unreachable = classify_error(OperationalError("HTTPConnectionPool(host='127.0.0.1', port=8123): refused"), "SELECT 1")
     assert type(unreachable) is StoreError and unreachable.retryable

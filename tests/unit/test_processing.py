@@ -12,9 +12,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meterstream.budgets import Budget, BudgetBook
+from meterstream.pricing.plans import Catalog
 from meterstream.pricing.pricebook import PriceBook
 from meterstream.schemas.records import BudgetAlert, RatedUsage, ThresholdAction
-from meterstream.pricing.plans import Catalog
 from meterstream.stream_processors.processing import (
     BatchProcessor,
     BatchResult,

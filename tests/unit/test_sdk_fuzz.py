@@ -22,7 +22,7 @@ produced: list[bytes] = []
 
 
 class Capture(MeterClient):
-    def _produce(self, topic, key, value, event_id, customer_id):  # noqa: ANN001 - test double of the one seam
+    def _produce(self, topic, key, value, event_id, customer_id):
         produced.append(value)
 
 
