@@ -136,7 +136,7 @@ def _own_customer(request: web.Request) -> str:
     customer = request[CUSTOMER]
     if request.match_info["customer_id"] != customer:
         raise web.HTTPForbidden(
-            body=orjson.dumps({"error": "this token does not grant access to that customer"}),
+            text=orjson.dumps({"error": "this token does not grant access to that customer"}).decode(),
             content_type="application/json",
             headers={"Cache-Control": "no-store"},
         )

@@ -32,6 +32,7 @@ from meterstream.services.redis import RedisServer, RedisServerError
 from meterstream.stream_processors.runner import WorkerProcess
 from meterstream.topics import Topics, ensure_topics
 from tests.conftest import clock_env
+from tests.deprecations import untolerated
 
 pytestmark = pytest.mark.integration
 
@@ -123,6 +124,8 @@ class Pipeline:
             "METERSTREAM_WORKER__DATA_DIR": str(root / "worker"),
             "METERSTREAM_WORKER__BATCH_TIMEOUT": "0.2",
             **clock_env(),  # the test's clock, also in the worker and CLI processes it starts
+            # deprecations reach the worker's log, which the test checks when it ends (tests/deprecations.py)
+            "PYTHONWARNINGS": "always::DeprecationWarning",
             **(env or {}),
         }
         if budgets is not None:
@@ -216,6 +219,11 @@ def pipeline_factory(
     yield make
     for pipeline in created:
         pipeline.stop()
+    found = [line for p in created if p.worker.log_path.exists()
+             for line in untolerated(p.worker.log_path.read_text(errors="replace"))]  # fmt: skip
+    if found:
+        pytest.fail("deprecation warnings in the worker's log (list them in tests/deprecations.py "
+                    "with a reason, or fix the call):\n" + "\n".join(dict.fromkeys(found)))  # fmt: skip
 
 
 @pytest.fixture
