@@ -27,6 +27,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from meterstream.periods import Period, periods_between, previous_period
 from meterstream.pricing.invoice import (
     Invoice,
     InvoiceError,
@@ -44,21 +45,9 @@ from meterstream.pricing.plans import Catalog, period_bounds
 from meterstream.pricing.reversals import RefusedReversal, match_reversals
 from meterstream.schemas.events import Attribution, OutcomeEvent, UsageEvent
 from meterstream.schemas.records import RatedUsage
-from meterstream.stream_processors.decode import describe_validation_error
+from meterstream.schemas.validation import describe_validation_error
 
 ZERO = Decimal(0)
-
-
-def next_period(period: str) -> str:
-    year, month = int(period[:4]), int(period[5:7])
-    return f"{year + month // 12:04d}-{month % 12 + 1:02d}"
-
-
-def periods_between(first: str, last: str) -> list[str]:
-    periods = [first]
-    while periods[-1] < last:
-        periods.append(next_period(periods[-1]))
-    return periods
 
 
 def first_billed_period(catalog: Catalog, customer_id: str, period: str, first_usage: str | None) -> str:
@@ -73,7 +62,7 @@ def first_billed_period(catalog: Catalog, customer_id: str, period: str, first_u
     starts = [period]
     for grant in grants:
         if grant.granted_on is not None:
-            starts.append(grant.granted_on.strftime("%Y-%m"))
+            starts.append(str(Period(grant.granted_on.year, grant.granted_on.month)))
         elif first_usage is not None:
             starts.append(first_usage)
     return min(starts)
@@ -310,11 +299,6 @@ def late_adjustments(
         after = total_of(period)
         lines.append(late_adjustment(closed, before, after, int(row["events"]), row["credits"]))
     return lines
-
-
-def previous_period(period: str) -> str:
-    year, month = int(period[:4]), int(period[5:7])
-    return f"{year - 1:04d}-12" if month == 1 else f"{year:04d}-{month - 1:02d}"
 
 
 # -- from a file of events ---------------------------------------------------------------------

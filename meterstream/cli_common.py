@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from rich.markup import escape
 
 from meterstream.clock import utc_now
 from meterstream.config import Settings
+from meterstream.periods import Period, period_of
 
 err_console = Console(stderr=True)
 
@@ -30,9 +30,9 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 def check_period(period: str | None, *, code: int = 1) -> str:
     """A billing period ``YYYY-MM`` (UTC); the current month when not given."""
-    period = period or utc_now().strftime("%Y-%m")
+    period = period or period_of(utc_now())
     try:
-        datetime.strptime(period, "%Y-%m")
+        Period.parse(period)
     except ValueError:
         raise fail(f"--period must look like 2026-11, got {period!r}", code) from None
     return period

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime, timezone
 
+from meterstream.periods import period_of
+
 Clock = Callable[[], datetime]
 
 
@@ -31,5 +33,4 @@ def fixed_clock(at: datetime) -> Clock:
 
 def current_period(clock: Clock = utc_now) -> str:
     """The billing period (UTC calendar month, ``YYYY-MM``) the clock is in."""
-    now = clock()
-    return f"{now.year:04d}-{now.month:02d}"
+    return period_of(clock())

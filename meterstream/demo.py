@@ -30,6 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from meterstream.clock import utc_now
 from meterstream.config import Settings
+from meterstream.periods import period_of
 from meterstream.pricing.money import round_money
 from meterstream.pricing.plans import Catalog, load_catalog
 from meterstream.producers.client import DeliveryFailure, MeterClient
@@ -238,7 +239,7 @@ def run_demo(settings: Settings, *, customers: int, events: int, seed: int, time
             stats = worker.wait_for(
                 sent_messages, timeout, on_progress=lambda s: progress.update(task, completed=s["messages"])
             )
-        period = now.strftime("%Y-%m")
+        period = period_of(now)
         usage = run_saved_query(clickhouse, "month_to_date", period=period, customer="").dicts()
         alerts = run_saved_query(clickhouse, "budget_alerts", period=period, customer="").dicts()
         totals = run_saved_query(clickhouse, "store_totals", period=period).dicts()[0]

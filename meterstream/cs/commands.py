@@ -21,6 +21,7 @@ from rich.console import Console
 from meterstream.cli_common import check_period, fail, load_catalog_or_fail, pricing_errors, query_runner
 from meterstream.config import get_settings
 from meterstream.cs.render import Column, Format, Report, emit, stdout_console
+from meterstream.periods import Period
 
 console = stdout_console()  # full width when piped: nothing cut
 err_console = Console(stderr=True)
@@ -262,7 +263,7 @@ def _series(grain: str, period: str | None, customer: str | None, day: str, as_j
             parsed = datetime.strptime(day, "%Y-%m-%d")
         except ValueError:
             raise fail(f"--day must look like 2026-11-03, got {day!r}") from None
-        if parsed.strftime("%Y-%m") != period:
+        if str(Period(parsed.year, parsed.month)) != period:
             raise fail(f"--day {day} is not in --period {period}")
     with query_runner(settings) as run:
         rows = usage_series(run, grain, period, customer or "", day).rows

@@ -93,6 +93,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from meterstream.clock import utc_now
+from meterstream.periods import next_period, previous_period
 from meterstream.pricing.charges import ChargeModel
 from meterstream.pricing.money import round_money
 from meterstream.pricing.plans import (
@@ -102,7 +103,6 @@ from meterstream.pricing.plans import (
     PlanError,
     PlanVersion,
     Segment,
-    period_bounds,
 )
 from meterstream.schemas.events import Attribution, Meter
 from meterstream.schemas.records import RatedUsage
@@ -441,8 +441,7 @@ def _in_advance_lines(
         for seg in segments
         if seg.version.base_fee and seg.version.base_fee_timing == "in_advance"
     ]
-    label_start = period_bounds(period)[0]
-    earlier = f"{(label_start - timedelta(days=1)):%Y-%m}"
+    earlier = previous_period(period)
     try:
         first_period = not catalog.segments(customer_id, earlier)
     except PlanError:
@@ -462,7 +461,7 @@ def _in_advance_lines(
                     amount=actual - billed,
                 )
             )
-    upcoming = f"{period_bounds(period)[1]:%Y-%m}"
+    upcoming = next_period(period)
     next_start, next_end = catalog.billing_bounds(customer_id, upcoming)
     next_days = (next_end - next_start).days
     try:

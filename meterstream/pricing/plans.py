@@ -78,6 +78,10 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from meterstream.periods import Period
+from meterstream.periods import (
+    period_bounds as period_bounds,  # re-exported: callers read it with the catalog
+)
 from meterstream.pricing.charges import ChargeModel, PositiveDecimal, Price, null_to_none
 from meterstream.pricing.pricebook import PriceBook, PriceBookError, load_price_book
 from meterstream.pricing.rating import rate_event
@@ -108,17 +112,6 @@ def _error(message: str, at: tuple[str | int, ...], **ctx: Any) -> PydanticCusto
     return PydanticCustomError("catalog", message, {"at": at, **ctx})
 
 
-@lru_cache(maxsize=512)  # the worker asks for every event; months are few
-def period_bounds(period: str) -> tuple[datetime, datetime]:
-    """``"2026-11"`` -> (2026-11-01T00:00Z, 2026-12-01T00:00Z): a calendar month in UTC, end exclusive."""
-    try:
-        start = datetime.strptime(period, "%Y-%m").replace(tzinfo=timezone.utc)
-    except (TypeError, ValueError):
-        raise ValueError(f"period must be 'YYYY-MM', got {period!r}") from None
-    end = (start + timedelta(days=32)).replace(day=1)
-    return start, end
-
-
 def anniversary_bounds(anchor_day: int, period: str) -> tuple[datetime, datetime]:
     """The billing period labelled ``period`` for a subscription anchored on ``anchor_day``.
 
@@ -128,7 +121,7 @@ def anniversary_bounds(anchor_day: int, period: str) -> tuple[datetime, datetime
     2026-11-15 to 2026-12-15.
     """
     start, following = period_bounds(period)
-    next_end = period_bounds(f"{following:%Y-%m}")[1]
+    next_end = Period.parse(period).next().end
 
     def on_anchor(month_start: datetime, month_end: datetime) -> datetime:
         return month_start.replace(day=min(anchor_day, (month_end - timedelta(days=1)).day))
@@ -437,11 +430,10 @@ class CustomerPlan(_Strict):
 
     def billing_period(self, at: datetime) -> str:
         """The label of the billing period ``at`` falls in."""
-        label = f"{_utc_date(at):%Y-%m}"
-        if self.billing_anchor == "anniversary" and at < self.billing_bounds(label)[0]:
-            start = period_bounds(label)[0]
-            label = f"{start - timedelta(days=1):%Y-%m}"
-        return label
+        period = Period.of(at)
+        if self.billing_anchor == "anniversary" and at < self.billing_bounds(str(period))[0]:
+            period = period.previous()
+        return str(period)
 
     @field_validator("grants", mode="before")
     @classmethod

@@ -45,10 +45,11 @@ from confluent_kafka import KafkaError, Message, Producer
 from pydantic import ValidationError
 
 from meterstream.config import PRODUCER_GUARANTEES, KafkaSettings
+from meterstream.periods import period_of
 from meterstream.pricing.plans import Catalog, PlanError, period_bounds
 from meterstream.pricing.rating import RatingError
 from meterstream.schemas.events import OutcomeEvent, UsageEvent
-from meterstream.stream_processors.decode import MAX_EVENT_BYTES, describe_validation_error
+from meterstream.schemas.validation import MAX_EVENT_BYTES, describe_validation_error
 from meterstream.topics import Topics
 
 Format = Literal["jsonl", "csv", "parquet"]
@@ -415,7 +416,7 @@ def price(
     groups: dict[tuple[str, str], PricedGroup] = {}
     unpriced: list[BadRecord] = []
     already = 0
-    open_period = now.strftime("%Y-%m")
+    open_period = period_of(now)
     step = 0
     for number, event in iter_events(scanned.path, scanned.fmt):
         step += 1

@@ -30,10 +30,10 @@ from decimal import Decimal
 
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
-from meterstream.billing import previous_period
 from meterstream.budgets import BudgetBook, customer_decision, thresholds_to_alert
 from meterstream.clock import utc_now
 from meterstream.config import KafkaSettings
+from meterstream.periods import period_of, previous_period
 from meterstream.producers.ledger import RedisLedger
 from meterstream.schemas.records import (
     DEFAULT_BUDGET_KEY,
@@ -150,7 +150,7 @@ def reconcile_alerts(
     """Record and publish what a crash left undone for the customers ``owns`` accepts (those of
     the partitions this worker was assigned); returns (ids on the topic, alerts published now)."""
     now = now or utc_now()
-    period = now.strftime("%Y-%m")
+    period = period_of(now)
     periods = [previous_period(period), period]
     since = datetime(int(periods[0][:4]), int(periods[0][5:7]), 1, tzinfo=timezone.utc)
     published = published_alert_ids(kafka, topic, since, timeout)
@@ -198,7 +198,7 @@ def current_states(
     own has spent nothing this period as of this start, so guards apply that cap.
     """
     now = now or utc_now()
-    period = now.strftime("%Y-%m")
+    period = period_of(now)
     rows = {r["customer_id"]: r for r in store.query(_CURRENT_SPEND, {"period": period}).dicts()}
     epoch = datetime(2000, 1, 1, tzinfo=timezone.utc)
     states = []

@@ -53,6 +53,7 @@ from faust.app.base import BootStrategy
 from meterstream.budgets import load_budgets
 from meterstream.clock import Clock, utc_now
 from meterstream.config import Settings
+from meterstream.periods import period_of
 from meterstream.pricing.plans import load_catalog
 from meterstream.producers.ledger import LedgerUnavailable, RedisLedger
 from meterstream.schemas.records import HEARTBEAT_KEY, Decision, EnforcementState, ThresholdAction
@@ -306,7 +307,7 @@ def create_app(
         now = clock()
         as_of = min(as_of, now) if as_of is not None else now
         return EnforcementState(
-            key=HEARTBEAT_KEY, customer_id="", period=now.strftime("%Y-%m"), decision=Decision.OK,
+            key=HEARTBEAT_KEY, customer_id="", period=period_of(now), decision=Decision.OK,
             reason="worker heartbeat", spent_credits=Decimal(0), watermark=as_of, updated_at=as_of,
             catalog_fingerprint=fingerprint,
         )  # fmt: skip
@@ -418,6 +419,8 @@ def create_app(
         commit_interval=worker.commit_interval,
         session_timeout=worker.session_timeout,
         shutdown_drain=worker.shutdown_drain_seconds,
+        # The fatal path (consumer.fatal) commits nothing, closes the store, flushes the log, exits.
+        on_fatal=getattr(store, "close", lambda: None),
         loop=app.loop,
         beacon=app.beacon,
     )

@@ -40,7 +40,7 @@ import os
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, ConsumerStoppedError, IllegalStateError, KafkaError
@@ -102,9 +102,13 @@ class BatchConsumer(Service):
         commit_interval: float,
         session_timeout: float,
         shutdown_drain: float,
+        on_fatal: Callable[[], None] = lambda: None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        #: Run on the fatal path before the process exits (the app closes the store with it).
+        self.on_fatal = on_fatal
+        self._fatal = False
         self.kafka = kafka
         self.topics = list(topics)
         self.kinds = kinds
@@ -162,8 +166,7 @@ class BatchConsumer(Service):
         try:
             await asyncio.wait_for(self._settle(), timeout=self.shutdown_drain)
         except Exception:  # a timeout, or a batch that failed: its offsets must not be committed
-            log.error("in-flight batch not finished at shutdown; exiting without committing it", exc_info=True)
-            os._exit(1)
+            self.fatal("in-flight batch not finished at shutdown; exiting without committing it", level=logging.ERROR)
         if self.consumer is not None:
             try:
                 await self._commit(force=True)
@@ -185,8 +188,7 @@ class BatchConsumer(Service):
                 if self._stopping or self.should_stop:
                     return
                 # Not stopping, yet the consumer cannot read: exit rather than stay up reading nothing.
-                log.critical("the consumer stopped reading; exiting", exc_info=True)
-                os._exit(1)
+                self.fatal("the consumer stopped reading; exiting")
             if self._stopping:
                 return  # fetched after the stop began: not processed, not committed
             try:
@@ -204,11 +206,7 @@ class BatchConsumer(Service):
                 # Not a store outage (those are retried inside the batch): a defect or a broker
                 # that refused the side-topic messages. Nothing of this batch is committed;
                 # exit so that a supervisor restarts the worker and the batch is replayed.
-                log.critical(
-                    "batch failed (messages in hand: %s); exiting without committing it; %s",
-                    self.in_hand, SKIP_HINT, exc_info=True,
-                )  # fmt: skip
-                os._exit(1)
+                self.fatal(f"batch failed (messages in hand: {self.in_hand}); exiting without committing it; {SKIP_HINT}")
 
     @Service.task
     async def _watch_broker(self) -> None:
@@ -340,13 +338,31 @@ class BatchConsumer(Service):
         await self._finish_write()
         self._write = asyncio.ensure_future(self._durable(write, last, where))
 
+    def fatal(self, message: str, *, level: int = logging.CRITICAL) -> NoReturn:
+        """End the process now and commit nothing: the next worker replays the batches in hand.
+
+        Faust's graceful stop would run :meth:`on_stop`, which commits, so this path leaves by
+        ``os._exit``; before that it does what the skipped shutdown would have done and a
+        replay needs: closes the store's connections (``on_fatal``) and flushes every log
+        handler, so the reason is on disk. Called from an ``except`` block, it logs the error.
+        """
+        self._fatal = True
+        self._pending = {}
+        log.log(level, message, exc_info=True)
+        try:
+            self.on_fatal()
+        except Exception:  # the exit must happen whatever the store says
+            log.warning("closing the store on the way out failed", exc_info=True)
+        _flush_logs()
+        os._exit(1)
+
     async def _commit(self, *, force: bool) -> None:
         # One commit at a time, so that an older offset can never land after a newer one.
         async with self._commit_lock:
             await self._commit_locked(force=force)
 
     async def _commit_locked(self, *, force: bool) -> None:
-        if not self._pending or self.consumer is None:
+        if self._fatal or not self._pending or self.consumer is None:
             return
         if not force and time.monotonic() - self._last_commit < self.commit_interval:
             return
@@ -369,8 +385,7 @@ class BatchConsumer(Service):
         try:
             await self._settle()
         except Exception:
-            log.critical("batch failed during a rebalance; exiting without committing it", exc_info=True)
-            os._exit(1)
+            self.fatal("batch failed during a rebalance; exiting without committing it")
         await self._commit(force=True)
         # Nothing is being rated or written now, and getmany waits for the new assignment: the
         # moment to drop what the state cached (another worker may write for these partitions).
@@ -382,6 +397,16 @@ class BatchConsumer(Service):
         self.assigned = set(assigned)
         self.rebalancing = False
         log.info("assigned %s", ", ".join(sorted(f"{tp.topic}:{tp.partition}" for tp in self.assigned)) or "nothing")
+
+
+def _flush_logs() -> None:
+    """Flush every handler of every logger (``os._exit`` skips logging's own flush at exit)."""
+    loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger))]
+    for handler in {h for logger in loggers for h in logger.handlers}:
+        try:
+            handler.flush()
+        except Exception:  # a broken handler must not keep the process alive
+            pass
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -14,9 +14,10 @@ from typing import Literal
 from pydantic import ValidationError
 
 from meterstream.schemas.events import OutcomeEvent, UsageEvent
+from meterstream.schemas.validation import MAX_EVENT_BYTES, describe_validation_error
 
-#: Larger messages are rejected unread: no legitimate event is this big.
-MAX_EVENT_BYTES = 64 * 1024
+__all__ = ["MAX_EVENT_BYTES", "Rejection", "decode_event", "describe_validation_error", "received_at"]
+
 
 _MODEL_FOR_TOPIC: dict[str, type[UsageEvent] | type[OutcomeEvent]] = {
     "usage": UsageEvent,
@@ -27,18 +28,6 @@ _MODEL_FOR_TOPIC: dict[str, type[UsageEvent] | type[OutcomeEvent]] = {
 @dataclass(frozen=True, slots=True)
 class Rejection:
     reason: str
-
-
-def describe_validation_error(exc: ValidationError, limit: int = 5) -> str:
-    """One line per problem, field first: ``input_tokens: Input should be a valid integer``."""
-    parts = []
-    for err in exc.errors(include_url=False)[:limit]:
-        where = ".".join(str(p) for p in err["loc"]) or "event"
-        parts.append(f"{where}: {err['msg']}")
-    more = exc.error_count() - limit
-    if more > 0:
-        parts.append(f"... and {more} more")
-    return "; ".join(parts)
 
 
 def received_at(timestamp_ms: int | None, now: datetime | None = None) -> datetime | None:

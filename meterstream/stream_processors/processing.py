@@ -27,6 +27,7 @@ from meterstream.budgets import (
     thresholds_to_alert,
 )
 from meterstream.clock import Clock, utc_now
+from meterstream.periods import period_of
 from meterstream.pricing.plans import Catalog, PlanError
 from meterstream.pricing.rating import RatingError
 from meterstream.pricing.reversals import ReversalRefused, is_reversal, reverse_billed_outcome
@@ -388,7 +389,7 @@ class BatchProcessor:
                 acc.credits, acc.cost_to_serve, acc.events, acc.tokens, frozenset(acc.alerted)
             )
 
-        current_period = now.strftime("%Y-%m")
+        current_period = period_of(now)
         for key, totals in result.month_to_date.items():
             customer_id, period = key.split("|", 1)
             budget = self.budgets.for_customer(customer_id)

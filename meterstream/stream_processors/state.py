@@ -35,6 +35,7 @@ from decimal import Decimal
 from typing import Any
 
 from meterstream.clock import Clock, utc_now
+from meterstream.periods import Period
 from meterstream.schemas.events import OutcomeEvent, UsageEvent
 from meterstream.schemas.records import RatedUsage
 from meterstream.storage.clickhouse import ClickHouseStore
@@ -211,7 +212,8 @@ class StoreBackedState:
         since then costs no store reads: per-batch loads remain only for older periods
         (late events). One row per customer and period is held in memory.
         """
-        periods = sorted({now.strftime("%Y-%m"), (now.replace(day=1) - timedelta(days=1)).strftime("%Y-%m")})
+        this_month = Period.of(now)
+        periods = [str(this_month.previous()), str(this_month)]
         alerted: dict[str, set[int]] = {}
         for row in self._query(_PERIOD_ALERTED, {"periods": periods}):
             alerted.setdefault(month_key(row["customer_id"], row["period"]), set()).add(int(row["threshold_percent"]))

@@ -31,6 +31,7 @@ from aiohttp.abc import AbstractAccessLogger
 from meterstream.budgets import BudgetBook, BudgetBookError, load_budgets
 from meterstream.clock import utc_now
 from meterstream.config import Settings
+from meterstream.periods import period_of
 from meterstream.pricing.plans import load_catalog, period_bounds
 from meterstream.producers.guard import EnforcementView
 from meterstream.storage.clickhouse import StoreError
@@ -144,7 +145,7 @@ def _own_customer(request: web.Request) -> str:
 
 
 def _period(now: datetime) -> str:
-    return now.strftime("%Y-%m")
+    return period_of(now)
 
 
 async def me(request: web.Request) -> web.Response:

@@ -203,3 +203,35 @@ def test_the_state_is_reset_on_revocation_only_after_the_writes_in_hand():
 
     assert asyncio.run(run()) == [{TP0: 1}]
     assert events == ["write done", "reset"]
+
+
+def test_the_fatal_path_commits_nothing_closes_the_store_and_flushes_the_log(monkeypatch, tmp_path):
+    import logging
+    import os
+
+    closed: list[str] = []
+    consumer, fake = _consumer(stage=None)
+    consumer.on_fatal = lambda: closed.append("store")
+    consumer._pending = {TP0: 10}
+    handler = logging.FileHandler(tmp_path / "worker.log")
+    logging.getLogger("meterstream").addHandler(handler)
+
+    def exit_(code: int) -> None:
+        raise SystemExit(code)
+
+    monkeypatch.setattr(os, "_exit", exit_)
+    try:
+        try:
+            raise RuntimeError("the store refused the batch")
+        except RuntimeError:
+            with pytest.raises(SystemExit) as exited:
+                consumer.fatal("batch failed; exiting without committing it")
+    finally:
+        logging.getLogger("meterstream").removeHandler(handler)
+    assert exited.value.code == 1
+    assert closed == ["store"]
+    written = (tmp_path / "worker.log").read_text()
+    assert "batch failed; exiting without committing it" in written and "the store refused the batch" in written
+    # Nothing pending is committed later, even if the shutdown path asks.
+    asyncio.run(consumer._commit(force=True))
+    assert fake.commits == []
