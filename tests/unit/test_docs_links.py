@@ -1,4 +1,4 @@
-"""Every relative link in README.md and docs/*.md points at a file that exists, and at a heading it has.
+"""Every relative link in README.md, BENCHMARKS.md and docs/*.md points at a file that exists, and at its heading.
 
 Anchors follow GitHub's rule for heading ids: lower case, characters other than
 letters, digits, spaces, hyphens and underscores dropped, spaces turned into
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 FENCE = re.compile(r"^(```|~~~).*?^\1[ \t]*$", re.M | re.S)
 INLINE_CODE = re.compile(r"`[^`\n]*`")
