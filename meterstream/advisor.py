@@ -1,7 +1,7 @@
 """Usage profiles and the threshold advisor: how an included allowance is chosen.
 
 Two questions customer success and pricing ask of a closed period
-(../shared/PRICING.md, "Budgets": usage profiles are how allowances are chosen):
+(docs/pricing.md, "Usage profiles and the threshold advisor"):
 
 * **What does a typical customer use?** :func:`usage_profiles` gives the p50,
   p75 and p90 of each meter's monthly total per customer, by plan or by cohort

@@ -163,7 +163,7 @@ class WorkerSettings(_Section):
     batch_timeout: float = Field(default=0.5, gt=0)
     #: Tumbling window for the real-time per-customer counters.
     window_seconds: int = Field(default=60, ge=1)
-    #: How long windowed counters are kept before Faust expires them.
+    #: How long windowed counters are kept before the worker drops them (checked every 60 s).
     window_expires_seconds: int = Field(default=3600, ge=60)
     #: The real-time counters skip a client's resend of an event stored within this many
     #: seconds (reloaded from the store after a restart), remembering at most
@@ -184,7 +184,7 @@ class WorkerSettings(_Section):
     #: How often the worker settles closed days for invoices (meterstream/storage/settle.py).
     settle_interval_seconds: float = Field(default=600.0, ge=10)
     web_port: int = Field(default=6066, ge=1, le=65535)
-    #: The worker's HTTP endpoint (/stats/, saved-query reads) listens here only.
+    #: The worker's HTTP endpoint (/stats/) listens here only.
     web_bind: str = "127.0.0.1"
     #: Plan catalog (YAML: plans, versions, their price books, customer assignments);
     #: empty means the shipped default (pay as you go on the default price book).

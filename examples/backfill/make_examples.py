@@ -1,5 +1,5 @@
 """Writes events.jsonl and events.csv: three months (2026-08 to 2026-10) of one team's usage
-(the worked example in the README's "Backfills" section). Deterministic: run it again and
+(the worked example of docs/backfill.md). Deterministic: run it again and
 the files are byte-identical.
 
     python examples/backfill/make_examples.py

@@ -163,7 +163,7 @@ def forward_command(
     Idempotency-Key: <alert_id> on every request; X-Meterstream-Signature: sha256=<hmac>
     with a secret. Delivered ids are kept in a ledger in the state directory; alerts
     refused permanently (4xx other than 429) or failing max_attempts times go to the
-    dead-letter file. SIGINT/SIGTERM stop between alerts. README: "Alert consumers".
+    dead-letter file. SIGINT/SIGTERM stop between alerts. docs/budgets.md: "Alert consumers".
     """
     from meterstream.alerting.forwarder import ForwarderError, ledger_path, run_forwarder, stop_on_signals
     from meterstream.alerting.ledger import LedgerError

@@ -1,6 +1,6 @@
 """Charge models: how a quantity of units becomes money. Pure tier maths, ``Decimal`` only.
 
-One function per model (see ../shared/PRICING.md, "Charge models"):
+One function per model (docs/pricing.md, "Prices and plans"):
 
 * :func:`per_unit` — quantity × price;
 * :func:`graduated` — each unit at the price of the tier it falls in;

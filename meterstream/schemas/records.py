@@ -63,7 +63,7 @@ class RatedUsage(BaseModel):
         No validation (there is nothing left to check) and no per-field bookkeeping: the
         worker builds one per event, and pydantic's ``model_construct`` costs several
         microseconds for 24 fields. Fields not given take their defaults; the result equals
-        ``RatedUsage(**values)`` (tests/unit/test_rating.py checks it).
+        ``RatedUsage(**values)`` (tests/unit/test_pricing.py checks it).
         """
         data = dict(_RATED_TEMPLATE)  # every field, in declaration order (serialisation follows it)
         data.update(values)

@@ -11,7 +11,8 @@ produced is durable:
    replayed events are already stored), then
    :class:`~meterstream.stream_processors.processing.BatchProcessor` decodes,
    dedupes, rates and aggregates (pure code);
-2. the sink writes raw events, rated rows and alerts to ClickHouse, retrying
+2. the store (:class:`~meterstream.storage.clickhouse.ClickHouseStore`) gets raw
+   events, rated rows and alerts, retrying
    with backoff while the store is unavailable (backpressure: the batch is not
    committed, so offsets do not move past unwritten rows);
 3. rejections go to the dead-letter topic and alerts to ``budget-alerts``

@@ -2,10 +2,11 @@
 
 Why not a Faust agent. Faust delivers messages one at a time, through a
 thread hand-off and a ``wait_first`` per message, before ``take_events``
-regroups them: on this project's 2-core machine a Faust agent that does
-nothing with its messages reads ~3,200 events/s with ``take_events(1000)``
-and ~4,100/s with ``stream.events()``, where aiokafka's ``getmany`` — the
-client Faust itself uses — reads ~200,000/s on the same topic (BENCHMARKS.md).
+regroups them: measured on a quiet 2-core machine on 2026-11-27, a Faust agent
+that does nothing with its messages read ~3,200 events/s with
+``take_events(1000)`` and ~4,100/s with ``stream.events()``, where aiokafka's
+``getmany`` — the client Faust itself uses — read ~200,000/s on the same topic
+(BENCHMARKS.md; ``bench.run`` measures the no-op agent in every worker phase).
 The worker does all its work per batch anyway, so it asks aiokafka for
 batches directly and keeps Faust for what Faust does well here: the app's
 lifecycle and signals, the producer for the side topics, timers and the web

@@ -1,10 +1,12 @@
 """What the worker does to a batch of messages, without Faust or ClickHouse.
 
-decode -> dedupe -> rate -> aggregate per key -> budget thresholds. The Faust
-agent (:mod:`meterstream.stream_processors.app`) only moves the result: rows to
-the sink, rejections to the dead-letter topic, alerts to ``budget-alerts`` and
-counters to its tables. Keeping this pure makes it unit-testable and keeps one
-copy of the rules.
+decode -> dedupe -> rate -> aggregate per key -> budget thresholds. The worker
+(:mod:`meterstream.stream_processors.app`, fed in batches by
+:mod:`meterstream.stream_processors.consumer`) only moves the result: rows to
+ClickHouse, rejections to the dead-letter topic, alerts to ``budget-alerts`` and
+states to ``enforcement-state``; the counters live in
+:mod:`meterstream.stream_processors.state`, rebuilt from the store. Keeping this
+pure makes it unit-testable and keeps one copy of the rules.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ class WorkerProcess:
         return self
 
     def wait_ready(self, timeout: float) -> None:
-        """Ready means the web endpoint answers and the agent has been assigned partitions."""
+        """Ready means the web endpoint answers and the batch consumer has been assigned partitions."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self._check_alive()

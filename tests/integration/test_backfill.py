@@ -1,4 +1,4 @@
-"""meterstream import on the real broker and engine: the README's worked example, dedupe, per-line errors.
+"""meterstream import on the real broker and engine: docs/backfill.md's worked example, dedupe, per-line errors.
 
 examples/backfill/ holds 160 events of 2026-08..2026-10: periods closed at any date this
 test can run on (each closes 3 days after its month ends), so the late-usage rule applies.
@@ -74,7 +74,7 @@ def test_worked_example_dry_run_then_import(pipeline_factory, tmp_path):
     pq_plan = json.loads(_cli(pipeline.env, "import", str(parquet), "--dry-run", "--json").stdout)
     assert pq_plan["by_customer_period"] == plan["by_customer_period"]
 
-    # the table form, as the README shows it
+    # the table form, as docs/backfill.md shows it
     table = _cli(pipeline.env, "import", str(EXAMPLE), "--dry-run")
     assert table.returncode == 0 and "would be sent" in table.stdout
 

@@ -1,4 +1,4 @@
-"""meterstream reconcile-provider on the real broker and engine: the README's worked example.
+"""meterstream reconcile-provider on the real broker and engine: docs/provider-reconciliation.md's example.
 
 The example's October usage is backfilled (`meterstream import`), rated and stored by the
 worker; the providers' exports (examples/provider-bills/, written from the documented

@@ -1,9 +1,9 @@
-"""The README's Python examples, run as written against the real broker and worker.
+"""The Python examples of the README and docs/, run as written against the real broker and worker.
 
-Each example is taken from README.md (the code block after its marker comment, or
-the first block of its section) and executed with only the names it leaves to the
-reader supplied: settings, the model call, the SDK client. If the README's API
-drifts from the code, these fail.
+Each example is taken from its page (the SDK snippet: README.md, the first block of
+its section; the guard: docs/budgets.md, the code block after its marker comment) and
+executed with only the names it leaves to the reader supplied: settings, the model
+call, the SDK client. If the documented API drifts from the code, these fail.
 """
 
 from __future__ import annotations
@@ -21,14 +21,16 @@ from meterstream.config import get_settings
 from meterstream.producers import BudgetExceeded, MeterClient, Reason
 
 pytestmark = pytest.mark.integration
-README = Path(__file__).resolve().parents[2] / "README.md"
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
+BUDGETS_DOC = ROOT / "docs" / "budgets.md"
 
 
-def _block_after(marker: str) -> str:
-    text = README.read_text()
+def _block_after(page: Path, marker: str) -> str:
+    text = page.read_text()
     start = text.index(marker)
     match = re.compile(r"```python\n(.*?)```", re.S).search(text, start)
-    assert match is not None, f"no python block after {marker!r}"
+    assert match is not None, f"no python block after {marker!r} in {page.name}"
     return match.group(1)
 
 
@@ -45,7 +47,7 @@ def readme_env(pipeline_factory, monkeypatch):
 
 def test_the_guard_example(readme_env):
     pipeline = readme_env
-    code = _block_after('<!-- README example "guard"')
+    code = _block_after(BUDGETS_DOC, '<!-- docs example "guard"')
     calls: list[str] = []
 
     def call_model(model: str, max_tokens: int):
@@ -57,7 +59,7 @@ def test_the_guard_example(readme_env):
 
         def run() -> dict:
             namespace = {"kafka_settings": pipeline.kafka, "max_tokens": 100, "call_model": call_model, "meter": meter}
-            exec(compile(code, "README.md (guard example)", "exec"), namespace)
+            exec(compile(code, "docs/budgets.md (guard example)", "exec"), namespace)
             guards.append(namespace["guard"])
             deadline = time.monotonic() + 30
             while "acme" not in namespace["guard"].view.states:
