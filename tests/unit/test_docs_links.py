@@ -1,4 +1,4 @@
-"""Every relative link in README.md, BENCHMARKS.md and docs/*.md points at a file that exists, and at its heading.
+"""Every relative link in README.md, BENCHMARKS.md and docs/*.md resolves: the file exists, and the heading.
 
 Anchors follow GitHub's rule for heading ids: lower case, characters other than
 letters, digits, spaces, hyphens and underscores dropped, spaces turned into
@@ -80,7 +80,8 @@ def test_every_relative_link_resolves(page: Path) -> None:
         path, _, anchor = target.partition("#")
         dest = (page.parent / path).resolve() if path else page
         if not dest.exists():
-            broken.append(f"{target}: no file {dest.relative_to(ROOT) if dest.is_relative_to(ROOT) else dest}")
+            where = dest.relative_to(ROOT) if dest.is_relative_to(ROOT) else dest
+            broken.append(f"{target}: no file {where}")
             continue
         if anchor and dest.suffix == ".md" and anchor not in anchors(dest):
             broken.append(f"{target}: no heading #{anchor} in {dest.relative_to(ROOT)}")
