@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 STATE  := .local
 
-.PHONY: demo test test-unit test-integration lint services-up services-down install browser kcat redis clean
+.PHONY: demo test test-fast test-unit test-integration lint services-up services-down install browser kcat redis clean
 
 install: $(STAMP)
 
@@ -80,6 +80,11 @@ test: $(STAMP) browser kcat redis
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+
+# The quick loop while editing: the unit tier (pure: no broker, no server) on every core, with
+# hypothesis' `fast` profile (tests/conftest.py). `make test` runs everything, in full.
+test-fast: $(STAMP)
+	METERSTREAM_HYPOTHESIS_PROFILE=fast $(BIN)/python -m pytest -q -n auto tests/unit $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -ra tests/unit $(PYTEST_ARGS)

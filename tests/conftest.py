@@ -27,8 +27,15 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from meterstream.clock import utc_now
+
+#: Hypothesis profiles: ``make test`` runs the default (100 examples a property, more where a
+#: test asks); ``make test-fast`` picks ``fast`` through this variable for a quick loop.
+HYPOTHESIS_PROFILE_ENV = "METERSTREAM_HYPOTHESIS_PROFILE"
+settings.register_profile("fast", max_examples=10, deadline=None)
+settings.load_profile(os.environ.get(HYPOTHESIS_PROFILE_ENV, "default"))
 
 CLOCK_AT_ENV = "METERSTREAM_TEST_CLOCK_AT"
 OFFSET_ENV = "METERSTREAM_TEST_CLOCK_OFFSET"
