@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 STATE  := .local
 
-.PHONY: demo test test-fast test-unit test-integration lint services-up services-down install browser kcat redis clean
+.PHONY: demo test test-fast test-unit test-store test-system lint services-up services-down install browser kcat redis clean
 
 install: $(STAMP)
 
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-# Headless Chromium for the browser test (tests/integration/test_web.py), from Debian's
+# Headless Chromium for the browser test (tests/system/test_web.py), from Debian's
 # packages; installed only when /usr/bin/chromium is missing (CI runs as root).
 browser:
 	@if [ ! -x /usr/bin/chromium ]; then \
@@ -29,7 +29,7 @@ browser:
 	fi
 
 # kcat, a non-Python Kafka producer, for the poison-message fuzz test
-# (tests/integration/test_poison_messages.py), from Debian's packages, like chromium above.
+# (tests/system/test_poison_messages.py), from Debian's packages, like chromium above.
 kcat:
 	@if ! command -v kcat >/dev/null 2>&1; then \
 	  SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
@@ -38,7 +38,7 @@ kcat:
 
 # The shared reservation ledger of hard caps (meterstream/producers/ledger.py): Debian's
 # redis-server, installed only when missing. The tests start their own on a free loopback
-# port (tests/integration/conftest.py) and stop it again; nothing listens between runs.
+# port (tests/system/conftest.py) and stop it again; nothing listens between runs.
 redis:
 	@if ! command -v redis-server >/dev/null 2>&1; then \
 	  SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
@@ -89,8 +89,17 @@ test-fast: $(STAMP)
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -ra tests/unit $(PYTEST_ARGS)
 
-test-integration: $(STAMP) browser kcat redis services-up
-	$(BIN)/python -m pytest -ra tests/integration $(PYTEST_ARGS)
+# The store tier: the ClickHouse server alone (started if needed, and stopped again if so).
+test-store: $(STAMP)
+	@started=; $(BIN)/meterstream services status clickhouse >/dev/null 2>&1 || started=clickhouse; \
+	$(BIN)/meterstream services up clickhouse || exit 1; \
+	$(BIN)/python -m pytest -ra tests/store $(PYTEST_ARGS); rc=$$?; \
+	if [ -n "$$started" ]; then $(BIN)/meterstream services down $$started; fi; \
+	exit $$rc
+
+# The system tier: broker, workers and server (the services stay up afterwards).
+test-system: $(STAMP) browser kcat redis services-up
+	$(BIN)/python -m pytest -ra tests/system $(PYTEST_ARGS)
 
 clean:
 	-$(BIN)/meterstream services down

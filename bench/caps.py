@@ -15,7 +15,7 @@ time from the first refusal (the crossing) to the last call allowed.
 
 Uses the running broker (``METERSTREAM_KAFKA__BOOTSTRAP_SERVERS``), its own
 topics, worker, embedded store and redis-server (``make redis``), all removed at
-the end. ``run_trial`` is also what ``tests/integration/test_ledger.py`` runs.
+the end. ``run_trial`` is also what ``tests/system/test_ledger.py`` runs.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 A deprecation is an upgrade about to break. In the test process every ``DeprecationWarning``
 is an error (pyproject's ``filterwarnings``); the worker processes the integration tests start
 run with ``PYTHONWARNINGS=always::DeprecationWarning`` and their logs are checked for them when
-the test ends (``tests/integration/conftest.py``). A warning fails the test unless its text
+the test ends (``tests/system/conftest.py``). A warning fails the test unless its text
 matches one of the patterns below. Add one only with the reason, and remove it when the
 dependency or our code no longer warns.
 """

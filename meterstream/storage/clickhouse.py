@@ -4,7 +4,7 @@ Every process talks to one ClickHouse server over HTTP (``http://...``; locally 
 server of ``meterstream services up``, see :mod:`meterstream.services.clickhouse`).
 ``chdb://PATH`` (the engine inside this process, one process per data directory)
 is kept for single-process work that needs no server: ``bench/invoice.py`` builds
-and reads a 10M-event store in one process (tests/integration/test_storage.py
+and reads a 10M-event store in one process (tests/store/test_storage.py
 checks the DDL and a batch on it).
 """
 

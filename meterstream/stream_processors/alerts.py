@@ -15,7 +15,7 @@ those steps, so when partitions are assigned, before their first batch is rated,
 So each threshold crossing is published once, and none is missed. Why at
 assignment and not at start-up: a worker joining a running group found, at
 start-up, alerts another worker had stored and was about to publish, and
-published them too (tests/integration/test_scale_out.py). At assignment every
+published them too (tests/system/test_scale_out.py). At assignment every
 live worker has finished the batches of the partitions that moved (they settle
 on revocation), and each customer's partition has one owner.
 """

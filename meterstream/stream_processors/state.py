@@ -2,7 +2,7 @@
 
 Why not Faust tables: with changelog-backed tables, worker restarts were not
 exact on faust-streaming 0.15.3 with Kafka 4.4
-(tests/integration/test_worker_restarts.py): after a SIGKILL 34–111 of 12,000
+(tests/system/test_worker_restarts.py): after a SIGKILL 34–111 of 12,000
 events had their offsets committed although they were never rated, and after
 a SIGTERM the recovered table state ran ahead of the alerts that had been sent
 (one alert repeated, three missing). The store

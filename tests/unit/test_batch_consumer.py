@@ -2,7 +2,7 @@
 
 A fake aiokafka consumer records commits; the stager records when each batch is
 rated and written. The real consumer on the real broker (rebalances, SIGKILL,
-SIGTERM) is exercised in tests/integration/test_worker_restarts.py and the
+SIGTERM) is exercised in tests/system/test_worker_restarts.py and the
 pipeline tests.
 """
 

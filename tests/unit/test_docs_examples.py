@@ -1,6 +1,6 @@
 """The data examples of docs/ are accepted by the code that reads such data.
 
-The Python examples run against a real worker in tests/integration/test_readme_examples.py
+The Python examples run against a real worker in tests/system/test_readme_examples.py
 and billing.md's catalog in test_billing_docs.py; these are the wire-format event of
 architecture.md and the budgets file of budgets.md, read as the worker reads them.
 """

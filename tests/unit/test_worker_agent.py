@@ -3,7 +3,7 @@
 The store is an in-memory stand-in for the one-method storage interface, and the
 side-topic sends are captured, so this checks the worker's wiring: one batch in,
 rows to the store, rejections to the dead-letter topic, alerts to budget-alerts.
-(The consumer that feeds it is exercised on the real broker in tests/integration.)
+(The consumer that feeds it is exercised on the real broker in tests/system.)
 """
 
 from __future__ import annotations
