@@ -31,8 +31,9 @@ import httpx
 from meterstream.config import ClickHouseSettings, LocalServicesSettings
 from meterstream.services.kafka import ServiceError, _cmdline, _pid_alive, _port_owner, _tail, port_in_use
 
-#: ``services/clickhouse`` in the source tree: config.xml (a template) and users.xml.
-SERVICE_FILES = Path(__file__).resolve().parents[2] / "services" / "clickhouse"
+#: ``services/clickhouse`` at the top of the repo (config.xml, a template, and users.xml), reached
+#: through the link ``meterstream/services/files``: it travels in the wheel like sql/ (kafka.py).
+SERVICE_FILES = Path(__file__).parent / "files" / "clickhouse"
 STOP_TIMEOUT = 30.0
 PORT_RELEASE_GRACE = 3.0
 PROCESS_MODULE = "meterstream.services.clickhouse_process"

@@ -34,8 +34,10 @@ from meterstream.config import LocalServicesSettings
 
 logger = logging.getLogger(__name__)
 
-#: ``services/kafka`` in the source tree: the pom and the log4j2 configuration.
-SERVICE_FILES = Path(__file__).resolve().parents[2] / "services" / "kafka"
+#: ``services/kafka`` at the top of the repo (the pom and the log4j2 configuration), reached through
+#: the link ``meterstream/services/files`` -> ``../../services``: the files travel in the wheel as
+#: ``meterstream/services/files/kafka/``, so ``meterstream services up`` works from an installed package.
+SERVICE_FILES = Path(__file__).parent / "files" / "kafka"
 MIN_JAVA = 17
 MAVEN_TIMEOUT = 900.0  # a cold ~/.m2 downloads ~45 MB
 FORMAT_TIMEOUT = 120.0
@@ -351,7 +353,7 @@ class KafkaBroker:
     def _ensure_jars(self, step: Callable[[str], None]) -> None:
         """Run Maven unless lib/ was resolved from this very pom (the stamp holds its hash)."""
         if not self.pom.is_file():
-            raise ServiceError(f"{self.pom} not found; the local broker needs a meterstream source checkout.")
+            raise ServiceError(f"{self.pom} not found; reinstall meterstream (the wheel carries services/kafka/).")
         digest = hashlib.sha256(self.pom.read_bytes()).hexdigest()
         stamp = self.lib_dir / ".pom.sha256"
         if stamp.is_file() and stamp.read_text().strip() == digest:
