@@ -185,8 +185,10 @@ def worker(
     loglevel: Annotated[str, typer.Option(help="crit, error, warn, info or debug")] = "info",
 ) -> None:
     """Run the Faust worker: rate, dedupe, count, alert, and write to ClickHouse."""
+    import asyncio
+
     import faust
-    from confluent_kafka import KafkaException
+    from aiokafka.errors import KafkaError
 
     from meterstream.budgets import BudgetBookError, load_budgets
     from meterstream.pricing.plans import PlanError, load_catalog
@@ -194,10 +196,12 @@ def worker(
     from meterstream.producers.ledger import LedgerUnavailable, RedisLedger
     from meterstream.storage.clickhouse import StoreError
     from meterstream.stream_processors.alerts import (
+        OutboxKafka,
         current_states,
         publish_states,
         reconcile_alerts,
         reconcile_ledger,
+        standalone_outbox,
     )
     from meterstream.stream_processors.app import create_app
     from meterstream.topics import TopicError, customer_partition, ensure_topics
@@ -208,18 +212,24 @@ def worker(
         store = _open_store_waiting(settings.clickhouse)
     except (TopicError, StoreError) as exc:
         raise fail(str(exc)) from None
+    # One loop: the start-up steps below run on it (aiokafka), then the Faust app does.
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
     try:
         catalog = load_catalog(settings.worker.plans_file)
         budgets = load_budgets(settings.worker.budgets_file, catalog)
-        # The ids already on the topic; the outbox itself runs when partitions are assigned, for
-        # their customers only (alerts.py says why not here).
-        published, _ = reconcile_alerts(store, budgets, settings.kafka, topics.budget_alerts.name,
-                                        owns=lambda customer_id: False)  # fmt: skip
+        with standalone_outbox(settings.kafka, loop) as kafka:
+            # The ids already on the topic; the outbox itself runs when partitions are assigned, for
+            # their customers only (alerts.py says why not here).
+            published, _ = reconcile_alerts(store, budgets, kafka, topics.budget_alerts.name,
+                                            owns=lambda customer_id: False)  # fmt: skip
+            states = current_states(store, budgets, catalog_fingerprint=catalog.fingerprint())
+            publish_states(kafka, topics.enforcement.name, states)
 
-        def reconcile_for(partitions: set[int]) -> set[str]:
+        def reconcile_for(partitions: set[int], kafka: OutboxKafka) -> set[str]:
             count = settings.kafka.partitions
             ids, sent = reconcile_alerts(
-                store, budgets, settings.kafka, topics.budget_alerts.name,
+                store, budgets, kafka, topics.budget_alerts.name,
                 owns=lambda customer_id: customer_partition(customer_id, count) in partitions,
             )  # fmt: skip
             if sent:
@@ -228,15 +238,13 @@ def worker(
                     sent, sorted(partitions))  # fmt: skip
             return ids
 
-        states = current_states(store, budgets, catalog_fingerprint=catalog.fingerprint())
-        publish_states(settings.kafka, topics.enforcement.name, states)
         try:
             reconcile_ledger(RedisLedger.from_settings(settings.ledger), states)
         except LedgerUnavailable as exc:  # each batch sets its customers' totals again
             err_console.print(f"warning: {exc}; the ledger's counted totals follow with the next batches")
         faust_app = create_app(settings, store, published, reconcile_for)
-        faust.Worker(faust_app, loglevel=loglevel).execute_from_commandline()
-    except (PriceBookError, PlanError, BudgetBookError, StoreError, KafkaException, TimeoutError) as exc:
+        faust.Worker(faust_app, loop=loop, loglevel=loglevel).execute_from_commandline()
+    except (PriceBookError, PlanError, BudgetBookError, StoreError, KafkaError, TimeoutError, ValueError) as exc:
         raise fail(str(exc)) from None
     finally:
         store.close()

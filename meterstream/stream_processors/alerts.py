@@ -22,13 +22,16 @@ on revocation), and each customer's partition has one owner.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from decimal import Decimal
+from typing import Any, TypeVar
 
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from meterstream.budgets import BudgetBook, customer_decision, thresholds_to_alert
 from meterstream.clock import utc_now
@@ -43,8 +46,64 @@ from meterstream.schemas.records import (
     ThresholdAction,
 )
 from meterstream.storage.clickhouse import ClickHouseStore
+from meterstream.stream_processors.kafka_clients import aiokafka_client_args
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: Sends one record: (topic name, key, value) -> the broker's delivery future. In the worker this is
+#: Faust's producer through the declared side topics (app.py); at start-up a short-lived aiokafka one.
+Send = Callable[[str, bytes, bytes], Awaitable[Awaitable[Any]]]
+
+
+class OutboxKafka:
+    """The outbox's Kafka side on one event loop: aiokafka reads ``budget-alerts``, ``send`` publishes.
+
+    Called from the worker's batch thread while the loop runs (the pass at partition
+    assignment), or from the main thread before the app starts (the start-up steps).
+    """
+
+    def __init__(self, kafka: KafkaSettings, loop: asyncio.AbstractEventLoop, send: Send) -> None:
+        self.kafka = kafka
+        self.loop = loop
+        self.send = send
+
+    def run(self, coro: Awaitable[T], timeout: float) -> T:
+        if self.loop.is_running():
+            return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
+        return self.loop.run_until_complete(coro)
+
+    def published_ids(self, topic: str, since: datetime, timeout: float) -> set[str]:
+        return self.run(published_alert_ids(self.kafka, topic, since, timeout), timeout + 10)
+
+    def publish(self, topic: str, records: list[tuple[bytes, bytes]], timeout: float) -> None:
+        """Send ``(key, value)`` records and wait until the broker has confirmed every one."""
+        async def send_all() -> None:
+            futures = [await self.send(topic, key, value) for key, value in records]
+            await asyncio.wait_for(asyncio.gather(*futures), timeout)
+
+        self.run(send_all(), timeout + 10)
+
+
+@contextmanager
+def standalone_outbox(kafka: KafkaSettings, loop: asyncio.AbstractEventLoop | None = None) -> Iterator[OutboxKafka]:
+    """An :class:`OutboxKafka` with its own aiokafka producer (idempotent, acks=all) on ``loop``
+    (a new one if None): the worker's start-up steps, before its app runs, and tools."""
+    own = loop is None
+    loop = loop or asyncio.new_event_loop()
+
+    async def start() -> AIOKafkaProducer:  # aiokafka clients are made on their running loop
+        producer = AIOKafkaProducer(**aiokafka_client_args(kafka), acks="all", enable_idempotence=True)
+        await producer.start()
+        return producer
+
+    producer = loop.run_until_complete(start())
+    try:
+        yield OutboxKafka(kafka, loop, lambda topic, key, value: producer.send(topic, value, key=key))
+    finally:
+        loop.run_until_complete(producer.stop())
+        if own:
+            loop.close()
 
 _TOTALS = """
 SELECT customer_id, period, sum(credits) AS credits
@@ -62,45 +121,46 @@ ORDER BY crossed_at, alert_id
 """
 
 
-def published_alert_ids(kafka: KafkaSettings, topic: str, since: datetime, timeout: float = 30.0) -> set[str]:
+async def published_alert_ids(kafka: KafkaSettings, topic: str, since: datetime, timeout: float = 30.0) -> set[str]:
     """Ids of the alerts on ``topic`` published since ``since``, read to the end of every partition."""
-    consumer = Consumer(
-        {
-            **kafka.confluent_config(),
-            "group.id": "meterstream-alert-ledger",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-        }
-    )
+    consumer = AIOKafkaConsumer(**aiokafka_client_args(kafka), enable_auto_commit=False,
+                                isolation_level="read_committed")  # fmt: skip
     ids: set[str] = set()
+    deadline = time.monotonic() + timeout
+    await asyncio.wait_for(consumer.start(), timeout)
     try:
-        metadata = consumer.list_topics(topic, timeout=timeout)
-        partitions = list(metadata.topics[topic].partitions) if topic in metadata.topics else []
+        # Fresh metadata of every topic (a consumer without a subscription holds none); aiokafka's client
+        # object, as BatchConsumer._broker_reachable uses it.
+        cluster = await asyncio.wait_for(consumer._client.fetch_all_metadata(), timeout)
+        partitions = sorted(cluster.partitions_for_topic(topic) or ())
         if not partitions:
             return ids
+        tps = [TopicPartition(topic, p) for p in partitions]
+        consumer.assign(tps)
         stamp = int(since.timestamp() * 1000)
-        starts = consumer.offsets_for_times([TopicPartition(topic, p, stamp) for p in partitions], timeout=timeout)
-        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[1] for p in partitions}
-        todo = {tp.partition for tp in starts if tp.offset >= 0 and tp.offset < ends[tp.partition]}
-        consumer.assign([tp for tp in starts if tp.partition in todo])
-        deadline = time.monotonic() + timeout
+        starts = await asyncio.wait_for(consumer.offsets_for_times({tp: stamp for tp in tps}), timeout)
+        ends = await asyncio.wait_for(consumer.end_offsets(tps), timeout)
+        todo = set()
+        for tp in tps:
+            start = starts.get(tp)
+            if start is not None and start.offset < ends[tp]:
+                consumer.seek(tp, start.offset)
+                todo.add(tp)
         while todo:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"could not read {topic} to its end within {timeout:.0f} s")
-            message = consumer.poll(0.5)
-            if message is None:
-                continue
-            if message.error():
-                raise KafkaException(message.error())
-            partition, offset = message.partition(), message.offset()
-            try:
-                ids.add(BudgetAlert.model_validate_json(message.value() or b"").alert_id)
-            except ValueError:
-                log.warning("skipping an unreadable message on %s at offset %s", topic, offset)
-            if partition is not None and offset is not None and offset + 1 >= ends[partition]:
-                todo.discard(partition)
+            batch = await consumer.getmany(*todo, timeout_ms=500)
+            for tp, records in batch.items():
+                for record in records:
+                    try:
+                        ids.add(BudgetAlert.model_validate_json(record.value or b"").alert_id)
+                    except ValueError:
+                        log.warning("skipping an unreadable message on %s at offset %d", topic, record.offset)
+            for tp in list(todo):
+                if await consumer.position(tp) >= ends[tp]:
+                    todo.discard(tp)
     finally:
-        consumer.close()
+        await consumer.stop()
     return ids
 
 
@@ -140,7 +200,7 @@ def missing_alerts(
 def reconcile_alerts(
     store: ClickHouseStore,
     budgets: BudgetBook,
-    kafka: KafkaSettings,
+    kafka: OutboxKafka,
     topic: str,
     *,
     now: datetime | None = None,
@@ -153,7 +213,7 @@ def reconcile_alerts(
     period = period_of(now)
     periods = [previous_period(period), period]
     since = datetime(int(periods[0][:4]), int(periods[0][5:7]), 1, tzinfo=timezone.utc)
-    published = published_alert_ids(kafka, topic, since, timeout)
+    published = kafka.published_ids(topic, since, timeout)
     missing = missing_alerts(store, budgets, periods, now, owns)
     if missing:
         store.insert_batch([], [], missing)
@@ -163,17 +223,8 @@ def reconcile_alerts(
         if row["alert_id"] not in published and owns(row["customer_id"])
     ]
     if pending:
-        producer = Producer(kafka.producer_config())
-        failures: list[str] = []
-        for alert in pending:
-            producer.produce(
-                topic,
-                key=alert.customer_id.encode(),
-                value=alert.model_dump_json().encode(),
-                on_delivery=lambda err, msg: failures.append(str(err)) if err else None,
-            )
-        if producer.flush(timeout) or failures:
-            raise KafkaException(f"could not publish {len(pending)} pending alerts: {failures[:1]}")
+        kafka.publish(topic, [(alert.customer_id.encode(), alert.model_dump_json().encode()) for alert in pending],
+                      timeout)  # fmt: skip
         published.update(alert.alert_id for alert in pending)
         log.warning("published %d alerts a previous run had recorded but not sent", len(pending))
     return published, len(pending)
@@ -235,11 +286,6 @@ def reconcile_ledger(ledger: RedisLedger | None, states: list[EnforcementState])
     return done
 
 
-def publish_states(kafka: KafkaSettings, topic: str, states: list[EnforcementState], timeout: float = 30.0) -> None:
-    if not states:
-        return
-    producer = Producer(kafka.producer_config())
-    for state in states:
-        producer.produce(topic, key=state.key.encode(), value=state.model_dump_json().encode())
-    if producer.flush(timeout):
-        raise KafkaException(f"could not publish {len(states)} enforcement states within {timeout:.0f} s")
+def publish_states(kafka: OutboxKafka, topic: str, states: list[EnforcementState], timeout: float = 30.0) -> None:
+    if states:
+        kafka.publish(topic, [(state.key.encode(), state.model_dump_json().encode()) for state in states], timeout)

@@ -16,7 +16,8 @@ produced is durable:
    with backoff while the store is unavailable (backpressure: the batch is not
    committed, so offsets do not move past unwritten rows);
 3. rejections go to the dead-letter topic and alerts to ``budget-alerts``
-   (through the Faust producer); the worker waits for the broker to confirm both;
+   (side topics declared with ``app.topic``, sent through Faust's producer);
+   the worker waits for the broker to confirm both;
 4. the offsets are committed (at least once, every ``commit_interval``).
 
 The enforcement state (a view, not money) does not wait for the store: each
@@ -39,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -61,7 +61,9 @@ from meterstream.schemas.records import HEARTBEAT_KEY, Decision, EnforcementStat
 from meterstream.storage.clickhouse import Storage, StoreError
 from meterstream.storage.settle import settle_store
 from meterstream.stream_processors import quiet_logs
+from meterstream.stream_processors.alerts import OutboxKafka
 from meterstream.stream_processors.consumer import BatchConsumer
+from meterstream.stream_processors.kafka_clients import faust_broker, faust_credentials
 from meterstream.stream_processors.processing import BatchProcessor, BatchResult, InboundMessage
 from meterstream.stream_processors.state import StoreBackedState
 from meterstream.topics import Topics
@@ -122,15 +124,16 @@ def create_app(
     settings: Settings,
     store: Storage,
     published_alerts: set[str] | None = None,
-    reconcile_alerts_for: Callable[[set[int]], set[str]] | None = None,
+    reconcile_alerts_for: Callable[[set[int], OutboxKafka], set[str]] | None = None,
     clock: Clock = utc_now,
 ) -> faust.App:
     """Build the worker app from settings and an open store (nothing is read from module globals).
 
     ``published_alerts`` holds the alert ids already on the ``budget-alerts`` topic
     (read at start-up), so an alert is never published twice. ``reconcile_alerts_for``
-    runs the alert outbox for the assigned partitions of the event topics and returns
-    the ids on the topic (meterstream/stream_processors/alerts.py); None in unit tests.
+    runs the alert outbox for the assigned partitions of the event topics (its Kafka side on
+    this app's loop and producer) and returns the ids on the topic
+    (meterstream/stream_processors/alerts.py); None in unit tests.
     ``clock`` is the time every decision of the worker reads (periods closed, windows expired,
     days settled).
     """
@@ -149,7 +152,7 @@ def create_app(
             return
         partitions = {tp.partition for tp in consumer.assigned if tp.topic == topics.usage.name}
         try:
-            published.update(reconcile_alerts_for(partitions))
+            published.update(reconcile_alerts_for(partitions, OutboxKafka(kafka, app.loop, send)))
         except StoreError:
             raise  # the batch is retried, and with it this pass
         except Exception:  # the broker: unsent alerts stay recorded for the next assignment's pass
@@ -176,21 +179,29 @@ def create_app(
         outcomes=state,
     )
 
+    # Only what the worker uses: no tables (the state is derived from the store, state.py), so no
+    # store, changelog partitions or replication; Faust's consumer off (the BatchConsumer below
+    # reads the event topics in batches). ``datadir``: Faust creates it at every start
+    # (App.on_first_start), so it goes to the git-ignored state directory, not the cwd.
     app = faust.App(
         worker.app_id,
-        broker=[f"kafka://{server.strip()}" for server in kafka.bootstrap_servers.split(",")],
-        broker_credentials=_faust_credentials(kafka),
-        store="memory://",
-        topic_partitions=kafka.partitions,
-        topic_replication_factor=kafka.replication_factor,
+        broker=faust_broker(kafka),
+        broker_credentials=faust_credentials(kafka),
+        producer_acks=-1,
         web_port=worker.web_port,
         web_bind=worker.web_bind,
-        web_host=worker.web_bind,
         datadir=str(worker.data_dir),
-        producer_acks=-1,
     )
-    # Faust's own consumer stays off: the BatchConsumer below reads the event topics.
     app.boot_strategy = BootStrategy(app, enable_kafka_consumer=False)
+    # The side topics, declared once; the worker only sends to them (created by topics.ensure_topics).
+    side_topics = {
+        spec.name: app.topic(spec.name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+        for spec in (topics.dead_letter, topics.budget_alerts, topics.enforcement)
+    }
+
+    async def send(topic: str, key: bytes | None, value: bytes) -> Awaitable[Any]:
+        """One record to a side topic; returns the broker's delivery future (awaited by the caller)."""
+        return await side_topics[topic].send(key=key, value=value)
 
     activity = _Activity()
     # One store call at a time: chDB runs in this process and inserts and reads share it.
@@ -273,7 +284,7 @@ def create_app(
     async def _send(topic: str, key: bytes | None, value: bytes) -> Any:
         """The producer's delivery future, or the exception ``send`` raised at once (e.g. too large)."""
         try:
-            return await app.producer.send(topic, key, value, None, None, None)
+            return await send(topic, key, value)
         except Exception as exc:
             return exc
 
@@ -287,16 +298,12 @@ def create_app(
         return None
 
     async def publish(result: BatchResult, keys: list[bytes | None]) -> dict[tuple[str, int], int]:
-        # Straight to Faust's producer (aiokafka underneath, murmur2 keys): ``Topic.send`` adds
-        # Faust's message bookkeeping per record, and a batch can carry one enforcement state
-        # per customer it touched.
-        send = app.producer.send
         futures = []
         held = await send_dead_letters(result, keys) if result.dead_letters else {}
         fresh = [alert for alert in result.alerts if alert.alert_id not in published]
         for alert in fresh:
             value = alert.model_dump_json().encode()
-            futures.append(await send(topics.budget_alerts.name, alert.customer_id.encode(), value, None, None, None))
+            futures.append(await send(topics.budget_alerts.name, alert.customer_id.encode(), value))
         # Wait for the broker to confirm before the batch's offsets may be committed.
         for fut in futures:
             await fut
@@ -331,13 +338,11 @@ def create_app(
         states: dict[str, EnforcementState], as_of: datetime | None = None
     ) -> list[Awaitable[Any]]:
         """Send the batch's decisions and a heartbeat now (a view, not money: no store involved)."""
-        send = app.producer.send
         futures = []
         for key, decision in states.items():
-            value = decision.model_dump_json().encode()
-            futures.append(await send(topics.enforcement.name, key.encode(), value, None, None, None))
+            futures.append(await send(topics.enforcement.name, key.encode(), decision.model_dump_json().encode()))
         futures.append(await send(topics.enforcement.name, HEARTBEAT_KEY.encode(),
-                                  heartbeat(as_of).model_dump_json().encode(), None, None, None))  # fmt: skip
+                                  heartbeat(as_of).model_dump_json().encode()))  # fmt: skip
         return futures
 
     def count_in_ledger(states: dict[str, EnforcementState]) -> None:
@@ -440,8 +445,7 @@ def create_app(
         Silent while a write is stuck (the store is down): guards then see the view age.
         """
         if activity.writing == 0 and time.monotonic() - activity.last_batch >= 1.0:
-            fut = await app.producer.send(topics.enforcement.name, HEARTBEAT_KEY.encode(),
-                                          heartbeat().model_dump_json().encode(), None, None, None)  # fmt: skip
+            fut = await send(topics.enforcement.name, HEARTBEAT_KEY.encode(), heartbeat().model_dump_json().encode())
             await fut
 
     @app.timer(interval=60.0)
@@ -472,17 +476,3 @@ def create_app(
     app.meterstream_state = state  # type: ignore[attr-defined]
     app.meterstream_handle_batch = handle_batch  # type: ignore[attr-defined]
     return app
-
-
-def _faust_credentials(kafka: Any) -> Any:
-    """Faust's credentials for the side-topic producer (the consumer takes aiokafka's, see consumer.py)."""
-    if kafka.sasl_mechanism and kafka.sasl_username and kafka.sasl_password is not None:
-        return faust.SASLCredentials(
-            username=kafka.sasl_username,
-            password=kafka.sasl_password.get_secret_value(),
-            mechanism=kafka.sasl_mechanism,
-            ssl_context=ssl.create_default_context(cafile=kafka.ssl_cafile) if kafka.security_protocol == "SASL_SSL" else None,
-        )
-    if kafka.security_protocol == "SSL":
-        return faust.SSLCredentials(ssl.create_default_context(cafile=kafka.ssl_cafile))
-    return None

@@ -9,8 +9,10 @@ that does nothing with its messages read ~3,200 events/s with
 (BENCHMARKS.md; ``bench.run`` measures the no-op agent in every worker phase).
 The worker does all its work per batch anyway, so it asks aiokafka for
 batches directly and keeps Faust for what Faust does well here: the app's
-lifecycle and signals, the producer for the side topics, timers and the web
-views.
+lifecycle and signals, the side topics (declared with ``app.topic``, sent
+through Faust's producer), timers and the web views. One client family: this
+consumer is aiokafka, the client under Faust, with the credentials Faust's own
+clients get (kafka_clients.py).
 
 Guarantees, as with the agent before it (at least once; the store makes
 replays harmless):
@@ -38,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NoReturn
@@ -49,6 +50,7 @@ from aiokafka.structs import OffsetAndMetadata
 from mode import Service
 
 from meterstream.config import KafkaSettings
+from meterstream.stream_processors.kafka_clients import aiokafka_client_args
 from meterstream.stream_processors.processing import InboundMessage
 
 log = logging.getLogger(__name__)
@@ -72,18 +74,6 @@ SKIP_HINT = (
     "if it fails again at the same place, stop the worker and move the message to the dead-letter topic: "
     "meterstream dlq skip TOPIC:PARTITION:OFFSET --reason '...'"
 )
-
-
-def aiokafka_security(kafka: KafkaSettings) -> dict[str, Any]:
-    """aiokafka client arguments for the configured security settings (secrets unwrapped here only)."""
-    args: dict[str, Any] = {"security_protocol": kafka.security_protocol}
-    if kafka.security_protocol in ("SSL", "SASL_SSL"):
-        args["ssl_context"] = ssl.create_default_context(cafile=kafka.ssl_cafile)
-    if kafka.sasl_mechanism:
-        args["sasl_mechanism"] = kafka.sasl_mechanism
-        args["sasl_plain_username"] = kafka.sasl_username
-        args["sasl_plain_password"] = kafka.sasl_password.get_secret_value() if kafka.sasl_password else None
-    return args
 
 
 class BatchConsumer(Service):
@@ -144,7 +134,6 @@ class BatchConsumer(Service):
 
     async def on_start(self) -> None:
         self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.kafka.bootstrap_servers,
             group_id=self.group_id,
             client_id=f"{self.group_id}-worker",
             enable_auto_commit=False,
@@ -156,7 +145,7 @@ class BatchConsumer(Service):
             max_poll_interval_ms=300_000,
             # Between reconnect and metadata retries while the broker is away (default 100 ms).
             retry_backoff_ms=500,
-            **aiokafka_security(self.kafka),
+            **aiokafka_client_args(self.kafka),  # servers and credentials, as Faust's own clients get them
         )
         await self.consumer.start()
         self.consumer.subscribe(self.topics, listener=_Listener(self))

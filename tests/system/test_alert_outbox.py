@@ -22,7 +22,7 @@ from meterstream.pricing.plans import load_catalog
 from meterstream.schemas.events import UsageEvent
 from meterstream.schemas.records import BudgetAlert, ThresholdAction
 from meterstream.storage.clickhouse import open_store
-from meterstream.stream_processors.alerts import reconcile_alerts
+from meterstream.stream_processors.alerts import reconcile_alerts, standalone_outbox
 from meterstream.topics import ensure_topics
 
 pytestmark = pytest.mark.system
@@ -93,10 +93,12 @@ def test_a_stored_but_unpublished_alert_is_published_once_at_start(clickhouse, k
         [row] = store.query("SELECT crossed_at FROM budget_alerts").dicts()
         assert row["crossed_at"] == stored.crossed_at and row["crossed_at"].tzinfo is not None
 
-        published, sent = reconcile_alerts(store, BUDGETS, kafka_settings, topics.budget_alerts.name, now=NOW)
+        with standalone_outbox(kafka_settings) as kafka:
+            published, sent = reconcile_alerts(store, BUDGETS, kafka, topics.budget_alerts.name, now=NOW)
         assert sent == 1 and stored.alert_id in published
         # A second start finds it on the topic and sends nothing.
-        _, sent_again = reconcile_alerts(store, BUDGETS, kafka_settings, topics.budget_alerts.name, now=NOW)
+        with standalone_outbox(kafka_settings) as kafka:
+            _, sent_again = reconcile_alerts(store, BUDGETS, kafka, topics.budget_alerts.name, now=NOW)
         assert sent_again == 0
     finally:
         store.close()
@@ -111,14 +113,16 @@ def test_a_missed_crossing_is_recorded_and_published_once_at_start(clickhouse, k
     try:
         # 11 credits against a cap of 10, stored without any alert row: 50% and 100% were missed.
         store.insert_batch([], _rated("acme", 1, 11, NOW - timedelta(minutes=5)), [])
-        published, sent = reconcile_alerts(store, BUDGETS, kafka_settings, topics.budget_alerts.name, now=NOW)
+        with standalone_outbox(kafka_settings) as kafka:
+            published, sent = reconcile_alerts(store, BUDGETS, kafka, topics.budget_alerts.name, now=NOW)
         assert sent == 2
         rows = store.query("SELECT threshold_percent, spent_credits, crossed_at FROM budget_alerts FINAL "
                            "ORDER BY threshold_percent").dicts()  # fmt: skip
         assert [(r["threshold_percent"], r["spent_credits"], r["crossed_at"]) for r in rows] == [
             (50, Decimal(11), NOW), (100, Decimal(11), NOW)
         ]
-        _, sent_again = reconcile_alerts(store, BUDGETS, kafka_settings, topics.budget_alerts.name, now=NOW)
+        with standalone_outbox(kafka_settings) as kafka:
+            _, sent_again = reconcile_alerts(store, BUDGETS, kafka, topics.budget_alerts.name, now=NOW)
         assert sent_again == 0
     finally:
         store.close()

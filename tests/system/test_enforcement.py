@@ -145,12 +145,13 @@ def test_a_guard_started_before_the_topic_exists_finds_it(kafka_settings):
         assert guard.check("late", "gpt-4o", input_tokens=10, output_tokens=10).code is Reason.NO_STATE
         topics = ensure_topics(kafka_settings)  # created after the guard started
         from meterstream.budgets import Budget, customer_decision
-        from meterstream.stream_processors.alerts import publish_states
+        from meterstream.stream_processors.alerts import publish_states, standalone_outbox
 
         now = datetime.now(timezone.utc)
         state = customer_decision("late", now.strftime("%Y-%m"), Decimal(0), Budget(monthly_credits="5", action="block"),
                                   watermark=now, now=now)  # fmt: skip
-        publish_states(kafka_settings, topics.enforcement.name, [state])
+        with standalone_outbox(kafka_settings) as kafka:
+            publish_states(kafka, topics.enforcement.name, [state])
         _wait(lambda: "late" in guard.view.states, 30, "the state on a topic created after the guard started")
         assert guard.check("late", "gpt-4o", input_tokens=2000, output_tokens=0).decision is Decision.OK
     finally:
