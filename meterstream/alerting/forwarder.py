@@ -36,6 +36,7 @@ each dead alert again under the same rules, and the file keeps its history.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -47,23 +48,20 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException
+import faust
+from faust.app.base import BootStrategy
 from pydantic import SecretStr
 
 from meterstream.alerting.ledger import DeliveryLedger, DeliveryState
-from meterstream.alerting.source import (
-    AlertMessage,
-    AlertSourceError,
-    consumer_config,
-    decode_alert,
-    topic_partitions,
-)
+from meterstream.alerting.source import AlertMessage, AlertSourceError, decode_alert, source_partitions
 from meterstream.alerting.webhook import Delivery, Outcome, RetryPolicy, WebhookSender
 from meterstream.clock import utc_now
 from meterstream.config import AlertForwarderSettings, KafkaSettings
 from meterstream.schemas.records import BudgetAlert
+from meterstream.kafka_clients import faust_broker, faust_credentials
 
 log = logging.getLogger(__name__)
 
@@ -262,59 +260,124 @@ def run_forwarder(
     no committed offsets. A message whose alert was abandoned by a stop is not
     committed, so the next run takes it up again.
     """
-    stop = stop or threading.Event()
+    loop = asyncio.new_event_loop()
+    try:
+        asyncio.set_event_loop(loop)
+        return loop.run_until_complete(_forward(
+            kafka, settings, topic, url=url, group_id=group_id, secret=secret, max_messages=max_messages,
+            timeout=timeout, stop=stop or threading.Event(), on_handled=on_handled, on_ready=on_ready,
+            transport=transport,
+        ))  # fmt: skip
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
+def forwarder_app(kafka: KafkaSettings, settings: AlertForwarderSettings, group_id: str) -> faust.App:
+    """The forwarder's Faust app: its consumer group is ``group_id``; nothing but the one agent.
+
+    Faust runs the consumer here (group membership, rebalances, offsets committed as
+    alerts are acknowledged); the forwarder acknowledges an alert only once the ledger
+    has recorded its outcome, so an alert abandoned by a stop is read again.
+    """
+    app = faust.App(
+        group_id,
+        broker=faust_broker(kafka),
+        broker_credentials=faust_credentials(kafka),
+        consumer_auto_offset_reset=settings.start_at,
+        broker_session_timeout=settings.session_timeout,
+        # On stop, commit what was acknowledged instead of waiting for every message read to be
+        # acknowledged (an abandoned alert never is, on purpose).
+        stream_wait_empty=False,
+        # One agent, no tables: no leader election, no web server.
+        topic_disable_leader=True,
+        web_enabled=False,
+        # Faust creates it at every start (App.on_first_start): beside the ledger, not in the cwd.
+        datadir=str(settings.state_dir / f"{group_id}.faust"),
+    )
+    # The forwarder only reads: no producer.
+    app.boot_strategy = BootStrategy(app, enable_kafka_producer=False, enable_web=False)
+    return app
+
+
+async def _forward(
+    kafka: KafkaSettings,
+    settings: AlertForwarderSettings,
+    topic: str,
+    *,
+    url: str,
+    group_id: str,
+    secret: SecretStr | None,
+    max_messages: int | None,
+    timeout: float | None,
+    stop: threading.Event,
+    on_handled: Callable[[Handled], None] | None,
+    on_ready: Callable[[], None] | None,
+    transport: Any,
+) -> ForwarderStats:
     deadline = time.monotonic() + timeout if timeout is not None else None
-    forwarder = AlertForwarder(settings, url, group_id=group_id, secret=secret, stop=stop, transport=transport)
-    group_config = {"auto.offset.reset": settings.start_at, "session.timeout.ms": int(settings.session_timeout * 1000)}
-    try:
-        consumer = Consumer(consumer_config(kafka, group_id, **group_config))
-    except BaseException:
-        forwarder.close()
-        raise
+    # The ledger (SQLite) and the HTTP client live in one thread: every forwarder call runs there.
+    calls = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alert-forwarder")
+    loop = asyncio.get_running_loop()
+    forwarder = await loop.run_in_executor(calls, lambda: AlertForwarder(
+        settings, url, group_id=group_id, secret=secret, stop=stop, transport=transport))  # fmt: skip
     stats = forwarder.stats
+    app: faust.App | None = None
     try:
-        topic_partitions(consumer, topic)
-        consumer.subscribe([topic])
+        try:
+            await source_partitions(kafka, topic)
+        except AlertSourceError as exc:
+            raise ForwarderError(str(exc)) from exc
+        app = forwarder_app(kafka, settings, group_id)
+        source = app.topic(topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+        closing = asyncio.Event()
+        busy = False
+
+        @app.agent(source)
+        async def forward(stream: Any) -> None:
+            """One alert at a time, acknowledged (so committed) after its outcome is recorded."""
+            nonlocal busy
+            async for event in stream.noack().events():
+                if closing.is_set() or stop.is_set():
+                    continue  # not acknowledged: the next run reads it
+                busy = True
+                try:
+                    m = event.message
+                    message = decode_alert(m.value, m.topic, m.partition, m.offset)
+                    handled = await loop.run_in_executor(calls, forwarder.handle, message)
+                    if on_handled is not None:
+                        on_handled(handled)
+                    if handled.action == "abandoned":
+                        stats.stopped_by = "signal"
+                        closing.set()
+                        continue
+                    event.ack()
+                    stats.messages += 1
+                    if max_messages is not None and stats.messages >= max_messages:
+                        stats.stopped_by = "max"
+                        closing.set()
+                finally:
+                    busy = False
+
+        await app.start()
         if on_ready is not None:
             on_ready()
-        while True:
-            if stop.is_set():
-                stats.stopped_by = "signal"
-                break
-            if max_messages is not None and stats.messages >= max_messages:
-                stats.stopped_by = "max"
-                break
-            wait = 0.5
-            if deadline is not None:
-                wait = min(wait, deadline - time.monotonic())
-                if wait <= 0:
+        while not (closing.is_set() and not busy):
+            if app.crash_reason is not None:
+                raise ForwarderError(f"reading {topic}: {app.crash_reason}")
+            if not closing.is_set():
+                if stop.is_set():
+                    stats.stopped_by = "signal"
+                    closing.set()
+                elif deadline is not None and time.monotonic() >= deadline:
                     stats.stopped_by = "timeout"
-                    break
-            raw = consumer.poll(wait)
-            if raw is None:
-                continue
-            if raw.error():
-                if raw.error().fatal():  # type: ignore[union-attr]  # error() is set: checked above
-                    raise ForwarderError(f"reading {topic}: {raw.error()}")
-                log.warning("reading %s: %s", topic, raw.error())
-                continue
-            handled = forwarder.handle(decode_alert(raw))
-            if on_handled is not None:
-                on_handled(handled)
-            if handled.action == "abandoned":
-                stats.stopped_by = "signal"
-                break
-            try:
-                consumer.commit(message=raw, asynchronous=False)
-            except KafkaException as exc:
-                # A rebalance can refuse the commit; the ledger still stops a second POST.
-                log.warning("could not commit offset %d of %s[%d]: %s", raw.offset(), topic, raw.partition(), exc)
-            stats.messages += 1
-    except AlertSourceError as exc:
-        raise ForwarderError(str(exc)) from exc
+                    closing.set()
+            await asyncio.sleep(0.1)
     finally:
-        consumer.close()
-        forwarder.close()
+        if app is not None:
+            await app.stop()
+        await loop.run_in_executor(calls, forwarder.close)
+        calls.shutdown(wait=True)
     return stats
 
 

@@ -1,12 +1,15 @@
 """Reading ``budget-alerts``: decoding, and following the topic for ``alerts tail``.
 
-Consumers here read with ``isolation.level=read_committed`` and validate every
-value with :class:`BudgetAlert`, the wire format; a value that does not
-validate is reported with its partition and offset, never raised.
+Every value is validated with :class:`BudgetAlert`, the wire format; a value that
+does not validate is reported with its partition and offset, never raised.
+``alerts tail`` follows the topic with confluent-kafka (read_committed, no group),
+the client of the SDK and the other command-line tools; the forwarder reads it
+as a Faust agent (forwarder.py) and checks the topic with aiokafka here.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -15,11 +18,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaError
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 from pydantic import ValidationError
 
 from meterstream.config import KafkaSettings
 from meterstream.schemas.records import BudgetAlert
+from meterstream.kafka_clients import aiokafka_client_args
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +46,15 @@ class AlertMessage:
     offset: int
 
 
-def decode_alert(message: Any) -> AlertMessage:
-    raw: bytes = message.value() or b""
+def decode_alert(value: bytes | None, topic: str, partition: int, offset: int) -> AlertMessage:
+    raw = value or b""
     try:
         alert, reason = BudgetAlert.model_validate_json(raw), ""
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "message"
         alert, reason = None, f"not a BudgetAlert: {where}: {first['msg']}"
-    return AlertMessage(alert, reason, raw, message.topic(), message.partition(), message.offset())
+    return AlertMessage(alert, reason, raw, topic, partition, offset)
 
 
 def consumer_config(kafka: KafkaSettings, group_id: str, **extra: Any) -> dict[str, Any]:
@@ -73,6 +79,26 @@ def topic_partitions(consumer: Consumer, topic: str, timeout: float = 10.0) -> l
             f"topic {topic} does not exist yet (the worker creates it; check METERSTREAM_KAFKA__TOPIC_PREFIX)"
         )
     return sorted(described.partitions)
+
+
+async def source_partitions(kafka: KafkaSettings, topic: str, timeout: float = 10.0) -> list[int]:
+    """The topic's partitions, read with aiokafka (the forwarder's client family); a missing topic
+    is an error that says so."""
+    consumer = AIOKafkaConsumer(**aiokafka_client_args(kafka), enable_auto_commit=False)
+    try:
+        await asyncio.wait_for(consumer.start(), timeout)
+        # A consumer without a subscription holds no metadata: fetch every topic's.
+        cluster = await asyncio.wait_for(consumer._client.fetch_all_metadata(), timeout)
+    except (KafkaError, asyncio.TimeoutError) as exc:
+        raise AlertSourceError(f"cannot reach Kafka: {exc or type(exc).__name__}") from exc
+    finally:
+        await consumer.stop()
+    partitions = cluster.partitions_for_topic(topic)
+    if not partitions:
+        raise AlertSourceError(
+            f"topic {topic} does not exist yet (the worker creates it; check METERSTREAM_KAFKA__TOPIC_PREFIX)"
+        )
+    return sorted(partitions)
 
 
 def follow_topic(
@@ -119,7 +145,7 @@ def follow_topic(
                     raise AlertSourceError(str(error))
                 log.warning("reading %s: %s", topic, message.error())
                 continue
-            yield decode_alert(message)
+            yield decode_alert(message.value(), message.topic(), message.partition(), message.offset())
     finally:
         consumer.close()
 

@@ -46,7 +46,7 @@ from meterstream.schemas.records import (
     ThresholdAction,
 )
 from meterstream.storage.clickhouse import ClickHouseStore
-from meterstream.stream_processors.kafka_clients import aiokafka_client_args
+from meterstream.kafka_clients import aiokafka_client_args
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -63,7 +63,7 @@ from meterstream.storage.settle import settle_store
 from meterstream.stream_processors import quiet_logs
 from meterstream.stream_processors.alerts import OutboxKafka
 from meterstream.stream_processors.consumer import BatchConsumer
-from meterstream.stream_processors.kafka_clients import faust_broker, faust_credentials
+from meterstream.kafka_clients import faust_broker, faust_credentials
 from meterstream.stream_processors.processing import BatchProcessor, BatchResult, InboundMessage
 from meterstream.stream_processors.state import StoreBackedState
 from meterstream.topics import Topics

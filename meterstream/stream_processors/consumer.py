@@ -12,7 +12,7 @@ batches directly and keeps Faust for what Faust does well here: the app's
 lifecycle and signals, the side topics (declared with ``app.topic``, sent
 through Faust's producer), timers and the web views. One client family: this
 consumer is aiokafka, the client under Faust, with the credentials Faust's own
-clients get (kafka_clients.py).
+clients get (meterstream/kafka_clients.py).
 
 Guarantees, as with the agent before it (at least once; the store makes
 replays harmless):
@@ -50,7 +50,7 @@ from aiokafka.structs import OffsetAndMetadata
 from mode import Service
 
 from meterstream.config import KafkaSettings
-from meterstream.stream_processors.kafka_clients import aiokafka_client_args
+from meterstream.kafka_clients import aiokafka_client_args
 from meterstream.stream_processors.processing import InboundMessage
 
 log = logging.getLogger(__name__)

@@ -46,8 +46,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SDK_BUDGET_MB = 80
 
 
-def _run(args: list[str], **kwargs) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(args, capture_output=True, text=True, timeout=600, **kwargs)
+def _run(args: list[str], timeout: float = 600, **kwargs) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kwargs)
     assert result.returncode == 0, (args, result.stdout[-2000:], result.stderr[-4000:])
     return result
 
@@ -133,7 +133,9 @@ def server_venv(wheel: Path, tmp_path_factory) -> Path:
     """A clean virtualenv with ``meterstream[server]`` from the wheel (pip's cache keeps a rerun cheap)."""
     venv = tmp_path_factory.mktemp("server") / "venv"
     _run([sys.executable, "-m", "venv", str(venv)])
-    _run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", f"{wheel}[server]"])
+    # --no-compile: byte-compiling chDB, Arrow and Faust at install is most of its time on a loaded machine.
+    _run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-compile", f"{wheel}[server]"],
+         timeout=1500)  # fmt: skip
     return venv
 
 
@@ -169,6 +171,8 @@ def outside(base_settings, clickhouse_server_dsn: str, tmp_path: Path) -> Iterat
     pipeline.stop()
 
 
+# The first of these installs the server extra (chDB, Arrow, Faust: minutes, even from pip's cache).
+@pytest.mark.timeout(1800)
 def test_the_wheel_with_the_server_extra_runs_migrate_worker_usage_and_serve(
     server_venv: Path, outside: Pipeline, tmp_path: Path
 ):
@@ -244,6 +248,7 @@ def test_the_wheel_with_the_server_extra_runs_migrate_worker_usage_and_serve(
         _stop(server)
 
 
+@pytest.mark.timeout(1800)
 def test_services_run_from_the_files_in_the_wheel(server_venv: Path, tmp_path: Path):
     """`meterstream services` finds Kafka's pom and ClickHouse's config/users in the installed package;
     a private ClickHouse server (free ports, own state dir) starts from them and stops again."""
