@@ -45,10 +45,10 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import faust
@@ -60,8 +60,8 @@ from meterstream.alerting.source import AlertMessage, AlertSourceError, decode_a
 from meterstream.alerting.webhook import Delivery, Outcome, RetryPolicy, WebhookSender
 from meterstream.clock import utc_now
 from meterstream.config import AlertForwarderSettings, KafkaSettings
-from meterstream.schemas.records import BudgetAlert
 from meterstream.kafka_clients import faust_broker, faust_credentials
+from meterstream.schemas.records import BudgetAlert
 
 log = logging.getLogger(__name__)
 

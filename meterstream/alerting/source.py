@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
@@ -24,8 +24,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPar
 from pydantic import ValidationError
 
 from meterstream.config import KafkaSettings
-from meterstream.schemas.records import BudgetAlert
 from meterstream.kafka_clients import aiokafka_client_args
+from meterstream.schemas.records import BudgetAlert
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ async def source_partitions(kafka: KafkaSettings, topic: str, timeout: float = 1
         await asyncio.wait_for(consumer.start(), timeout)
         # A consumer without a subscription holds no metadata: fetch every topic's.
         cluster = await asyncio.wait_for(consumer._client.fetch_all_metadata(), timeout)
-    except (KafkaError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, KafkaError) as exc:
         raise AlertSourceError(f"cannot reach Kafka: {exc or type(exc).__name__}") from exc
     finally:
         await consumer.stop()
@@ -145,7 +145,8 @@ def follow_topic(
                     raise AlertSourceError(str(error))
                 log.warning("reading %s: %s", topic, message.error())
                 continue
-            yield decode_alert(message.value(), message.topic(), message.partition(), message.offset())
+            # A message without an error always has its place (confluent-kafka types them optional).
+            yield decode_alert(message.value(), topic, cast(int, message.partition()), cast(int, message.offset()))
     finally:
         consumer.close()
 

@@ -36,6 +36,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from meterstream.budgets import BudgetBook, customer_decision, thresholds_to_alert
 from meterstream.clock import utc_now
 from meterstream.config import KafkaSettings
+from meterstream.kafka_clients import aiokafka_client_args
 from meterstream.periods import period_of, previous_period
 from meterstream.producers.ledger import RedisLedger
 from meterstream.schemas.records import (
@@ -46,7 +47,6 @@ from meterstream.schemas.records import (
     ThresholdAction,
 )
 from meterstream.storage.clickhouse import ClickHouseStore
-from meterstream.kafka_clients import aiokafka_client_args
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -150,7 +150,7 @@ async def published_alert_ids(kafka: KafkaSettings, topic: str, since: datetime,
             if time.monotonic() > deadline:
                 raise TimeoutError(f"could not read {topic} to its end within {timeout:.0f} s")
             batch = await consumer.getmany(*todo, timeout_ms=500)
-            for tp, records in batch.items():
+            for records in batch.values():
                 for record in records:
                     try:
                         ids.add(BudgetAlert.model_validate_json(record.value or b"").alert_id)

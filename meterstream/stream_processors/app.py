@@ -54,6 +54,7 @@ from faust.app.base import BootStrategy
 from meterstream.budgets import load_budgets
 from meterstream.clock import Clock, utc_now
 from meterstream.config import Settings
+from meterstream.kafka_clients import faust_broker, faust_credentials
 from meterstream.periods import period_of
 from meterstream.pricing.plans import load_catalog
 from meterstream.producers.ledger import LedgerUnavailable, RedisLedger
@@ -63,7 +64,6 @@ from meterstream.storage.settle import settle_store
 from meterstream.stream_processors import quiet_logs
 from meterstream.stream_processors.alerts import OutboxKafka
 from meterstream.stream_processors.consumer import BatchConsumer
-from meterstream.kafka_clients import faust_broker, faust_credentials
 from meterstream.stream_processors.processing import BatchProcessor, BatchResult, InboundMessage
 from meterstream.stream_processors.state import StoreBackedState
 from meterstream.topics import Topics
