@@ -332,6 +332,8 @@ async def _forward(
         source = app.topic(topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
         closing = asyncio.Event()
         busy = False
+        #: What stopped the agent other than a stop (a ledger error, a closed stdout): raised below.
+        failed: list[BaseException] = []
 
         @app.agent(source)
         async def forward(stream: Any) -> None:
@@ -356,6 +358,9 @@ async def _forward(
                     if max_messages is not None and stats.messages >= max_messages:
                         stats.stopped_by = "max"
                         closing.set()
+                except Exception as exc:  # not acknowledged: the next run reads it again
+                    failed.append(exc)
+                    closing.set()
                 finally:
                     busy = False
 
@@ -373,6 +378,8 @@ async def _forward(
                     stats.stopped_by = "timeout"
                     closing.set()
             await asyncio.sleep(0.1)
+        if failed:
+            raise failed[0]
     finally:
         if app is not None:
             await app.stop()
