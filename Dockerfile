@@ -2,7 +2,7 @@
 # installed with the server extra. The DDL and saved queries (sql/), the price data and the service
 # files (services/) travel inside the wheel (meterstream/sql and meterstream/services/files are links
 # that COPY keeps and the wheel build follows), so nothing of the source tree is needed at run time;
-# tests/integration/test_packaging.py runs the same wheel in a clean virtualenv.
+# tests/system/test_packaging.py runs the same wheel in a clean virtualenv.
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY . .

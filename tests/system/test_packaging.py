@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,10 +53,19 @@ def _run(args: list[str], timeout: float = 600, **kwargs) -> subprocess.Complete
     return result
 
 
+#: What is not source: a checkout's build/ (an in-tree build leaves modules since moved or removed
+#: there, and the next in-tree build would ship them), virtualenvs, local state, caches.
+NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", ".local", "build", "dist", "*.egg-info", "__pycache__",
+                                    ".pytest_cache", ".hypothesis", "artifacts", "results")  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def wheel(tmp_path_factory) -> Path:
+    """The wheel, built once per session from a copy of the source (links kept, as Docker's COPY does)."""
+    source = tmp_path_factory.mktemp("source") / "meterstream"
+    shutil.copytree(ROOT, source, symlinks=True, ignore=NOT_SOURCE)
     out = tmp_path_factory.mktemp("wheel")
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--wheel-dir", str(out), str(ROOT)])
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--wheel-dir", str(out), str(source)])
     [built] = out.glob("meterstream-*.whl")
     return built
 
@@ -70,6 +80,9 @@ def test_the_wheel_carries_the_ddl_saved_queries_and_price_data(wheel: Path):
                 for p in (ROOT / "services").rglob("*") if p.is_file()}  # fmt: skip
     assert {"meterstream/services/files/kafka/pom.xml", "meterstream/services/files/clickhouse/users.xml"} <= services
     assert services <= names
+    # Every module of the package, and nothing else (no leftover of an earlier build).
+    modules = {f"meterstream/{p.relative_to(ROOT / 'meterstream')}" for p in (ROOT / "meterstream").rglob("*.py")}
+    assert {name for name in names if name.endswith(".py")} == modules
 
 
 def test_the_sdk_installs_alone_and_records_an_event(wheel: Path, tmp_path: Path, kafka_settings):
