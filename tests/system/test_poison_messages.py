@@ -24,13 +24,21 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from confluent_kafka.admin import AdminClient, ConfigResource
+from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 
 from meterstream.schemas.events import UsageEvent
 from meterstream.schemas.records import DEAD_LETTER_RAW_LIMIT
 from meterstream.storage.queries import run_saved_query
 
 pytestmark = pytest.mark.system
+
+
+def _set_max_message_bytes(admin: AdminClient, topic: str, value: str) -> None:
+    """One topic setting changed (incrementally: alter_configs is deprecated and replaced the whole set)."""
+    entry = ConfigEntry("max.message.bytes", value, incremental_operation=AlterConfigOpType.SET)
+    resource = ConfigResource("topic", topic, incremental_configs=[entry])
+    for future in admin.incremental_alter_configs([resource]).values():
+        future.result(timeout=30)
 
 NOW = datetime.now(timezone.utc).replace(microsecond=0)
 PERIOD = NOW.strftime("%Y-%m")
@@ -156,9 +164,7 @@ def test_a_dead_letter_the_broker_refuses_holds_only_its_partition(pipeline_fact
     message's partition is held at its offset, the other partitions go on."""
     pipeline = pipeline_factory(start=False)
     admin = AdminClient(pipeline.kafka.confluent_config())
-    resource = ConfigResource("topic", pipeline.topics.dead_letter.name, set_config={"max.message.bytes": "300"})
-    for future in admin.alter_configs([resource]).values():
-        future.result(timeout=30)
+    _set_max_message_bytes(admin, pipeline.topics.dead_letter.name, "300")
     pipeline.start()
     usage = pipeline.topics.usage.name
     poison = tmp_path / "poison.bin"
@@ -198,9 +204,7 @@ def test_a_dead_letter_the_broker_refuses_holds_only_its_partition(pipeline_fact
     wrong = subprocess.run([*cli[:5], f"{usage}:0:4", *cli[6:]], env=env, capture_output=True, text=True, timeout=120)
     assert wrong.returncode == 2 and "at offset 3" in wrong.stderr + wrong.stdout
     # The operator lets the dead-letter topic take letters again, then skips the message.
-    resource = ConfigResource("topic", pipeline.topics.dead_letter.name, set_config={"max.message.bytes": "1048588"})
-    for future in admin.alter_configs([resource]).values():
-        future.result(timeout=30)
+    _set_max_message_bytes(admin, pipeline.topics.dead_letter.name, "1048588")
     done = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
