@@ -17,12 +17,13 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from pydantic import TypeAdapter, ValidationError
 
 from meterstream.clock import utc_now
 from meterstream.config import PRODUCER_GUARANTEES, KafkaSettings, get_settings
@@ -101,6 +102,43 @@ class MeterClient:
         topic = self._outcome_topic if isinstance(event, OutcomeEvent) else self._usage_topic
         customer_id = event.customer_id
         self._produce(topic, customer_id.encode(), event.wire_bytes(), event.event_id, customer_id)
+
+    def record_many(self, events: Iterable[UsageEvent | OutcomeEvent | Mapping[str, Any]]) -> int:
+        """Validate and queue a batch of events; returns how many were queued.
+
+        Items are built events or field mappings in the wire format (``customer_id`` and
+        the event's fields; ``"type": "outcome"`` marks an outcome; ``event_id`` and
+        ``occurred_at`` default to new/now as in :meth:`record_usage`). The mappings are
+        validated by the same models in one call per kind, all before anything is sent:
+        if one is invalid, the :class:`pydantic.ValidationError` that building it alone
+        raises (same errors, same text) is raised, with a note giving its position, and
+        nothing of the batch is queued. Every event gets the delivery callback that
+        :meth:`record` gives it (``delivered``/``failed``/``on_delivery_error``).
+        """
+        if self._closed:
+            raise ProducerClosed("this MeterClient is closed")
+        batch = events if isinstance(events, list) else list(events)
+        built = _validate_many(batch)
+        produce, callback = self._producer.produce, self._on_delivery_callback
+        usage_topic, outcome_topic, count = self._usage_topic, self._outcome_topic, self._count_sent
+        queued = 0
+        try:
+            for event in built:
+                topic = outcome_topic if type(event) is OutcomeEvent else usage_topic
+                value, key = event.wire_bytes(), event.customer_id.encode()
+                try:
+                    # Positional arguments, as in _produce (keywords cost a third of a produce).
+                    produce(topic, value, key, -1, callback)
+                except BufferError:
+                    self._produce_when_queue_has_room(topic, key, value)
+                count()
+                queued += 1
+        except (KafkaException, BufferError) as exc:
+            raise RuntimeError(f"cannot produce event {built[queued].event_id} ({queued} of {len(built)} "
+                               f"of the batch queued): {exc}") from exc  # fmt: skip
+        self._next_poll = time.monotonic() + self.POLL_INTERVAL
+        self._producer.poll(0)
+        return queued
 
     def record_usage(self, customer_id: str, **fields: Any) -> UsageEvent:
         """Build, validate and record a usage event; ``event_id`` and ``occurred_at`` default to new/now."""
@@ -279,6 +317,55 @@ def new_event_id() -> str:
 #: RFC 4122 version 4: the version nibble is 4 and the variant bits are 10.
 _UUID4_KEEP = ~(0xF000 << 64 | 0xC000 << 48)
 _UUID4_SET = 0x4000 << 64 | 0x8000 << 48
+
+
+_USAGE_LIST = TypeAdapter(list[UsageEvent])
+_OUTCOME_LIST = TypeAdapter(list[OutcomeEvent])
+
+
+def _validate_many(items: list[UsageEvent | OutcomeEvent | Mapping[str, Any]]) -> list[UsageEvent | OutcomeEvent]:
+    """Built events as given; mappings validated per kind in one pydantic-core call each, order kept."""
+    out: list[Any] = list(items)
+    usage_at: list[int] = []
+    usage: list[Mapping[str, Any]] = []
+    outcome_at: list[int] = []
+    outcomes: list[Mapping[str, Any]] = []
+    for i, item in enumerate(items):
+        if isinstance(item, (UsageEvent, OutcomeEvent)):
+            continue
+        if not isinstance(item, Mapping):
+            raise TypeError(f"record_many takes events or mappings of their fields; item {i} is a {type(item).__name__}")
+        if "event_id" not in item or "occurred_at" not in item:
+            item = {"event_id": new_event_id(), "occurred_at": utc_now(), **item}
+        if item.get("type") == "outcome":
+            outcome_at.append(i)
+            outcomes.append(item)
+        else:
+            usage_at.append(i)
+            usage.append(item)
+    for positions, fields, adapter, model in ((usage_at, usage, _USAGE_LIST, UsageEvent),
+                                              (outcome_at, outcomes, _OUTCOME_LIST, OutcomeEvent)):  # fmt: skip
+        if not fields:
+            continue
+        try:
+            validated = adapter.validate_python(fields)
+        except ValidationError:
+            _raise_first_invalid(positions, fields, model)
+            raise  # not reached: some item fails alone as it failed in the list
+        for i, event in zip(positions, validated, strict=True):
+            out[i] = event
+    return out
+
+
+def _raise_first_invalid(positions: list[int], fields: list[Mapping[str, Any]],
+                         model: type[UsageEvent] | type[OutcomeEvent]) -> None:  # fmt: skip
+    """Raise the error building the first invalid item alone gives, noting its position in the batch."""
+    for i, item in zip(positions, fields, strict=True):
+        try:
+            model.model_validate(item)
+        except ValidationError as exc:
+            exc.add_note(f"record_many: item {i} of the batch is invalid; nothing of the batch was queued")
+            raise
 
 
 def _defaults(customer_id: str, fields: dict[str, Any]) -> dict[str, Any]:
