@@ -30,7 +30,9 @@ from __future__ import annotations
 import csv
 import multiprocessing
 import os
+import tempfile
 import time
+import weakref
 from array import array
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -191,6 +193,15 @@ class Scan:
     customers_by_period: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     first_at: datetime | None = None
     last_at: datetime | None = None
+    #: CSV and Parquet: the wire bytes of every valid, first-seen event, one JSON line each, in
+    #: file order (written by the scan, so the send validates nothing twice); None for JSON Lines.
+    spool: Path | None = None
+
+    def discard_spool(self) -> None:
+        """Delete the spool now (it is deleted anyway when the scan is collected or at exit)."""
+        if self.spool is not None:
+            self.spool.unlink(missing_ok=True)
+            self.spool = None
 
     @property
     def bad_lines(self) -> set[int]:
@@ -215,8 +226,27 @@ def scan(path: Path, fmt: Format, progress: Progress | None = None, *, workers: 
     if fmt == "jsonl" and workers > 1 and path.stat().st_size > 2 * _CHUNK_BYTES:
         return _scan_parallel(path, workers, progress)
     result = Scan(path, fmt)
+    spool = None
+    if fmt != "jsonl":
+        handle, name = tempfile.mkstemp(prefix="meterstream-import-", suffix=".jsonl")
+        spool = os.fdopen(handle, "wb", buffering=1 << 20)
+        result.spool = Path(name)
+        weakref.finalize(result, result.spool.unlink, missing_ok=True)
+    try:
+        _scan_into(result, path, fmt, progress, spool)
+    except BaseException:
+        result.discard_spool()
+        raise
+    finally:
+        if spool is not None:
+            spool.close()
+    return result
+
+
+def _scan_into(result: Scan, path: Path, fmt: Format, progress: Progress | None, spool: Any) -> None:
     seen: set[int] = set()
     step = 0
+    write = spool.write if spool is not None else None
     for number, item in iter_events(path, fmt):
         result.records += 1
         step += 1
@@ -232,6 +262,8 @@ def scan(path: Path, fmt: Format, progress: Progress | None = None, *, workers: 
             continue
         seen.add(key)
         result.valid += 1
+        if write is not None:
+            write(item.wire_bytes() + b"\n")
         result.customers_by_period[item.period].add(item.customer_id)
         at = item.occurred_at
         if result.first_at is None or at < result.first_at:
@@ -240,7 +272,6 @@ def scan(path: Path, fmt: Format, progress: Progress | None = None, *, workers: 
             result.last_at = at
     if progress is not None and step:
         progress(step)
-    return result
 
 
 #: Bytes of JSON Lines one scan task validates.
@@ -515,11 +546,16 @@ def send(
 
     started = time.perf_counter()
     sent = already = 0
-    if scanned.fmt == "jsonl":
+    if scanned.fmt == "jsonl" or scanned.spool is not None:
         # The hot loop of a backfill, inlined: the lines as written (the worker validates them
-        # again, as for any producer), routed by the two fields read back with orjson.
+        # again, as for any producer), routed by the two fields read back with orjson. CSV and
+        # Parquet send the wire bytes their scan spooled (valid and first-seen events only).
         loads = orjson.loads
-        with scanned.path.open("rb") as handle:
+        source = scanned.spool if scanned.spool is not None else scanned.path
+        if scanned.spool is not None:
+            skip = set()
+        number = 0
+        with source.open("rb") as handle:
             for number, raw in enumerate(handle, 1):
                 if not number & 0x3FFF:
                     poll(0)

@@ -29,6 +29,7 @@ from meterstream.clock import utc_now
 from meterstream.config import PRODUCER_GUARANTEES, KafkaSettings, get_settings
 from meterstream.producers.llm import TokenUsage, usage_from_anthropic, usage_from_openai
 from meterstream.schemas.events import Attribution, Meter, OutcomeEvent, UsageEvent
+from meterstream.schemas.fastpath import token_event_wire
 from meterstream.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -108,24 +109,24 @@ class MeterClient:
 
         Items are built events or field mappings in the wire format (``customer_id`` and
         the event's fields; ``"type": "outcome"`` marks an outcome; ``event_id`` and
-        ``occurred_at`` default to new/now as in :meth:`record_usage`). The mappings are
-        validated by the same models in one call per kind, all before anything is sent:
-        if one is invalid, the :class:`pydantic.ValidationError` that building it alone
-        raises (same errors, same text) is raised, with a note giving its position, and
-        nothing of the batch is queued. Every event gets the delivery callback that
-        :meth:`record` gives it (``delivered``/``failed``/``on_delivery_error``).
+        ``occurred_at`` default to new/now as in :meth:`record_usage`). Every item is
+        validated before anything is sent, with the models' rules: plain token events by
+        :func:`meterstream.schemas.fastpath.token_event_wire` (the same bytes, without a
+        model per event), the rest by the models in one pydantic-core call per kind. If an
+        item is invalid, the :class:`pydantic.ValidationError` building it alone raises
+        (same errors, same text) is raised for the first invalid item, with a note giving
+        its position, and nothing of the batch is queued. Every event gets the delivery
+        callback that :meth:`record` gives it (``delivered``/``failed``/``on_delivery_error``).
         """
         if self._closed:
             raise ProducerClosed("this MeterClient is closed")
-        batch = events if isinstance(events, list) else list(events)
-        built = _validate_many(batch)
+        messages = _wire_many(events if isinstance(events, list) else list(events))
         produce, callback = self._producer.produce, self._on_delivery_callback
         usage_topic, outcome_topic, count = self._usage_topic, self._outcome_topic, self._count_sent
         queued = 0
         try:
-            for event in built:
-                topic = outcome_topic if type(event) is OutcomeEvent else usage_topic
-                value, key = event.wire_bytes(), event.customer_id.encode()
+            for outcome, key, value in messages:
+                topic = outcome_topic if outcome else usage_topic
                 try:
                     # Positional arguments, as in _produce (keywords cost a third of a produce).
                     produce(topic, value, key, -1, callback)
@@ -134,8 +135,8 @@ class MeterClient:
                 count()
                 queued += 1
         except (KafkaException, BufferError) as exc:
-            raise RuntimeError(f"cannot produce event {built[queued].event_id} ({queued} of {len(built)} "
-                               f"of the batch queued): {exc}") from exc  # fmt: skip
+            raise RuntimeError(f"cannot produce event {_event_id_of(messages[queued][2])} ({queued} of "
+                               f"{len(messages)} of the batch queued): {exc}") from exc  # fmt: skip
         self._next_poll = time.monotonic() + self.POLL_INTERVAL
         self._producer.poll(0)
         return queued
@@ -323,49 +324,67 @@ _USAGE_LIST = TypeAdapter(list[UsageEvent])
 _OUTCOME_LIST = TypeAdapter(list[OutcomeEvent])
 
 
-def _validate_many(items: list[UsageEvent | OutcomeEvent | Mapping[str, Any]]) -> list[UsageEvent | OutcomeEvent]:
+def _wire_many(items: list[UsageEvent | OutcomeEvent | Mapping[str, Any]]) -> list[tuple[bool, bytes, bytes]]:
+    """``(is_outcome, key, value)`` per item, in order: what ``record`` of the item's model would produce.
+
+    Raises the first invalid item's own ValidationError (see ``record_many``).
+    """
+    filled: list[Any] = []
+    for i, item in enumerate(items):
+        if isinstance(item, (UsageEvent, OutcomeEvent)):
+            filled.append(item)
+        elif not isinstance(item, Mapping):
+            raise TypeError(f"record_many takes events or mappings of their fields; item {i} is a {type(item).__name__}")
+        elif "event_id" not in item or "occurred_at" not in item:
+            filled.append({"event_id": new_event_id(), "occurred_at": utc_now(), **item})
+        else:
+            filled.append(item)
+    out: list[Any] = token_event_wire(filled)
+    rest = [i for i, wire in enumerate(out) if wire is None]
+    for i, wire in enumerate(out):
+        if wire is not None:
+            out[i] = (False, filled[i]["customer_id"].encode(), wire)
+    if rest:
+        for i, event in zip(rest, _validate_many([filled[i] for i in rest], rest), strict=True):
+            out[i] = (type(event) is OutcomeEvent, event.customer_id.encode(), event.wire_bytes())
+    return out
+
+
+def _validate_many(items: list[Any], positions: list[int] | None = None) -> list[UsageEvent | OutcomeEvent]:
     """Built events as given; mappings validated per kind in one pydantic-core call each, order kept."""
+    positions = positions if positions is not None else list(range(len(items)))
     out: list[Any] = list(items)
     usage_at: list[int] = []
-    usage: list[Mapping[str, Any]] = []
+    usage: list[Any] = []
     outcome_at: list[int] = []
-    outcomes: list[Mapping[str, Any]] = []
+    outcomes: list[Any] = []
     for i, item in enumerate(items):
         if isinstance(item, (UsageEvent, OutcomeEvent)):
             continue
-        if not isinstance(item, Mapping):
-            raise TypeError(f"record_many takes events or mappings of their fields; item {i} is a {type(item).__name__}")
-        if "event_id" not in item or "occurred_at" not in item:
-            item = {"event_id": new_event_id(), "occurred_at": utc_now(), **item}
         if item.get("type") == "outcome":
             outcome_at.append(i)
             outcomes.append(item)
         else:
             usage_at.append(i)
             usage.append(item)
-    for positions, fields, adapter, model in ((usage_at, usage, _USAGE_LIST, UsageEvent),
-                                              (outcome_at, outcomes, _OUTCOME_LIST, OutcomeEvent)):  # fmt: skip
-        if not fields:
-            continue
-        try:
-            validated = adapter.validate_python(fields)
-        except ValidationError:
-            _raise_first_invalid(positions, fields, model)
-            raise  # not reached: some item fails alone as it failed in the list
-        for i, event in zip(positions, validated, strict=True):
-            out[i] = event
+    try:
+        for at, fields, adapter in ((usage_at, usage, _USAGE_LIST), (outcome_at, outcomes, _OUTCOME_LIST)):
+            if fields:
+                for i, event in zip(at, adapter.validate_python(fields), strict=True):
+                    out[i] = event
+    except ValidationError:
+        # The first invalid item in batch order, built alone: its own error, text and all.
+        for position, item in zip(positions, items, strict=True):
+            if isinstance(item, (UsageEvent, OutcomeEvent)):
+                continue
+            model = OutcomeEvent if item.get("type") == "outcome" else UsageEvent
+            try:
+                model.model_validate(item)
+            except ValidationError as exc:
+                exc.add_note(f"record_many: item {position} of the batch is invalid; nothing of the batch was queued")
+                raise
+        raise
     return out
-
-
-def _raise_first_invalid(positions: list[int], fields: list[Mapping[str, Any]],
-                         model: type[UsageEvent] | type[OutcomeEvent]) -> None:  # fmt: skip
-    """Raise the error building the first invalid item alone gives, noting its position in the batch."""
-    for i, item in zip(positions, fields, strict=True):
-        try:
-            model.model_validate(item)
-        except ValidationError as exc:
-            exc.add_note(f"record_many: item {i} of the batch is invalid; nothing of the batch was queued")
-            raise
 
 
 def _defaults(customer_id: str, fields: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,265 @@
+"""Differential fuzzing of the fast ingestion paths against the pydantic models they replace.
+
+The oracle is the per-event path the SDK and ``import`` used before: building the model
+alone (``UsageEvent(**fields)`` / ``OutcomeEvent(**fields)``) and pydantic's serializer
+(``model_dump_json(exclude_none=True)``). The new paths must agree with it on every input:
+
+- ``MeterClient.record_many`` validates a batch in one pydantic-core call per kind: the same
+  inputs accepted, the same events, and for a refused batch the same error (type and text)
+  as the first invalid item built alone;
+- ``UsageEvent.wire_bytes``/``OutcomeEvent.wire_bytes`` write with orjson: the same bytes as
+  pydantic's serializer, for every accepted event;
+- ``meterstream import`` of CSV spools those wire bytes during the scan: the same bytes as
+  the old send (validate the row again, then ``wire_bytes``) for every valid first-seen row.
+
+Inputs are generated (valid events from every meter and outcomes) and hostile: oversized and
+nested values, bytes and non-UTF-8, lone surrogates, huge and non-finite numbers, naive,
+far-past and far-future timestamps, unknown fields. ``test_differential_volume`` checks
+that at least 100,000 inputs went through the comparison (400 batches of 250: 6-10 drawn inputs
+and their crossings, one field of one in another). The
+comparisons run at one instant each, so the future-time limit (read from the clock by the
+validator both paths share) cannot make them disagree.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import io
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from meterstream.producers import backfill
+from meterstream.producers.client import _wire_many
+from meterstream.schemas.fastpath import token_event_wire
+from meterstream.schemas.events import OutcomeEvent, UsageEvent
+
+COUNT = {"inputs": 0, "fast": 0}
+NOW = datetime.now(timezone.utc)
+
+ids = st.one_of(
+    st.sampled_from(["acme", "cust-0001", "a.b:c@d/e-f", "gpt-4o", "x" * 128]),
+    st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._:@/\-]{0,20}\Z"),
+)
+hostile_text = st.one_of(
+    st.text(max_size=40),  # lone surrogates included (not valid UTF-8)
+    st.sampled_from(["", " ", "x" * 129, "x" * 300, "a b", "\x00", "é", "\ud800", "-lead", "😀" * 70]),
+)
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-(10**30), 10**30), st.floats(allow_nan=True, allow_infinity=True),
+    hostile_text, st.binary(max_size=20), st.sampled_from([b"\xff\xfe", b"\xc3\x28", 2**63, -(2**63) - 1, 2**64]),
+)  # fmt: skip
+nested = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(hostile_text, inner, max_size=3),
+                      max_leaves=8)  # fmt: skip
+times = st.one_of(
+    st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2030, 1, 1), timezones=st.just(timezone.utc)),
+    st.datetimes(min_value=datetime(1990, 1, 1), max_value=datetime(9999, 1, 1), timezones=st.timezones()),
+    st.datetimes(),  # naive
+    st.sampled_from([NOW, NOW + timedelta(minutes=4), NOW + timedelta(minutes=6), NOW + timedelta(days=3650),
+                     "2026-11-27T10:15:00Z", "2026-11-27T10:15:00.123Z", "2026-11-27T10:15:00+05:30",
+                     "2026-11-27T10:15:00", "1999-12-31T23:59:59Z", "9999-12-31T23:59:59Z", "2026-02-30T00:00:00Z",
+                     "0001-01-01T00:30:00+01:00", 1764000000, 1.5e9, True]),  # fmt: skip
+    hostile_text,
+)
+attribute_values = st.one_of(st.text(max_size=20), st.booleans(), st.integers(-(10**25), 10**25),
+                             st.sampled_from(["x" * 257, "\ud83d", "\x7f\u2028\"\\/"]), nested)  # fmt: skip
+attributes = st.one_of(
+    st.dictionaries(st.text(min_size=0, max_size=70), attribute_values, max_size=5),
+    st.just({f"k{i}": i for i in range(33)}),
+    nested,
+)
+counts = st.one_of(st.integers(0, 5000), st.integers(-5, 10**9), st.sampled_from([True, "12", 1.0, 10**20]), nested)
+quantities = st.one_of(
+    st.decimals(allow_nan=True, allow_infinity=True), st.floats(), st.integers(-10, 10**13),
+    st.sampled_from(["1", "0.5", "1e3", "1E+3", "-1", "abc", "0.0000000001", "1" * 30, True]), nested,
+)  # fmt: skip
+
+common = {"event_id": ids, "customer_id": ids, "occurred_at": times}
+optional_common = {"workflow_id": st.one_of(ids, hostile_text, nested), "run_id": ids, "attributes": attributes,
+                   "schema_version": st.sampled_from([1, 2, "1"]), "unexpected": scalars}  # fmt: skip
+token_event = st.fixed_dictionaries(
+    {**common, "model": ids, "input_tokens": st.integers(0, 5000), "output_tokens": st.integers(0, 5000)},
+    optional={**optional_common, "cached_input_tokens": st.integers(0, 6000), "provider": ids,
+              "meter": st.sampled_from(["tokens", "requests", "nope"]), "quantity": quantities, "type": st.just("usage")},
+)  # fmt: skip
+quantity_event = st.fixed_dictionaries(
+    {**common, "meter": st.sampled_from(["requests", "actions", "documents", "seats"]), "quantity": quantities},
+    optional={**optional_common, "unit": st.one_of(st.sampled_from(["page", "x" * 33]), hostile_text),
+              "input_tokens": counts, "model": ids},
+)  # fmt: skip
+outcome_event = st.fixed_dictionaries(
+    {**common, "type": st.just("outcome"), "outcome_type": ids,
+     "attribution": st.sampled_from(["ai_only", "human_assisted", "robot"])},
+    optional={**optional_common, "reversal_of": st.one_of(ids, hostile_text), "model": ids},
+)  # fmt: skip
+anything = st.dictionaries(st.sampled_from(list(UsageEvent.model_fields) + ["type", "bogus"]), nested, max_size=8)
+inputs = st.one_of(token_event, token_event, quantity_event, outcome_event, anything)
+
+
+def oracle(fields: dict[str, Any]) -> UsageEvent | OutcomeEvent | ValidationError:
+    """The old per-event path: the model built alone."""
+    model = OutcomeEvent if fields.get("type") == "outcome" else UsageEvent
+    try:
+        return model(**fields)
+    except ValidationError as exc:
+        return exc
+
+
+def _errors(exc: ValidationError) -> list[tuple[Any, ...]]:
+    return [(e["type"], e["loc"], e["msg"], repr(e["input"])) for e in exc.errors(include_url=False)]
+
+
+def pydantic_wire(event: UsageEvent | OutcomeEvent) -> bytes:
+    return event.__pydantic_serializer__.to_json(event, exclude_none=True)
+
+
+def with_defaults(fields: dict[str, Any]) -> dict[str, Any]:
+    """What record_usage fills in (a new id, now), fixed here so both paths see the same fields."""
+    out = dict(fields)
+    out.setdefault("event_id", "fuzz-default-id")
+    out.setdefault("occurred_at", NOW)
+    return out
+
+
+def crossed(drawn: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The drawn inputs, then each with one field taken from another (a hostile value in an
+    otherwise valid event, or the reverse), 250 in all: many inputs per draw (drawing is the slow part)."""
+    out = list(drawn)
+    pairs = [(a, b, key) for a in drawn for b in drawn if a is not b for key in b]
+    step = max(1, len(pairs) // 250)
+    for a, b, key in pairs[::step]:
+        out.append({**a, key: b[key]})
+    while len(out) < 250:
+        out.extend(out[: 250 - len(out)])
+    return out[:250]
+
+
+def sent_by_record(event: UsageEvent | OutcomeEvent) -> tuple[bool, bytes, bytes]:
+    """What ``record(event)`` produced before: topic kind, key, pydantic's wire bytes."""
+    return type(event) is OutcomeEvent, event.customer_id.encode(), pydantic_wire(event)
+
+
+def check_one(fields: dict[str, Any]) -> UsageEvent | OutcomeEvent | ValidationError:
+    expected = oracle(fields)
+    if token_event_wire([fields])[0] is not None:
+        COUNT["fast"] += 1  # accepted without the model: the model must accept it too (below)
+    try:
+        [got] = _wire_many([fields])
+    except ValidationError as exc:
+        assert isinstance(expected, ValidationError), f"record_many refused what the model accepts: {exc}"
+        assert str(exc) == str(expected)
+        assert _errors(exc) == _errors(expected)
+        return expected
+    assert not isinstance(expected, ValidationError), f"record_many accepted what the model refuses: {expected}"
+    assert got == sent_by_record(expected)
+    assert expected.wire_bytes() == pydantic_wire(expected)  # the SDK's own record() path (orjson)
+    return expected
+
+
+@settings(max_examples=int(os.environ.get("INGEST_FUZZ_BATCHES", "400")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
+@given(drawn=st.lists(inputs, min_size=6, max_size=10))
+def _differential(drawn: list[dict[str, Any]]) -> None:
+    batch = [with_defaults(fields) for fields in crossed(drawn)]
+    results = [check_one(fields) for fields in batch]
+    COUNT["inputs"] += len(batch)
+    # The whole batch at once: accepted iff every item is (the same messages, in order), else
+    # the error of the first invalid item in batch order.
+    first_bad = next((r for r in results if isinstance(r, ValidationError)), None)
+    try:
+        got = _wire_many(batch)
+    except ValidationError as exc:
+        assert first_bad is not None
+        assert str(exc) == str(first_bad)
+        return
+    assert first_bad is None
+    assert got == [sent_by_record(r) for r in results]  # type: ignore[arg-type]
+
+
+def test_record_many_and_wire_bytes_agree_with_the_models_on_generated_and_hostile_input() -> None:
+    COUNT["inputs"] = COUNT["fast"] = 0
+    _differential()
+    assert COUNT["fast"] >= COUNT["inputs"] // 10, COUNT  # the fast path is exercised, not bypassed
+    assert COUNT["inputs"] >= min(100_000, 250 * int(os.environ.get("INGEST_FUZZ_BATCHES", "400"))), COUNT
+
+
+def test_wire_bytes_fall_back_to_pydantic_for_what_orjson_cannot_write() -> None:
+    event = UsageEvent(event_id="e", customer_id="c", occurred_at=NOW, model="m", input_tokens=1,
+                       attributes={"huge": 10**30, "neg": -(2**64)})  # fmt: skip
+    assert event.wire_bytes() == pydantic_wire(event)
+    assert b"1000000000000000000000000000000" in event.wire_bytes()
+
+    class Sub(UsageEvent):
+        pass
+
+    sub = Sub(event_id="e", customer_id="c", occurred_at=NOW, model="m", input_tokens=1)
+    assert sub.wire_bytes() == pydantic_wire(sub)
+
+
+def test_record_many_fills_in_a_new_id_and_now_like_record_usage() -> None:
+    before = datetime.now(timezone.utc)
+    (_, _, first_wire), (_, _, second_wire) = _wire_many([{"customer_id": "acme", "model": "gpt-4o", "input_tokens": 1},
+                                    {"customer_id": "acme", "model": "gpt-4o", "input_tokens": 1}])  # fmt: skip
+    first, second = UsageEvent.model_validate_json(first_wire), UsageEvent.model_validate_json(second_wire)
+    assert first.event_id != second.event_id
+    assert before <= first.occurred_at <= datetime.now(timezone.utc)
+    given_at = {"customer_id": "acme", "type": "outcome", "outcome_type": "x", "attribution": "ai_only",
+                "event_id": "e-1", "occurred_at": "2026-11-27T10:15:00Z"}  # fmt: skip
+    assert _wire_many([given_at]) == [sent_by_record(OutcomeEvent(**given_at))]
+
+
+def test_record_many_reports_the_first_invalid_item_with_its_position() -> None:
+    good = {"customer_id": "acme", "model": "gpt-4o", "input_tokens": 1}
+    bad = {"customer_id": "acme", "model": "gpt-4o", "input_tokens": "12"}
+    with pytest.raises(ValidationError) as caught:
+        _wire_many([good, good, bad, good])
+    alone = oracle({**bad, "event_id": "e", "occurred_at": NOW})
+    assert str(caught.value) == str(alone)
+    assert "item 2 of the batch" in " ".join(caught.value.__notes__)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(rows=st.lists(st.one_of(token_event, quantity_event, outcome_event), min_size=1, max_size=30))
+def test_csv_import_spools_the_bytes_the_old_send_produced(tmp_path_factory: pytest.TempPathFactory,
+                                                           rows: list[dict[str, Any]]) -> None:  # fmt: skip
+    path = tmp_path_factory.mktemp("csv") / "events.csv"
+    columns = sorted({k for r in rows for k in r})
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, columns)
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: _cell(v) for k, v in r.items()})
+    try:
+        path.write_text(buffer.getvalue(), encoding="utf-8")
+    except UnicodeEncodeError:
+        return  # a lone surrogate cannot be written to a UTF-8 file
+    try:
+        scanned = backfill.scan(path, "csv")
+    except (UnicodeDecodeError, ValueError):
+        return
+    skip = scanned.bad_lines | scanned.repeated_lines
+    # The old send: validate every row again and write its wire bytes with pydantic.
+    old = [pydantic_wire(item) for number, item in backfill.iter_events(path, "csv")
+           if number not in skip and not isinstance(item, backfill.BadRecord)]  # fmt: skip
+    assert scanned.spool is not None
+    assert scanned.spool.read_bytes().splitlines() == old
+    assert len(old) == scanned.valid
+    scanned.discard_spool()
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, (dict, list)):
+        import json
+
+        return json.dumps(value, default=str)
+    if isinstance(value, (bytes, Decimal)):
+        return str(value)
+    return "" if value is None else str(value)
