@@ -27,7 +27,11 @@ from pydantic import TypeAdapter, ValidationError
 
 from meterstream.clock import utc_now
 from meterstream.config import PRODUCER_GUARANTEES, KafkaSettings, get_settings
-from meterstream.producers.llm import TokenUsage, usage_from_anthropic, usage_from_openai
+from meterstream.producers.llm import (
+    TokenUsage,
+    usage_from_anthropic,
+    usage_from_openai,
+)
 from meterstream.schemas.events import Attribution, Meter, OutcomeEvent, UsageEvent
 from meterstream.schemas.fastpath import token_event_wire
 from meterstream.topics import Topics

@@ -82,7 +82,7 @@ def _id(value: Any, good: set[str]) -> bool:
     return False
 
 
-def _one(item: Any, good: set[str]) -> bytes | None:  # noqa: C901 - one flat check per constraint, on purpose
+def _one(item: Any, good: set[str]) -> bytes | None:
     if type(item) is not dict or not item.keys() <= _FIELDS:
         return None
     get = item.get

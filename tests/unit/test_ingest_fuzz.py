@@ -24,8 +24,8 @@ validator both paths share) cannot make them disagree.
 from __future__ import annotations
 
 import csv
-import os
 import io
+import os
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
@@ -37,8 +37,8 @@ from pydantic import ValidationError
 
 from meterstream.producers import backfill
 from meterstream.producers.client import _wire_many
-from meterstream.schemas.fastpath import token_event_wire
 from meterstream.schemas.events import OutcomeEvent, UsageEvent
+from meterstream.schemas.fastpath import token_event_wire
 
 COUNT = {"inputs": 0, "fast": 0}
 NOW = datetime.now(timezone.utc)
@@ -64,7 +64,7 @@ times = st.one_of(
     st.sampled_from([NOW, NOW + timedelta(minutes=4), NOW + timedelta(minutes=6), NOW + timedelta(days=3650),
                      "2026-11-27T10:15:00Z", "2026-11-27T10:15:00.123Z", "2026-11-27T10:15:00+05:30",
                      "2026-11-27T10:15:00", "1999-12-31T23:59:59Z", "9999-12-31T23:59:59Z", "2026-02-30T00:00:00Z",
-                     "0001-01-01T00:30:00+01:00", 1764000000, 1.5e9, True]),  # fmt: skip
+                     "0001-01-01T00:30:00+01:00", 1764000000, 1.5e9, True]),
     hostile_text,
 )
 attribute_values = st.one_of(st.text(max_size=20), st.booleans(), st.integers(-(10**25), 10**25),
