@@ -132,6 +132,9 @@ def phase_sdk(settings: Settings, which: str, events: int, reps: int, batch: int
             record_many(dicts[i : i + batch])
 
     send = single if which == "sdk-single" else many
+    breakdown = cpu_breakdown(specs, dicts, batch)
+    console.print("  CPU µs/event without Kafka (this process, same run): "
+                  + ", ".join(f"{k} {v}" for k, v in breakdown.items()))  # fmt: skip
     rates, refs = [], []
     try:
         for rep in range(reps):
@@ -149,7 +152,32 @@ def phase_sdk(settings: Settings, which: str, events: int, reps: int, batch: int
     return {"phase": which, "events": n, "reps": reps, "batch": batch if which == "sdk-many" else 1,
             "events_per_s": {"median": round(median), "all": [round(r) for r in rates]},
             "reference_events_per_s": {"median": round(ref), "all": [round(r) for r in refs]},
-            "share_of_reference": round(median / ref, 3), "target": TARGETS[which], "profile": prof}  # fmt: skip
+            "share_of_reference": round(median / ref, 3), "target": TARGETS[which],
+            "cpu_us_per_event_without_kafka": breakdown, "profile": prof}  # fmt: skip
+
+
+def cpu_breakdown(specs: list[Any], dicts: list[dict[str, Any]], batch: int) -> dict[str, float]:
+    """CPU µs per event of each step without Kafka: the model, both serializers, the batch path."""
+    from meterstream.producers.client import _wire_many
+
+    def per_event(fn: Callable[[], object]) -> float:
+        gc.disable()
+        try:
+            started = time.process_time()
+            fn()
+            return round((time.process_time() - started) / len(specs) * 1e6, 2)
+        finally:
+            gc.enable()
+
+    built = [spec.build() for spec in specs]
+    return {
+        "build_model": per_event(lambda: [spec.build() for spec in specs]),
+        "pydantic_dump (before)": per_event(lambda: [e.__pydantic_serializer__.to_json(e, exclude_none=True)
+                                                     for e in built]),
+        "wire_bytes (orjson)": per_event(lambda: [e.wire_bytes() for e in built]),
+        "record_many validate+bytes": per_event(lambda: [_wire_many(dicts[i : i + batch])
+                                                         for i in range(0, len(dicts), batch)]),
+    }
 
 
 def profile_run(out: Path, run: Callable[[], float]) -> dict[str, Any] | None:
