@@ -33,7 +33,6 @@ from meterstream.producers.llm import (
     usage_from_openai,
 )
 from meterstream.schemas.events import Attribution, Meter, OutcomeEvent, UsageEvent
-from meterstream.schemas.fastpath import token_event_wire
 from meterstream.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -114,9 +113,8 @@ class MeterClient:
         Items are built events or field mappings in the wire format (``customer_id`` and
         the event's fields; ``"type": "outcome"`` marks an outcome; ``event_id`` and
         ``occurred_at`` default to new/now as in :meth:`record_usage`). Every item is
-        validated before anything is sent, with the models' rules: plain token events by
-        :func:`meterstream.schemas.fastpath.token_event_wire` (the same bytes, without a
-        model per event), the rest by the models in one pydantic-core call per kind. If an
+        validated before anything is sent, by the models, in one pydantic-core call per
+        kind (``TypeAdapter(list[UsageEvent])``, no Python ``__init__`` per item). If an
         item is invalid, the :class:`pydantic.ValidationError` building it alone raises
         (same errors, same text) is raised for the first invalid item, with a note giving
         its position, and nothing of the batch is queued. Every event gets the delivery
@@ -345,15 +343,8 @@ def _wire_many(items: list[UsageEvent | OutcomeEvent | Mapping[str, Any]]) -> li
             filled.append({"event_id": new_event_id(), "occurred_at": utc_now(), **item})
         else:
             filled.append(item)
-    out: list[Any] = token_event_wire(filled)
-    rest = [i for i, wire in enumerate(out) if wire is None]
-    for i, wire in enumerate(out):
-        if wire is not None:
-            out[i] = (False, filled[i]["customer_id"].encode(), wire)
-    if rest:
-        for i, event in zip(rest, _validate_many([filled[i] for i in rest], rest), strict=True):
-            out[i] = (type(event) is OutcomeEvent, event.customer_id.encode(), event.wire_bytes())
-    return out
+    return [(type(event) is OutcomeEvent, event.customer_id.encode(), event.wire_bytes())
+            for event in _validate_many(filled)]
 
 
 def _validate_many(items: list[Any], positions: list[int] | None = None) -> list[UsageEvent | OutcomeEvent]:

@@ -1,6 +1,6 @@
 """The package as users install it: a wheel built from this repo, in a clean virtualenv.
 
-`pip install meterstream` is the SDK alone (pydantic, pydantic-settings, orjson,
+`pip install meterstream` is the SDK alone (pydantic, pydantic-settings,
 confluent-kafka): a service that only records usage gets tens of MB, not the
 worker's engine, Faust or Arrow. The test builds the wheel once, installs it without
 extras in a new virtualenv (no source tree on its path), records an event there
@@ -93,7 +93,7 @@ def test_the_sdk_installs_alone_and_records_an_event(wheel: Path, tmp_path: Path
 
     site_packages = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip())
     installed = {p.name.split("-")[0].lower() for p in site_packages.glob("*.dist-info")}
-    assert {"pydantic", "pydantic_settings", "confluent_kafka", "orjson"} <= installed
+    assert {"pydantic", "pydantic_settings", "confluent_kafka"} <= installed
     assert not installed & {"faust_streaming", "aiokafka", "chdb", "chdb_core", "pyarrow", "matplotlib", "clickhouse_connect"}
     size_mb = sum(f.stat().st_size for f in venv.rglob("*") if f.is_file() and not f.is_symlink()) / 2**20
     assert size_mb < SDK_BUDGET_MB, f"the SDK venv is {size_mb:.0f} MB"
