@@ -174,7 +174,7 @@ def cpu_breakdown(specs: list[Any], dicts: list[dict[str, Any]], batch: int) -> 
         "build_model": per_event(lambda: [spec.build() for spec in specs]),
         "pydantic_dump (before)": per_event(lambda: [e.__pydantic_serializer__.to_json(e, exclude_none=True)
                                                      for e in built]),
-        "wire_bytes (orjson)": per_event(lambda: [e.wire_bytes() for e in built]),
+        "wire_bytes": per_event(lambda: [e.wire_bytes() for e in built]),
         "record_many validate+bytes": per_event(lambda: [_wire_many(dicts[i : i + batch])
                                                          for i in range(0, len(dicts), batch)]),
     }
