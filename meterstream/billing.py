@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, time, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -53,18 +53,16 @@ ZERO = Decimal(0)
 def first_billed_period(catalog: Catalog, customer_id: str, period: str, first_usage: str | None) -> str:
     """Where a customer's grant balances start.
 
-    The month of its earliest grant; a grant without ``granted_on`` has been
-    usable since the customer's first period with usage (``first_usage``).
-    Without grants, ``period`` itself: nothing carries over.
+    The billing period of its earliest grant's ``granted_on`` (required: a grant is
+    never spent on a period before it was granted). Without grants, ``period``
+    itself: nothing carries over. ``first_usage`` is kept for callers; grants no
+    longer depend on it.
     """
     customer = catalog.customers.get(customer_id)
     grants = customer.grants if customer else ()
     starts = [period]
     for grant in grants:
-        if grant.granted_on is not None:
-            starts.append(str(Period(grant.granted_on.year, grant.granted_on.month)))
-        elif first_usage is not None:
-            starts.append(first_usage)
+        starts.append(customer.billing_period(datetime.combine(grant.granted_on, time(), timezone.utc)) if customer else period)
     return min(starts)
 
 

@@ -383,7 +383,6 @@ def _draw_grants(
     period: str,
     overage: Decimal,
     balances: Mapping[str, Decimal] | None,
-    since: date | None = None,
     end: datetime | None = None,
 ) -> list[GrantDraw]:
     """Draw grants against the overage credits in the documented order; report every grant."""
@@ -394,7 +393,7 @@ def _draw_grants(
         grant = grants[index]
         opening = grant.credits if balances is None else balances.get(grant.id, grant.credits)
         opening = max(opening, ZERO)
-        usable = grant.usable_for(period, since, end)
+        usable = grant.usable_for(period, end)
         drawn = min(opening, needed) if usable else ZERO
         needed -= drawn
         draws[index] = GrantDraw(
@@ -708,7 +707,6 @@ def compute_invoice(
         segments = ()
     credits_of = _split_usage(usage, segments)
     period_days = (end - start).days
-    since = customer.effective_from
 
     lines: list[InvoiceLine] = []
     balances = dict(grant_balances) if grant_balances is not None else None
@@ -746,7 +744,7 @@ def compute_invoice(
             )
         overage_lines = _overage_lines(version.overage, overage, currency)
         seg_lines += overage_lines
-        draws = _draw_grants(customer.grants, period, overage, balances, since, end)
+        draws = _draw_grants(customer.grants, period, overage, balances, end)
         balances = {d.grant_id: d.closing_credits for d in draws}
         all_draws.append(draws)
         seg_lines += _credit_lines(overage_lines, overage, draws, currency)

@@ -25,8 +25,8 @@ A catalog file (YAML) holds the plans and which customer is on which::
         plan: growth
         discount_percent: "10"
         grants:
-          - {kind: free, credits: "5000", expires: "2026-12-31"}
-          - {kind: prepaid, credits: "20000"}
+          - {kind: free, credits: "5000", granted_on: "2026-11-01", expires: "2026-12-31"}
+          - {kind: prepaid, credits: "20000", granted_on: "2026-11-01"}
 
 The file is read with ``yaml.BaseLoader`` (every scalar a string) so no float
 ever touches a price, and validated by pydantic; an error names the file and
@@ -147,8 +147,9 @@ class GrantKind(StrEnum):
 class CreditGrant(_Strict):
     """Credits given (free) or bought in advance (prepaid), drawn down before overage is billed.
 
-    ``expires`` is inclusive (usable through that UTC date); ``granted_on``, if
-    given, is the first date it may be used. A grant is a balance: the invoice
+    ``granted_on`` (required) is the first UTC date it may be used, so a grant
+    added to the catalog today is never spent on earlier periods; ``expires`` is
+    inclusive (usable through that UTC date). A grant is a balance: the invoice
     reports how much of it each period drew (see ``compute_invoice``'s
     ``grant_balances``).
     """
@@ -156,28 +157,25 @@ class CreditGrant(_Strict):
     id: Annotated[str, Field(min_length=1, max_length=128)]
     kind: GrantKind
     credits: PositiveDecimal
-    granted_on: Annotated[date | None, BeforeValidator(null_to_none)] = None
+    granted_on: date
     expires: Annotated[date | None, BeforeValidator(null_to_none)] = None
 
     @model_validator(mode="after")
     def _dates_in_order(self) -> CreditGrant:
-        if self.granted_on and self.expires and self.expires < self.granted_on:
+        if self.expires and self.expires < self.granted_on:
             raise _error("expires {expires} is before granted_on", ("expires",), expires=str(self.expires))
         return self
 
-    def usable_for(self, period: str, since: date | None = None, end: datetime | None = None) -> bool:
+    def usable_for(self, period: str, end: datetime | None = None) -> bool:
         """Usable in a period if granted by its last day and not expired before its end.
 
         Invoices are computed from period aggregates, which do not say when in
         the month the credits were used, so a grant that expires mid-period is
-        not drawn in that period. A grant without ``granted_on`` starts with the
-        customer's assignment (``since``: its ``effective_from``), so it is never
-        spent on periods billed before the customer had it.
+        not drawn in that period, and one granted mid-period is drawn in it.
         """
         end = end or period_bounds(period)[1]
         last_day = (end - timedelta(days=1)).date()
-        granted_on = self.granted_on or since
-        started = granted_on is None or granted_on <= last_day
+        started = self.granted_on <= last_day
         alive = self.expires is None or self.expires >= last_day
         return started and alive
 

@@ -32,7 +32,7 @@ def _catalog(**growth: object):
         "starter": {"versions": [{**later, "version": "starter-1"}]},
     }
     # s1 has a discount and free credits on its own plan; a replay ignores both.
-    s1 = {"plan": "starter", "discount_percent": "50", "grants": [{"kind": "free", "credits": "100000"}]}
+    s1 = {"plan": "starter", "discount_percent": "50", "grants": [{"kind": "free", "credits": "100000", "granted_on": "2025-01-01"}]}
     return parse_catalog({"default_plan": "growth", "plans": plans, "customers": {"s1": s1}})
 
 

@@ -39,7 +39,7 @@ def _catalog_with_prepaid(credits: str = "1000"):
                 "base_fee": "0", "included_credits": "0",
                 "overage": {"model": "per_unit", "unit_price": "0.01"},
             }]}},  # fmt: skip
-            "customers": {"acme": {"plan": "p", "grants": [{"kind": "prepaid", "credits": credits}]}},
+            "customers": {"acme": {"plan": "p", "grants": [{"kind": "prepaid", "credits": credits, "granted_on": "2026-10-01"}]}},
         }
     )
 

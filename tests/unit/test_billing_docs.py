@@ -83,7 +83,7 @@ def test_the_grant_example() -> None:
             "version": "g", "effective_from": "2025-01-01", "base_fee": "500", "included_credits": "50000",
             "overage": {"model": "graduated", "tiers": [{"up_to": "100000", "unit_price": "0.012"},
                                                         {"up_to": None, "unit_price": "0.010"}]}}]}},
-         "customers": {"acme": {"plan": "growth", "grants": [{"kind": "prepaid", "credits": "20000"}]}}}
+         "customers": {"acme": {"plan": "growth", "grants": [{"kind": "prepaid", "credits": "20000", "granted_on": "2025-01-01"}]}}}
     )  # fmt: skip
     invoice = compute_invoice("acme", "2025-02", PeriodUsage(credits=D(180000)), hybrid, as_of=AFTER)
     assert [line.amount for line in invoice.lines if line.kind == "credits_applied"] == [D("-230.77")]

@@ -96,6 +96,7 @@ grants = st.lists(
         {
             "kind": st.sampled_from(["free", "prepaid"]),
             "credits": st.integers(min_value=1, max_value=200_000).map(str),
+            "granted_on": st.sampled_from(["2025-01-01", "2025-02-05"]),
             "expires": st.sampled_from([None, "2025-02-10", "2025-12-31"]),
         }
     ),
