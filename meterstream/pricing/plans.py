@@ -436,7 +436,17 @@ class CustomerPlan(_Strict):
     @field_validator("grants", mode="before")
     @classmethod
     def _grant_ids(cls, value: Any) -> Any:
-        return _fill_grant_ids(value)
+        value = _fill_grant_ids(value)
+        if isinstance(value, list):
+            for index, grant in enumerate(value):
+                if isinstance(grant, Mapping) and null_to_none(grant.get("granted_on")) is None:
+                    raise _error(
+                        "grant {id} needs granted_on, the first date it may be used "
+                        "(a grant is never spent on periods before it)",
+                        (index, "granted_on"),
+                        id=grant["id"],
+                    )
+        return value
 
     @model_validator(mode="after")
     def _unique_grant_ids(self) -> CustomerPlan:

@@ -367,7 +367,7 @@ def test_tier_error_names_the_tier(tmp_path: Path) -> None:
         (
             # The clean rule: a grant without a start date could be spent on periods before it existed.
             lambda d: d["customers"]["acme"].update(grants=[{"id": "topup", "kind": "prepaid", "credits": "5"}]),
-            "customers.acme.grants[0].granted_on: Field required",
+            "customers.acme.grants[0].granted_on: grant topup needs granted_on, the first date it may be used",
         ),
         (lambda d: d.update(plans={}), "plans: a catalog needs at least one plan"),
         (lambda d: d.update(surprise="1"), "surprise: Extra inputs are not permitted"),
