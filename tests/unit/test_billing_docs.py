@@ -181,3 +181,17 @@ def test_the_worker_closes_an_anniversary_period_at_its_own_end() -> None:
     processor = BatchProcessor(catalog, BudgetBook())
     (row,) = processor.process([message], lambda key: MonthToDate(), now=datetime(2025, 12, 19, tzinfo=timezone.utc)).rated
     assert (row.period, row.billed_in) == ("2025-11", "2025-12")
+
+
+def test_the_volume_exception_table() -> None:
+    section = DOC[DOC.index("## Adding usage never lowers a total") :]
+    rows = re.findall(r"^\| ([\d,]+) \| \w+ \| [^|]+ \| ([\d,.]+) \|$", section.split("\n## ")[0], re.M)
+    assert len(rows) == 3
+    tiers = [{"up_to": "1000", "unit_price": "0.10"}, {"up_to": "5000", "unit_price": "0.08"},
+             {"up_to": None, "unit_price": "0.05"}]  # fmt: skip
+    catalog = parse_catalog({"plans": {"v": {"versions": [{"version": "vol", "effective_from": "2025-01-01",
+                                                          "overage": {"model": "volume", "tiers": tiers}}]}},
+                             "default_plan": "v"})  # fmt: skip
+    for credits, total in rows:
+        invoice = compute_invoice("x", "2025-02", PeriodUsage(credits=D(credits.replace(",", ""))), catalog, as_of=AFTER)
+        assert invoice.total == D(total.replace(",", ""))
