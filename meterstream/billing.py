@@ -130,6 +130,7 @@ def period_usage_from_aggregates(customer_id: str, period: str, rows: Iterable[d
             MeterSubtotal(
                 meter=row["meter"], model=row["model"], events=int(row["events"]),
                 credits=row["credits"], cost_to_serve=row["cost_to_serve"], max_quantity=row["max_quantity"],
+                sum_quantity=row["sum_quantity"],
             )  # fmt: skip
         )
     merged: dict[tuple[str, str], MeterSubtotal] = {}
@@ -141,6 +142,7 @@ def period_usage_from_aggregates(customer_id: str, period: str, rows: Iterable[d
                 meter=sub.meter, model=sub.model, events=prev.events + sub.events,
                 credits=prev.credits + sub.credits, cost_to_serve=prev.cost_to_serve + sub.cost_to_serve,
                 max_quantity=max(prev.max_quantity, sub.max_quantity),
+                sum_quantity=prev.sum_quantity + sub.sum_quantity,
             )  # fmt: skip
         merged[key] = sub
     return PeriodUsage(
@@ -163,6 +165,7 @@ def period_usage_from_aggregates(customer_id: str, period: str, rows: Iterable[d
                         credits=sum((r["credits"] for r in group), ZERO),
                         cost_to_serve=sum((r["cost_to_serve"] for r in group), ZERO),
                         max_quantity=max(r["max_quantity"] for r in group),
+                        sum_quantity=sum((r["sum_quantity"] for r in group), ZERO),
                     )
                     for (vv, m, model), group in sorted(version_meters.items())
                     if vv == v

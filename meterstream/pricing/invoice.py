@@ -159,6 +159,8 @@ class MeterSubtotal(_Frozen):
     cost_to_serve: Decimal = ZERO
     #: The largest single ``quantity`` of the meter's events (the ``max`` measure of a charge).
     max_quantity: Decimal = ZERO
+    #: The sum of the meter's events' ``quantity`` (the ``sum`` measure of a charge).
+    sum_quantity: Decimal = ZERO
 
 
 class VersionUsage(_Frozen):
@@ -204,9 +206,9 @@ class PeriodUsage(_Frozen):
         periods: set[str] = set()
         credits = cost = seats = ZERO
         outcomes: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])
-        meters: dict[tuple[str, str], list[Decimal]] = defaultdict(lambda: [ZERO, ZERO, ZERO, ZERO])
+        meters: dict[tuple[str, str], list[Decimal]] = defaultdict(lambda: [ZERO, ZERO, ZERO, ZERO, ZERO])
         versions: dict[str, list[Decimal]] = defaultdict(lambda: [ZERO, ZERO])
-        version_meters: dict[tuple[str, str, str], list[Decimal]] = defaultdict(lambda: [ZERO, ZERO, ZERO, ZERO])
+        version_meters: dict[tuple[str, str, str], list[Decimal]] = defaultdict(lambda: [ZERO, ZERO, ZERO, ZERO, ZERO])
         for row in rows:
             if row.event_id in seen:
                 continue  # at-least-once delivery: the same id is billed once
@@ -228,6 +230,7 @@ class PeriodUsage(_Frozen):
                 subtotal[1] += row.credits
                 subtotal[2] += row.cost_to_serve
                 subtotal[3] = max(subtotal[3], row.quantity)
+                subtotal[4] += row.quantity
             if row.meter == Meter.SEATS.value:
                 seats = max(seats, row.quantity)
         if len(customers) > 1 or len(periods) > 1:
@@ -246,15 +249,17 @@ class PeriodUsage(_Frozen):
                 for (t, a, v), (n, r) in sorted(outcomes.items())
             ),
             by_meter=tuple(
-                MeterSubtotal(meter=m, model=model, events=int(n), credits=c, cost_to_serve=k, max_quantity=q)
-                for (m, model), (n, c, k, q) in sorted(meters.items())
+                MeterSubtotal(meter=m, model=model, events=int(n), credits=c, cost_to_serve=k, max_quantity=q,
+                              sum_quantity=s)  # fmt: skip
+                for (m, model), (n, c, k, q, s) in sorted(meters.items())
             ),
             by_version=tuple(
                 VersionUsage(
                     plan_version=v, credits=c, active_seats=seats_max,
                     by_meter=tuple(
-                        MeterSubtotal(meter=m, model=model, events=int(n), credits=mc, cost_to_serve=k, max_quantity=q)
-                        for (vv, m, model), (n, mc, k, q) in sorted(version_meters.items())
+                        MeterSubtotal(meter=m, model=model, events=int(n), credits=mc, cost_to_serve=k, max_quantity=q,
+                                      sum_quantity=s)
+                        for (vv, m, model), (n, mc, k, q, s) in sorted(version_meters.items())
                         if vv == v
                     ),
                 )  # fmt: skip
@@ -537,6 +542,8 @@ def _usage_charge_lines(
             quantity = Decimal(sum(m.events for m in mine))
         elif charge.measure == "credits":
             quantity = max(sum((m.credits for m in mine), ZERO), ZERO)
+        elif charge.measure == "sum":
+            quantity = max(sum((m.sum_quantity for m in mine), ZERO), ZERO)
         else:
             quantity = max((m.max_quantity for m in mine), default=ZERO)
         result = charge.charge(quantity)

@@ -202,15 +202,16 @@ class MeterCharge(ChargeModel):
            package_size: "100", package_price: "5", free_units: "200"}
 
     ``measure`` is what is counted in the period: ``events`` (how many events of the
-    meter), ``credits`` (the credits they were rated at) or ``max`` (the largest
-    quantity reported, like seats). A meter with its own charge is billed by it and
+    meter), ``credits`` (the credits they were rated at), ``sum`` (the sum of the
+    quantities reported, e.g. pages of documents) or ``max`` (the largest quantity
+    reported, like seats). A meter with its own charge is billed by it and
     leaves the credits pool (included credits and overage); credits stay the unit of
     everything else.
     """
 
     name: Annotated[str, Field(min_length=1, max_length=128)]
     meter: Meter
-    measure: Literal["events", "credits", "max"] = "events"
+    measure: Literal["events", "credits", "sum", "max"] = "events"
 
 
 class PlanVersion(_Strict):

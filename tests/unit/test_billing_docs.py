@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from meterstream.billing import invoices_from_rated
+from meterstream.billing import invoices_from_rated, rate_events
 from meterstream.pricing.invoice import PeriodUsage, compute_invoice
 from meterstream.pricing.plans import Catalog, parse_catalog
 from meterstream.schemas.events import UsageEvent
@@ -195,3 +195,24 @@ def test_the_volume_exception_table() -> None:
     for credits, total in rows:
         invoice = compute_invoice("x", "2025-02", PeriodUsage(credits=D(credits.replace(",", ""))), catalog, as_of=AFTER)
         assert invoice.total == D(total.replace(",", ""))
+
+
+def test_the_sum_of_quantities_example() -> None:
+    section = DOC[DOC.index("## Charges on the sum of quantities") :]
+    block = re.search(r"```yaml\n(.*?)```", section, re.S)
+    assert block is not None
+    catalog = parse_catalog(yaml.load(block.group(1), Loader=yaml.BaseLoader), source="docs/billing.md")
+
+    def event(i: str, meter: str, quantity: int) -> UsageEvent:
+        return UsageEvent(event_id=i, customer_id="pied-piper", occurred_at=datetime(2026, 11, 9, tzinfo=timezone.utc),
+                          meter=meter, quantity=quantity)  # fmt: skip
+
+    events = [event("d1", "documents", 400), event("d2", "documents", 900), event("d3", "documents", 1250),
+              event("d3", "documents", 1250), event("r1", "requests", 2000)]  # fmt: skip
+    rated, errors = rate_events(catalog, events)
+    assert errors == []
+    [invoice] = invoices_from_rated(catalog, rated, as_of=AFTER)
+    assert [(line.kind, line.amount) for line in invoice.lines] == [
+        ("base_fee", D("100.00")), ("included_usage", D("0.00")), ("usage_charge", D("15.50")),
+    ]  # fmt: skip
+    assert invoice.total == D("115.50") == doc_total("**pied-piper** in November")
