@@ -17,6 +17,7 @@ carrying the closing balances forward.
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -231,6 +232,21 @@ def invoice_from_store(
     )  # fmt: skip
 
 
+def issued_catalog(run_query: QueryRunner, customer_id: str, period: str) -> Catalog | None:
+    """The catalog the customer's ``period`` was issued with (sql/009), or None.
+
+    None when the period was not issued, or was issued before the catalog was kept with
+    the record. A kept catalog that does not match the record's fingerprint is an error.
+    """
+    rows = run_query("issued_invoice", customer=customer_id, period=period).dicts()
+    if not rows or not rows[0]["catalog_json"]:
+        return None
+    text = rows[0]["catalog_json"]
+    if hashlib.sha256(text.encode()).hexdigest() != rows[0]["catalog_fingerprint"]:
+        raise InvoiceError(f"the catalog kept with invoice {rows[0]['invoice_number']} does not match its fingerprint")
+    return Catalog.model_validate_json(text)
+
+
 def issued_invoice(run_query: QueryRunner, customer_id: str, period: str) -> Invoice | None:
     """The invoice issued for the customer's period (sql/008), exactly as stored, or None."""
     rows = run_query("issued_invoice", customer=customer_id, period=period).dicts()
@@ -285,16 +301,20 @@ def late_adjustments(
 
     For each closed period P with usage billed in ``period``: P's invoice with the
     late usage billed up to ``period`` minus P's invoice with the late usage billed
-    before it. A closed invoice is never rewritten; its rules price the difference.
+    before it. A closed invoice is never rewritten; its rules price the difference:
+    when P was issued, both are computed with the catalog it was issued with (kept
+    with the record, sql/009), so a price or plan changed since does not reach P's
+    usage; else (not issued, or issued before 009) with ``catalog``.
     (Grant balances carried out of P are not re-drawn.)
     """
     lines = []
     for row in run_query("late_usage", customer=customer_id, billed_in=period).dicts():
         closed = row["period"]
+        closed_catalog = issued_catalog(run_query, customer_id, closed) or catalog
 
-        def total_of(late_until: str, closed: str = closed) -> Invoice:
+        def total_of(late_until: str, closed: str = closed, closed_catalog: Catalog = closed_catalog) -> Invoice:
             usage = store_usage_for(run_query, customer_id, late_until)
-            return invoice_series(catalog, customer_id, closed, usage, first_usage=first_usage, as_of=as_of)[-1]
+            return invoice_series(closed_catalog, customer_id, closed, usage, first_usage=first_usage, as_of=as_of)[-1]
 
         before = total_of(previous_period(period) if previous_period(period) > closed else "")
         after = total_of(period)

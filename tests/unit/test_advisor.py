@@ -96,7 +96,7 @@ def _agg(kind="usage", meter="tokens", model="", *, events=1, credits="0", cost=
             "attribution": "ai_only" if kind == "outcome" else "", "plan_version": version, "is_reversal": reversal,
             "events": events, "credits": D(credits), "cost_to_serve": D(cost), "input_tokens": inp,
             "cached_input_tokens": 0, "output_tokens": out, "total_quantity": D(qty),
-            "max_quantity": D(max_qty)}  # fmt: skip
+            "max_quantity": D(max_qty), "sum_quantity": D(qty)}  # fmt: skip
 
 
 def test_customer_metrics_from_aggregate_rows():

@@ -119,6 +119,7 @@ def test_store_aggregates_build_the_same_usage_as_rated_rows():
             "plan_version": rows[0].price_book_version, "is_reversal": 0, "events": 3,
             "credits": sum((r.credits for r in rows), Decimal(0)),
             "cost_to_serve": sum((r.cost_to_serve for r in rows), Decimal(0)), "max_quantity": Decimal(0),
+            "sum_quantity": sum((r.quantity for r in rows), Decimal(0)),
         }
     ]  # fmt: skip
     assert period_usage_from_aggregates("acme", "2026-11", aggregates) == PeriodUsage.from_rated(rows)
