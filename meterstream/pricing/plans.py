@@ -649,6 +649,26 @@ class Catalog(_Strict):
         """[start, end) of the customer's billing period ``period`` (calendar month or anniversary)."""
         return self.customer(customer_id).billing_bounds(period)
 
+    def billing_period(self, customer_id: str, at: datetime) -> str:
+        """The label of the customer's billing period ``at`` falls in (a rated row's ``period``).
+
+        Customers not listed are billed by calendar month, like the default plan's.
+        """
+        customer = self.customers.get(customer_id)
+        return customer.billing_period(at) if customer is not None else f"{_utc_date(at):%Y-%m}"
+
+    def open_billing_periods(self, now: datetime) -> set[str]:
+        """The billing periods around ``now``: this and last calendar month, and every anniversary
+        customer's current and previous period (whose label can be two months back)."""
+        month_start = period_bounds(f"{_utc_date(now):%Y-%m}")[0]
+        periods = {f"{month_start:%Y-%m}", f"{month_start - timedelta(days=1):%Y-%m}"}
+        for customer in self.customers.values():
+            if customer.billing_anchor == "anniversary":
+                current = customer.billing_period(now)
+                start = customer.billing_bounds(current)[0]
+                periods |= {current, customer.billing_period(start - timedelta(microseconds=1))}
+        return periods
+
 
 def format_location(loc: Sequence[str | int]) -> str:
     """``("plans", "growth", "versions", 0, "base_fee")`` -> ``plans.growth.versions[0].base_fee``."""
