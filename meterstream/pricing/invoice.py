@@ -552,7 +552,9 @@ def _usage_charge_lines(
         if not result.bands:
             lines.append(InvoiceLine(kind="usage_charge", description=head, quantity=quantity, amount=round_money(ZERO, currency)))
         for band in result.bands:
-            if band.start == band.end and band.quantity == 1 and charge.model != "package":
+            if band.label == "floor":
+                text = f"{head}, volume pricing, never less than the top of a tier below"
+            elif band.start == band.end and band.quantity == 1 and charge.model != "package":
                 text = f"{head}, flat fee of the tier above {_num(band.start)}"
             elif charge.model == "package":
                 text = f"{head}, {_num(band.quantity)} package(s) of {_num(charge.package_size or ZERO)}"
@@ -573,7 +575,9 @@ def _overage_lines(overage_model: ChargeModel, overage: Decimal, currency: str) 
     charge = overage_model.charge(overage)
     lines = []
     for band in charge.bands:
-        if overage_model.model == "package":
+        if band.label == "floor":
+            text = f"Overage: {_num(band.end)} credits at volume pricing, never less than the top of a tier below"
+        elif overage_model.model == "package":
             size = _num(overage_model.package_size or ZERO)
             text = f"Overage: {_num(band.quantity)} started package(s) of {size} credits"
         elif overage_model.model == "volume":

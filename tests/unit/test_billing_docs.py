@@ -185,7 +185,9 @@ def test_the_worker_closes_an_anniversary_period_at_its_own_end() -> None:
 
 def test_the_volume_exception_table() -> None:
     section = DOC[DOC.index("## Adding usage never lowers a total") :]
-    rows = re.findall(r"^\| ([\d,]+) \| \w+ \| [^|]+ \| ([\d,.]+) \|$", section.split("\n## ")[0], re.M)
+    section = section.split("\n## ")[0]
+    plain, floored = section.split("volume_floor: true`:")
+    rows = re.findall(r"^\| ([\d,]+) \| \w+ \| [^|]+ \| ([\d,.]+) \|$", plain, re.M)
     assert len(rows) == 3
     tiers = [{"up_to": "1000", "unit_price": "0.10"}, {"up_to": "5000", "unit_price": "0.08"},
              {"up_to": None, "unit_price": "0.05"}]  # fmt: skip
@@ -195,6 +197,14 @@ def test_the_volume_exception_table() -> None:
     for credits, total in rows:
         invoice = compute_invoice("x", "2025-02", PeriodUsage(credits=D(credits.replace(",", ""))), catalog, as_of=AFTER)
         assert invoice.total == D(total.replace(",", ""))
+    floor_rows = re.findall(r"^\| ([\d,]+) \| \w+ \| [^|]+ \| ([\d,.]+) \|$", floored, re.M)
+    assert len(floor_rows) == 3
+    with_floor = parse_catalog({"plans": {"v": {"versions": [{"version": "vol", "effective_from": "2025-01-01",
+                                "overage": {"model": "volume", "tiers": tiers, "volume_floor": True}}]}},
+                                "default_plan": "v"})  # fmt: skip
+    for credits, total in floor_rows:
+        usage = PeriodUsage(credits=D(credits.replace(",", "")))
+        assert compute_invoice("x", "2025-02", usage, with_floor, as_of=AFTER).total == D(total.replace(",", ""))
 
 
 def test_the_sum_of_quantities_example() -> None:

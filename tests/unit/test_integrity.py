@@ -220,6 +220,34 @@ def test_a_volume_decrease_is_exactly_the_tier_tables(
         assert tier_after > tier_before  # only ever at a boundary
 
 
+@given(
+    plan_versions(falling_volume=True), grants, discounts, credit_amounts, credit_amounts,
+    st.integers(0, 30), st.integers(0, 30), st.integers(0, 5), st.integers(0, 5), st.data(),
+)  # fmt: skip
+@settings(max_examples=200)
+def test_with_a_volume_floor_adding_usage_never_lowers_a_total(
+    version: dict[str, Any], grant_list: list[dict[str, Any]], discount: str, credits: Decimal, more: Decimal,
+    outcomes: int, more_outcomes: int, seats: int, more_seats: int, data: st.DataObject,
+) -> None:  # fmt: skip
+    # The opt-in monotone variant (volume_floor: true): no exception at all, boundaries included.
+    version = {**version, "overage": {**version["overage"], "volume_floor": True}}
+    credits, more = near_a_boundary(data, version, credits, more)
+    catalog = catalog_of(version, {"discount_percent": discount, "grants": grant_list})
+    before = compute_invoice("acme", PERIOD, usage(credits, outcomes, seats=seats), catalog, as_of=AFTER)
+    after = compute_invoice(
+        "acme", PERIOD, usage(credits + more, outcomes + more_outcomes, seats=seats + more_seats), catalog, as_of=AFTER
+    )
+    assert overage_charge(after) >= overage_charge(before)
+    assert after.total >= before.total
+    # The floor is the highest top of a tier below, or the volume price when that is more.
+    tiers = version["overage"]["tiers"]
+    quantity = after.usage.overage_credits
+    tops = [D(t["up_to"]) * D(t["unit_price"]) + D(t["flat_fee"]) for t in tiers if t["up_to"] and D(t["up_to"]) < quantity]
+    reached = next(t for t in tiers if t["up_to"] is None or quantity <= D(t["up_to"]))
+    exact = max([quantity * D(reached["unit_price"]) + (D(reached["flat_fee"]) if quantity else D(0)), *tops])
+    assert overage_charge(after) == exact.quantize(D("0.01"), "ROUND_HALF_UP")
+
+
 def test_volume_cliff_is_the_documented_exception() -> None:
     # PRICING.md's volume row: every unit at the price of the tier the total reaches. 5,000 units
     # cost $400.00 and 6,000 cost $300.00; that is what volume pricing means, so it is the one
@@ -229,6 +257,10 @@ def test_volume_cliff_is_the_documented_exception() -> None:
     catalog = catalog_of({"overage": {"model": "volume", "tiers": tiers}})
     totals = [compute_invoice("acme", PERIOD, usage(D(n)), catalog, as_of=AFTER).total for n in (5000, 5001, 6000)]
     assert totals == [D("400.00"), D("250.05"), D("300.00")]
+    # The opt-in volume_floor: never less than the top of a tier below (5,000 × 0.08 = 400.00).
+    floored = catalog_of({"overage": {"model": "volume", "tiers": tiers, "volume_floor": True}})
+    totals = [compute_invoice("acme", PERIOD, usage(D(n)), floored, as_of=AFTER).total for n in (5000, 5001, 6000, 8001)]
+    assert totals == [D("400.00"), D("400.00"), D("400.00"), D("400.05")]
 
 
 # -- no negative total without a credit note -------------------------------------------------------
