@@ -28,7 +28,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from meterstream.periods import Period, periods_between, previous_period
+from meterstream.periods import periods_between, previous_period
 from meterstream.pricing.invoice import (
     Invoice,
     InvoiceError,

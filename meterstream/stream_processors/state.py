@@ -39,7 +39,8 @@ from decimal import Decimal
 from typing import Any
 
 from meterstream.clock import Clock, utc_now
-from meterstream.periods import Period, period_of
+from meterstream.periods import Period
+from meterstream.periods import period_of as calendar_period
 from meterstream.schemas.events import OutcomeEvent, UsageEvent
 from meterstream.schemas.records import RatedUsage
 from meterstream.storage.clickhouse import ClickHouseStore
@@ -165,7 +166,7 @@ class StoreBackedState:
         self.clock = clock
         #: The billing period an event of a customer at a time belongs to (the rated row's period):
         #: the calendar month by default, the catalog's rule in the worker (anniversary periods).
-        self.period_of: Callable[[str, datetime], str] = period_of or (lambda customer_id, at: period_of(at))
+        self.period_of: Callable[[str, datetime], str] = period_of or (lambda customer_id, at: calendar_period(at))
         #: The billing periods whose totals are loaded for every customer when partitions are assigned.
         self.preload_periods: Callable[[datetime], Iterable[str]] = preload_periods or calendar_preload
         #: Run after partitions are (re)assigned, before the totals are loaded (the alert outbox).
