@@ -17,17 +17,18 @@ carrying the closing balances forward.
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, time, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from meterstream.periods import Period, periods_between, previous_period
+from meterstream.periods import periods_between, previous_period
 from meterstream.pricing.invoice import (
     Invoice,
     InvoiceError,
@@ -53,18 +54,16 @@ ZERO = Decimal(0)
 def first_billed_period(catalog: Catalog, customer_id: str, period: str, first_usage: str | None) -> str:
     """Where a customer's grant balances start.
 
-    The month of its earliest grant; a grant without ``granted_on`` has been
-    usable since the customer's first period with usage (``first_usage``).
-    Without grants, ``period`` itself: nothing carries over.
+    The billing period of its earliest grant's ``granted_on`` (required: a grant is
+    never spent on a period before it was granted). Without grants, ``period``
+    itself: nothing carries over. ``first_usage`` is kept for callers; grants no
+    longer depend on it.
     """
     customer = catalog.customers.get(customer_id)
     grants = customer.grants if customer else ()
     starts = [period]
     for grant in grants:
-        if grant.granted_on is not None:
-            starts.append(str(Period(grant.granted_on.year, grant.granted_on.month)))
-        elif first_usage is not None:
-            starts.append(first_usage)
+        starts.append(customer.billing_period(datetime.combine(grant.granted_on, time(), timezone.utc)) if customer else period)
     return min(starts)
 
 
@@ -132,6 +131,7 @@ def period_usage_from_aggregates(customer_id: str, period: str, rows: Iterable[d
             MeterSubtotal(
                 meter=row["meter"], model=row["model"], events=int(row["events"]),
                 credits=row["credits"], cost_to_serve=row["cost_to_serve"], max_quantity=row["max_quantity"],
+                sum_quantity=row["sum_quantity"],
             )  # fmt: skip
         )
     merged: dict[tuple[str, str], MeterSubtotal] = {}
@@ -143,6 +143,7 @@ def period_usage_from_aggregates(customer_id: str, period: str, rows: Iterable[d
                 meter=sub.meter, model=sub.model, events=prev.events + sub.events,
                 credits=prev.credits + sub.credits, cost_to_serve=prev.cost_to_serve + sub.cost_to_serve,
                 max_quantity=max(prev.max_quantity, sub.max_quantity),
+                sum_quantity=prev.sum_quantity + sub.sum_quantity,
             )  # fmt: skip
         merged[key] = sub
     return PeriodUsage(
@@ -165,6 +166,7 @@ def period_usage_from_aggregates(customer_id: str, period: str, rows: Iterable[d
                         credits=sum((r["credits"] for r in group), ZERO),
                         cost_to_serve=sum((r["cost_to_serve"] for r in group), ZERO),
                         max_quantity=max(r["max_quantity"] for r in group),
+                        sum_quantity=sum((r["sum_quantity"] for r in group), ZERO),
                     )
                     for (vv, m, model), group in sorted(version_meters.items())
                     if vv == v
@@ -230,6 +232,21 @@ def invoice_from_store(
     )  # fmt: skip
 
 
+def issued_catalog(run_query: QueryRunner, customer_id: str, period: str) -> Catalog | None:
+    """The catalog the customer's ``period`` was issued with (sql/009), or None.
+
+    None when the period was not issued, or was issued before the catalog was kept with
+    the record. A kept catalog that does not match the record's fingerprint is an error.
+    """
+    rows = run_query("issued_invoice", customer=customer_id, period=period).dicts()
+    if not rows or not rows[0]["catalog_json"]:
+        return None
+    text = rows[0]["catalog_json"]
+    if hashlib.sha256(text.encode()).hexdigest() != rows[0]["catalog_fingerprint"]:
+        raise InvoiceError(f"the catalog kept with invoice {rows[0]['invoice_number']} does not match its fingerprint")
+    return Catalog.model_validate_json(text)
+
+
 def issued_invoice(run_query: QueryRunner, customer_id: str, period: str) -> Invoice | None:
     """The invoice issued for the customer's period (sql/008), exactly as stored, or None."""
     rows = run_query("issued_invoice", customer=customer_id, period=period).dicts()
@@ -284,16 +301,20 @@ def late_adjustments(
 
     For each closed period P with usage billed in ``period``: P's invoice with the
     late usage billed up to ``period`` minus P's invoice with the late usage billed
-    before it. A closed invoice is never rewritten; its rules price the difference.
+    before it. A closed invoice is never rewritten; its rules price the difference:
+    when P was issued, both are computed with the catalog it was issued with (kept
+    with the record, sql/009), so a price or plan changed since does not reach P's
+    usage; else (not issued, or issued before 009) with ``catalog``.
     (Grant balances carried out of P are not re-drawn.)
     """
     lines = []
     for row in run_query("late_usage", customer=customer_id, billed_in=period).dicts():
         closed = row["period"]
+        closed_catalog = issued_catalog(run_query, customer_id, closed) or catalog
 
-        def total_of(late_until: str, closed: str = closed) -> Invoice:
+        def total_of(late_until: str, closed: str = closed, closed_catalog: Catalog = closed_catalog) -> Invoice:
             usage = store_usage_for(run_query, customer_id, late_until)
-            return invoice_series(catalog, customer_id, closed, usage, first_usage=first_usage, as_of=as_of)[-1]
+            return invoice_series(closed_catalog, customer_id, closed, usage, first_usage=first_usage, as_of=as_of)[-1]
 
         before = total_of(previous_period(period) if previous_period(period) > closed else "")
         after = total_of(period)

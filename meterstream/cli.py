@@ -449,7 +449,7 @@ def close_period(
                     customers=[customer] if customer else None,
                 )  # fmt: skip
             for issued in invoices:
-                store_issued_invoice(store.client, issued)
+                store_issued_invoice(store.client, issued, catalog)
                 console.print(f"issued {issued.invoice_number}: {issued.total:,} {issued.currency}", highlight=False)
         finally:
             store.close()

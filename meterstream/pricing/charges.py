@@ -145,6 +145,8 @@ class Band:
     quantity: Decimal
     unit_price: Decimal
     amount: Decimal
+    #: "" for units or a tier's flat fee; "floor" for a volume floor's top-up (see :func:`volume`).
+    label: str = ""
 
 
 @dataclass(frozen=True)
@@ -215,15 +217,29 @@ def graduated(quantity: Decimal, tiers: Iterable[Tier | Mapping[str, Any]]) -> C
     return graduated_slice(ZERO, quantity, tiers)
 
 
-def volume(quantity: Decimal, tiers: Iterable[Tier | Mapping[str, Any]]) -> Charge:
-    """Every unit at the price of the tier the total reaches (a single band)."""
+def volume(quantity: Decimal, tiers: Iterable[Tier | Mapping[str, Any]], *, floor: bool = False) -> Charge:
+    """Every unit at the price of the tier the total reaches (a single band).
+
+    By definition this can fall when the total crosses into a cheaper tier (PRICING.md:
+    6,000 units cost $300 where 5,000 cost $400). With ``floor`` (opt-in, a plan's
+    ``volume_floor: true``) the charge is never less than the top of a tier below: what
+    the largest quantity of any lower tier costs (its ``up_to`` at its price, plus its flat
+    fee). Then more units never cost less. The charge is then one band labelled
+    ``"floor"`` (quantity 1, the amount as its price), so an invoice rounds it once and
+    the rounded charge is monotone too.
+    """
     _check_quantity(quantity)
     validated = make_tiers(tiers)
     reached = next(t for t in validated if t.up_to is None or quantity <= t.up_to)
     bands = [_band(ZERO, quantity, quantity, reached.unit_price)]
     if reached.flat_fee and quantity:
         bands.append(_flat_band(ZERO, reached.flat_fee))
-    return _charge(bands)
+    charge = _charge(bands)
+    if floor and quantity:
+        tops = [t.up_to * t.unit_price + t.flat_fee for t in validated if t.up_to is not None and t.up_to < quantity]
+        amount = max([charge.amount, *tops])
+        return Charge(amount=amount, bands=(Band(ZERO, quantity, Decimal(1), amount, amount, label="floor"),))
+    return charge
 
 
 def package(quantity: Decimal, package_size: Decimal, package_price: Decimal) -> Charge:
@@ -273,6 +289,8 @@ class ChargeModel(BaseModel):
     package_price: Annotated[Price | None, BeforeValidator(null_to_none)] = None
     #: Units given free before the model applies (any model), e.g. the first 200 documents.
     free_units: Price = ZERO
+    #: Volume only, opt-in: never less than the top of a tier below, so more units never cost less.
+    volume_floor: bool = False
 
     @model_validator(mode="after")
     def _fields_match_model(self) -> ChargeModel:
@@ -287,6 +305,10 @@ class ChargeModel(BaseModel):
                 raise PydanticCustomError(
                     "charge_model", "not used by model {model}", {"at": (name,), "model": self.model}
                 )
+        if self.volume_floor and self.model != "volume":
+            raise PydanticCustomError(
+                "charge_model", "volume_floor is for model volume, not {model}", {"at": ("volume_floor",), "model": self.model}
+            )
         return self
 
     @property
@@ -313,7 +335,7 @@ class ChargeModel(BaseModel):
             return graduated(quantity, self.tiers)
         if self.model == "volume":
             assert self.tiers is not None
-            return volume(quantity, self.tiers)
+            return volume(quantity, self.tiers, floor=self.volume_floor)
         assert self.package_size is not None and self.package_price is not None
         return package(quantity, self.package_size, self.package_price)
 

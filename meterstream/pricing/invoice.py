@@ -159,6 +159,8 @@ class MeterSubtotal(_Frozen):
     cost_to_serve: Decimal = ZERO
     #: The largest single ``quantity`` of the meter's events (the ``max`` measure of a charge).
     max_quantity: Decimal = ZERO
+    #: The sum of the meter's events' ``quantity`` (the ``sum`` measure of a charge).
+    sum_quantity: Decimal = ZERO
 
 
 class VersionUsage(_Frozen):
@@ -204,9 +206,9 @@ class PeriodUsage(_Frozen):
         periods: set[str] = set()
         credits = cost = seats = ZERO
         outcomes: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])
-        meters: dict[tuple[str, str], list[Decimal]] = defaultdict(lambda: [ZERO, ZERO, ZERO, ZERO])
+        meters: dict[tuple[str, str], list[Decimal]] = defaultdict(lambda: [ZERO, ZERO, ZERO, ZERO, ZERO])
         versions: dict[str, list[Decimal]] = defaultdict(lambda: [ZERO, ZERO])
-        version_meters: dict[tuple[str, str, str], list[Decimal]] = defaultdict(lambda: [ZERO, ZERO, ZERO, ZERO])
+        version_meters: dict[tuple[str, str, str], list[Decimal]] = defaultdict(lambda: [ZERO, ZERO, ZERO, ZERO, ZERO])
         for row in rows:
             if row.event_id in seen:
                 continue  # at-least-once delivery: the same id is billed once
@@ -228,6 +230,7 @@ class PeriodUsage(_Frozen):
                 subtotal[1] += row.credits
                 subtotal[2] += row.cost_to_serve
                 subtotal[3] = max(subtotal[3], row.quantity)
+                subtotal[4] += row.quantity
             if row.meter == Meter.SEATS.value:
                 seats = max(seats, row.quantity)
         if len(customers) > 1 or len(periods) > 1:
@@ -246,15 +249,17 @@ class PeriodUsage(_Frozen):
                 for (t, a, v), (n, r) in sorted(outcomes.items())
             ),
             by_meter=tuple(
-                MeterSubtotal(meter=m, model=model, events=int(n), credits=c, cost_to_serve=k, max_quantity=q)
-                for (m, model), (n, c, k, q) in sorted(meters.items())
+                MeterSubtotal(meter=m, model=model, events=int(n), credits=c, cost_to_serve=k, max_quantity=q,
+                              sum_quantity=s)  # fmt: skip
+                for (m, model), (n, c, k, q, s) in sorted(meters.items())
             ),
             by_version=tuple(
                 VersionUsage(
                     plan_version=v, credits=c, active_seats=seats_max,
                     by_meter=tuple(
-                        MeterSubtotal(meter=m, model=model, events=int(n), credits=mc, cost_to_serve=k, max_quantity=q)
-                        for (vv, m, model), (n, mc, k, q) in sorted(version_meters.items())
+                        MeterSubtotal(meter=m, model=model, events=int(n), credits=mc, cost_to_serve=k, max_quantity=q,
+                                      sum_quantity=s)
+                        for (vv, m, model), (n, mc, k, q, s) in sorted(version_meters.items())
                         if vv == v
                     ),
                 )  # fmt: skip
@@ -383,7 +388,6 @@ def _draw_grants(
     period: str,
     overage: Decimal,
     balances: Mapping[str, Decimal] | None,
-    since: date | None = None,
     end: datetime | None = None,
 ) -> list[GrantDraw]:
     """Draw grants against the overage credits in the documented order; report every grant."""
@@ -394,7 +398,7 @@ def _draw_grants(
         grant = grants[index]
         opening = grant.credits if balances is None else balances.get(grant.id, grant.credits)
         opening = max(opening, ZERO)
-        usable = grant.usable_for(period, since, end)
+        usable = grant.usable_for(period, end)
         drawn = min(opening, needed) if usable else ZERO
         needed -= drawn
         draws[index] = GrantDraw(
@@ -538,6 +542,8 @@ def _usage_charge_lines(
             quantity = Decimal(sum(m.events for m in mine))
         elif charge.measure == "credits":
             quantity = max(sum((m.credits for m in mine), ZERO), ZERO)
+        elif charge.measure == "sum":
+            quantity = max(sum((m.sum_quantity for m in mine), ZERO), ZERO)
         else:
             quantity = max((m.max_quantity for m in mine), default=ZERO)
         result = charge.charge(quantity)
@@ -546,7 +552,9 @@ def _usage_charge_lines(
         if not result.bands:
             lines.append(InvoiceLine(kind="usage_charge", description=head, quantity=quantity, amount=round_money(ZERO, currency)))
         for band in result.bands:
-            if band.start == band.end and band.quantity == 1 and charge.model != "package":
+            if band.label == "floor":
+                text = f"{head}, volume pricing, never less than the top of a tier below"
+            elif band.start == band.end and band.quantity == 1 and charge.model != "package":
                 text = f"{head}, flat fee of the tier above {_num(band.start)}"
             elif charge.model == "package":
                 text = f"{head}, {_num(band.quantity)} package(s) of {_num(charge.package_size or ZERO)}"
@@ -567,7 +575,9 @@ def _overage_lines(overage_model: ChargeModel, overage: Decimal, currency: str) 
     charge = overage_model.charge(overage)
     lines = []
     for band in charge.bands:
-        if overage_model.model == "package":
+        if band.label == "floor":
+            text = f"Overage: {_num(band.end)} credits at volume pricing, never less than the top of a tier below"
+        elif overage_model.model == "package":
             size = _num(overage_model.package_size or ZERO)
             text = f"Overage: {_num(band.quantity)} started package(s) of {size} credits"
         elif overage_model.model == "volume":
@@ -708,7 +718,6 @@ def compute_invoice(
         segments = ()
     credits_of = _split_usage(usage, segments)
     period_days = (end - start).days
-    since = customer.effective_from
 
     lines: list[InvoiceLine] = []
     balances = dict(grant_balances) if grant_balances is not None else None
@@ -746,7 +755,7 @@ def compute_invoice(
             )
         overage_lines = _overage_lines(version.overage, overage, currency)
         seg_lines += overage_lines
-        draws = _draw_grants(customer.grants, period, overage, balances, since, end)
+        draws = _draw_grants(customer.grants, period, overage, balances, end)
         balances = {d.grant_id: d.closing_credits for d in draws}
         all_draws.append(draws)
         seg_lines += _credit_lines(overage_lines, overage, draws, currency)

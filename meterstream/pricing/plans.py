@@ -25,8 +25,8 @@ A catalog file (YAML) holds the plans and which customer is on which::
         plan: growth
         discount_percent: "10"
         grants:
-          - {kind: free, credits: "5000", expires: "2026-12-31"}
-          - {kind: prepaid, credits: "20000"}
+          - {kind: free, credits: "5000", granted_on: "2026-11-01", expires: "2026-12-31"}
+          - {kind: prepaid, credits: "20000", granted_on: "2026-11-01"}
 
 The file is read with ``yaml.BaseLoader`` (every scalar a string) so no float
 ever touches a price, and validated by pydantic; an error names the file and
@@ -147,8 +147,9 @@ class GrantKind(StrEnum):
 class CreditGrant(_Strict):
     """Credits given (free) or bought in advance (prepaid), drawn down before overage is billed.
 
-    ``expires`` is inclusive (usable through that UTC date); ``granted_on``, if
-    given, is the first date it may be used. A grant is a balance: the invoice
+    ``granted_on`` (required) is the first UTC date it may be used, so a grant
+    added to the catalog today is never spent on earlier periods; ``expires`` is
+    inclusive (usable through that UTC date). A grant is a balance: the invoice
     reports how much of it each period drew (see ``compute_invoice``'s
     ``grant_balances``).
     """
@@ -156,28 +157,25 @@ class CreditGrant(_Strict):
     id: Annotated[str, Field(min_length=1, max_length=128)]
     kind: GrantKind
     credits: PositiveDecimal
-    granted_on: Annotated[date | None, BeforeValidator(null_to_none)] = None
+    granted_on: date
     expires: Annotated[date | None, BeforeValidator(null_to_none)] = None
 
     @model_validator(mode="after")
     def _dates_in_order(self) -> CreditGrant:
-        if self.granted_on and self.expires and self.expires < self.granted_on:
+        if self.expires and self.expires < self.granted_on:
             raise _error("expires {expires} is before granted_on", ("expires",), expires=str(self.expires))
         return self
 
-    def usable_for(self, period: str, since: date | None = None, end: datetime | None = None) -> bool:
+    def usable_for(self, period: str, end: datetime | None = None) -> bool:
         """Usable in a period if granted by its last day and not expired before its end.
 
         Invoices are computed from period aggregates, which do not say when in
         the month the credits were used, so a grant that expires mid-period is
-        not drawn in that period. A grant without ``granted_on`` starts with the
-        customer's assignment (``since``: its ``effective_from``), so it is never
-        spent on periods billed before the customer had it.
+        not drawn in that period, and one granted mid-period is drawn in it.
         """
         end = end or period_bounds(period)[1]
         last_day = (end - timedelta(days=1)).date()
-        granted_on = self.granted_on or since
-        started = granted_on is None or granted_on <= last_day
+        started = self.granted_on <= last_day
         alive = self.expires is None or self.expires >= last_day
         return started and alive
 
@@ -204,15 +202,16 @@ class MeterCharge(ChargeModel):
            package_size: "100", package_price: "5", free_units: "200"}
 
     ``measure`` is what is counted in the period: ``events`` (how many events of the
-    meter), ``credits`` (the credits they were rated at) or ``max`` (the largest
-    quantity reported, like seats). A meter with its own charge is billed by it and
+    meter), ``credits`` (the credits they were rated at), ``sum`` (the sum of the
+    quantities reported, e.g. pages of documents) or ``max`` (the largest quantity
+    reported, like seats). A meter with its own charge is billed by it and
     leaves the credits pool (included credits and overage); credits stay the unit of
     everything else.
     """
 
     name: Annotated[str, Field(min_length=1, max_length=128)]
     meter: Meter
-    measure: Literal["events", "credits", "max"] = "events"
+    measure: Literal["events", "credits", "sum", "max"] = "events"
 
 
 class PlanVersion(_Strict):
@@ -438,7 +437,17 @@ class CustomerPlan(_Strict):
     @field_validator("grants", mode="before")
     @classmethod
     def _grant_ids(cls, value: Any) -> Any:
-        return _fill_grant_ids(value)
+        value = _fill_grant_ids(value)
+        if isinstance(value, list):
+            for index, grant in enumerate(value):
+                if isinstance(grant, Mapping) and null_to_none(grant.get("granted_on")) is None:
+                    raise _error(
+                        "grant {id} needs granted_on, the first date it may be used "
+                        "(a grant is never spent on periods before it)",
+                        (index, "granted_on"),
+                        id=grant["id"],
+                    )
+        return value
 
     @model_validator(mode="after")
     def _unique_grant_ids(self) -> CustomerPlan:
@@ -639,6 +648,26 @@ class Catalog(_Strict):
     def billing_bounds(self, customer_id: str, period: str) -> tuple[datetime, datetime]:
         """[start, end) of the customer's billing period ``period`` (calendar month or anniversary)."""
         return self.customer(customer_id).billing_bounds(period)
+
+    def billing_period(self, customer_id: str, at: datetime) -> str:
+        """The label of the customer's billing period ``at`` falls in (a rated row's ``period``).
+
+        Customers not listed are billed by calendar month, like the default plan's.
+        """
+        customer = self.customers.get(customer_id)
+        return customer.billing_period(at) if customer is not None else f"{_utc_date(at):%Y-%m}"
+
+    def open_billing_periods(self, now: datetime) -> set[str]:
+        """The billing periods around ``now``: this and last calendar month, and every anniversary
+        customer's current and previous period (whose label can be two months back)."""
+        month_start = period_bounds(f"{_utc_date(now):%Y-%m}")[0]
+        periods = {f"{month_start:%Y-%m}", f"{month_start - timedelta(days=1):%Y-%m}"}
+        for customer in self.customers.values():
+            if customer.billing_anchor == "anniversary":
+                current = customer.billing_period(now)
+                start = customer.billing_bounds(current)[0]
+                periods |= {current, customer.billing_period(start - timedelta(microseconds=1))}
+        return periods
 
 
 def format_location(loc: Sequence[str | int]) -> str:

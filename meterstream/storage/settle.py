@@ -105,7 +105,7 @@ _AGGREGATE = """
 INSERT INTO usage_settled
     (settle_id, period, customer_id, day, kind, meter, model, outcome_type, attribution, plan_version,
      is_reversal, billed_in, events, input_tokens, cached_input_tokens, output_tokens, max_quantity,
-     credits, cost_to_serve)
+     sum_quantity, credits, cost_to_serve)
 WITH todo AS
 (
     SELECT period, customer_id, day
@@ -115,7 +115,7 @@ WITH todo AS
 SELECT
     {settle_id:UUID}, period, customer_id, day, kind, meter, model, outcome_type, attribution, plan_version,
     is_reversal, billed_in, count(), sum(input_tokens), sum(cached_input_tokens), sum(output_tokens),
-    max(quantity), sum(credits), sum(cost_to_serve)
+    max(quantity), sum(quantity), sum(credits), sum(cost_to_serve)
 FROM
 (
     SELECT

@@ -168,6 +168,9 @@ def create_app(
         run_capped=lambda customer_id: getattr(budgets.for_customer(customer_id), "run_cap", None) is not None,
         clock=clock,
         on_assigned=reconcile_assigned,
+        # Totals are kept per billing period (anniversary customers' are not calendar months).
+        period_of=catalog.billing_period,
+        preload_periods=catalog.open_billing_periods,
     )
     processor = BatchProcessor(
         catalog,

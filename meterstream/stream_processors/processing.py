@@ -29,7 +29,6 @@ from meterstream.budgets import (
     thresholds_to_alert,
 )
 from meterstream.clock import Clock, utc_now
-from meterstream.periods import period_of
 from meterstream.pricing.plans import Catalog, PlanError
 from meterstream.pricing.rating import RatingError
 from meterstream.pricing.reversals import ReversalRefused, is_reversal, reverse_billed_outcome
@@ -391,12 +390,12 @@ class BatchProcessor:
                 acc.credits, acc.cost_to_serve, acc.events, acc.tokens, frozenset(acc.alerted)
             )
 
-        current_period = period_of(now)
         for key, totals in result.month_to_date.items():
             customer_id, period = key.split("|", 1)
             budget = self.budgets.for_customer(customer_id)
-            if budget is None or period != current_period:
-                continue  # enforcement is about this month's budget; late events for a past month only bill
+            # The customer's current billing period (an anniversary period may not be this month).
+            if budget is None or period != self.catalog.billing_period(customer_id, now):
+                continue  # enforcement is about this period's budget; late events for a past period only bill
             result.enforcement[customer_id] = customer_decision(
                 customer_id, period, totals.credits, budget, watermark=watermarks[key], now=now,
                 counted_ids=tuple(counted_ids.get(key, ())), catalog_fingerprint=self.catalog_fingerprint,

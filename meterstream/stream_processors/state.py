@@ -10,10 +10,12 @@ is written before a batch is acknowledged and is idempotent by
 ``(customer_id, event_id)``, so state rebuilt from it is exact after any crash:
 
 - **month to date** per ``customer|period`` (credits, cost, events, tokens and
-  the thresholds already alerted) is loaded from ``usage_rated FINAL`` and
-  ``budget_alerts`` for every customer of this and last month when partitions
-  are assigned (and for an older period the first time a key is seen), then
-  kept in memory;
+  the thresholds already alerted; ``period`` is the customer's *billing* period,
+  as on the rated row) is loaded from ``usage_rated FINAL`` and ``budget_alerts``
+  for every customer when partitions are assigned, for the periods
+  ``preload_periods(now)`` names (this and last calendar month, and the current and
+  previous billing period of every anniversary customer), and for any other
+  billing period the first time a key of it is seen; then kept in memory;
 - **dedupe**: a message at an offset the store has already seen for its
   partition (a replay after a crash or a rebalance) is checked against the
   store by ``(customer_id, event_id)``; newer messages are checked against
@@ -38,6 +40,7 @@ from typing import Any
 
 from meterstream.clock import Clock, utc_now
 from meterstream.periods import Period
+from meterstream.periods import period_of as calendar_period
 from meterstream.schemas.events import OutcomeEvent, UsageEvent
 from meterstream.schemas.records import RatedUsage
 from meterstream.storage.clickhouse import ClickHouseStore
@@ -135,6 +138,12 @@ GROUP BY customer_id, start
 """
 
 
+def calendar_preload(now: datetime) -> list[str]:
+    """This and last calendar month (UTC): the billing periods open around ``now`` on calendar billing."""
+    this_month = Period.of(now)
+    return [str(this_month.previous()), str(this_month)]
+
+
 class StoreBackedState:
     """Month-to-date totals, dedupe and windows for the worker, rebuilt from the store on demand."""
 
@@ -150,9 +159,16 @@ class StoreBackedState:
         run_capped: Callable[[str], bool] = lambda customer_id: True,
         clock: Clock = utc_now,
         on_assigned: Callable[[], None] | None = None,
+        period_of: Callable[[str, datetime], str] | None = None,
+        preload_periods: Callable[[datetime], Iterable[str]] | None = None,
     ) -> None:
         self.store = store
         self.clock = clock
+        #: The billing period an event of a customer at a time belongs to (the rated row's period):
+        #: the calendar month by default, the catalog's rule in the worker (anniversary periods).
+        self.period_of: Callable[[str, datetime], str] = period_of or (lambda customer_id, at: calendar_period(at))
+        #: The billing periods whose totals are loaded for every customer when partitions are assigned.
+        self.preload_periods: Callable[[datetime], Iterable[str]] = preload_periods or calendar_preload
         #: Run after partitions are (re)assigned, before the totals are loaded (the alert outbox).
         self.on_assigned = on_assigned
         self.topics = list(topics)
@@ -214,8 +230,7 @@ class StoreBackedState:
         since then costs no store reads: per-batch loads remain only for older periods
         (late events). One row per customer and period is held in memory.
         """
-        this_month = Period.of(now)
-        periods = [str(this_month.previous()), str(this_month)]
+        periods = sorted(set(self.preload_periods(now)))
         alerted: dict[str, set[int]] = {}
         for row in self._query(_PERIOD_ALERTED, {"periods": periods}):
             alerted.setdefault(month_key(row["customer_id"], row["period"]), set()).add(int(row["threshold_percent"]))
@@ -250,8 +265,14 @@ class StoreBackedState:
         events = [event for _, event in batch]
         complete = self._complete_periods
         cache = self.month_to_date_cache
+        period_of = self.period_of
         self._load_month_to_date(
-            {key for e in events if e.period not in complete and (key := month_key(e.customer_id, e.period)) not in cache}
+            {
+                key
+                for e in events
+                if (period := period_of(e.customer_id, e.occurred_at)) not in complete
+                and (key := month_key(e.customer_id, period)) not in cache
+            }
         )
         if not self._windows_complete:
             self._load_windows({e.customer_id for e in events} - self._window_customers)
@@ -384,7 +405,8 @@ class StoreBackedState:
     def _stored_ids(self, events: list[UsageEvent | OutcomeEvent]) -> set[str]:
         params = {
             "customers": sorted({e.customer_id for e in events}),
-            "periods": sorted({e.period for e in events}),
+            # usage_rated is partitioned by billing period (an anniversary customer's may not be the month).
+            "periods": sorted({self.period_of(e.customer_id, e.occurred_at) for e in events}),
             "ids": sorted({e.event_id for e in events}),
         }
         return {dedupe_key(r["customer_id"], r["event_id"]) for r in self._query(_STORED_IDS, params)}

@@ -20,7 +20,8 @@ SELECT
     sum(cached_input_tokens)            AS cached_input_tokens,
     sum(output_tokens)                  AS output_tokens,
     sum(quantity)                       AS total_quantity,
-    max(quantity)                       AS max_quantity
+    max(quantity)                       AS max_quantity,
+    sum(quantity)                       AS sum_quantity
 FROM usage_rated FINAL
 WHERE period = {period:String}
   AND billed_in = ''  -- as the period's invoice was issued (late usage is billed later)

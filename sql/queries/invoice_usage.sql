@@ -35,11 +35,12 @@ SELECT
     sum(events)                         AS events,
     sum(credits)                        AS credits,
     sum(cost_to_serve)                  AS cost_to_serve,
-    max(max_quantity)                   AS max_quantity
+    max(max_quantity)                   AS max_quantity,
+    sum(sum_quantity)                   AS sum_quantity
 FROM
 (
     SELECT kind, meter, model, outcome_type, attribution, plan_version, is_reversal, billed_in,
-           events, credits, cost_to_serve, max_quantity
+           events, credits, cost_to_serve, max_quantity, sum_quantity
     FROM usage_settled
     WHERE customer_id = {customer:String} AND period = {period:String}
       AND (day, settle_id) IN (SELECT day, settle_id FROM settled)
@@ -48,7 +49,7 @@ FROM
 
     SELECT kind, meter, model, outcome_type, attribution, plan_version, is_reversal, billed_in,
            count() AS events, sum(credits) AS credits, sum(cost_to_serve) AS cost_to_serve,
-           max(quantity) AS max_quantity
+           max(quantity) AS max_quantity, sum(quantity) AS sum_quantity
     FROM usage_recent FINAL
     WHERE customer_id = {customer:String} AND period = {period:String}
       AND day >= toDate(now(), 'UTC') - 7
@@ -69,7 +70,8 @@ FROM
         count()                             AS events,
         sum(credits)                        AS credits,
         sum(cost_to_serve)                  AS cost_to_serve,
-        max(quantity)                       AS max_quantity
+        max(quantity)                       AS max_quantity,
+        sum(quantity)                       AS sum_quantity
     FROM usage_rated FINAL
     -- An empty set here (no older day left unsettled) makes the primary key skip every granule.
     WHERE customer_id IN (SELECT {customer:String} FROM received

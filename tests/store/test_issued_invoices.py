@@ -1,6 +1,7 @@
 """Issued invoices as records (sql/008), against the real engine: closing a period stores its
 invoices; `invoice` then returns exactly what was stored, whatever changed since (catalog, late
-usage); corrections appear on the open period's invoice as flagged adjustments."""
+usage); corrections appear on the open period's invoice as flagged adjustments, priced with the catalog
+the closed period was issued with (sql/009)."""
 
 from __future__ import annotations
 
@@ -66,8 +67,10 @@ def test_a_closed_period_is_issued_once_and_never_changes(clickhouse) -> None:
         assert [(i.customer_id, i.total, i.invoice_number) for i in issued] == [
             ("acme", Decimal("125.00"), "INV-2026-10-acme"), ("idle", Decimal("51.61"), "INV-2026-10-idle"),
         ]  # fmt: skip
+        with pytest.raises(ValueError, match="not issued with this catalog"):
+            store_issued_invoice(store.client, issued[0], parse_catalog({**DATA, "customers": {}}))
         for invoice in issued:
-            store_issued_invoice(store.client, invoice)
+            store_issued_invoice(store.client, invoice, catalog)
         (acme,) = [i for i in issued if i.customer_id == "acme"]
         assert (acme.status, acme.issued_at, acme.plan_versions) == ("issued", closed_at, ("p-1",))
         assert acme.catalog_fingerprint == catalog_fingerprint(catalog)
@@ -89,11 +92,19 @@ def test_a_closed_period_is_issued_once_and_never_changes(clickhouse) -> None:
 
         again = invoice_from_store(run, new_catalog, "acme", "2026-10", as_of=datetime(2027, 1, 1, tzinfo=UTC))
         assert again == acme  # exactly the record: lines, totals, versions, fingerprint, time
-        # The correction is a flagged adjustment on the open period's invoice, priced by October's rules
-        # (under the catalog in force now): 400 credits × 0.10.
+        # The correction is a flagged adjustment on the open period's invoice, priced as October was
+        # issued (its catalog is kept with the record): 0.05 a credit and the 500-credit grant, not
+        # today's 0.10 without it. October with the late 400 credits: 100 + 1,400 × 0.05 = 170.00,
+        # less 500 prepaid credits at the average 0.05 = 145.00; issued 125.00: +20.00.
+        assert store.query(saved_query("issued_invoice"), {"customer": "acme", "period": "2026-10"}).dicts()[0][
+            "catalog_json"
+        ] == catalog.model_dump_json()
         november = invoice_from_store(run, new_catalog, "acme", "2026-11", as_of=datetime(2026, 11, 20, tzinfo=UTC))
         (late,) = [line for line in november.lines if line.kind == "late_adjustment"]
-        assert late.amount == Decimal("40.00")
+        assert late.amount == Decimal("20.00")
+        assert "2026-10 invoice 125.00 -> 145.00" in late.description
+        # November's own usage is billed at today's price: 100 + (1,200 − 1,000) × 0.10 = 120.00.
+        assert november.total == Decimal("120.00") + Decimal("20.00")
         assert november.status == "preview"
     finally:
         store.close()

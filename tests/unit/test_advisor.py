@@ -32,7 +32,7 @@ def _catalog(**growth: object):
         "starter": {"versions": [{**later, "version": "starter-1"}]},
     }
     # s1 has a discount and free credits on its own plan; a replay ignores both.
-    s1 = {"plan": "starter", "discount_percent": "50", "grants": [{"kind": "free", "credits": "100000"}]}
+    s1 = {"plan": "starter", "discount_percent": "50", "grants": [{"kind": "free", "credits": "100000", "granted_on": "2025-01-01"}]}
     return parse_catalog({"default_plan": "growth", "plans": plans, "customers": {"s1": s1}})
 
 
@@ -96,7 +96,7 @@ def _agg(kind="usage", meter="tokens", model="", *, events=1, credits="0", cost=
             "attribution": "ai_only" if kind == "outcome" else "", "plan_version": version, "is_reversal": reversal,
             "events": events, "credits": D(credits), "cost_to_serve": D(cost), "input_tokens": inp,
             "cached_input_tokens": 0, "output_tokens": out, "total_quantity": D(qty),
-            "max_quantity": D(max_qty)}  # fmt: skip
+            "max_quantity": D(max_qty), "sum_quantity": D(qty)}  # fmt: skip
 
 
 def test_customer_metrics_from_aggregate_rows():

@@ -29,7 +29,7 @@ def test_periods_roll_over_the_year():
     assert periods_between("2026-11", "2026-11") == ["2026-11"]
 
 
-def _catalog_with_prepaid(credits: str = "1000"):
+def _catalog_with_prepaid(credits: str = "1000", granted_on: str = "2026-10-01"):
     return parse_catalog(
         {
             "currency": "USD",
@@ -39,7 +39,7 @@ def _catalog_with_prepaid(credits: str = "1000"):
                 "base_fee": "0", "included_credits": "0",
                 "overage": {"model": "per_unit", "unit_price": "0.01"},
             }]}},  # fmt: skip
-            "customers": {"acme": {"plan": "p", "grants": [{"kind": "prepaid", "credits": credits}]}},
+            "customers": {"acme": {"plan": "p", "grants": [{"kind": "prepaid", "credits": credits, "granted_on": granted_on}]}},
         }
     )
 
@@ -63,6 +63,21 @@ def test_prepaid_credits_are_drawn_down_across_periods_not_reused():
     assert november.total == Decimal("6.00")
     [only_november] = invoices_from_rated(catalog, rated, period="2026-11")
     assert only_november.total == november.total
+
+
+def test_a_grant_added_later_is_never_spent_on_earlier_periods():
+    # A top-up bought on 20 November: October is billed in full, November draws it.
+    catalog = _catalog_with_prepaid("1000", granted_on="2026-11-20")
+    events = [
+        _tokens("oct", datetime(2026, 10, 5, tzinfo=timezone.utc), 1_600_000),  # 800 credits
+        _tokens("nov", datetime(2026, 11, 5, tzinfo=timezone.utc), 1_600_000),  # 800 credits
+    ]
+    rated, errors = rate_events(catalog, events)
+    assert errors == []
+    october, november = invoices_from_rated(catalog, rated)
+    assert october.total == Decimal("8.00") and [g.drawn_credits for g in october.grants] == [Decimal(0)]
+    assert november.total == Decimal("0.00") and [g.drawn_credits for g in november.grants] == [Decimal(800)]
+    assert november.grants[0].opening_credits == Decimal(1000)
 
 
 def test_offline_rating_counts_a_resent_event_once():
@@ -104,6 +119,7 @@ def test_store_aggregates_build_the_same_usage_as_rated_rows():
             "plan_version": rows[0].price_book_version, "is_reversal": 0, "events": 3,
             "credits": sum((r.credits for r in rows), Decimal(0)),
             "cost_to_serve": sum((r.cost_to_serve for r in rows), Decimal(0)), "max_quantity": Decimal(0),
+            "sum_quantity": sum((r.quantity for r in rows), Decimal(0)),
         }
     ]  # fmt: skip
     assert period_usage_from_aggregates("acme", "2026-11", aggregates) == PeriodUsage.from_rated(rows)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from meterstream.billing import invoices_from_rated
+from meterstream.billing import invoices_from_rated, rate_events
 from meterstream.pricing.invoice import PeriodUsage, compute_invoice
 from meterstream.pricing.plans import Catalog, parse_catalog
 from meterstream.schemas.events import UsageEvent
@@ -83,7 +83,7 @@ def test_the_grant_example() -> None:
             "version": "g", "effective_from": "2025-01-01", "base_fee": "500", "included_credits": "50000",
             "overage": {"model": "graduated", "tiers": [{"up_to": "100000", "unit_price": "0.012"},
                                                         {"up_to": None, "unit_price": "0.010"}]}}]}},
-         "customers": {"acme": {"plan": "growth", "grants": [{"kind": "prepaid", "credits": "20000"}]}}}
+         "customers": {"acme": {"plan": "growth", "grants": [{"kind": "prepaid", "credits": "20000", "granted_on": "2025-01-01"}]}}}
     )  # fmt: skip
     invoice = compute_invoice("acme", "2025-02", PeriodUsage(credits=D(180000)), hybrid, as_of=AFTER)
     assert [line.amount for line in invoice.lines if line.kind == "credits_applied"] == [D("-230.77")]
@@ -181,3 +181,48 @@ def test_the_worker_closes_an_anniversary_period_at_its_own_end() -> None:
     processor = BatchProcessor(catalog, BudgetBook())
     (row,) = processor.process([message], lambda key: MonthToDate(), now=datetime(2025, 12, 19, tzinfo=timezone.utc)).rated
     assert (row.period, row.billed_in) == ("2025-11", "2025-12")
+
+
+def test_the_volume_exception_table() -> None:
+    section = DOC[DOC.index("## Adding usage never lowers a total") :]
+    section = section.split("\n## ")[0]
+    plain, floored = section.split("volume_floor: true`:")
+    rows = re.findall(r"^\| ([\d,]+) \| \w+ \| [^|]+ \| ([\d,.]+) \|$", plain, re.M)
+    assert len(rows) == 3
+    tiers = [{"up_to": "1000", "unit_price": "0.10"}, {"up_to": "5000", "unit_price": "0.08"},
+             {"up_to": None, "unit_price": "0.05"}]  # fmt: skip
+    catalog = parse_catalog({"plans": {"v": {"versions": [{"version": "vol", "effective_from": "2025-01-01",
+                                                          "overage": {"model": "volume", "tiers": tiers}}]}},
+                             "default_plan": "v"})  # fmt: skip
+    for credits, total in rows:
+        invoice = compute_invoice("x", "2025-02", PeriodUsage(credits=D(credits.replace(",", ""))), catalog, as_of=AFTER)
+        assert invoice.total == D(total.replace(",", ""))
+    floor_rows = re.findall(r"^\| ([\d,]+) \| \w+ \| [^|]+ \| ([\d,.]+) \|$", floored, re.M)
+    assert len(floor_rows) == 3
+    with_floor = parse_catalog({"plans": {"v": {"versions": [{"version": "vol", "effective_from": "2025-01-01",
+                                "overage": {"model": "volume", "tiers": tiers, "volume_floor": True}}]}},
+                                "default_plan": "v"})  # fmt: skip
+    for credits, total in floor_rows:
+        usage = PeriodUsage(credits=D(credits.replace(",", "")))
+        assert compute_invoice("x", "2025-02", usage, with_floor, as_of=AFTER).total == D(total.replace(",", ""))
+
+
+def test_the_sum_of_quantities_example() -> None:
+    section = DOC[DOC.index("## Charges on the sum of quantities") :]
+    block = re.search(r"```yaml\n(.*?)```", section, re.S)
+    assert block is not None
+    catalog = parse_catalog(yaml.load(block.group(1), Loader=yaml.BaseLoader), source="docs/billing.md")
+
+    def event(i: str, meter: str, quantity: int) -> UsageEvent:
+        return UsageEvent(event_id=i, customer_id="pied-piper", occurred_at=datetime(2026, 11, 9, tzinfo=timezone.utc),
+                          meter=meter, quantity=quantity)  # fmt: skip
+
+    events = [event("d1", "documents", 400), event("d2", "documents", 900), event("d3", "documents", 1250),
+              event("d3", "documents", 1250), event("r1", "requests", 2000)]  # fmt: skip
+    rated, errors = rate_events(catalog, events)
+    assert errors == []
+    [invoice] = invoices_from_rated(catalog, rated, as_of=AFTER)
+    assert [(line.kind, line.amount) for line in invoice.lines] == [
+        ("base_fee", D("100.00")), ("included_usage", D("0.00")), ("usage_charge", D("15.50")),
+    ]  # fmt: skip
+    assert invoice.total == D("115.50") == doc_total("**pied-piper** in November")

@@ -10,12 +10,12 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from meterstream.billing import invoices_from_rated, rate_events
 from meterstream.budgets import BudgetBook
-from meterstream.pricing.invoice import InvoiceLine, OutcomeCount, PeriodUsage, compute_invoice
+from meterstream.pricing.invoice import Invoice, InvoiceLine, OutcomeCount, PeriodUsage, compute_invoice
 from meterstream.pricing.plans import Catalog, parse_catalog
 from meterstream.pricing.reversals import match_reversals
 from meterstream.schemas.events import OutcomeEvent, UsageEvent
@@ -57,32 +57,29 @@ def tier_lists(draw: st.DrawFn, falling: bool = False) -> list[dict[str, Any]]:
     unit_prices = draw(st.lists(prices, min_size=len(bounds) + 1, max_size=len(bounds) + 1))
     if falling:
         unit_prices = sorted(unit_prices, reverse=True)
+    flat_fees = draw(st.lists(st.sampled_from(["0", "0", "25", "7.505"]), min_size=len(bounds) + 1, max_size=len(bounds) + 1))
     return [
-        {"up_to": str(bound) if i < len(bounds) else None, "unit_price": str(price)}
-        for i, (bound, price) in enumerate(zip([*bounds, None], unit_prices, strict=True))
+        {"up_to": str(bound) if i < len(bounds) else None, "unit_price": str(price), "flat_fee": fee}
+        for i, (bound, price, fee) in enumerate(zip([*bounds, None], unit_prices, flat_fees, strict=True))
     ]
 
 
 @st.composite
-def overage_models(draw: st.DrawFn, monotone: bool = False) -> dict[str, Any]:
+def overage_models(draw: st.DrawFn) -> dict[str, Any]:
     kind = draw(st.sampled_from(["per_unit", "graduated", "volume", "package"]))
     if kind == "per_unit":
         return {"model": kind, "unit_price": str(draw(prices))}
     if kind == "package":
         size = draw(st.integers(min_value=1, max_value=5000))
         return {"model": kind, "package_size": str(size), "package_price": str(draw(prices) * 100)}
-    tiers = draw(tier_lists())
-    if kind == "volume" and monotone:
-        # Volume pricing with a falling price is not monotone by definition (PRICING.md: 6,000
-        # units cost $300 when 5,000 cost $400): see test_volume_cliff_is_the_documented_exception.
-        tiers = [{**t, "unit_price": str(p)} for t, p in zip(tiers, sorted(D(t["unit_price"]) for t in tiers), strict=True)]
-    return {"model": kind, "tiers": tiers}
+    return {"model": kind, "tiers": draw(tier_lists())}
 
 
 @st.composite
-def plan_versions(draw: st.DrawFn, monotone: bool = False) -> dict[str, Any]:
+def plan_versions(draw: st.DrawFn, falling_volume: bool = False) -> dict[str, Any]:
+    overage = {"model": "volume", "tiers": draw(tier_lists(falling=True))} if falling_volume else draw(overage_models())
     return {
-        "overage": draw(overage_models(monotone=monotone)),
+        "overage": overage,
         "base_fee": str(draw(st.sampled_from([D(0), D("99.995"), D(500)]))),
         "included_credits": str(draw(st.sampled_from([D(0), D("1234.5"), D(50000)]))),
         "minimum_commitment": str(draw(st.sampled_from([D(0), D(750), D("3000.005")]))),
@@ -96,6 +93,7 @@ grants = st.lists(
         {
             "kind": st.sampled_from(["free", "prepaid"]),
             "credits": st.integers(min_value=1, max_value=200_000).map(str),
+            "granted_on": st.sampled_from(["2025-01-01", "2025-02-05"]),
             "expires": st.sampled_from([None, "2025-02-10", "2025-12-31"]),
         }
     ),
@@ -133,20 +131,121 @@ def test_a_grant_never_raises_a_total(
 # -- adding usage never lowers a total -------------------------------------------------------------
 
 
+def overage_charge(invoice: Invoice) -> Decimal:
+    """What the overage lines bill (before grants, discount and commitment)."""
+    return sum((line.amount for line in invoice.lines if line.kind == "overage"), D(0))
+
+
+def volume_reference(overage: Decimal, tiers: list[dict[str, Any]]) -> tuple[int, Decimal]:
+    """The tier table read by hand: (index of the tier the overage reaches, what it bills, rounded per line)."""
+    for index, tier in enumerate(tiers):
+        if tier["up_to"] is None or overage <= D(tier["up_to"]):
+            cents = D("0.01")
+            units = (overage * D(tier["unit_price"])).quantize(cents, "ROUND_HALF_UP")
+            flat = D(tier.get("flat_fee", "0")) if overage else D(0)
+            return index, units + flat.quantize(cents, "ROUND_HALF_UP")
+    raise AssertionError("the last tier is unbounded")
+
+
+def near_a_boundary(data: st.DataObject, version: dict[str, Any], credits: Decimal, more: Decimal) -> tuple[Decimal, Decimal]:
+    """Often move the usage just below a tier boundary and add a little: where volume tiers can fall."""
+    bounds = [D(t["up_to"]) for t in version["overage"].get("tiers") or [] if t["up_to"] is not None]
+    if not bounds or not data.draw(st.booleans()):
+        return credits, more
+    boundary = D(version["included_credits"]) + data.draw(st.sampled_from(bounds))
+    below = data.draw(st.decimals(min_value=0, max_value=min(boundary, D(50)), places=2))
+    return boundary - below, below + data.draw(st.decimals(min_value=D("0.01"), max_value=D(100), places=2))
+
+
 @given(
-    plan_versions(monotone=True), grants, discounts, credit_amounts, credit_amounts,
-    st.integers(0, 30), st.integers(0, 30), st.integers(0, 5), st.integers(0, 5),
+    st.one_of(plan_versions(), plan_versions(falling_volume=True)), grants, discounts, credit_amounts, credit_amounts,
+    st.integers(0, 30), st.integers(0, 30), st.integers(0, 5), st.integers(0, 5), st.data(),
 )  # fmt: skip
+@settings(max_examples=300)
 def test_adding_usage_never_lowers_a_total(
     version: dict[str, Any], grant_list: list[dict[str, Any]], discount: str, credits: Decimal, more: Decimal,
-    outcomes: int, more_outcomes: int, seats: int, more_seats: int,
+    outcomes: int, more_outcomes: int, seats: int, more_seats: int, data: st.DataObject,
 ) -> None:  # fmt: skip
+    """Every model, random tiers (volume prices falling too), grants, discounts, commitments, seats, outcomes.
+
+    More usage never lowers a total, with one documented exception (docs/billing.md, "Adding usage
+    never lowers a total"): volume tiers, where the total may fall only when the overage crosses a
+    tier boundary into a cheaper tier, and by no more than the overage charge falls -- which is
+    exactly what the tier table says the two quantities cost.
+    """
+    credits, more = near_a_boundary(data, version, credits, more)
     catalog = catalog_of(version, {"discount_percent": discount, "grants": grant_list})
     before = compute_invoice("acme", PERIOD, usage(credits, outcomes, seats=seats), catalog, as_of=AFTER)
     after = compute_invoice(
         "acme", PERIOD, usage(credits + more, outcomes + more_outcomes, seats=seats + more_seats), catalog, as_of=AFTER
     )
+    overage = version["overage"]
+    if overage["model"] != "volume":
+        assert after.total >= before.total
+        return
+    tier_before, charge_before = volume_reference(before.usage.overage_credits, overage["tiers"])
+    tier_after, charge_after = volume_reference(after.usage.overage_credits, overage["tiers"])
+    # The overage lines are the tier table, to the cent.
+    assert (overage_charge(before), overage_charge(after)) == (charge_before, charge_after)
+    if tier_before == tier_after:
+        # Within a tier volume pricing is monotone like every other model.
+        assert charge_after >= charge_before and after.total >= before.total
+    # A decrease of the total needs a boundary crossed into a cheaper tier, and is at most the overage's fall.
+    if after.total < before.total:
+        event("volume: the total fell at a tier boundary")
+        assert tier_after > tier_before and charge_after < charge_before
+        assert before.total - after.total <= charge_before - charge_after
+
+
+@given(
+    st.one_of(tier_lists(), tier_lists(falling=True)), credit_amounts, credit_amounts, st.sampled_from([D(0), D(500)]),
+    st.data(),
+)  # fmt: skip
+@settings(max_examples=200)
+def test_a_volume_decrease_is_exactly_the_tier_tables(
+    tiers: list[dict[str, Any]], credits: Decimal, more: Decimal, base_fee: Decimal, data: st.DataObject
+) -> None:
+    # A plain volume plan (no grants, discount or commitment): the total moves by exactly what the
+    # tier table says the overage costs before and after, up or down.
+    version = {"overage": {"model": "volume", "tiers": tiers}, "base_fee": str(base_fee), "included_credits": "0"}
+    credits, more = near_a_boundary(data, version, credits, more)
+    catalog = catalog_of(version)
+    before = compute_invoice("acme", PERIOD, usage(credits), catalog, as_of=AFTER)
+    after = compute_invoice("acme", PERIOD, usage(credits + more), catalog, as_of=AFTER)
+    tier_before, charge_before = volume_reference(credits, tiers)
+    tier_after, charge_after = volume_reference(credits + more, tiers)
+    assert after.total - before.total == charge_after - charge_before
+    if after.total < before.total:
+        event("plain volume plan: the total fell at a tier boundary")
+        assert tier_after > tier_before  # only ever at a boundary
+
+
+@given(
+    plan_versions(falling_volume=True), grants, discounts, credit_amounts, credit_amounts,
+    st.integers(0, 30), st.integers(0, 30), st.integers(0, 5), st.integers(0, 5), st.data(),
+)  # fmt: skip
+@settings(max_examples=200)
+def test_with_a_volume_floor_adding_usage_never_lowers_a_total(
+    version: dict[str, Any], grant_list: list[dict[str, Any]], discount: str, credits: Decimal, more: Decimal,
+    outcomes: int, more_outcomes: int, seats: int, more_seats: int, data: st.DataObject,
+) -> None:  # fmt: skip
+    # The opt-in monotone variant (volume_floor: true): no exception at all, boundaries included.
+    version = {**version, "overage": {**version["overage"], "volume_floor": True}}
+    credits, more = near_a_boundary(data, version, credits, more)
+    catalog = catalog_of(version, {"discount_percent": discount, "grants": grant_list})
+    before = compute_invoice("acme", PERIOD, usage(credits, outcomes, seats=seats), catalog, as_of=AFTER)
+    after = compute_invoice(
+        "acme", PERIOD, usage(credits + more, outcomes + more_outcomes, seats=seats + more_seats), catalog, as_of=AFTER
+    )
+    assert overage_charge(after) >= overage_charge(before)
     assert after.total >= before.total
+    # The floor is the highest top of a tier below, or the volume price when that is more.
+    tiers = version["overage"]["tiers"]
+    quantity = after.usage.overage_credits
+    tops = [D(t["up_to"]) * D(t["unit_price"]) + D(t["flat_fee"]) for t in tiers if t["up_to"] and D(t["up_to"]) < quantity]
+    reached = next(t for t in tiers if t["up_to"] is None or quantity <= D(t["up_to"]))
+    exact = max([quantity * D(reached["unit_price"]) + (D(reached["flat_fee"]) if quantity else D(0)), *tops])
+    assert overage_charge(after) == exact.quantize(D("0.01"), "ROUND_HALF_UP")
 
 
 def test_volume_cliff_is_the_documented_exception() -> None:
@@ -156,8 +255,12 @@ def test_volume_cliff_is_the_documented_exception() -> None:
     tiers = [{"up_to": "1000", "unit_price": "0.10"}, {"up_to": "5000", "unit_price": "0.08"},
              {"up_to": None, "unit_price": "0.05"}]  # fmt: skip
     catalog = catalog_of({"overage": {"model": "volume", "tiers": tiers}})
-    totals = [compute_invoice("acme", PERIOD, usage(D(n)), catalog, as_of=AFTER).total for n in (5000, 6000)]
-    assert totals == [D("400.00"), D("300.00")]
+    totals = [compute_invoice("acme", PERIOD, usage(D(n)), catalog, as_of=AFTER).total for n in (5000, 5001, 6000)]
+    assert totals == [D("400.00"), D("250.05"), D("300.00")]
+    # The opt-in volume_floor: never less than the top of a tier below (5,000 × 0.08 = 400.00).
+    floored = catalog_of({"overage": {"model": "volume", "tiers": tiers, "volume_floor": True}})
+    totals = [compute_invoice("acme", PERIOD, usage(D(n)), floored, as_of=AFTER).total for n in (5000, 5001, 6000, 8001)]
+    assert totals == [D("400.00"), D("400.00"), D("400.00"), D("400.05")]
 
 
 # -- no negative total without a credit note -------------------------------------------------------

@@ -167,7 +167,7 @@ def test_commitment_is_measured_after_discount_and_excludes_the_base_fee() -> No
 
 
 def test_prepaid_credits_reduce_the_overage_billed() -> None:
-    catalog = make_catalog(customer={"grants": [{"kind": "prepaid", "credits": "20000"}]})
+    catalog = make_catalog(customer={"grants": [{"kind": "prepaid", "credits": "20000", "granted_on": "2025-01-01"}]})
     invoice = invoice_for(180_000, catalog)
     # 130,000 overage credits cost 1,500.00; 20,000 prepaid at the average: 1,500 × 20,000 / 130,000 = 230.77.
     assert amounts(invoice, "credits_applied") == [D("-230.77")]
@@ -178,7 +178,7 @@ def test_prepaid_credits_reduce_the_overage_billed() -> None:
 
 
 def test_credits_applied_are_valued_at_the_average_overage_price() -> None:
-    catalog = make_catalog(customer={"grants": [{"kind": "prepaid", "credits": "40000"}]})
+    catalog = make_catalog(customer={"grants": [{"kind": "prepaid", "credits": "40000", "granted_on": "2025-01-01"}]})
     invoice = invoice_for(180_000, catalog)
     (applied,) = [line for line in invoice.lines if line.kind == "credits_applied"]
     # Not the cheapest tier (0.010) nor the first (0.012): 1,500.00 / 130,000 credits each.
@@ -189,7 +189,7 @@ def test_credits_applied_are_valued_at_the_average_overage_price() -> None:
 
 
 def test_free_credits_expiring_before_the_period_ends_are_ignored() -> None:
-    grants = [{"kind": "free", "credits": "30000", "expires": "2025-02-27"}]
+    grants = [{"kind": "free", "credits": "30000", "granted_on": "2025-01-01", "expires": "2025-02-27"}]
     invoice = invoice_for(180_000, make_catalog(customer={"grants": grants}))
     assert amounts(invoice, "credits_applied") == []
     assert invoice.total == D("2000.00")
@@ -200,7 +200,7 @@ def test_free_credits_expiring_before_the_period_ends_are_ignored() -> None:
 
 
 def test_free_credits_are_drawn_before_prepaid() -> None:
-    grants = [{"id": "paid", "kind": "prepaid", "credits": "50000"}, {"id": "gift", "kind": "free", "credits": "10000"}]
+    grants = [{"id": "paid", "kind": "prepaid", "credits": "50000", "granted_on": "2025-01-01"}, {"id": "gift", "kind": "free", "credits": "10000", "granted_on": "2025-01-01"}]
     invoice = invoice_for(80_000, make_catalog(customer={"grants": grants}))  # 30,000 overage credits
     drawn = {g.grant_id: g.drawn_credits for g in invoice.grants}
     assert drawn == {"gift": D(10000), "paid": D(20000)}
@@ -208,7 +208,7 @@ def test_free_credits_are_drawn_before_prepaid() -> None:
 
 
 def test_grant_balances_carry_forward_to_the_next_period() -> None:
-    catalog = make_catalog(customer={"grants": [{"id": "p", "kind": "prepaid", "credits": "50000"}]})
+    catalog = make_catalog(customer={"grants": [{"id": "p", "kind": "prepaid", "credits": "50000", "granted_on": "2025-01-01"}]})
     january = invoice_for(90_000, catalog, period="2025-01")  # 40,000 overage: all prepaid
     assert january.total == D("500.00")
     assert january.closing_grant_balances() == {"p": D(10000)}
@@ -218,14 +218,14 @@ def test_grant_balances_carry_forward_to_the_next_period() -> None:
 
 
 def test_grants_do_not_touch_usage_within_the_allowance() -> None:
-    catalog = make_catalog(customer={"grants": [{"kind": "prepaid", "credits": "1000"}]})
+    catalog = make_catalog(customer={"grants": [{"kind": "prepaid", "credits": "1000", "granted_on": "2025-01-01"}]})
     invoice = invoice_for(10_000, catalog)
     assert invoice.grants[0].drawn_credits == 0 and invoice.total == D("500.00")
 
 
 def test_grants_against_volume_overage_never_raise_the_bill() -> None:
     volume = {"model": "volume", "tiers": GRADUATED["tiers"]}
-    catalog = make_catalog(overage=volume, customer={"grants": [{"kind": "prepaid", "credits": "40000"}]})
+    catalog = make_catalog(overage=volume, customer={"grants": [{"kind": "prepaid", "credits": "40000", "granted_on": "2025-01-01"}]})
     invoice = invoice_for(180_000, catalog)
     # 130,000 at 0.010 = 1,300.00. As extra allowance the grant would bill 90,000 at the 0.012 tier
     # (1,080.00, a credit of only 220.00); at the average price it takes 40,000 × 0.010 = 400.00 off.
@@ -241,7 +241,7 @@ def test_issue_14_volume_grant_of_one_credit_lowers_the_bill() -> None:
     plan = {"model": "volume", "tiers": tiers}
     without = invoice_for(100_001, make_catalog(overage=plan, base_fee="0", included_credits="0"))
     catalog = make_catalog(overage=plan, base_fee="0", included_credits="0",
-                           customer={"grants": [{"kind": "prepaid", "credits": "1"}]})  # fmt: skip
+                           customer={"grants": [{"kind": "prepaid", "credits": "1", "granted_on": "2025-01-01"}]})  # fmt: skip
     with_grant = invoice_for(100_001, catalog)
     assert without.total == D("100.00")
     assert with_grant.total <= without.total
@@ -404,7 +404,7 @@ def test_unknown_customer() -> None:
 
 
 def test_invoice_json_has_decimals_as_strings_and_round_trips() -> None:
-    catalog = make_catalog(customer={"grants": [{"kind": "prepaid", "credits": "20000"}], "discount_percent": "10"})
+    catalog = make_catalog(customer={"grants": [{"kind": "prepaid", "credits": "20000", "granted_on": "2025-01-01"}], "discount_percent": "10"})
     invoice = invoice_for(180_000, catalog)
     data = json.loads(invoice.model_dump_json())
     assert data["total"] == "1642.31"  # 500 + (1,500 − 230.77) − 126.92
@@ -420,7 +420,7 @@ def test_margin_is_total_minus_cost_to_serve() -> None:
 
 
 def test_render_invoice_text() -> None:
-    catalog = make_catalog(customer={"grants": [{"id": "pp", "kind": "prepaid", "credits": "20000"}]})
+    catalog = make_catalog(customer={"grants": [{"id": "pp", "kind": "prepaid", "credits": "20000", "granted_on": "2025-01-01"}]})
     text = render_invoice_text(invoice_for(180_000, catalog))
     assert "INVOICE\n" in text and "Customer: acme" in text and "growth-2025-01" in text
     assert "Overage credits 0–100,000" in text and "1,200.00" in text
@@ -544,6 +544,7 @@ def customers(draw: st.DrawFn) -> dict[str, Any]:
                 {
                     "kind": st.sampled_from(["free", "prepaid"]),
                     "credits": st.integers(min_value=1, max_value=200_000).map(str),
+                    "granted_on": st.sampled_from(["2025-01-01", "2025-02-05"]),
                     "expires": st.sampled_from([None, "2025-02-10", "2025-02-28", "2025-12-31"]),
                 }
             ),

@@ -344,11 +344,11 @@ def test_tier_error_names_the_tier(tmp_path: Path) -> None:
             "customers.acme.discount_percent: Input should be less than or equal to 100",
         ),
         (
-            lambda d: d["customers"]["acme"].update(grants=[{"kind": "free", "credits": "0"}]),
+            lambda d: d["customers"]["acme"].update(grants=[{"kind": "free", "credits": "0", "granted_on": "2025-01-01"}]),
             "customers.acme.grants[0].credits: Input should be greater than 0",
         ),
         (
-            lambda d: d["customers"]["acme"].update(grants=[{"kind": "gift", "credits": "5"}]),
+            lambda d: d["customers"]["acme"].update(grants=[{"kind": "gift", "credits": "5", "granted_on": "2025-01-01"}]),
             "customers.acme.grants[0].kind: Input should be 'free' or 'prepaid'",
         ),
         (
@@ -359,9 +359,15 @@ def test_tier_error_names_the_tier(tmp_path: Path) -> None:
         ),
         (
             lambda d: d["customers"]["acme"].update(
-                grants=[{"id": "g", "kind": "free", "credits": "5"}, {"id": "g", "kind": "prepaid", "credits": "5"}]
+                grants=[{"id": "g", "kind": "free", "credits": "5", "granted_on": "2025-01-01"},
+                        {"id": "g", "kind": "prepaid", "credits": "5", "granted_on": "2025-01-01"}]
             ),
             "customers.acme.grants[1].id: duplicate grant id g",
+        ),
+        (
+            # The clean rule: a grant without a start date could be spent on periods before it existed.
+            lambda d: d["customers"]["acme"].update(grants=[{"id": "topup", "kind": "prepaid", "credits": "5"}]),
+            "customers.acme.grants[0].granted_on: grant topup needs granted_on, the first date it may be used",
         ),
         (lambda d: d.update(plans={}), "plans: a catalog needs at least one plan"),
         (lambda d: d.update(surprise="1"), "surprise: Extra inputs are not permitted"),
@@ -398,7 +404,7 @@ def test_yaml_nulls_read_as_none(tmp_path: Path) -> None:
         "      - {version: p-1, effective_from: '2025-01-01', credit_value: ~,\n"
         "         overage: {model: volume, tiers: [{up_to: 10, unit_price: 0.1}, {up_to: null, unit_price: 0.05}]}}\n"
         "customers:\n"
-        "  acme: {plan: p, grants: [{kind: prepaid, credits: 10, expires: null}]}\n"
+        "  acme: {plan: p, grants: [{kind: prepaid, credits: 10, granted_on: '2025-01-01', expires: null}]}\n"
     )
     catalog = load_catalog(path)
     assert catalog.default_plan is None
@@ -413,7 +419,8 @@ def test_yaml_nulls_read_as_none(tmp_path: Path) -> None:
 
 def test_grants_get_stable_ids_from_their_position() -> None:
     data = catalog_with()
-    data["customers"]["acme"]["grants"] = [{"kind": "free", "credits": "5"}, {"kind": "prepaid", "credits": "7"}]
+    data["customers"]["acme"]["grants"] = [{"kind": "free", "credits": "5", "granted_on": "2025-01-01"},
+                                          {"kind": "prepaid", "credits": "7", "granted_on": "2025-01-01"}]
     grants = parse_catalog(data).customers["acme"].grants
     assert [g.id for g in grants] == ["free-1", "prepaid-2"]
 
@@ -421,13 +428,13 @@ def test_grants_get_stable_ids_from_their_position() -> None:
 @pytest.mark.parametrize(
     ("granted_on", "expires", "usable_in_march"),
     [
-        (None, None, True),
-        (None, date(2025, 3, 31), True),  # expires is inclusive: usable through the last day
-        (None, date(2025, 3, 30), False),  # expires before the period ends
+        (date(2025, 1, 1), None, True),
+        (date(2025, 1, 1), date(2025, 3, 31), True),  # expires is inclusive: usable through the last day
+        (date(2025, 1, 1), date(2025, 3, 30), False),  # expires before the period ends
         (date(2025, 3, 31), None, True),  # granted during the period
         (date(2025, 4, 1), None, False),  # not granted yet
     ],
 )
-def test_grant_usable_for_a_period(granted_on: date | None, expires: date | None, usable_in_march: bool) -> None:
+def test_grant_usable_for_a_period(granted_on: date, expires: date | None, usable_in_march: bool) -> None:
     grant = CreditGrant(id="g", kind=GrantKind.FREE, credits=D(1), granted_on=granted_on, expires=expires)
     assert grant.usable_for("2025-03") is usable_in_march

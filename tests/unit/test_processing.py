@@ -376,3 +376,35 @@ def test_splitting_a_stream_into_batches_changes_nothing(
     assert one[3] == many[3] == len(resent)
     expected_credits = sum((Decimal(i) * Decimal("0.25") + Decimal(o)) / 1000 for i, o in sizes)
     assert many[0].credits == expected_credits
+
+
+# -- anniversary billing periods ------------------------------------------------------------------
+
+
+def _anniversary_catalog(book: PriceBook) -> Catalog:
+    data = Catalog.for_price_book(book).model_dump(mode="json")
+    data["customers"] = {"acme": {"plan": "payg", "effective_from": "2024-08-15", "billing_anchor": "anniversary"}}
+    return Catalog.model_validate(data)
+
+
+def test_an_anniversary_customer_is_enforced_in_its_current_billing_period(book: PriceBook, msg: Stream,
+                                                                           store: Store) -> None:  # fmt: skip
+    # On 10 March the customer anchored on the 15th is in period 2025-02 (15 February to 14 March):
+    # its budget is enforced there, not skipped because the calendar month is 2025-03.
+    catalog = _anniversary_catalog(book)
+    now = datetime(2025, 3, 10, 12, tzinfo=timezone.utc)
+    event = usage("e1", at=now - timedelta(hours=1))
+    result = BatchProcessor(catalog, budgets("5")).process([msg(event)], store.get, now=now)
+    assert [r.period for r in result.rated] == ["2025-02"]
+    assert store.lookups == [month_key("acme", "2025-02")]
+    assert result.enforcement["acme"].period == "2025-02"
+    assert result.enforcement["acme"].decision.value == "block"
+
+
+def test_open_billing_periods_reach_an_anniversary_customers_previous_period(book: PriceBook) -> None:
+    catalog = _anniversary_catalog(book)
+    now = datetime(2025, 3, 10, 12, tzinfo=timezone.utc)
+    # Calendar: March and February; acme: 2025-02 (current) and 2025-01 (15 January to 14 February).
+    assert catalog.open_billing_periods(now) == {"2025-03", "2025-02", "2025-01"}
+    assert catalog.billing_period("acme", datetime(2025, 2, 10, tzinfo=timezone.utc)) == "2025-01"
+    assert catalog.billing_period("someone-else", datetime(2025, 2, 10, tzinfo=timezone.utc)) == "2025-02"
