@@ -30,6 +30,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from meterstream.clock import utc_now
+from meterstream.stream_processors.inflight import commit_time
 from meterstream.config import Settings
 from meterstream.ops.dlq import read_dead_letters
 from meterstream.ops.kafka_read import TopicRead, read_topic
@@ -259,9 +260,9 @@ def worker_lag(
                 low, high = read.watermarks[tp.partition]
                 if side is not None:
                     side.committed[(read.topic, tp.partition)] = max(tp.offset, low) if tp.offset >= 0 else low
-                    stamp = getattr(tp, "metadata", None)
-                    if stamp and str(stamp).isdigit():
-                        side.committed_at[(read.topic, tp.partition)] = int(stamp)
+                    stamp = commit_time(getattr(tp, "metadata", None))
+                    if stamp is not None:
+                        side.committed_at[(read.topic, tp.partition)] = stamp
                 behind += high - max(tp.offset, low) if tp.offset >= 0 else high - low
             if behind:
                 lag[read.topic] = behind

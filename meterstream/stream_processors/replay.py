@@ -1,0 +1,228 @@
+"""After a crash: write the recorded in-flight batch again, blindly, with its deduplication tokens.
+
+See :mod:`meterstream.stream_processors.inflight` for the record. When a worker takes
+partitions it reads the committed offsets and metadata of every partition of the event
+topics; a partition whose metadata records a batch written from its committed offset names a
+batch whose write may have been cut. Such a batch is replayed whole (every partition it
+covered, whichever worker owns them now), once per assignment:
+
+- its ranges are read again exactly (a group-less consumer, assign and seek);
+- the messages are rated as they were rated then: the recorded clock reading (so a period
+  closed meanwhile still bills as it did), duplicates within the batch dropped, and an event
+  skipped if ``events_raw`` holds it at any *other* position (stored before the batch, as the
+  worker's dedupe saw it then); a reversal counts as accepted if the reversal the store holds
+  for its outcome is one of the batch's own events;
+- the raw and rated rows are inserted with the batch's tokens, so each table and view that has
+  the block skips it and each one that lacks it receives it. Alerts and dead letters are not
+  replayed: the normal stream, which resumes at the committed offsets, derives them again.
+
+Nothing here touches the worker's in-memory state: it is loaded from the store afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+from meterstream.budgets import BudgetBook
+from meterstream.clock import fixed_clock, utc_now
+from meterstream.config import KafkaSettings
+from meterstream.pricing.plans import Catalog
+from meterstream.schemas.events import OutcomeEvent, UsageEvent
+from meterstream.schemas.records import RatedUsage
+from meterstream.storage.clickhouse import ClickHouseStore
+from meterstream.stream_processors.inflight import InFlight, gather, recorded
+from meterstream.stream_processors.processing import (
+    BatchProcessor,
+    BatchResult,
+    InboundMessage,
+    Kind,
+    MonthToDate,
+    dedupe_key,
+)
+
+log = logging.getLogger(__name__)
+
+_BILLED_OUTCOMES = """
+SELECT * EXCEPT (rated_at)
+FROM usage_rated FINAL
+WHERE customer_id IN {customers:Array(String)} AND event_id IN {ids:Array(String)} AND kind = 'outcome'
+"""
+_ACCEPTED_REVERSALS = """
+SELECT customer_id, event_id, JSONExtractString(payload, 'reversal_of') AS reversal_of
+FROM events_raw FINAL
+WHERE kind = 'outcome' AND customer_id IN {customers:Array(String)}
+  AND JSONExtractString(payload, 'reversal_of') IN {ids:Array(String)}
+"""
+
+
+class _Replayed:
+    """Dedupe and reversal lookups as the first run of the batch saw them (SeenEvents, BilledOutcomes)."""
+
+    def __init__(self, store: ClickHouseStore, batch: InFlight) -> None:
+        self.store = store
+        self.batch = batch
+        self.elsewhere: set[str] = set()
+        self.own: set[str] = set()
+        self.billed: dict[str, RatedUsage] = {}
+        self.reversed: dict[str, str] = {}
+
+    def load(self, events: Sequence[tuple[InboundMessage, UsageEvent | OutcomeEvent]]) -> None:
+        decoded = [event for _, event in events]
+        if not decoded:
+            return
+        self.own = {dedupe_key(e.customer_id, e.event_id) for e in decoded}
+        params: dict[str, Any] = {
+            "customers": sorted({e.customer_id for e in decoded}),
+            "ids": sorted({e.event_id for e in decoded}),
+        }
+        inside = []
+        for i, ((topic, partition), (first, last)) in enumerate(sorted(self.batch.ranges.items())):
+            inside.append(
+                f"(source_topic = {{t{i}:String}} AND source_partition = {{p{i}:UInt32}}"
+                f" AND source_offset BETWEEN {{f{i}:UInt64}} AND {{l{i}:UInt64}})"
+            )
+            params.update({f"t{i}": topic, f"p{i}": partition, f"f{i}": first, f"l{i}": last})
+        sql = (
+            "SELECT DISTINCT customer_id, event_id FROM events_raw "
+            "WHERE customer_id IN {customers:Array(String)} AND event_id IN {ids:Array(String)} "
+            f"AND NOT ({' OR '.join(inside)})"
+        )
+        self.elsewhere = {dedupe_key(r["customer_id"], r["event_id"]) for r in self.store.query(sql, params).dicts()}
+        targets = {e.reversal_of for e in decoded if isinstance(e, OutcomeEvent) and e.reversal_of}
+        if targets:
+            params = {"customers": sorted({e.customer_id for e in decoded}), "ids": sorted(targets)}
+            fields = RatedUsage.model_fields
+            for row in self.store.query(_BILLED_OUTCOMES, params).dicts():
+                values = {name: value for name, value in row.items() if name in fields}
+                self.billed[dedupe_key(row["customer_id"], row["event_id"])] = RatedUsage(**values)
+            for row in self.store.query(_ACCEPTED_REVERSALS, params).dicts():
+                if dedupe_key(row["customer_id"], row["event_id"]) not in self.own:
+                    self.reversed.setdefault(dedupe_key(row["customer_id"], row["reversal_of"]), row["event_id"])
+
+    # SeenEvents
+    def __contains__(self, key: str) -> bool:
+        return key in self.elsewhere
+
+    def add(self, key: str) -> None:
+        pass
+
+    # BilledOutcomes
+    def billed_outcome(self, customer_id: str, event_id: str) -> RatedUsage | None:
+        return self.billed.get(dedupe_key(customer_id, event_id))
+
+    def reversed_by(self, customer_id: str, event_id: str) -> str | None:
+        return self.reversed.get(dedupe_key(customer_id, event_id))
+
+    def remember(self, result: BatchResult) -> None:
+        pass
+
+
+class Replayer:
+    """Finds the batches a crash may have cut and writes them again (see the module docstring)."""
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        *,
+        group_id: str,
+        kinds: dict[str, Kind],
+        catalog: Catalog,
+        store: ClickHouseStore,
+        late_grace: timedelta,
+        timeout: float = 30.0,
+    ) -> None:
+        self.kafka = kafka
+        self.group_id = group_id
+        self.kinds = kinds
+        self.catalog = catalog
+        self.store = store
+        self.late_grace = late_grace
+        self.timeout = timeout
+        #: Batches replayed by this process (for /stats/ and tests).
+        self.replayed = 0
+
+    def run(self, assigned: set[tuple[str, int]]) -> int:
+        """Replay every recorded batch that covers an assigned partition; returns how many."""
+        batches = [b for b in gather(self._records()) if any(tp in assigned for tp in b.ranges)]
+        for batch in batches:
+            self.replay(batch)
+        return len(batches)
+
+    def _records(self) -> dict[tuple[str, int], tuple[str, int | None, int, int]]:
+        consumer = Consumer({**self.kafka.confluent_config(), "group.id": self.group_id, "enable.auto.commit": False})
+        found: dict[tuple[str, int], tuple[str, int | None, int, int]] = {}
+        try:
+            tps = []
+            for topic in self.kinds:
+                meta = consumer.list_topics(topic, timeout=self.timeout).topics.get(topic)
+                if meta is not None:
+                    tps += [TopicPartition(topic, p) for p in meta.partitions]
+            for tp in consumer.committed(tps, timeout=self.timeout):
+                if tp.offset < 0:
+                    continue
+                record = recorded(tp.topic, tp.partition, tp.offset, getattr(tp, "metadata", None))
+                if record is not None:
+                    found[(tp.topic, tp.partition)] = record
+        finally:
+            consumer.close()
+        return found
+
+    def read(self, batch: InFlight) -> list[InboundMessage]:
+        """The batch's messages, exactly its recorded ranges, in offset order per partition."""
+        consumer = Consumer(
+            {
+                **self.kafka.confluent_config(),
+                "group.id": f"{self.group_id}-replay-{uuid.uuid4().hex[:8]}",
+                "enable.auto.commit": False,
+                "enable.partition.eof": False,
+            }
+        )
+        got: dict[tuple[str, int], list[InboundMessage]] = {tp: [] for tp in batch.ranges}
+        try:
+            consumer.assign([TopicPartition(t, p, first) for (t, p), (first, _) in batch.ranges.items()])
+            open_ = set(batch.ranges)
+            deadline = time.monotonic() + self.timeout
+            while open_:
+                if time.monotonic() > deadline:
+                    missing = {f"{t}:{p}" for t, p in open_}
+                    raise KafkaException(f"replay of batch {batch.batch_id}: ranges not read within {self.timeout} s: {missing}")
+                msg = consumer.poll(0.5)
+                if msg is None or msg.error():
+                    continue
+                tp = (msg.topic(), msg.partition())
+                if tp not in open_:
+                    continue
+                first, last = batch.ranges[tp]
+                if first <= msg.offset() <= last:
+                    ts_type, ts = msg.timestamp()
+                    got[tp].append(InboundMessage(self.kinds[tp[0]], msg.value(), tp[0], tp[1], msg.offset(), ts if ts_type else None))
+                if msg.offset() >= last:
+                    open_.discard(tp)
+        finally:
+            consumer.close()
+        return [m for tp in sorted(got) for m in got[tp]]
+
+    def replay(self, batch: InFlight) -> tuple[int, int]:
+        """Rate the batch as it was rated and insert it with its tokens; returns (raw rows, rated rows) sent."""
+        messages = self.read(batch)
+        now = datetime.fromtimestamp(batch.now_ms / 1000, tz=timezone.utc) if batch.now_ms else utc_now()
+        lookups = _Replayed(self.store, batch)
+        processor = BatchProcessor(
+            self.catalog, BudgetBook(), seen=lookups, late_grace=self.late_grace, clock=fixed_clock(now), outcomes=lookups
+        )
+        result = processor.process(messages, lambda key: MonthToDate(), now=now, prepare=lookups.load)
+        self.store.insert_batch(result.raw, result.rated, (), token=batch.batch_id)
+        self.replayed += 1
+        where = ", ".join(f"{t}:{p}@{f}-{l}" for (t, p), (f, l) in sorted(batch.ranges.items()))
+        log.warning(
+            "replayed the batch a crash may have cut (%s; %d messages, %d rows) with its deduplication tokens",
+            where, len(messages), len(result.rated),
+        )  # fmt: skip
+        return len(result.raw), len(result.rated)
