@@ -7,7 +7,7 @@
 -- an insert repeated with the same token is skipped by each table and each view's target that
 -- already has the block and written to each one that lacks it (each view's block id is derived
 -- from the token and the view). Measured on ClickHouse 26.9: a view detached during the first
--- insert gets the block on the repeat, the others are not doubled (tests/integration/
+-- insert gets the block on the repeat, the others are not doubled (tests/system/
 -- test_settled_usage.py and test_kill_mid_insert.py).
 --
 -- The window counts the last N blocks per table (a batch writes one block per partition it

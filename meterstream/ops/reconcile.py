@@ -30,7 +30,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from meterstream.clock import utc_now
-from meterstream.stream_processors.inflight import commit_time
+from meterstream.stream_processors.inflight import commit_time, committed_metadata
 from meterstream.config import Settings
 from meterstream.ops.dlq import read_dead_letters
 from meterstream.ops.kafka_read import TopicRead, read_topic
@@ -260,9 +260,6 @@ def worker_lag(
                 low, high = read.watermarks[tp.partition]
                 if side is not None:
                     side.committed[(read.topic, tp.partition)] = max(tp.offset, low) if tp.offset >= 0 else low
-                    stamp = commit_time(getattr(tp, "metadata", None))
-                    if stamp is not None:
-                        side.committed_at[(read.topic, tp.partition)] = stamp
                 behind += high - max(tp.offset, low) if tp.offset >= 0 else high - low
             if behind:
                 lag[read.topic] = behind
@@ -270,6 +267,18 @@ def worker_lag(
         log.warning("could not read the worker's committed offsets: %s", exc)
     finally:
         consumer.close()
+    if side is not None:
+        # The commit time the worker wrote into the metadata, read with aiokafka: confluent-kafka's
+        # committed() returns the metadata with stray bytes after it (inflight.committed_metadata).
+        try:
+            metadata = committed_metadata(settings.kafka, settings.worker.app_id, [read.topic for _, read in reads], timeout)
+        except Exception as exc:  # noqa: BLE001 - diagnostic only, as above
+            log.warning("could not read the worker's commit times: %s", exc)
+            metadata = {}
+        for tp, (_, value) in metadata.items():
+            stamp = commit_time(value)
+            if stamp is not None:
+                side.committed_at[tp] = stamp
     return lag
 
 

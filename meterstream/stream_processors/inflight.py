@@ -18,14 +18,21 @@ with the same tokens (:mod:`meterstream.stream_processors.replay`). Then the nor
 resumes at the committed offsets and skips, as stored, what the replay wrote.
 
 The metadata also carries the commit time (``t``, ms), which ``meterstream reconcile`` reads to
-tell a stuck group from a slow one. Kafka keeps up to ``offset.metadata.max.bytes`` (4,096 by
+tell a stuck group from a slow one. Read the metadata with :func:`committed_metadata` (aiokafka):
+confluent-kafka's ``committed()`` returns it with stray bytes after its end (confluent-kafka 2.x
+reads past the value: ``'...}q'``, or a ``UnicodeDecodeError``). Kafka keeps up to ``offset.metadata.max.bytes`` (4,096 by
 default) per partition; a record is ~100 bytes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from meterstream.config import KafkaSettings
 
 
 @dataclass
@@ -84,3 +91,32 @@ def gather(records: dict[tuple[str, int], tuple[str, int | None, int, int]]) -> 
         batch = batches.setdefault(batch_id, InFlight(batch_id, now_ms=now_ms))
         batch.ranges[tp] = (first, last)
     return list(batches.values())
+
+
+def committed_metadata(
+    kafka: KafkaSettings, group_id: str, topics: list[str], timeout: float = 30.0
+) -> dict[tuple[str, int], tuple[int, str]]:
+    """``(topic, partition) -> (committed offset, metadata)`` of ``group_id`` on ``topics``, exactly.
+
+    Synchronous (runs its own event loop: call it from a thread, not from a running loop).
+    """
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from meterstream.stream_processors.consumer import aiokafka_security
+
+    async def read() -> dict[tuple[str, int], tuple[int, str]]:
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=kafka.bootstrap_servers, request_timeout_ms=int(timeout * 1000), **aiokafka_security(kafka)
+        )
+        await admin.start()
+        try:
+            offsets = await admin.list_consumer_group_offsets(group_id)
+        finally:
+            await admin.close()
+        return {
+            (tp.topic, tp.partition): (meta.offset, meta.metadata or "")
+            for tp, meta in offsets.items()
+            if tp.topic in topics and meta.offset >= 0
+        }
+
+    return asyncio.run(asyncio.wait_for(read(), timeout))

@@ -37,7 +37,7 @@ from meterstream.pricing.plans import Catalog
 from meterstream.schemas.events import OutcomeEvent, UsageEvent
 from meterstream.schemas.records import RatedUsage
 from meterstream.storage.clickhouse import ClickHouseStore
-from meterstream.stream_processors.inflight import InFlight, gather, recorded
+from meterstream.stream_processors.inflight import InFlight, committed_metadata, gather, recorded
 from meterstream.stream_processors.processing import (
     BatchProcessor,
     BatchResult,
@@ -150,28 +150,21 @@ class Replayer:
 
     def run(self, assigned: set[tuple[str, int]]) -> int:
         """Replay every recorded batch that covers an assigned partition; returns how many."""
-        batches = [b for b in gather(self._records()) if any(tp in assigned for tp in b.ranges)]
+        records = self._records()
+        batches = [b for b in gather(records) if any(tp in assigned for tp in b.ranges)]
+        log.info("partitions taken: %d recorded batches in flight, %d to replay", len(gather(records)), len(batches))
         for batch in batches:
             self.replay(batch)
         return len(batches)
 
     def _records(self) -> dict[tuple[str, int], tuple[str, int | None, int, int]]:
-        consumer = Consumer({**self.kafka.confluent_config(), "group.id": self.group_id, "enable.auto.commit": False})
         found: dict[tuple[str, int], tuple[str, int | None, int, int]] = {}
-        try:
-            tps = []
-            for topic in self.kinds:
-                meta = consumer.list_topics(topic, timeout=self.timeout).topics.get(topic)
-                if meta is not None:
-                    tps += [TopicPartition(topic, p) for p in meta.partitions]
-            for tp in consumer.committed(tps, timeout=self.timeout):
-                if tp.offset < 0:
-                    continue
-                record = recorded(tp.topic, tp.partition, tp.offset, getattr(tp, "metadata", None))
-                if record is not None:
-                    found[(tp.topic, tp.partition)] = record
-        finally:
-            consumer.close()
+        for (topic, partition), (offset, value) in committed_metadata(
+            self.kafka, self.group_id, list(self.kinds), self.timeout
+        ).items():
+            record = recorded(topic, partition, offset, value)
+            if record is not None:
+                found[(topic, partition)] = record
         return found
 
     def read(self, batch: InFlight) -> list[InboundMessage]:
