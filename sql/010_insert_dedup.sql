@@ -8,17 +8,18 @@
 -- already has the block and written to each one that lacks it (each view's block id is derived
 -- from the token and the view). Measured on ClickHouse 26.9: a view detached during the first
 -- insert gets the block on the repeat, the others are not doubled (tests/system/
--- test_settled_usage.py and test_kill_mid_insert.py).
+-- tests/store/test_settled_usage.py and tests/system/test_kill_mid_insert.py).
 --
--- The window counts the last N blocks per table (a batch writes one block per partition it
--- touches: per period in usage_rated, per day in usage_recent): 1,000 covers a replay that comes
--- within hundreds of batches of the original, which is always the case (the replayed batch is
--- the one in flight when the worker died). An insert without a token into these tables is now
+-- The window is the last N blocks a table remembers (a batch writes one block per partition it
+-- touches: per period in usage_rated, per day in usage_recent). A replay comes within seconds of
+-- the batch it repeats (the restart, or a session timeout and a rebalance, then the first batch),
+-- so 10,000 blocks leaves a wide margin even with many workers writing meanwhile; it costs a
+-- few hundred KB per table. An insert without a token into these tables is now
 -- deduplicated by its content: a byte-identical block inserted twice is written once.
-ALTER TABLE events_raw MODIFY SETTING non_replicated_deduplication_window = 1000;
-ALTER TABLE usage_rated MODIFY SETTING non_replicated_deduplication_window = 1000;
-ALTER TABLE usage_hourly MODIFY SETTING non_replicated_deduplication_window = 1000;
-ALTER TABLE usage_daily MODIFY SETTING non_replicated_deduplication_window = 1000;
-ALTER TABLE usage_recent MODIFY SETTING non_replicated_deduplication_window = 1000;
-ALTER TABLE usage_day_counts MODIFY SETTING non_replicated_deduplication_window = 1000;
-ALTER TABLE budget_alerts MODIFY SETTING non_replicated_deduplication_window = 1000
+ALTER TABLE events_raw MODIFY SETTING non_replicated_deduplication_window = 10000;
+ALTER TABLE usage_rated MODIFY SETTING non_replicated_deduplication_window = 10000;
+ALTER TABLE usage_hourly MODIFY SETTING non_replicated_deduplication_window = 10000;
+ALTER TABLE usage_daily MODIFY SETTING non_replicated_deduplication_window = 10000;
+ALTER TABLE usage_recent MODIFY SETTING non_replicated_deduplication_window = 10000;
+ALTER TABLE usage_day_counts MODIFY SETTING non_replicated_deduplication_window = 10000;
+ALTER TABLE budget_alerts MODIFY SETTING non_replicated_deduplication_window = 10000

@@ -21,6 +21,7 @@ Nothing here touches the worker's in-memory state: it is loaded from the store a
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -28,6 +29,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from aiokafka.errors import KafkaError
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from meterstream.budgets import BudgetBook
@@ -36,7 +38,7 @@ from meterstream.config import KafkaSettings
 from meterstream.pricing.plans import Catalog
 from meterstream.schemas.events import OutcomeEvent, UsageEvent
 from meterstream.schemas.records import RatedUsage
-from meterstream.storage.clickhouse import ClickHouseStore
+from meterstream.storage.clickhouse import ClickHouseStore, StoreError
 from meterstream.stream_processors.inflight import InFlight, committed_metadata, gather, recorded
 from meterstream.stream_processors.processing import (
     BatchProcessor,
@@ -150,11 +152,22 @@ class Replayer:
 
     def run(self, assigned: set[tuple[str, int]]) -> int:
         """Replay every recorded batch that covers an assigned partition; returns how many."""
-        records = self._records()
+        try:
+            records = self._records()
+        except (KafkaError, asyncio.TimeoutError, OSError) as exc:
+            log.error("could not read the recorded batches of group %s (%s); going on without a replay", self.group_id, exc)
+            return 0
         batches = [b for b in gather(records) if any(tp in assigned for tp in b.ranges)]
         log.info("partitions taken: %d recorded batches in flight, %d to replay", len(gather(records)), len(batches))
         for batch in batches:
-            self.replay(batch)
+            try:
+                self.replay(batch)
+            except StoreError:
+                raise  # the store is away: the caller retries (replaying again is harmless)
+            except KafkaException as exc:
+                # Its messages are gone (retention) or the broker is away: going on beats a crash loop;
+                # a table may then lack part of that batch, as before these records existed.
+                log.error("could not replay batch %s (%s); going on without it", batch.batch_id, exc)
         return len(batches)
 
     def _records(self) -> dict[tuple[str, int], tuple[str, int | None, int, int]]:
