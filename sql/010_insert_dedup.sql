@@ -7,8 +7,8 @@
 -- an insert repeated with the same token is skipped by each table and each view's target that
 -- already has the block and written to each one that lacks it (each view's block id is derived
 -- from the token and the view). Measured on ClickHouse 26.9: a view detached during the first
--- insert gets the block on the repeat, the others are not doubled (tests/system/
--- tests/store/test_settled_usage.py and tests/system/test_kill_mid_insert.py).
+-- insert gets the block on the repeat, the others are not doubled
+-- (tests/store/test_settled_usage.py, tests/system/test_kill_mid_insert.py).
 --
 -- The window is the last N blocks a table remembers (a batch writes one block per partition it
 -- touches: per period in usage_rated, per day in usage_recent). A replay comes within seconds of
