@@ -30,13 +30,13 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from meterstream.clock import utc_now
-from meterstream.stream_processors.inflight import commit_time, committed_metadata
 from meterstream.config import Settings
 from meterstream.ops.dlq import read_dead_letters
 from meterstream.ops.kafka_read import TopicRead, read_topic
 from meterstream.pricing.plans import Catalog, PlanError
 from meterstream.pricing.rating import RatingError
 from meterstream.stream_processors.decode import Rejection, decode_event, received_at
+from meterstream.stream_processors.inflight import commit_time, committed_metadata
 from meterstream.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -272,13 +272,13 @@ def worker_lag(
         # committed() returns the metadata with stray bytes after it (inflight.committed_metadata).
         try:
             metadata = committed_metadata(settings.kafka, settings.worker.app_id, [read.topic for _, read in reads], timeout)
-        except Exception as exc:  # noqa: BLE001 - diagnostic only, as above
+        except Exception as exc:
             log.warning("could not read the worker's commit times: %s", exc)
             metadata = {}
-        for tp, (_, value) in metadata.items():
+        for place, (_, value) in metadata.items():
             stamp = commit_time(value)
             if stamp is not None:
-                side.committed_at[tp] = stamp
+                side.committed_at[place] = stamp
     return lag
 
 

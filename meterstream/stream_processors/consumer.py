@@ -330,13 +330,13 @@ class BatchConsumer(Service):
             return
         where = describe_ranges(last, first)
         self.in_hand = where if self._write is None or self._write.done() else f"{self.in_hand}; {where}"
-        batch = InFlight(uuid.uuid4().hex, {(tp.topic, tp.partition): (first[tp], last[tp]) for tp in last})
+        inflight = InFlight(uuid.uuid4().hex, {(tp.topic, tp.partition): (first[tp], last[tp]) for tp in last})
         # Two stages: this batch is rated while the previous one is still being written (chDB
         # works outside the GIL), then this batch's write starts once the previous one is done,
         # so writes, and offsets, stay in order.
-        write = await self.stage(messages, keys, batch)
+        write = await self.stage(messages, keys, inflight)
         await self._finish_write()
-        self._write = asyncio.ensure_future(self._durable(write, last, where, batch))
+        self._write = asyncio.ensure_future(self._durable(write, last, where, inflight))
 
     async def _record(self, batch: InFlight) -> None:
         """Commit the batch's partitions at its first offsets, recording the batch (before its write).

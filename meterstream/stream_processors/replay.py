@@ -21,7 +21,6 @@ Nothing here touches the worker's in-memory state: it is loaded from the store a
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
@@ -154,7 +153,7 @@ class Replayer:
         """Replay every recorded batch that covers an assigned partition; returns how many."""
         try:
             records = self._records()
-        except (KafkaError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, KafkaError, OSError) as exc:
             log.error("could not read the recorded batches of group %s (%s); going on without a replay", self.group_id, exc)
             return 0
         batches = [b for b in gather(records) if any(tp in assigned for tp in b.ranges)]
@@ -202,15 +201,17 @@ class Replayer:
                 msg = consumer.poll(0.5)
                 if msg is None or msg.error():
                     continue
-                tp = (msg.topic(), msg.partition())
-                if tp not in open_:
+                topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+                if topic is None or partition is None or offset is None or (topic, partition) not in open_:
                     continue
-                first, last = batch.ranges[tp]
-                if first <= msg.offset() <= last:
+                first, last = batch.ranges[(topic, partition)]
+                if first <= offset <= last:
                     ts_type, ts = msg.timestamp()
-                    got[tp].append(InboundMessage(self.kinds[tp[0]], msg.value(), tp[0], tp[1], msg.offset(), ts if ts_type else None))
-                if msg.offset() >= last:
-                    open_.discard(tp)
+                    got[(topic, partition)].append(
+                        InboundMessage(self.kinds[topic], msg.value(), topic, partition, offset, ts if ts_type else None)
+                    )
+                if offset >= last:
+                    open_.discard((topic, partition))
         finally:
             consumer.close()
         return [m for tp in sorted(got) for m in got[tp]]
@@ -226,7 +227,7 @@ class Replayer:
         result = processor.process(messages, lambda key: MonthToDate(), now=now, prepare=lookups.load)
         self.store.insert_batch(result.raw, result.rated, (), token=batch.batch_id)
         self.replayed += 1
-        where = ", ".join(f"{t}:{p}@{f}-{l}" for (t, p), (f, l) in sorted(batch.ranges.items()))
+        where = ", ".join(f"{t}:{p}@{first}-{last}" for (t, p), (first, last) in sorted(batch.ranges.items()))
         log.warning(
             "replayed the batch a crash may have cut (%s; %d messages, %d rows) with its deduplication tokens",
             where, len(messages), len(result.rated),
