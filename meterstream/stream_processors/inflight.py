@@ -102,12 +102,10 @@ def committed_metadata(
     """
     from aiokafka.admin import AIOKafkaAdminClient
 
-    from meterstream.stream_processors.consumer import aiokafka_security
+    from meterstream.kafka_clients import aiokafka_client_args
 
     async def read() -> dict[tuple[str, int], tuple[int, str]]:
-        admin = AIOKafkaAdminClient(
-            bootstrap_servers=kafka.bootstrap_servers, request_timeout_ms=int(timeout * 1000), **aiokafka_security(kafka)
-        )
+        admin = AIOKafkaAdminClient(request_timeout_ms=int(timeout * 1000), **aiokafka_client_args(kafka))
         await admin.start()
         try:
             offsets = await admin.list_consumer_group_offsets(group_id)
