@@ -287,6 +287,86 @@ def invoices_to_issue(
         out.append(issue(invoice, catalog, invoice_number=f"INV-{period}-{customer_id}", issued_at=now))
     return out
 
+def group_by_customer(rows: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        grouped[row["customer_id"]].append(row)
+    return dict(grouped)
+
+
+def period_invoices(
+    run_query: QueryRunner,
+    catalog: Catalog,
+    period: str,
+    rows_by_customer: dict[str, list[dict[str, Any]]],
+    *,
+    as_of: datetime | None = None,
+) -> dict[str, Invoice | ValueError]:
+    """Every customer's invoice for ``period`` from one ``period_usage`` query, not one invoice path each.
+
+    ``rows_by_customer`` are the period's ``sql/queries/period_usage.sql`` rows (every
+    customer, or one), grouped by customer. Each invoice is exactly
+    :func:`invoice_from_store`'s (``test_cs_queries`` compares them):
+
+    - usage billed in its own period (``billed_in = ''``) is the invoice's, as
+      ``invoice_usage.sql`` gives it;
+    - grant balances carried from earlier periods: ``period_usage`` once per earlier
+      month needed (for every customer at once), and the customers' first periods once
+      (``customer_first_periods.sql``) when a grant has no ``granted_on``;
+    - a customer with late usage billed on this period (``late_billed_customers.sql``), or
+      with an issued invoice (``issued_customers.sql``, sql/008) for a period its invoice
+      depends on (this one, the one before, any month its grant balances are carried
+      through), gets the full path, :func:`invoice_from_store`, which reads those records.
+
+    A customer whose invoice cannot be computed maps to the error (``InvoiceError``,
+    ``PlanError``), never dropped.
+    """
+    from meterstream.pricing.invoice import InvoiceError
+    from meterstream.pricing.plans import PlanError
+
+    months: dict[str, dict[str, list[dict[str, Any]]]] = {period: rows_by_customer}
+
+    def rows_of(month: str) -> dict[str, list[dict[str, Any]]]:
+        if month not in months:
+            months[month] = group_by_customer(run_query("period_usage", period=month, customer="").dicts())
+        return months[month]
+
+    late = {row["customer_id"] for row in run_query("late_billed_customers", billed_in=period).dicts()}
+    issued_in: dict[str, set[str]] = {}
+
+    def issued_customers(month: str) -> set[str]:
+        if month not in issued_in:
+            issued_in[month] = {r["customer_id"] for r in run_query("issued_customers", period=month).dicts()}
+        return issued_in[month]
+
+    first_usage: dict[str, str] = {}
+    if any(
+        grant.granted_on is None
+        for customer in rows_by_customer
+        if (entry := catalog.customers.get(customer)) is not None
+        for grant in entry.grants
+    ):
+        first_usage = {r["customer_id"]: r["first_period"] for r in run_query("customer_first_periods", period=period).dicts()}
+    invoices: dict[str, Invoice | ValueError] = {}
+    for customer in sorted(rows_by_customer):
+        try:
+            first = first_usage.get(customer, period)
+            start = first_billed_period(catalog, customer, period, first)
+            depends_on = [previous_period(start), *periods_between(start, period)]
+            if customer in late or any(customer in issued_customers(month) for month in depends_on):
+                invoices[customer] = invoice_from_store(run_query, catalog, customer, period, as_of=as_of)
+                continue
+
+            def usage_for(month: str, customer: str = customer) -> PeriodUsage:
+                rows = [r for r in rows_of(month).get(customer, ()) if r["billed_in"] == ""]
+                return period_usage_from_aggregates(customer, month, rows)
+
+            series = invoice_series(catalog, customer, period, usage_for, first_usage=first, as_of=as_of)
+            invoices[customer] = series[-1]
+        except (InvoiceError, PlanError) as exc:
+            invoices[customer] = exc
+    return invoices
+
 
 def late_adjustments(
     run_query: QueryRunner,
