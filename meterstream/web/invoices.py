@@ -5,11 +5,12 @@ so the page shows exactly what ``meterstream invoice --json`` prints, and read t
 only through the customer-bound saved queries (``customer_periods``, ``invoice_usage``,
 ``late_usage``: each takes ``customer``).
 
-:func:`issued_invoices` is the one place that says where issued invoices come from.
-Today an issued invoice is the invoice of a closed period recomputed from the store (the
-engine never rewrites a closed period: price changes apply from their date and late usage
-is billed on a later invoice). When issued invoices are stored as records (issue 14),
-point this function at that table's saved query; nothing else on the page changes.
+:func:`issued_invoices` is the one place that says where issued invoices come from:
+the customer's closed periods, each through :func:`invoice_from_store`, which returns
+the stored record of an issued invoice (``issued_invoices``, sql/008) exactly as it was
+billed, and computes a closed period not issued yet. To list only stored records, or
+read them through their own saved query, change this function; nothing else on the
+page changes.
 """
 
 from __future__ import annotations
