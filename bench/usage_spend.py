@@ -15,7 +15,10 @@ computed in Python). CLI start-up (imports, settings) is not part of the figure.
 Beside it, for diagnosis: the same report the old way (an ``invoice_from_store`` per
 customer: four saved queries each) on a sample of customers, extrapolated to all of
 them, and a check that both ways give every sampled customer the same invoice total.
-Standalone::
+Beside the wall time: the process CPU time of each run (the engine's threads included:
+chDB runs in this process), the part of it spent in the queries, the load average before
+and after, and a cProfile summary of one extra run (the 15 functions with the most own
+time), so a loaded run says where its time went. Standalone (run it alone, on a quiet machine)::
 
     .venv/bin/python -m bench.usage_spend --rows 2000000 --customers 1000 --json-out /tmp/usage.json
 """
@@ -23,7 +26,11 @@ Standalone::
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
+import os
+import pstats
 import statistics
 import sys
 import time
@@ -43,6 +50,18 @@ from meterstream.storage.clickhouse import open_store
 from meterstream.storage.queries import saved_query
 
 TARGET_SECONDS = 1.0
+PROFILE_LINES = 15
+
+
+def _profile_summary(profile: cProfile.Profile) -> list[str]:
+    """The functions with the most own time, one line each (calls, own s, cumulative s, where)."""
+    stats = pstats.Stats(profile, stream=io.StringIO())
+    rows = sorted(stats.stats.items(), key=lambda item: -item[1][2])[:PROFILE_LINES]  # type: ignore[attr-defined]
+    out = []
+    for (filename, line, name), (_, calls, own, cumulative, _) in rows:
+        where = f"{Path(filename).name}:{line}({name})" if line else name
+        out.append(f"{calls:>7} calls  own {own:7.3f} s  cum {cumulative:7.3f} s  {where}")
+    return out
 
 
 def measure(store_dir: Path, runs: int, sample: int) -> dict[str, Any]:
@@ -51,21 +70,36 @@ def measure(store_dir: Path, runs: int, sample: int) -> dict[str, Any]:
     store = open_store(ClickHouseSettings(dsn=f"chdb://{store_dir / 'clickhouse'}"))
     catalog = load_catalog(None)
     calls: list[str] = []
+    in_queries = [0.0, 0.0]  # wall, CPU seconds inside store.query (this run)
 
     def run(name: str, **params: str) -> Any:
         calls.append(name)
-        return store.query(saved_query(name), params)
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            return store.query(saved_query(name), params)
+        finally:
+            in_queries[0] += time.perf_counter() - wall
+            in_queries[1] += time.process_time() - cpu
 
+    load_before = os.getloadavg()
     try:
         result = month_to_date(run, catalog, period)  # first run: caches warm, not timed
         customers = len(result.rows)
-        timings = []
+        timings, cpu_times, query_walls, query_cpus = [], [], [], []
         for _ in range(runs):
             calls.clear()
-            started = time.perf_counter()
+            in_queries[:] = [0.0, 0.0]
+            started, cpu = time.perf_counter(), time.process_time()
             result = month_to_date(run, catalog, period)
             timings.append(time.perf_counter() - started)
+            cpu_times.append(time.process_time() - cpu)
+            query_walls.append(in_queries[0])
+            query_cpus.append(in_queries[1])
         queries = list(calls)
+        profile = cProfile.Profile()
+        profile.enable()
+        month_to_date(run, catalog, period)
+        profile.disable()
         totals = {r["customer_id"]: r["spend"] for r in result.rows}
 
         # The old way on a sample (every k-th customer by usage), extrapolated.
@@ -77,7 +111,11 @@ def measure(store_dir: Path, runs: int, sample: int) -> dict[str, Any]:
         same = all(old[c] == totals[c] for c in sampled)
     finally:
         store.close()
+    load_after = os.getloadavg()
     median = statistics.median(timings)
+
+    def ms(values: list[float]) -> float:
+        return round(statistics.median(values) * 1000, 1)
     return {
         "store": str(store_dir),
         "build": meta,
@@ -91,7 +129,15 @@ def measure(store_dir: Path, runs: int, sample: int) -> dict[str, Any]:
             "max_ms": round(max(timings) * 1000, 1),
             "runs": runs,
             "queries": queries,
+            "median_cpu_ms": ms(cpu_times),
+            "median_query_wall_ms": ms(query_walls),
+            "median_query_cpu_ms": ms(query_cpus),
+            "median_python_wall_ms": ms([t - q for t, q in zip(timings, query_walls, strict=True)]),
         },
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in load_after],
+        "cpu_count": os.cpu_count(),
+        "profile_top_own_time": _profile_summary(profile),
         "target_seconds": TARGET_SECONDS,
         "meets_target": median <= TARGET_SECONDS,
         "diagnostic_invoice_per_customer": {
