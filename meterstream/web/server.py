@@ -180,7 +180,7 @@ def _money_scope(request: web.Request) -> str:
     customer = _own_customer(request)
     if request[GRANT].meters is not None:
         raise web.HTTPForbidden(
-            body=orjson.dumps({"error": "this token is limited to some meters: it cannot read invoices or budgets"}),
+            text=orjson.dumps({"error": "this token is limited to some meters: it cannot read invoices or budgets"}).decode(),
             content_type="application/json",
             headers={"Cache-Control": "no-store"},
         )
@@ -203,7 +203,7 @@ async def _billing(request: web.Request, customer: str, work: Callable[[Callable
         return await asyncio.to_thread(work, run)
     except (InvoiceError, PlanError) as exc:
         raise web.HTTPConflict(
-            body=orjson.dumps({"error": f"no invoice can be computed: {exc}"}), content_type="application/json"
+            text=orjson.dumps({"error": f"no invoice can be computed: {exc}"}).decode(), content_type="application/json"
         ) from None
 
 
