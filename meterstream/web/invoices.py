@@ -20,8 +20,9 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from meterstream.billing import invoice_from_store, previous_period
+from meterstream.billing import invoice_from_store
 from meterstream.cs.render import plain_tree
+from meterstream.periods import previous_period
 from meterstream.pricing.invoice import Invoice
 from meterstream.pricing.plans import Catalog
 from meterstream.web.store import Rows
@@ -53,7 +54,8 @@ def bound_runner(queries: Rows, customer: str, loop: asyncio.AbstractEventLoop, 
 
 def invoice_json(invoice: Invoice) -> dict[str, Any]:
     """The invoice as ``invoice --json`` prints it (decimals as plain strings)."""
-    return plain_tree(invoice)
+    tree: dict[str, Any] = plain_tree(invoice)
+    return tree
 
 
 def invoice_for(run: Callable[..., Any], catalog: Catalog, customer: str, period: str, now: datetime) -> Invoice:

@@ -45,8 +45,8 @@ from meterstream.pricing.plans import Catalog, PlanError, load_catalog, period_b
 from meterstream.producers.guard import EnforcementView
 from meterstream.storage.clickhouse import StoreError
 from meterstream.topics import Topics
-from meterstream.web.store import CustomerQueries, Rows
 from meterstream.web.invoices import bound_runner, invoice_for, invoice_json, issued_invoices
+from meterstream.web.store import CustomerQueries, Rows
 from meterstream.web.tokens import ReloadingTokenBook, TokenFileError, TokenGrant, TokenLookup
 from meterstream.web.views import (
     breakdown_view,
@@ -210,6 +210,7 @@ async def _billing(request: web.Request, customer: str, work: Callable[[Callable
 async def me(request: web.Request) -> web.Response:
     settings: Settings = request.app[SETTINGS]
     now = request.app[CLOCK]()
+    grant = request[GRANT]
     return _json(
         {
             "customer_id": request[CUSTOMER],
@@ -218,8 +219,8 @@ async def me(request: web.Request) -> web.Response:
             "default_days": min(settings.web.default_days, settings.web.max_days),
             "max_days": settings.web.max_days,
             "max_hourly_days": settings.web.max_hourly_days,
-            "meters": sorted(request[GRANT].meters) if request[GRANT].meters is not None else None,
-            "token_expires": request[GRANT].expires.strftime("%Y-%m-%dT%H:%M:%SZ") if request[GRANT].expires else None,
+            "meters": sorted(grant.meters) if grant.meters is not None else None,
+            "token_expires": grant.expires.strftime("%Y-%m-%dT%H:%M:%SZ") if grant.expires is not None else None,
         }
     )
 

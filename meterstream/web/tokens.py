@@ -32,8 +32,8 @@ import logging
 import re
 import secrets
 import sys
-from datetime import datetime, timedelta, timezone
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Protocol
 

@@ -204,7 +204,7 @@ def burn_down_view(
         "thresholds": list(budget.thresholds),
         "action": budget.action.value,
     }
-    if per_credit is not None:
+    if per_credit is not None and budget.monthly_amount is not None:
         view["budget"].update(monthly_amount=dec(budget.monthly_amount), currency=currency)
         month_to_date["spent_amount"] = dec(spent * per_credit)
     view["used_percent"] = dec((spent * 100 / limit).quantize(Decimal("0.1")))

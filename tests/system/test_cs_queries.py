@@ -239,7 +239,7 @@ def test_month_to_date_usage_and_spend(store, catalog):
     assert (rows["initech"]["usage_credits"], rows["initech"]["spend"]) == (D("0.15"), INITECH_TOTAL)
     # The usage figures are month_to_date.sql's, row for row.
     plain = reports.month_to_date(_runner(store), None, PERIOD).rows
-    assert [{k: r[k] for k in p} for r, p in zip(result.rows, plain)] == plain
+    assert [{k: r[k] for k in p} for r, p in zip(result.rows, plain, strict=True)] == plain
     assert [r["customer_id"] for r in result.rows] == ["acme", "globex", "initech"]
 
 
