@@ -50,11 +50,13 @@ SELECT
     sum(output_tokens)                  AS output_tokens,
     sum(credits)                        AS credits,
     sum(cost_to_serve)                  AS cost_to_serve,
-    max(max_quantity)                   AS max_quantity
+    max(max_quantity)                   AS max_quantity,
+    sum(sum_quantity)                   AS sum_quantity
 FROM
 (
     SELECT customer_id, kind, meter, model, outcome_type, attribution, plan_version, is_reversal, billed_in,
-           events, input_tokens, cached_input_tokens, output_tokens, credits, cost_to_serve, max_quantity
+           events, input_tokens, cached_input_tokens, output_tokens, credits, cost_to_serve, max_quantity,
+           sum_quantity
     FROM usage_settled
     WHERE period = {period:String}
       AND ({customer:String} = '' OR customer_id = {customer:String})
@@ -65,7 +67,7 @@ FROM
     SELECT customer_id, kind, meter, model, outcome_type, attribution, plan_version, is_reversal, billed_in,
            count() AS events, sum(input_tokens) AS input_tokens, sum(cached_input_tokens) AS cached_input_tokens,
            sum(output_tokens) AS output_tokens, sum(credits) AS credits, sum(cost_to_serve) AS cost_to_serve,
-           max(quantity) AS max_quantity
+           max(quantity) AS max_quantity, sum(quantity) AS sum_quantity
     FROM usage_recent FINAL
     WHERE period = {period:String}
       AND ({customer:String} = '' OR customer_id = {customer:String})
@@ -80,7 +82,7 @@ FROM
            price_book_version AS plan_version, endsWith(rule, ':reversal') AS is_reversal, billed_in,
            count() AS events, sum(input_tokens) AS input_tokens, sum(cached_input_tokens) AS cached_input_tokens,
            sum(output_tokens) AS output_tokens, sum(credits) AS credits, sum(cost_to_serve) AS cost_to_serve,
-           max(quantity) AS max_quantity
+           max(quantity) AS max_quantity, sum(quantity) AS sum_quantity
     FROM usage_rated FINAL
     -- Only the customers with an older day left unsettled (none: no granule is read).
     WHERE customer_id IN (SELECT customer_id FROM received

@@ -70,7 +70,7 @@ REFERENCE = {
                endsWith(rule, ':reversal') AS is_reversal, billed_in, count() AS events,
                sum(input_tokens) AS input_tokens, sum(cached_input_tokens) AS cached_input_tokens,
                sum(output_tokens) AS output_tokens, sum(credits) AS credits, sum(cost_to_serve) AS cost_to_serve,
-               max(quantity) AS max_quantity
+               max(quantity) AS max_quantity, sum(quantity) AS sum_quantity
         FROM usage_rated FINAL
         WHERE period = {period:String} AND ({customer:String} = '' OR customer_id = {customer:String})
         GROUP BY customer_id, kind, meter, model, outcome_type, attribution, plan_version, is_reversal, billed_in
