@@ -254,9 +254,9 @@ def test_the_one_query_invoices_are_the_invoices(store, catalog):
     assert sorted(fast) == ["acme", "globex", "initech"]
     for customer, invoice in fast.items():
         assert invoice == invoice_from_store(run, catalog, customer, PERIOD, as_of=as_of), customer
-    # A grant without granted_on is usable since the customer's first period with usage (September for
-    # acme): the balances carry from there, read with one period_usage query per earlier month.
-    undated = parse_catalog(yaml.safe_load(CATALOG.replace(', granted_on: "2026-10-01"', "")))
+    # A grant dated in an earlier month (September for acme; every grant has a granted_on since issue 14):
+    # the balances carry from there, read with one period_usage query per earlier month.
+    undated = parse_catalog(yaml.safe_load(CATALOG.replace('granted_on: "2026-10-01"', 'granted_on: "2026-09-01"')))
     counted, calls = _counting(run)
     fast = period_invoices(counted, undated, PERIOD, grouped, as_of=as_of)
     assert "invoice_usage" not in calls and calls.count("period_usage") == 1  # September's, for every customer
