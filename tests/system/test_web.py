@@ -57,7 +57,7 @@ plans:
       - {{version: "team-web-1", effective_from: "2026-01-01", price_book: default, credit_value: "0.01",
           base_fee: "20", included_credits: "50", overage: {{model: per_unit, unit_price: "0.02"}}}}
 customers:
-  {ALPHA}: {{plan: team, grants: [{{id: alpha-free, kind: free, credits: "30"}}]}}
+  {ALPHA}: {{plan: team, grants: [{{id: alpha-free, kind: free, credits: "30", granted_on: "2026-01-01"}}]}}
 """
 
 BUDGETS = f"""
