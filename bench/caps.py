@@ -215,7 +215,7 @@ def main() -> None:
 
             def stored(customer: str = customer, period: str = period) -> Decimal:
                 rows = run_saved_query(clickhouse, "month_to_date", period=period, customer=customer).dicts()
-                return rows[0]["credits"] if rows else Decimal(0)
+                return rows[0]["usage_credits"] + rows[0]["outcome_credits"] if rows else Decimal(0)  # budget credits
 
             result = run_trial(kafka, customer, args.cap, p, t, redis_url=redis.url if with_ledger else None,
                                duration=args.duration, wait_processed=wait_processed, stored_credits=stored)  # fmt: skip

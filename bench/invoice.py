@@ -175,12 +175,13 @@ def wait_for_merges(store: ClickHouseStore, timeout: float) -> float:
     return time.monotonic() - started
 
 
-def build(store_dir: Path, rows: int, customers: int) -> dict[str, Any]:
+def build(store_dir: Path, rows: int, customers: int, now: datetime | None = None) -> dict[str, Any]:
+    """``now``: the build's clock (default the real one); the month it falls in is generated up to it."""
     shutil.rmtree(store_dir, ignore_errors=True)
     store_dir.mkdir(parents=True)
     store = open_store(ClickHouseSettings(dsn=f"chdb://{store_dir / 'clickhouse'}"))
     try:
-        now = datetime.now(timezone.utc)
+        now = now or datetime.now(timezone.utc)
         period_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
         span = max(int((now - period_start).total_seconds()), 3600)
         names = customer_ids(customers)

@@ -583,7 +583,8 @@ def profiles_json(period: str, by: str, profiles: Sequence[MetricProfile]) -> st
 
 
 def profile_table(profiles: Sequence[MetricProfile], title: str) -> Table:
-    table = Table(title=title, caption="quantiles by nearest rank over the customers active in the period")
+    table = Table(title=title, caption="quantiles by nearest rank over the customers active in the period; "
+                  "credits = usage credits (outcome rows are not counted, as on the invoice)")
     for column in ("group", "metric", "customers", "using", *(f"p{p}" for p in PROFILE_PERCENTILES), "max"):
         text = column in ("group", "metric")
         # Figures never wrap or shorten; on a narrow terminal the names fold instead.
@@ -617,7 +618,7 @@ def advice_table(advice: Advice) -> Table:
         f"overage {describe_overage(advice.overage)}; list price (no discounts or grants)"
     )
     table = Table(title=title, caption=caption + f"; money in {money}")
-    for column in ("customer", "credits", "within", "overage", "revenue", "cost", "margin", "margin %"):
+    for column in ("customer", "usage credits", "within", "overage credits", "revenue", "cost", "margin", "margin %"):
         text = column in ("customer", "within")
         table.add_column(column, justify="left" if text else "right", no_wrap=not text, overflow="fold")
     for r in advice.rows:
@@ -647,7 +648,7 @@ def advice_summary(advice: Advice) -> list[str]:
     margin = f"margin {advice.margin:,} {advice.currency} ({_percent(advice.margin, advice.revenue)}%)"
     return [
         f"Within the allowance of {_show(advice.included_credits)} credits: {within}",
-        "Customers' credits (nearest rank): " + ", ".join(f"p{k} {_show(v)}" for k, v in q.items()),
+        "Customers' usage credits (nearest rank): " + ", ".join(f"p{k} {_show(v)}" for k, v in q.items()),
         f"Allowance at p{p}: {_show(advice.allowance_at_percentile)} credits ({within_p})",
         f"Revenue {advice.revenue:,} - cost to serve {advice.cost_to_serve:,} = {margin}",
     ]

@@ -107,45 +107,64 @@ def invoice_series(
 
 
 def period_usage_from_aggregates(customer_id: str, period: str, rows: Iterable[dict[str, Any]]) -> PeriodUsage:
-    """Build :class:`PeriodUsage` from ``invoice_usage`` rows (same rules as ``PeriodUsage.from_rated``)."""
+    """Build :class:`PeriodUsage` from ``invoice_usage`` rows (same rules as ``PeriodUsage.from_rated``).
+
+    One pass over the rows, plain sums per meter and model and per plan version, meter and
+    model; each subtotal is built once at the end, and with one plan version in the period
+    (the usual case) its per-version subtotals are the same records (``usage`` with spend
+    builds this for every customer of a period: :func:`period_invoices`).
+    """
     credits = cost = seats = ZERO
     outcomes: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])
-    by_meter: list[MeterSubtotal] = []
-    versions: dict[str, list[Decimal]] = defaultdict(lambda: [ZERO, ZERO])
-    version_meters: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    # [events, credits, cost_to_serve, max_quantity, sum_quantity] per (meter, model) and per (version, meter, model)
+    merged: dict[tuple[str, str], list[Any]] = {}
+    versions: dict[str, list[Decimal]] = {}
+    version_meters: dict[tuple[str, str, str], list[Any]] = {}
     for row in rows:
-        cost += row["cost_to_serve"]
+        row_cost = row["cost_to_serve"]
+        cost += row_cost
+        events = int(row["events"])
         if row["kind"] == "outcome":
             outcomes[(row["outcome_type"], row["attribution"], row["plan_version"])][
                 1 if row["is_reversal"] else 0
-            ] += int(row["events"])
+            ] += events
             continue
-        credits += row["credits"]
-        per_version = versions[row["plan_version"]]
-        per_version[0] += row["credits"]
-        version_meters[(row["plan_version"], row["meter"], row["model"])].append(row)
-        if row["meter"] == "seats":
-            seats = max(seats, row["max_quantity"])
-            per_version[1] = max(per_version[1], row["max_quantity"])
-        by_meter.append(
-            MeterSubtotal(
-                meter=row["meter"], model=row["model"], events=int(row["events"]),
-                credits=row["credits"], cost_to_serve=row["cost_to_serve"], max_quantity=row["max_quantity"],
-                sum_quantity=row["sum_quantity"],
-            )  # fmt: skip
+        row_credits, version, meter, model, quantity, quantity_sum = (
+            row["credits"], row["plan_version"], row["meter"], row["model"], row["max_quantity"], row["sum_quantity"]
+        )  # fmt: skip
+        credits += row_credits
+        per_version = versions.get(version)
+        if per_version is None:
+            per_version = versions[version] = [ZERO, ZERO]
+        per_version[0] += row_credits
+        if meter == "seats":
+            seats = max(seats, quantity)
+            per_version[1] = max(per_version[1], quantity)
+        for acc in (
+            merged.setdefault((meter, model), [0, ZERO, ZERO, quantity, ZERO]),
+            version_meters.setdefault((version, meter, model), [0, ZERO, ZERO, quantity, ZERO]),
+        ):
+            acc[0] += events
+            acc[1] += row_credits
+            acc[2] += row_cost
+            acc[3] = max(acc[3], quantity)
+            acc[4] += quantity_sum
+
+    def subtotal(meter: str, model: str, acc: list[Any]) -> MeterSubtotal:
+        return MeterSubtotal(
+            meter=meter, model=model, events=acc[0], credits=acc[1], cost_to_serve=acc[2], max_quantity=acc[3],
+            sum_quantity=acc[4],
         )
-    merged: dict[tuple[str, str], MeterSubtotal] = {}
-    for sub in by_meter:  # one row per plan version in SQL; one subtotal per meter and model here
-        key = (sub.meter, sub.model)
-        if key in merged:
-            prev = merged[key]
-            sub = MeterSubtotal(
-                meter=sub.meter, model=sub.model, events=prev.events + sub.events,
-                credits=prev.credits + sub.credits, cost_to_serve=prev.cost_to_serve + sub.cost_to_serve,
-                max_quantity=max(prev.max_quantity, sub.max_quantity),
-                sum_quantity=prev.sum_quantity + sub.sum_quantity,
-            )  # fmt: skip
-        merged[key] = sub
+
+    by_meter = tuple(subtotal(m, model, merged[(m, model)]) for m, model in sorted(merged))
+    per_version_meters: dict[str, tuple[MeterSubtotal, ...]] = {}
+    if len(versions) == 1:  # every row under one version: its subtotals are the period's
+        per_version_meters[next(iter(versions))] = by_meter
+    else:
+        grouped: dict[str, list[MeterSubtotal]] = defaultdict(list)
+        for (v, m, model), acc in sorted(version_meters.items()):
+            grouped[v].append(subtotal(m, model, acc))
+        per_version_meters = {v: tuple(subs) for v, subs in grouped.items()}
     return PeriodUsage(
         customer_id=customer_id,
         period=period,
@@ -156,22 +175,9 @@ def period_usage_from_aggregates(customer_id: str, period: str, rows: Iterable[d
             OutcomeCount(outcome_type=t, attribution=Attribution(a), plan_version=v, count=n, reversals=r)
             for (t, a, v), (n, r) in sorted(outcomes.items())
         ),
-        by_meter=tuple(merged[k] for k in sorted(merged)),
+        by_meter=by_meter,
         by_version=tuple(
-            VersionUsage(
-                plan_version=v, credits=c, active_seats=n,
-                by_meter=tuple(
-                    MeterSubtotal(
-                        meter=m, model=model, events=sum(int(r["events"]) for r in group),
-                        credits=sum((r["credits"] for r in group), ZERO),
-                        cost_to_serve=sum((r["cost_to_serve"] for r in group), ZERO),
-                        max_quantity=max(r["max_quantity"] for r in group),
-                        sum_quantity=sum((r["sum_quantity"] for r in group), ZERO),
-                    )
-                    for (vv, m, model), group in sorted(version_meters.items())
-                    if vv == v
-                ),
-            )  # fmt: skip
+            VersionUsage(plan_version=v, credits=c, active_seats=n, by_meter=per_version_meters.get(v, ()))
             for v, (c, n) in sorted(versions.items())
         ),
     )
@@ -286,6 +292,86 @@ def invoices_to_issue(
         invoice = invoice_from_store(run_query, catalog, customer_id, period, as_of=now)
         out.append(issue(invoice, catalog, invoice_number=f"INV-{period}-{customer_id}", issued_at=now))
     return out
+
+def group_by_customer(rows: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        grouped[row["customer_id"]].append(row)
+    return dict(grouped)
+
+
+def period_invoices(
+    run_query: QueryRunner,
+    catalog: Catalog,
+    period: str,
+    rows_by_customer: dict[str, list[dict[str, Any]]],
+    *,
+    as_of: datetime | None = None,
+) -> dict[str, Invoice | ValueError]:
+    """Every customer's invoice for ``period`` from one ``period_usage`` query, not one invoice path each.
+
+    ``rows_by_customer`` are the period's ``sql/queries/period_usage.sql`` rows (every
+    customer, or one), grouped by customer. Each invoice is exactly
+    :func:`invoice_from_store`'s (``test_cs_queries`` compares them):
+
+    - usage billed in its own period (``billed_in = ''``) is the invoice's, as
+      ``invoice_usage.sql`` gives it;
+    - grant balances carried from earlier periods: ``period_usage`` once per earlier
+      month needed (for every customer at once), and the customers' first periods once
+      (``customer_first_periods.sql``) when a grant has no ``granted_on``;
+    - a customer with late usage billed on this period (``late_billed_customers.sql``), or
+      with an issued invoice (``issued_customers.sql``, sql/008) for a period its invoice
+      depends on (this one, the one before, any month its grant balances are carried
+      through), gets the full path, :func:`invoice_from_store`, which reads those records.
+
+    A customer whose invoice cannot be computed maps to the error (``InvoiceError``,
+    ``PlanError``), never dropped.
+    """
+    from meterstream.pricing.invoice import InvoiceError
+    from meterstream.pricing.plans import PlanError
+
+    months: dict[str, dict[str, list[dict[str, Any]]]] = {period: rows_by_customer}
+
+    def rows_of(month: str) -> dict[str, list[dict[str, Any]]]:
+        if month not in months:
+            months[month] = group_by_customer(run_query("period_usage", period=month, customer="").dicts())
+        return months[month]
+
+    late = {row["customer_id"] for row in run_query("late_billed_customers", billed_in=period).dicts()}
+    issued_in: dict[str, set[str]] = {}
+
+    def issued_customers(month: str) -> set[str]:
+        if month not in issued_in:
+            issued_in[month] = {r["customer_id"] for r in run_query("issued_customers", period=month).dicts()}
+        return issued_in[month]
+
+    first_usage: dict[str, str] = {}
+    if any(
+        grant.granted_on is None
+        for customer in rows_by_customer
+        if (entry := catalog.customers.get(customer)) is not None
+        for grant in entry.grants
+    ):
+        first_usage = {r["customer_id"]: r["first_period"] for r in run_query("customer_first_periods", period=period).dicts()}
+    invoices: dict[str, Invoice | ValueError] = {}
+    for customer in sorted(rows_by_customer):
+        try:
+            first = first_usage.get(customer, period)
+            start = first_billed_period(catalog, customer, period, first)
+            depends_on = [previous_period(start), *periods_between(start, period)]
+            if customer in late or any(customer in issued_customers(month) for month in depends_on):
+                invoices[customer] = invoice_from_store(run_query, catalog, customer, period, as_of=as_of)
+                continue
+
+            def usage_for(month: str, customer: str = customer) -> PeriodUsage:
+                rows = [r for r in rows_of(month).get(customer, ()) if r["billed_in"] == ""]
+                return period_usage_from_aggregates(customer, month, rows)
+
+            series = invoice_series(catalog, customer, period, usage_for, first_usage=first, as_of=as_of)
+            invoices[customer] = series[-1]
+        except (InvoiceError, PlanError) as exc:
+            invoices[customer] = exc
+    return invoices
 
 
 def late_adjustments(

@@ -316,7 +316,8 @@ def _emit_json(result: Any) -> None:
 
 def usage_table(rows: list[dict[str, Any]], title: str) -> Table:
     table = Table(title=title)
-    for column in ("customer", "events", "input tok", "cached tok", "output tok", "credits", "cost to serve $"):
+    for column in ("customer", "events", "input tok", "cached tok", "output tok", "usage credits", "outcome credits",
+                   "cost to serve $"):
         table.add_column(column, justify="left" if column == "customer" else "right")
     for row in rows:
         table.add_row(
@@ -325,7 +326,8 @@ def usage_table(rows: list[dict[str, Any]], title: str) -> Table:
             _fmt(row["input_tokens"]),
             _fmt(row["cached_input_tokens"]),
             _fmt(row["output_tokens"]),
-            _fmt(row["credits"], 2),
+            _fmt(row["usage_credits"], 2),
+            _fmt(row["outcome_credits"], 2),
             _fmt(row["cost_to_serve"], 4),
         )
     return table

@@ -299,7 +299,7 @@ def _summary(console, traffic, stats, totals, credits, usage, elapsed, store_pat
         f"({stats['duplicates']} resends counted once, {stats['dead_letters']} messages to the dead-letter topic)"
     )
     console.print(
-        f"{mark[ok_credits]} stored credits {round_money(stored_total):,} = offline rating of the same events "
+        f"{mark[ok_credits]} stored usage + outcome credits {round_money(stored_total):,} = offline rating of the same events "
         f"{round_money(expected_total):,} (exact: {ok_credits})"
     )
     cost = sum((row["cost_to_serve"] for row in usage), Decimal(0))

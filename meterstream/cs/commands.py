@@ -64,6 +64,11 @@ def show(report: Report, fmt: Format, problems: Sequence[str] = ()) -> None:
 
 TOKENS = [Column("input_tokens", "input tok", "int"), Column("cached_input_tokens", "cached tok", "int"),
           Column("output_tokens", "output tok", "int")]  # fmt: skip
+# "Credits" has one meaning per word in every report (meterstream.cs.reports.CREDIT_KINDS).
+CREDITS = [Column("usage_credits", "usage credits", "credits"), Column("outcome_credits", "outcome credits", "credits")]
+CREDITS_NOTE = ("usage credits: usage events, what the invoice's allowance and overage count; "
+                "outcome credits: outcomes (net of reversals), counted by budgets, priced in money on the invoice")
+BILLED_NOTE = "billed credits: overage credits the invoice charges for (after the allowance and credit grants)"
 
 
 # -- usage (month to date) ---------------------------------------------------------------------
@@ -79,9 +84,10 @@ def usage(
     as_json: JsonOption = False,
     as_csv: CsvOption = False,
 ) -> None:
-    """Month-to-date usage and spend per customer: events, tokens, credits, cost to serve, invoice preview.
+    """Month-to-date usage and spend per customer: events, tokens, usage and outcome credits, cost, invoice preview.
 
-    Spend is the credits used and the money of the invoice preview (`meterstream invoice`).
+    Spend is the billed credits and the money of the invoice preview (`meterstream invoice`), all customers
+    from one query for the period.
     Subcommands: top-customers, margin, cache-savings, cost-per-outcome, hourly, daily.
     """
     if ctx.invoked_subcommand is not None:
@@ -94,14 +100,17 @@ def usage(
     catalog = load_catalog_or_fail(plans, settings) if spend else None
     with query_runner(settings) as run:
         result = month_to_date(run, catalog, period, customer or "")
-    columns = [Column("customer_id", "customer"), Column("events", "events", "int"), *TOKENS,
-               Column("credits", "credits", "credits"), Column("cost_to_serve", "cost to serve $", "cost")]  # fmt: skip
+    columns = [Column("customer_id", "customer"), Column("events", "events", "int"), *TOKENS, *CREDITS,
+               Column("cost_to_serve", "cost to serve $", "cost")]  # fmt: skip
     fields = [c.key for c in columns] + ["models"]
+    notes = [CREDITS_NOTE]
     if spend:
-        columns += [Column("spend", "spend $", "money"), Column("invoice_status", "invoice"),
-                    Column("plan_version", "plan version")]  # fmt: skip
-        fields += ["spend", "currency", "plan_version", "invoice_status"]
-    show(Report(f"Month-to-date usage and spend, {period}", columns, result.rows, fields), fmt, result.problems)
+        columns += [Column("billed_credits", "billed credits", "credits"), Column("spend", "spend $", "money"),
+                    Column("invoice_status", "invoice"), Column("plan_version", "plan version")]  # fmt: skip
+        fields += ["billed_credits", "spend", "currency", "plan_version", "invoice_status"]
+        notes.append(BILLED_NOTE)
+    report = Report(f"Month-to-date usage and spend, {period}", columns, result.rows, fields, notes=notes)
+    show(report, fmt, result.problems)
 
 
 # -- top customers ---------------------------------------------------------------------------
@@ -122,10 +131,10 @@ def top_customers_command(
     period = check_period(period)
     with query_runner(settings) as run:
         rows = top_customers(run, period, limit).rows
-    columns = [Column("customer_id", "customer"), Column("events", "events", "int"), *TOKENS,
-               Column("credits", "credits", "credits"), Column("cost_to_serve", "cost to serve $", "cost"),
+    columns = [Column("customer_id", "customer"), Column("events", "events", "int"), *TOKENS, *CREDITS,
+               Column("cost_to_serve", "cost to serve $", "cost"),
                Column("cost_share", "share of cost", "percent"), Column("models", "models", "int")]  # fmt: skip
-    show(Report(f"Top {limit} customers by cost to serve, {period}", columns, rows), fmt)
+    show(Report(f"Top {limit} customers by cost to serve, {period}", columns, rows, notes=[CREDITS_NOTE]), fmt)
 
 
 # -- margin ------------------------------------------------------------------------------------
@@ -140,7 +149,7 @@ def margin_command(
 ) -> None:
     """Revenue, cost to serve and margin for a period, per customer, workflow or model.
 
-    Revenue is each customer's invoice total, spread over its usage by credits (outcome lines over its outcomes); cost to serve is exact per row.
+    Revenue is each customer's invoice total, spread over its usage by usage credits (outcome lines over its outcomes); cost to serve is exact per row.
     """
     from meterstream.billing import MARGIN_DIMENSIONS
     from meterstream.cs.reports import margin
@@ -157,10 +166,11 @@ def margin_command(
     if fmt is not Format.TABLE:
         # Money rounded once, to the cent, as on the invoices it is allocated from.
         rows = [{**r, **{k: round_money(r[k]) for k in ("revenue", "cost_to_serve", "margin")}} for r in rows]
-    columns = [Column(by, by), Column("events", "events", "int"), Column("credits", "credits", "credits"),
+    columns = [Column(by, by), Column("events", "events", "int"), Column("usage_credits", "usage credits", "credits"),
                Column("revenue", "revenue $", "money"), Column("cost_to_serve", "cost to serve $", "money"),
                Column("margin", "margin $", "money"), Column("margin_percent", "margin %", "percent")]  # fmt: skip
-    show(Report(f"Margin by {by}, {period}", columns, rows), fmt)
+    notes = ["revenue is spread over usage by usage credits (outcome lines over outcomes); " + CREDITS_NOTE]
+    show(Report(f"Margin by {by}, {period}", columns, rows, notes=notes), fmt)
 
 
 usage_app.command("margin")(margin_command)
@@ -178,9 +188,9 @@ def cache_savings_command(
     as_json: JsonOption = False,
     as_csv: CsvOption = False,
 ) -> None:
-    """What prompt caching saved, in cost to serve and in the customer's credits.
+    """What prompt caching saved, in cost to serve and in the customer's usage credits.
 
-    Cost saved = cached tokens × (provider input − cached input price per 1M) / 1M; credits saved = cached tokens × (input − cached input credits per 1K) / 1K, with the rates of the plan version that rated the tokens.
+    Cost saved = cached tokens × (provider input − cached input price per 1M) / 1M; usage credits saved = cached tokens × (input − cached input credits per 1K) / 1K, with the rates of the plan version that rated the tokens.
     """
     from meterstream.cs.reports import CACHE_GROUPINGS, cache_savings
 
@@ -197,19 +207,20 @@ def cache_savings_command(
         Column("events", "token events", "int"), Column("input_tokens", "input tok", "int"),
         Column("cached_input_tokens", "cached tok", "int"), Column("hit_rate", "hit rate", "percent"),
         Column("cost_saved", "cost saved $", "cost"), Column("cost_to_serve", "cost to serve $", "cost"),
-        Column("credits_saved", "credits saved", "credits"), Column("credits", "credits", "credits"),
+        Column("usage_credits_saved", "usage credits saved", "credits"),
+        Column("usage_credits", "usage credits", "credits"),
     ]  # fmt: skip
     fields = [*keys, "events", "events_with_cache_hits", "input_tokens", "cached_input_tokens", "hit_rate",
-              "cost_saved", "cost_to_serve", "cost_without_cache", "credits_saved", "credits",
-              "credits_without_cache", "unvalued_cached_tokens"]  # fmt: skip
+              "cost_saved", "cost_to_serve", "cost_without_cache", "usage_credits_saved", "usage_credits",
+              "usage_credits_without_cache", "unvalued_cached_tokens"]  # fmt: skip
     total = None
     if result.rows:
         total = {keys[0]: "all"} | {k: sum((r[k] for r in result.rows), 0) for k in
                                     ("events", "input_tokens", "cached_input_tokens", "cost_saved", "cost_to_serve",
-                                     "credits_saved", "credits")}  # fmt: skip
+                                     "usage_credits_saved", "usage_credits")}  # fmt: skip
     formula = (
         "cost saved = cached tokens × (provider input − cached input $/1M) / 1M; "
-        "credits saved = cached tokens × (input − cached input credits/1K) / 1K"
+        "usage credits saved = cached tokens × (input − cached input credits/1K) / 1K"
     )
     notes = [formula]
     show(Report(f"Prompt-cache savings, {period}", columns, result.rows, fields, total, notes), fmt, result.problems)
@@ -241,7 +252,7 @@ def cost_per_outcome_command(
                Column("outcomes_without_usage", "no usage", "int"), Column("runs_with_usage", "runs", "int"),
                Column("usage_events", "usage events", "int"), Column("cost_to_serve", "cost to serve $", "cost"),
                Column("cost_per_outcome", "cost / outcome $", "cost"),
-               Column("credits_per_outcome", "credits / outcome", "credits")]  # fmt: skip
+               Column("credits_per_outcome", "usage credits / outcome", "credits")]  # fmt: skip
     fields = ["outcome_type", "attribution", "outcomes", "reversals", "outcomes_with_usage", "outcomes_without_usage",
               "runs_with_usage", "usage_events", "usage_credits", "cost_to_serve", "cost_per_outcome",
               "credits_per_outcome"]  # fmt: skip
@@ -271,9 +282,9 @@ def _series(grain: str, period: str | None, customer: str | None, day: str, as_j
     columns = [Column(bucket, bucket, "datetime" if grain == "hourly" else "date"), Column("customer_id", "customer"),
                Column("meter", "meter"), Column("model", "model"), Column("workflow_id", "workflow"),
                Column("events", "events", "int"), *TOKENS, Column("quantity", "quantity", "number"),
-               Column("credits", "credits", "credits"), Column("cost_to_serve", "cost to serve $", "cost")]  # fmt: skip
+               *CREDITS, Column("cost_to_serve", "cost to serve $", "cost")]  # fmt: skip
     fields = [c.key for c in columns] + ["source"]
-    notes = []
+    notes = [CREDITS_NOTE]
     fallback = sorted({r["customer_id"] for r in rows if r["source"] != "rollup"})
     if fallback:
         notes.append(f"read from usage_rated FINAL (an event reached the rollup twice): {', '.join(fallback)}")

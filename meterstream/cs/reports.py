@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from meterstream.billing import QueryRunner, invoice_from_store, margin_report
-from meterstream.pricing.invoice import InvoiceError
-from meterstream.pricing.plans import Catalog, PlanError
+from meterstream.billing import QueryRunner, group_by_customer, margin_report, period_invoices
+from meterstream.pricing.plans import Catalog
 from meterstream.pricing.rating import RatingError, cache_saving
 
 ZERO = Decimal(0)
@@ -32,27 +31,64 @@ class Rows:
 
 # -- month to date -----------------------------------------------------------------------------
 
+#: The three kinds of credits, one meaning each (README, "Credits: three words"):
+#: usage credits    - the price book's credits for usage events (tokens, requests, documents, ...);
+#:                    what the invoice's included allowance and overage are measured in;
+#: outcome credits  - the price book's credits for outcomes (net of reversals); budgets count
+#:                    them beside usage credits, invoices price outcomes in money instead;
+#: billed credits   - the overage credits the invoice charges for: usage credits above the
+#:                    allowance, less those paid from credit grants.
+CREDIT_KINDS = {"usage": "usage_credits", "outcome": "outcome_credits"}
 
-def month_to_date(run: QueryRunner, catalog: Catalog | None, period: str, customer: str = "") -> Rows:
-    """Month-to-date usage per customer (``month_to_date.sql``) and, with a catalog, its spend.
 
-    Spend is the credits (from the query) and the money of the invoice preview:
-    :func:`meterstream.billing.invoice_from_store`, exactly what ``meterstream invoice`` prints.
+def usage_row(customer_id: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One customer's month-to-date figures from its ``period_usage`` rows (all of them, late ones included)."""
+    out: dict[str, Any] = {
+        "customer_id": customer_id, "events": 0, "input_tokens": 0, "cached_input_tokens": 0, "output_tokens": 0,
+        "usage_credits": ZERO, "outcome_credits": ZERO, "cost_to_serve": ZERO,
+    }  # fmt: skip
+    models: set[str] = set()
+    for row in rows:
+        for name in ("events", "input_tokens", "cached_input_tokens", "output_tokens"):
+            out[name] += int(row[name])
+        out[CREDIT_KINDS[row["kind"]]] += row["credits"]
+        out["cost_to_serve"] += row["cost_to_serve"]
+        if row["model"]:
+            models.add(row["model"])
+    out["models"] = len(models)
+    return out
+
+
+def month_to_date(
+    run: QueryRunner, catalog: Catalog | None, period: str, customer: str = "", *, as_of: Any = None
+) -> Rows:
+    """Month-to-date usage per customer and, with a catalog, its spend (the invoice preview).
+
+    Without a catalog: ``month_to_date.sql``. With one: a single ``period_usage.sql`` query
+    for the period gives both the usage figures and every customer's invoice aggregate;
+    :func:`meterstream.billing.period_invoices` prices them with the engine, so the money is
+    exactly what ``meterstream invoice`` prints, without an invoice query per customer.
     """
-    rows = run("month_to_date", period=period, customer=customer).dicts()
+    if catalog is None:
+        return Rows(run("month_to_date", period=period, customer=customer).dicts())
+    grouped = group_by_customer(run("period_usage", period=period, customer=customer).dicts())
+    invoices = period_invoices(run, catalog, period, grouped, as_of=as_of)
+    rows: list[dict[str, Any]] = []
     problems: list[str] = []
-    if catalog is not None:
-        for row in rows:
-            try:
-                invoice = invoice_from_store(run, catalog, row["customer_id"], period)
-            except (InvoiceError, PlanError) as exc:
-                problems.append(f"{row['customer_id']}: no invoice preview: {exc}")
-                row.update(spend=None, currency=catalog.currency, plan_version=None, invoice_status=None)
-                continue
+    for customer_id, customer_rows in grouped.items():
+        row = usage_row(customer_id, customer_rows)
+        invoice = invoices[customer_id]
+        if isinstance(invoice, ValueError):
+            problems.append(f"{customer_id}: no invoice preview: {invoice}")
+            row.update(spend=None, currency=catalog.currency, billed_credits=None, plan_version=None,
+                       invoice_status=None)  # fmt: skip
+        else:
             row.update(
-                spend=invoice.total, currency=invoice.currency,
+                spend=invoice.total, currency=invoice.currency, billed_credits=invoice.usage.billed_overage_credits,
                 plan_version=invoice.plan_version, invoice_status=invoice.status,
             )  # fmt: skip
+        rows.append(row)
+    rows.sort(key=lambda r: (-(r["usage_credits"] + r["outcome_credits"]), r["customer_id"]))
     return Rows(rows, problems)
 
 
@@ -73,7 +109,7 @@ def margin(run: QueryRunner, catalog: Catalog, period: str, by: str) -> Rows:
     for r in margin_report(run, catalog, period, by):
         revenue, cost = r.revenue, r.cost_to_serve
         rows.append({
-            by: r.customer_id or r.workflow_id or r.model, "events": r.events, "credits": r.credits,
+            by: r.customer_id or r.workflow_id or r.model, "events": r.events, "usage_credits": r.credits,
             "revenue": revenue, "cost_to_serve": cost, "margin": revenue - cost,
             "margin_percent": (revenue - cost) / revenue if revenue else None,
         })  # fmt: skip
@@ -88,8 +124,8 @@ CACHE_GROUPINGS: dict[str, Callable[[dict[str, Any]], tuple[str, ...]]] = {
     "model": lambda row: (row["model"],),
 }
 _CACHE_KEYS = {"customer-model": ("customer_id", "model"), "customer": ("customer_id",), "model": ("model",)}
-_CACHE_SUMS = ("events", "events_with_cache_hits", "input_tokens", "cached_input_tokens", "credits",
-               "cost_to_serve", "credits_saved", "cost_saved", "unvalued_cached_tokens")  # fmt: skip
+_CACHE_SUMS = ("events", "events_with_cache_hits", "input_tokens", "cached_input_tokens", "usage_credits",
+               "cost_to_serve", "usage_credits_saved", "cost_saved", "unvalued_cached_tokens")  # fmt: skip
 
 
 def cache_savings(run: QueryRunner, catalog: Catalog, period: str, customer: str = "", by: str = "customer-model") -> Rows:
@@ -98,8 +134,8 @@ def cache_savings(run: QueryRunner, catalog: Catalog, period: str, customer: str
     Per row of ``cache_savings.sql`` (customer, model, plan version), with the price
     book of the plan version that rated those tokens (:func:`cache_saving`):
 
-        cost_saved    = cached_input_tokens × (cost input − cost cached input) / 1,000,000
-        credits_saved = cached_input_tokens × (credits input − credits cached input) / 1,000
+        cost_saved          = cached_input_tokens × (cost input − cost cached input) / 1,000,000
+        usage_credits_saved = cached_input_tokens × (credits input − credits cached input) / 1,000
 
     ``hit_rate`` is cached / input tokens (input includes cached). Tokens rated by a plan
     version the catalog does not know are counted in ``unvalued_cached_tokens``.
@@ -123,12 +159,12 @@ def cache_savings(run: QueryRunner, catalog: Catalog, period: str, customer: str
                 unvalued = cached
                 problems.append(f"{row['customer_id']} {row['model']}: {cached:,} cached tokens not valued: {exc}")
         out = groups.setdefault(group_key(row), {**{k: row[k] for k in keys}, **{s: ZERO for s in _CACHE_SUMS}})
-        for name, value in (("credits_saved", credits_saved), ("cost_saved", cost_saved),
+        for name, value in (("usage_credits_saved", credits_saved), ("cost_saved", cost_saved),
                             ("unvalued_cached_tokens", unvalued)):  # fmt: skip
             out[name] += value
-        for name in ("events", "events_with_cache_hits", "input_tokens", "cached_input_tokens",
-                     "credits", "cost_to_serve"):  # fmt: skip
+        for name in ("events", "events_with_cache_hits", "input_tokens", "cached_input_tokens", "cost_to_serve"):
             out[name] += row[name]
+        out["usage_credits"] += row["credits"]  # token rows only: usage credits
     rows = []
     for key in sorted(groups):
         out = groups[key]
@@ -137,7 +173,7 @@ def cache_savings(run: QueryRunner, catalog: Catalog, period: str, customer: str
         out["hit_rate"] = Decimal(out["cached_input_tokens"]) / out["input_tokens"] if out["input_tokens"] else None
         # What the same tokens would have cost and been charged without the cache.
         out["cost_without_cache"] = out["cost_to_serve"] + out["cost_saved"]
-        out["credits_without_cache"] = out["credits"] + out["credits_saved"]
+        out["usage_credits_without_cache"] = out["usage_credits"] + out["usage_credits_saved"]
         rows.append(out)
     return Rows(rows, problems)
 
@@ -156,7 +192,13 @@ def cost_per_outcome(run: QueryRunner, period: str, customer: str = "") -> Rows:
 def usage_series(run: QueryRunner, grain: str, period: str, customer: str = "", day: str = "") -> Rows:
     """Hourly or daily usage per customer × meter × model × workflow, from the rollups (exact)."""
     if grain == "hourly":
-        return Rows(run("usage_hourly", period=period, customer=customer, day=day).dicts())
-    if grain == "daily":
-        return Rows(run("usage_daily", period=period, customer=customer).dicts())
-    raise ValueError(f"grain is hourly or daily, not {grain!r}")
+        rows = run("usage_hourly", period=period, customer=customer, day=day).dicts()
+    elif grain == "daily":
+        rows = run("usage_daily", period=period, customer=customer).dicts()
+    else:
+        raise ValueError(f"grain is hourly or daily, not {grain!r}")
+    for row in rows:  # a rollup row is one meter: "outcome" rows hold outcome credits, the others usage credits
+        credits = row.pop("credits")
+        outcome = row["meter"] == "outcome"
+        row["usage_credits"], row["outcome_credits"] = (ZERO, credits) if outcome else (credits, ZERO)
+    return Rows(rows)

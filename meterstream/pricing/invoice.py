@@ -934,12 +934,12 @@ def render_invoice_text(invoice: Invoice) -> str:
         row("Subtotal", "", "", _money(invoice.subtotal)),
         row(f"Total ({invoice.currency})", "", "", _money(invoice.total)),
         "",
-        "Usage",
-        f"  Credits used:            {_num(invoice.usage.credits_used)}",
+        "Usage (usage credits: usage events; outcomes are priced per outcome above)",
+        f"  Usage credits used:      {_num(invoice.usage.credits_used)}",
         f"  Included in plan:        {_num(invoice.usage.included_credits)}",
         f"  Overage credits:         {_num(invoice.usage.overage_credits)}",
         f"    paid by credit grants: {_num(invoice.usage.grant_credits_applied)}",
-        f"    billed:                {_num(invoice.usage.billed_overage_credits)}",
+        f"    billed credits:        {_num(invoice.usage.billed_overage_credits)}",
     ]
     if invoice.credit_note is not None:
         out += ["", f"CREDIT NOTE {_money(invoice.credit_note.amount)} {invoice.currency}: {invoice.credit_note.reason}"]
@@ -962,7 +962,7 @@ def render_invoice_text(invoice: Invoice) -> str:
                 f"{_num(g.drawn_credits):>14}{_num(g.closing_credits):>14}{note}"
             )
     if invoice.by_meter:
-        out += ["", "Credits by meter", f"  {'meter':<12}{'model':<32}{'events':>10}{'credits':>20}"]
+        out += ["", "Usage credits by meter", f"  {'meter':<12}{'model':<32}{'events':>10}{'usage credits':>20}"]
         for m in invoice.by_meter:
             out.append(f"  {m.meter:<12}{m.model or '-':<32}{m.events:>10}{_num(m.credits):>20}")
     return "\n".join(out) + "\n"

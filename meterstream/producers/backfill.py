@@ -400,13 +400,16 @@ class PricedGroup:
     period: str
     billed_in: str
     events: int = 0
-    credits: Decimal = ZERO
+    #: usage credits (usage events) and outcome credits (outcomes), as ``meterstream usage`` shows them
+    usage_credits: Decimal = ZERO
+    outcome_credits: Decimal = ZERO
     cost_to_serve: Decimal = ZERO
 
     def to_json(self) -> dict[str, Any]:
         return {"customer_id": self.customer_id, "period": self.period, "billed_in": self.billed_in,
                 "late": self.billed_in != self.period, "events": self.events,
-                "credits": str(self.credits), "cost_to_serve": str(self.cost_to_serve)}  # fmt: skip
+                "usage_credits": str(self.usage_credits), "outcome_credits": str(self.outcome_credits),
+                "cost_to_serve": str(self.cost_to_serve)}  # fmt: skip
 
 
 @dataclass
@@ -417,8 +420,12 @@ class Priced:
     already_stored: int
 
     @property
-    def credits(self) -> Decimal:
-        return sum((g.credits for g in self.groups), ZERO)
+    def usage_credits(self) -> Decimal:
+        return sum((g.usage_credits for g in self.groups), ZERO)
+
+    @property
+    def outcome_credits(self) -> Decimal:
+        return sum((g.outcome_credits for g in self.groups), ZERO)
 
     @property
     def cost_to_serve(self) -> Decimal:
@@ -469,7 +476,10 @@ def price(
             billed_in = open_period if period_closed(rated.period, now, late_grace) else rated.period
             group = groups[(rated.customer_id, rated.period)] = PricedGroup(rated.customer_id, rated.period, billed_in)
         group.events += 1
-        group.credits += rated.credits
+        if rated.kind == "outcome":
+            group.outcome_credits += rated.credits
+        else:
+            group.usage_credits += rated.credits
         group.cost_to_serve += rated.cost_to_serve
     if progress is not None and step:
         progress(step)

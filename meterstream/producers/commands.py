@@ -117,7 +117,8 @@ def import_command(
         for bad in priced.unpriced:
             err_console.print(f"{file}:{bad.line}: not priced: {bad.reason}", highlight=False, markup=False)
         summary |= {"dry_run": True, "already_stored": priced.already_stored, "would_send": priced.events,
-                    "unpriced": len(priced.unpriced), "credits": str(priced.credits),
+                    "unpriced": len(priced.unpriced), "usage_credits": str(priced.usage_credits),
+                    "outcome_credits": str(priced.outcome_credits),
                     "cost_to_serve": str(priced.cost_to_serve), "by_customer_period": [g.to_json() for g in priced.groups]}  # fmt: skip
         if as_json:
             print(json.dumps(summary, indent=2))
@@ -152,13 +153,16 @@ def import_command(
 
 def _print_priced(priced: Priced, summary: dict[str, Any]) -> None:
     table = Table(title=f"Dry run: {summary['file']} (nothing sent)")
-    for column in ("customer", "period", "billed in", "events", "credits", "cost to serve $"):
+    for column in ("customer", "period", "billed in", "events", "usage credits", "outcome credits",
+                   "cost to serve $"):
         table.add_column(column, justify="left" if column in ("customer", "period", "billed in") else "right")
     for g in priced.groups:
         billed = f"{g.billed_in} (late)" if g.billed_in != g.period else g.billed_in
-        table.add_row(g.customer_id, g.period, billed, f"{g.events:,}", f"{g.credits.normalize():,f}",
+        table.add_row(g.customer_id, g.period, billed, f"{g.events:,}", f"{g.usage_credits.normalize():,f}",
+                      f"{g.outcome_credits.normalize():,f}",
                       f"{g.cost_to_serve.normalize():,f}")  # fmt: skip
-    table.add_row("[bold]all", "", "", f"{priced.events:,}", f"{priced.credits.normalize():,f}",
+    table.add_row("[bold]all", "", "", f"{priced.events:,}", f"{priced.usage_credits.normalize():,f}",
+                  f"{priced.outcome_credits.normalize():,f}",
                   f"{priced.cost_to_serve.normalize():,f}")  # fmt: skip
     console.print(table)
     console.print(

@@ -8,8 +8,15 @@ that customer server-side. Routes:
     GET /healthz                                       liveness, no data
     GET /api/v1/me                                     the token's customer, the current period
     GET /api/v1/customers/{id}/usage?days=30&bucket=day|hour
-    GET /api/v1/customers/{id}/budget                  month-to-date vs budget, thresholds, projection
+    GET /api/v1/customers/{id}/budget                  month-to-date vs budget (its own unit), thresholds, projection
     GET /api/v1/customers/{id}/enforcement             ok | warn | downgrade | block (the worker's decision)
+    GET /api/v1/customers/{id}/invoice?period=current|previous   the invoice (preview) as `invoice --json`
+    GET /api/v1/customers/{id}/invoices                issued invoices of closed periods (newest first)
+    GET /api/v1/customers/{id}/breakdown               usage by model and by workflow, this period vs the last
+
+A token may expire (401 afterwards) and may be limited to some meters: such a token
+reads usage and the breakdown of those meters only, and gets 403 for the money and
+budget routes (invoice, invoices, budget, enforcement), which cover every meter.
 
 A missing or unknown token is 401; a customer id other than the token's is 403,
 whether or not that customer exists. Tokens never reach a log: the access log
@@ -18,6 +25,7 @@ records method, path (no query string) and status only.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -31,14 +39,25 @@ from aiohttp.abc import AbstractAccessLogger
 from meterstream.budgets import BudgetBook, BudgetBookError, load_budgets
 from meterstream.clock import utc_now
 from meterstream.config import Settings
-from meterstream.periods import period_of
-from meterstream.pricing.plans import load_catalog, period_bounds
+from meterstream.periods import period_of, previous_period
+from meterstream.pricing.invoice import InvoiceError
+from meterstream.pricing.plans import Catalog, PlanError, load_catalog, period_bounds
 from meterstream.producers.guard import EnforcementView
 from meterstream.storage.clickhouse import StoreError
 from meterstream.topics import Topics
+from meterstream.web.invoices import bound_runner, invoice_for, invoice_json, issued_invoices
 from meterstream.web.store import CustomerQueries, Rows
-from meterstream.web.tokens import ReloadingTokenBook, TokenFileError, TokenLookup
-from meterstream.web.views import burn_down_view, enforcement_view, sql_time, usage_view, usage_window
+from meterstream.web.tokens import ReloadingTokenBook, TokenFileError, TokenGrant, TokenLookup
+from meterstream.web.views import (
+    breakdown_view,
+    burn_down_view,
+    dec,
+    enforcement_view,
+    iso,
+    sql_time,
+    usage_view,
+    usage_window,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +69,13 @@ TOKENS: web.AppKey[TokenLookup] = web.AppKey("tokens")
 QUERIES: web.AppKey[Rows] = web.AppKey("queries")
 BUDGETS: web.AppKey[BudgetBook] = web.AppKey("budgets")
 CLOCK: web.AppKey[Callable[[], datetime]] = web.AppKey("clock")
+CATALOG: web.AppKey[Catalog] = web.AppKey("catalog")
 #: The worker's decisions from the compacted enforcement-state topic (None: not followed).
 DECISIONS: web.AppKey[dict[str, Any] | None] = web.AppKey("decisions")
 #: The customer the request's token resolved to; set before any /api/ handler runs.
 CUSTOMER: web.RequestKey[str] = web.RequestKey("customer_id")
+#: What the token grants: its expiry and meter scope.
+GRANT: web.RequestKey[TokenGrant] = web.RequestKey("grant")
 
 SECURITY_HEADERS = {
     # The page loads its own script and style only, and talks only to this server.
@@ -121,10 +143,19 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     token = _bearer_token(request)
     if token is None:
         return _unauthorized("an API token is required: Authorization: Bearer <token>")
-    customer = request.app[TOKENS].customer_for(token)
-    if customer is None:
+    tokens = request.app[TOKENS]
+    grant_for = getattr(tokens, "grant_for", None)
+    if grant_for is not None:
+        grant = grant_for(token)
+    else:
+        customer_only = tokens.customer_for(token)
+        grant = TokenGrant(customer_only) if customer_only is not None else None
+    if grant is None:
         return _unauthorized("the API token is not valid", error="invalid_token")
-    request[CUSTOMER] = customer
+    if grant.expired(request.app[CLOCK]()):
+        return _unauthorized("the API token has expired", error="invalid_token")
+    request[CUSTOMER] = grant.customer
+    request[GRANT] = grant
     try:
         return await handler(request)
     except StoreError as exc:
@@ -144,13 +175,42 @@ def _own_customer(request: web.Request) -> str:
     return customer
 
 
+def _money_scope(request: web.Request) -> str:
+    """The token's customer, for routes that show money or whole-budget figures: not for meter-scoped tokens."""
+    customer = _own_customer(request)
+    if request[GRANT].meters is not None:
+        raise web.HTTPForbidden(
+            text=orjson.dumps({"error": "this token is limited to some meters: it cannot read invoices or budgets"}).decode(),
+            content_type="application/json",
+            headers={"Cache-Control": "no-store"},
+        )
+    return customer
+
+
+def _meters(request: web.Request) -> str:
+    meters = request[GRANT].meters
+    return ",".join(sorted(meters)) if meters is not None else ""
+
+
 def _period(now: datetime) -> str:
     return period_of(now)
+
+
+async def _billing(request: web.Request, customer: str, work: Callable[[Callable[..., Any]], Any]) -> Any:
+    """Run billing code (synchronous, saved queries through ``run``) in a thread, bound to ``customer``."""
+    run = bound_runner(request.app[QUERIES], customer, asyncio.get_running_loop(), request.app[SETTINGS].web.query_timeout)
+    try:
+        return await asyncio.to_thread(work, run)
+    except (InvoiceError, PlanError) as exc:
+        raise web.HTTPConflict(
+            text=orjson.dumps({"error": f"no invoice can be computed: {exc}"}).decode(), content_type="application/json"
+        ) from None
 
 
 async def me(request: web.Request) -> web.Response:
     settings: Settings = request.app[SETTINGS]
     now = request.app[CLOCK]()
+    grant = request[GRANT]
     return _json(
         {
             "customer_id": request[CUSTOMER],
@@ -159,6 +219,8 @@ async def me(request: web.Request) -> web.Response:
             "default_days": min(settings.web.default_days, settings.web.max_days),
             "max_days": settings.web.max_days,
             "max_hourly_days": settings.web.max_hourly_days,
+            "meters": sorted(grant.meters) if grant.meters is not None else None,
+            "token_expires": grant.expires.strftime("%Y-%m-%dT%H:%M:%SZ") if grant.expires is not None else None,
         }
     )
 
@@ -180,29 +242,78 @@ async def usage(request: web.Request) -> web.Response:
     window = usage_window(request.app[CLOCK](), days, bucket)
     queries: Rows = request.app[QUERIES]
     rows = await queries(
-        "customer_usage_series", customer, bucket=bucket, since=sql_time(window.since), until=sql_time(window.until)
-    )
+        "customer_usage_series", customer, bucket=bucket, since=sql_time(window.since), until=sql_time(window.until),
+        meters=_meters(request),
+    )  # fmt: skip
     view = usage_view(customer, window, rows, show_cost=web_settings.show_cost_to_serve)
     view["days"] = days
     return _json(view)
 
 
 async def budget(request: web.Request) -> web.Response:
-    customer = _own_customer(request)
+    customer = _money_scope(request)
     now = request.app[CLOCK]()
     period = _period(now)
     start, end = period_bounds(period)
     queries: Rows = request.app[QUERIES]
-    rows = await queries("customer_usage_series", customer, bucket="day", since=sql_time(start), until=sql_time(end))
+    rows = await queries(
+        "customer_usage_series", customer, bucket="day", since=sql_time(start), until=sql_time(end), meters=""
+    )
     view = burn_down_view(
         customer, period, now, rows, request.app[BUDGETS].for_customer(customer),
-        show_cost=request.app[SETTINGS].web.show_cost_to_serve,
+        show_cost=request.app[SETTINGS].web.show_cost_to_serve, currency=request.app[CATALOG].currency,
     )  # fmt: skip
     return _json(view)
 
 
-async def enforcement(request: web.Request) -> web.Response:
+async def invoice(request: web.Request) -> web.Response:
+    customer = _money_scope(request)
+    now = request.app[CLOCK]()
+    which = request.query.get("period", "current")
+    if which not in ("current", "previous"):
+        return _json({"error": "period must be current or previous"}, status=400)
+    period = _period(now) if which == "current" else previous_period(_period(now))
+    catalog = request.app[CATALOG]
+    result = await _billing(request, customer, lambda run: invoice_for(run, catalog, customer, period, now))
+    body = invoice_json(result)
+    if not request.app[SETTINGS].web.show_cost_to_serve:  # cost to serve and margin reveal ours
+        body["usage"] = {k: v for k, v in body["usage"].items() if k not in ("cost_to_serve", "margin")}
+        body["by_meter"] = [{k: v for k, v in m.items() if k != "cost_to_serve"} for m in body["by_meter"]]
+    return _json(body)
+
+
+async def invoices(request: web.Request) -> web.Response:
+    customer = _money_scope(request)
+    now = request.app[CLOCK]()
+    catalog = request.app[CATALOG]
+    issued = await _billing(request, customer, lambda run: issued_invoices(run, catalog, customer, now))
+    return _json({
+        "customer_id": customer,
+        "source": "closed periods, computed by the invoice engine as issued",
+        "invoices": [
+            {"period": inv.period, "status": inv.status, "plan_id": inv.plan_id, "plan_version": inv.plan_version,
+             "currency": inv.currency, "total": invoice_json(inv)["total"], "lines": len(inv.lines)}
+            for inv in issued
+        ],
+    })  # fmt: skip
+
+
+async def breakdown(request: web.Request) -> web.Response:
     customer = _own_customer(request)
+    period = _period(request.app[CLOCK]())
+    previous = previous_period(period)
+    queries: Rows = request.app[QUERIES]
+    meters = _meters(request)
+    this, last = await asyncio.gather(
+        queries("customer_usage_breakdown", customer, period=period, meters=meters),
+        queries("customer_usage_breakdown", customer, period=previous, meters=meters),
+    )
+    view = breakdown_view(customer, period, previous, this, last, show_cost=request.app[SETTINGS].web.show_cost_to_serve)
+    return _json(view)
+
+
+async def enforcement(request: web.Request) -> web.Response:
+    customer = _money_scope(request)
     period = _period(request.app[CLOCK]())
     queries: Rows = request.app[QUERIES]
     alerts = await queries("customer_budget_alerts", customer, period=period)
@@ -216,8 +327,8 @@ async def enforcement(request: web.Request) -> web.Response:
             derived_from="enforcement-state",
             note="The worker's current decision from the enforcement-state topic, as SDK guards see it.",
             reason=decided.reason,
-            remaining_credits=None if decided.remaining_credits is None else str(decided.remaining_credits),
-            since=decided.updated_at.isoformat(),
+            remaining_credits=None if decided.remaining_credits is None else dec(decided.remaining_credits),
+            since=iso(decided.updated_at),  # to the second, UTC, like every time the API gives
         )
     return _json(view)
 
@@ -241,8 +352,10 @@ def create_app(
     budgets: BudgetBook,
     clock: Callable[[], datetime] = utcnow,
     decisions: dict[str, Any] | None = None,
+    catalog: Catalog | None = None,
 ) -> web.Application:
     app = web.Application(middlewares=[security_headers, authenticate])
+    app[CATALOG] = catalog if catalog is not None else load_catalog(settings.worker.plans_file)
     app[DECISIONS] = decisions
     app[SETTINGS] = settings
     app[TOKENS] = tokens
@@ -256,6 +369,9 @@ def create_app(
     app.router.add_get(f"{customer_path}/usage", usage)
     app.router.add_get(f"{customer_path}/budget", budget)
     app.router.add_get(f"{customer_path}/enforcement", enforcement)
+    app.router.add_get(f"{customer_path}/invoice", invoice)
+    app.router.add_get(f"{customer_path}/invoices", invoices)
+    app.router.add_get(f"{customer_path}/breakdown", breakdown)
     app.router.add_get("/api/{tail:.*}", api_not_found)
     app.router.add_static("/static/", STATIC_DIR, show_index=False, append_version=False)
     return app
@@ -277,13 +393,14 @@ def serve(settings: Settings, *, port: int | None = None, bind: str | None = Non
         raise WebError("set METERSTREAM_WEB__TOKENS_FILE to the tokens file (see meterstream/web/tokens.py)")
     try:
         tokens = ReloadingTokenBook(web_settings.tokens_file)
-        budgets = load_budgets(settings.worker.budgets_file, load_catalog(settings.worker.plans_file))
-    except (TokenFileError, BudgetBookError) as exc:
+        catalog = load_catalog(settings.worker.plans_file)
+        budgets = load_budgets(settings.worker.budgets_file, catalog)
+    except (TokenFileError, BudgetBookError, PlanError) as exc:
         raise WebError(str(exc)) from None
     queries = CustomerQueries(settings.clickhouse, web_settings.query_timeout)
     # Follow the worker's decisions (the same local view SDK guards keep).
     view = EnforcementView(settings.kafka, Topics.from_settings(settings.kafka).enforcement.name).start()
-    app = create_app(settings, tokens, queries, budgets, decisions=view.states)
+    app = create_app(settings, tokens, queries, budgets, decisions=view.states, catalog=catalog)
 
     async def close_queries(_: web.Application) -> None:
         await queries.close()

@@ -3,14 +3,20 @@
 The file (``METERSTREAM_WEB__TOKENS_FILE``) maps the SHA-256 of each token to
 the customer it reads for; the tokens themselves are never stored::
 
-    # token hash -> customer_id
-    "sha256:3f0c...64 hex digits...": acme
-    "sha256:9b1d...64 hex digits...": globex
+    # token hash -> customer_id, or the customer with an expiry and a meter scope
+    "sha256:3f0c...64 hex digits...": {customer: acme, expires: "2027-03-01T00:00:00Z"}
+    "sha256:5a7e...64 hex digits...": {customer: acme, expires: "2027-03-01T00:00:00Z", meters: [tokens]}
+    "sha256:9b1d...64 hex digits...": globex        # no expiry (kept for old files; avoid)
+
+A token past ``expires`` is refused (401, ``invalid_token``) like an unknown one. A
+token with ``meters`` reads only those meters' usage (``tokens``, ``requests``,
+``actions``, ``documents``, ``seats``, ``outcome``) and no money: the invoice,
+the budget and the issued invoices cover every meter, so they answer 403 to it.
 
 A customer may have several tokens (rotation: add the new hash, hand out the
 token, delete the old hash). Issue one with::
 
-    python -m meterstream.web.tokens issue acme     # prints the token once, and the line for the file
+    python -m meterstream.web.tokens issue acme [--days 90] [--meters tokens,documents]
 
 Tokens are 256 random bits, so a plain SHA-256 (not a slow password hash) is
 enough: there is nothing to brute-force. The file is re-read when it changes,
@@ -27,6 +33,7 @@ import re
 import secrets
 import sys
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Protocol
 
@@ -53,24 +60,74 @@ def token_hash(token: str) -> str:
     return "sha256:" + hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
+METERS = frozenset({"tokens", "requests", "actions", "documents", "seats", "outcome"})
+DEFAULT_DAYS = 90
+
+
+@dataclass(frozen=True)
+class TokenGrant:
+    """What one token may read: one customer, until ``expires`` (None: no expiry), ``meters`` (None: all)."""
+
+    customer: str
+    expires: datetime | None = None
+    meters: frozenset[str] | None = None
+
+    def expired(self, now: datetime) -> bool:
+        return self.expires is not None and now >= self.expires
+
+
 class TokenLookup(Protocol):
     def customer_for(self, token: str) -> str | None: ...
 
 
 @dataclass(frozen=True)
 class TokenBook:
-    """Token hash -> customer_id."""
+    """Token hash -> what it grants."""
 
-    customers_by_hash: dict[str, str]
+    grants_by_hash: dict[str, TokenGrant]
 
-    def customer_for(self, token: str) -> str | None:
+    @property
+    def customers_by_hash(self) -> dict[str, str]:
+        return {key: grant.customer for key, grant in self.grants_by_hash.items()}
+
+    def grant_for(self, token: str) -> TokenGrant | None:
         presented = token_hash(token)
         # Comparing every entry in constant time keeps even the hash lookup free of timing hints.
         found = None
-        for stored, customer in self.customers_by_hash.items():
+        for stored, grant in self.grants_by_hash.items():
             if hmac.compare_digest(stored, presented):
-                found = customer
+                found = grant
         return found
+
+    def customer_for(self, token: str) -> str | None:
+        grant = self.grant_for(token)
+        return grant.customer if grant is not None else None
+
+
+def _parse_grant(value: object, where: str) -> TokenGrant:
+    if isinstance(value, str):
+        customer, expires, meters = value, None, None
+    elif isinstance(value, dict) and set(value) <= {"customer", "expires", "meters"} and "customer" in value:
+        customer = value["customer"]
+        expires = None
+        if value.get("expires") is not None:
+            try:
+                expires = datetime.fromisoformat(str(value["expires"]).replace("Z", "+00:00"))
+            except ValueError:
+                raise TokenFileError(f"{where}: expires must be an ISO 8601 time, e.g. 2027-03-01T00:00:00Z") from None
+            if expires.tzinfo is None:
+                raise TokenFileError(f"{where}: expires needs a timezone (e.g. Z)")
+        meters = None
+        if value.get("meters") is not None:
+            listed = value["meters"]
+            if not isinstance(listed, list) or not listed or not set(listed) <= METERS:
+                raise TokenFileError(f"{where}: meters must be a non-empty list of {', '.join(sorted(METERS))}")
+            meters = frozenset(listed)
+    else:
+        raise TokenFileError(f"{where}: the value must be a customer_id or {{customer, expires, meters}}")
+    if not isinstance(customer, str) or not _CUSTOMER_ID.match(customer) or len(customer) > 128:
+        raise TokenFileError(f"{where}: the value must be a customer_id")
+    return TokenGrant(customer, expires, meters)
 
 
 def parse_token_book(text: str, source: str) -> TokenBook:
@@ -84,16 +141,14 @@ def parse_token_book(text: str, source: str) -> TokenBook:
     data = data or {}
     if not isinstance(data, dict):
         raise TokenFileError(f"tokens file {source}: expected a mapping of 'sha256:<hex>' -> customer_id")
-    book: dict[str, str] = {}
-    for position, (key, customer) in enumerate(data.items(), 1):
+    book: dict[str, TokenGrant] = {}
+    for position, (key, value) in enumerate(data.items(), 1):
         if not isinstance(key, str) or not _HASH_KEY.match(key):
             raise TokenFileError(
                 f"tokens file {source}, entry {position}: the key must be 'sha256:' and 64 lowercase hex digits "
                 "(the token's hash; plaintext tokens are refused: `python -m meterstream.web.tokens hash`)"
             )
-        if not isinstance(customer, str) or not _CUSTOMER_ID.match(customer) or len(customer) > 128:
-            raise TokenFileError(f"tokens file {source}, entry {position}: the value must be a customer_id")
-        book[key] = customer
+        book[key] = _parse_grant(value, f"tokens file {source}, entry {position}")
     return TokenBook(book)
 
 
@@ -126,33 +181,51 @@ class ReloadingTokenBook:
         return (stat.st_mtime_ns, stat.st_size)
 
     def customer_for(self, token: str) -> str | None:
+        grant = self.grant_for(token)
+        return grant.customer if grant is not None else None
+
+    def grant_for(self, token: str) -> TokenGrant | None:
         stamp = self._current_stamp()
         if stamp != self._stamp:
             self._stamp = stamp
             try:
                 self._book = load_token_book(self.path)
-                log.info("reloaded tokens file %s (%d tokens)", self.path, len(self._book.customers_by_hash))
+                log.info("reloaded tokens file %s (%d tokens)", self.path, len(self._book.grants_by_hash))
             except TokenFileError as exc:
                 self._book = None
                 log.error("%s; every token is refused until it is fixed", exc)
-        return self._book.customer_for(token) if self._book is not None else None
+        return self._book.grant_for(token) if self._book is not None else None
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``issue CUSTOMER``: a new token and its line for the file; ``hash``: the key of a token read from stdin."""
+    """``issue CUSTOMER [--days N] [--meters a,b]``: a new token and its line for the file;
+    ``hash``: the key of a token read from stdin."""
     args = sys.argv[1:] if argv is None else argv
-    if len(args) == 2 and args[0] == "issue":
-        if not _CUSTOMER_ID.match(args[1]):
-            print(f"not a customer_id: {args[1]!r}", file=sys.stderr)
+    if len(args) >= 2 and args[0] == "issue":
+        customer, options = args[1], args[2:]
+        days, meters = DEFAULT_DAYS, None
+        while options:
+            if options[0] == "--days" and len(options) > 1 and options[1].isdigit() and int(options[1]) > 0:
+                days, options = int(options[1]), options[2:]
+            elif options[0] == "--meters" and len(options) > 1 and set(options[1].split(",")) <= METERS:
+                meters, options = options[1].split(","), options[2:]
+            else:
+                print(f"unknown or invalid option {options[0]!r}", file=sys.stderr)
+                return 2
+        if not _CUSTOMER_ID.match(customer):
+            print(f"not a customer_id: {customer!r}", file=sys.stderr)
             return 2
         token = new_token()
-        print(f"token (give it to {args[1]}; it is not stored anywhere): {token}")
-        print(f"line for the tokens file:\n\"{token_hash(token)}\": {args[1]}")
+        expires = (datetime.now(timezone.utc) + timedelta(days=days)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        scope = f", meters: [{', '.join(meters)}]" if meters else ""
+        print(f"token (give it to {customer}; it is not stored anywhere; expires {expires}): {token}")
+        print(f"line for the tokens file:\n\"{token_hash(token)}\": {{customer: {customer}, expires: \"{expires}\"{scope}}}")
         return 0
     if args == ["hash"]:
         print(token_hash(sys.stdin.readline().strip()))
         return 0
-    print("usage: python -m meterstream.web.tokens issue CUSTOMER_ID | hash  (token on stdin)", file=sys.stderr)
+    print("usage: python -m meterstream.web.tokens issue CUSTOMER_ID [--days N] [--meters a,b] | hash  (token on stdin)",
+          file=sys.stderr)
     return 2
 
 

@@ -76,26 +76,36 @@ def _bucket_time(text: str) -> datetime:
     return datetime.strptime(text, "%Y-%m-%d %H:%M:%S").replace(tzinfo=timezone.utc)
 
 
+def _credits(row: dict[str, Any] | None) -> tuple[Decimal, Decimal]:
+    return (row["usage_credits"], row["outcome_credits"]) if row else (ZERO, ZERO)
+
+
 def usage_view(
     customer_id: str, window: Window, rows: Iterable[dict[str, Any]], *, show_cost: bool
 ) -> dict[str, Any]:
-    """``customer_usage_series`` rows, one point per bucket of the window (zero where nothing was used)."""
+    """``customer_usage_series`` rows, one point per bucket of the window (zero where nothing was used).
+
+    Usage credits and outcome credits apart (their sum is what a budget counts).
+    """
     found = {_bucket_time(row["bucket_start"]): row for row in rows}
     series = []
-    total_events, total_credits, total_cost = 0, ZERO, ZERO
+    total_events, total_usage, total_outcome, total_cost = 0, ZERO, ZERO, ZERO
     for start in window.starts:
         row = found.get(start)
         events = int(row["events"]) if row else 0
-        credits = row["credits"] if row else ZERO
+        usage, outcome = _credits(row)
         cost = row["cost_to_serve"] if row else ZERO
         total_events += events
-        total_credits += credits
+        total_usage += usage
+        total_outcome += outcome
         total_cost += cost
-        point: dict[str, Any] = {"start": iso(start), "events": events, "credits": dec(credits)}
+        point: dict[str, Any] = {"start": iso(start), "events": events, "usage_credits": dec(usage),
+                                 "outcome_credits": dec(outcome)}  # fmt: skip
         if show_cost:
             point["cost_to_serve"] = dec(cost)
         series.append(point)
-    totals: dict[str, Any] = {"events": total_events, "credits": dec(total_credits)}
+    totals: dict[str, Any] = {"events": total_events, "usage_credits": dec(total_usage),
+                              "outcome_credits": dec(total_outcome)}  # fmt: skip
     if show_cost:
         totals["cost_to_serve"] = dec(total_cost)
     return {
@@ -109,6 +119,15 @@ def usage_view(
     }
 
 
+#: The projection means something only after this much of the period: on the 1st a few hours
+#: extrapolated to a month said 3,741%.
+PROJECTION_AFTER = timedelta(hours=72)
+PROJECTION_RULE = (
+    "Shown from 72 hours into the month: month-to-date spend spread evenly over the time elapsed, "
+    "extended to the month's end. Earlier, a few hours say too little about a whole month."
+)
+
+
 def burn_down_view(
     customer_id: str,
     period: str,
@@ -117,39 +136,46 @@ def burn_down_view(
     budget: Budget | None,
     *,
     show_cost: bool,
+    currency: str = "USD",
 ) -> dict[str, Any]:
-    """Month-to-date credits against the budget, day by day, with a linear projection.
+    """Month-to-date spend against the budget, in the budget's own unit, day by day, with a projection.
 
-    ``daily_rows`` are ``customer_usage_series`` day buckets over the whole period;
-    their sum is the month-to-date figure the worker's alerts are computed on
-    (the period is the UTC calendar month the event occurred in).
+    ``daily_rows`` are ``customer_usage_series`` day buckets over the whole period.
+    A budget caps **budget credits** = usage credits + outcome credits, the figure the
+    worker's alerts are computed on. A budget set in money (``monthly_amount``) is
+    shown in money: spend = budget credits × (amount / monthly credits), which is the
+    plan's credit value it was converted at; credits are the secondary figure.
 
-    Projection: month-to-date credits spread evenly over the time elapsed so far
-    (at least one hour, so the first minutes of a month do not explode it),
-    extended to the end of the month.
+    ``used_percent`` is the one percentage of the budget. The projection
+    (:data:`PROJECTION_RULE`) is ``None`` until 72 hours of the month have passed.
     """
     start, end = period_bounds(period)
     now = min(max(now.astimezone(timezone.utc), start), end)
     by_day = {_bucket_time(row["bucket_start"]).date(): row for row in daily_rows}
     days = []
-    credits = cost = ZERO
+    usage = outcome = cost = ZERO
     events = 0
     day = start
     while day < end:
         row = by_day.get(day.date())
-        day_credits = row["credits"] if row else ZERO
-        credits += day_credits
+        day_usage, day_outcome = _credits(row)
+        usage += day_usage
+        outcome += day_outcome
         cost += row["cost_to_serve"] if row else ZERO
         events += int(row["events"]) if row else 0
         if day <= now:
-            days.append({"date": day.date().isoformat(), "credits": dec(day_credits), "cumulative_credits": dec(credits)})
+            days.append({"date": day.date().isoformat(), "budget_credits": dec(day_usage + day_outcome),
+                         "cumulative_budget_credits": dec(usage + outcome)})  # fmt: skip
         day += timedelta(days=1)
+    spent = usage + outcome
 
     month_seconds = Decimal(int((end - start).total_seconds()))
-    elapsed_seconds = Decimal(max(int((now - start).total_seconds()), 3600))
-    projected = credits * month_seconds / elapsed_seconds if elapsed_seconds < month_seconds else credits
+    elapsed_seconds = Decimal(int((now - start).total_seconds()))
+    meaningful = now - start >= PROJECTION_AFTER
+    projected = spent * month_seconds / elapsed_seconds if meaningful and elapsed_seconds < month_seconds else spent
 
-    month_to_date: dict[str, Any] = {"events": events, "credits": dec(credits)}
+    month_to_date: dict[str, Any] = {"events": events, "usage_credits": dec(usage), "outcome_credits": dec(outcome),
+                                     "budget_credits": dec(spent)}  # fmt: skip
     if show_cost:
         month_to_date["cost_to_serve"] = dec(cost)
     view: dict[str, Any] = {
@@ -162,37 +188,88 @@ def burn_down_view(
         "budget": None,
         "used_percent": None,
         "thresholds": [],
-        "projection": {"method": "linear", "month_end_credits": dec(projected.quantize(Decimal("0.01")))},
+        "projection": None,
+        "projection_rule": PROJECTION_RULE,
         "days": days,
     }
+    if meaningful:
+        view["projection"] = {"method": "linear", "month_end_budget_credits": dec(projected.quantize(Decimal("0.01")))}
     if budget is None:
         return view
     limit = budget.monthly_credits
+    per_credit = budget.monthly_amount / limit if budget.monthly_amount is not None else None
     view["budget"] = {
+        "unit": "money" if per_credit is not None else "credits",
         "monthly_credits": dec(limit),
         "thresholds": list(budget.thresholds),
         "action": budget.action.value,
     }
-    view["used_percent"] = dec((credits * 100 / limit).quantize(Decimal("0.01")))
+    if per_credit is not None and budget.monthly_amount is not None:
+        view["budget"].update(monthly_amount=dec(budget.monthly_amount), currency=currency)
+        month_to_date["spent_amount"] = dec(spent * per_credit)
+    view["used_percent"] = dec((spent * 100 / limit).quantize(Decimal("0.1")))
     view["thresholds"] = [
-        {"percent": t, "credits": dec(limit * t / 100), "reached": credits * 100 >= limit * t}
+        {"percent": t, "budget_credits": dec(limit * t / 100), "reached": spent * 100 >= limit * t,
+         **({"amount": dec(limit * t / 100 * per_credit)} if per_credit is not None else {})}
         for t in budget.thresholds
-    ]
-    projection = view["projection"]
-    projection["month_end_percent"] = dec((projected * 100 / limit).quantize(Decimal("0.01")))
-    if credits >= limit:
-        projection["budget_reached"] = True
-        projection["exhausted_at"] = None
+    ]  # fmt: skip
+    if spent >= limit:
+        view["budget_reached"] = True
     else:
-        projection["budget_reached"] = False
-        # At the current rate the budget runs out after elapsed * limit / credits.
+        view["budget_reached"] = False
+    projection = view["projection"]
+    if projection is not None:
+        if per_credit is not None:
+            projection["month_end_amount"] = dec((projected * per_credit).quantize(Decimal("0.01")))
         exhausted = None
-        if credits > 0:
-            seconds = elapsed_seconds * limit / credits
+        if 0 < spent < limit:
+            seconds = elapsed_seconds * limit / spent  # at the current rate the budget runs out then
             if seconds < month_seconds:
                 exhausted = iso(start + timedelta(seconds=int(seconds)))
         projection["exhausted_at"] = exhausted
     return view
+
+
+def breakdown_view(
+    customer_id: str, period: str, previous: str, rows: list[dict[str, Any]], last: list[dict[str, Any]],
+    *, show_cost: bool,
+) -> dict[str, Any]:
+    """Usage by model and by workflow, this period against the last (``customer_usage_breakdown`` rows)."""
+
+    def group(source: list[dict[str, Any]], key: str) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for row in source:
+            name = row[key] or ("outcomes" if row["kind"] == "outcome" and key == "model" else
+                                f"(no {key.removesuffix('_id')})")  # fmt: skip
+            entry = out.setdefault(name, {"events": 0, "usage_credits": ZERO, "outcome_credits": ZERO, "cost": ZERO})
+            entry["events"] += int(row["events"])
+            entry["usage_credits"] += row["usage_credits"]
+            entry["outcome_credits"] += row["outcome_credits"]
+            entry["cost"] += row["cost_to_serve"]
+        return out
+
+    def table(key: str) -> list[dict[str, Any]]:
+        now, before = group(rows, key), group(last, key)
+        names = sorted(set(now) | set(before), key=lambda n: (-(now.get(n, {}).get("usage_credits", ZERO)
+                                                              + now.get(n, {}).get("outcome_credits", ZERO)), n))
+        out = []
+        for name in names:
+            a, b = now.get(name), before.get(name)
+            item: dict[str, Any] = {"name": name}
+            for label, entry in (("this_period", a), ("last_period", b)):
+                figures: dict[str, Any] = {
+                    "events": entry["events"] if entry else 0,
+                    "usage_credits": dec(entry["usage_credits"] if entry else ZERO),
+                    "outcome_credits": dec(entry["outcome_credits"] if entry else ZERO),
+                }
+                if show_cost:
+                    figures["cost_to_serve"] = dec(entry["cost"] if entry else ZERO)
+                item[label] = figures
+            out.append(item)
+        return out
+
+    return {"customer_id": customer_id, "period": period, "previous_period": previous,
+            "by_model": table("model"), "by_workflow": table("workflow_id")}  # fmt: skip
 
 
 Enforcement = Literal["ok", "warn", "downgrade", "block"]

@@ -34,13 +34,16 @@ SELECT
     sum(input_tokens)                        AS input_tokens,
     sum(cached_input_tokens)                 AS cached_input_tokens,
     sum(output_tokens)                       AS output_tokens,
-    sum(credits)                             AS credits,
+    -- Usage credits (what the invoice's allowance and overage count) and outcome credits
+    -- (the price book's credits for outcomes: budgets count them, invoices price outcomes in money).
+    sumIf(credits, kind = 'usage')           AS usage_credits,
+    sumIf(credits, kind = 'outcome')         AS outcome_credits,
     sum(cost_to_serve)                       AS cost_to_serve,
     -- Non-token meters (documents, seats, ...) and outcomes carry no model: not a model.
     uniqExactIf(model, model != '')          AS models
 FROM
 (
-    SELECT customer_id, model, events, input_tokens, cached_input_tokens, output_tokens, credits, cost_to_serve
+    SELECT customer_id, kind, model, events, input_tokens, cached_input_tokens, output_tokens, credits, cost_to_serve
     FROM usage_settled
     WHERE period = {period:String}
       AND ({customer:String} = '' OR customer_id = {customer:String})
@@ -48,7 +51,7 @@ FROM
 
     UNION ALL
 
-    SELECT customer_id, model, count() AS events, sum(input_tokens) AS input_tokens,
+    SELECT customer_id, kind, model, count() AS events, sum(input_tokens) AS input_tokens,
            sum(cached_input_tokens) AS cached_input_tokens, sum(output_tokens) AS output_tokens,
            sum(credits) AS credits, sum(cost_to_serve) AS cost_to_serve
     FROM usage_recent FINAL
@@ -57,11 +60,11 @@ FROM
       AND day >= toDate(now(), 'UTC') - 7
       AND day NOT IN (SELECT day FROM settled_days)
       AND (customer_id, day) NOT IN (SELECT customer_id, day FROM settled)
-    GROUP BY customer_id, model
+    GROUP BY customer_id, kind, model
 
     UNION ALL
 
-    SELECT customer_id, model, count() AS events, sum(input_tokens) AS input_tokens,
+    SELECT customer_id, kind, model, count() AS events, sum(input_tokens) AS input_tokens,
            sum(cached_input_tokens) AS cached_input_tokens, sum(output_tokens) AS output_tokens,
            sum(credits) AS credits, sum(cost_to_serve) AS cost_to_serve
     FROM usage_rated FINAL
@@ -73,7 +76,7 @@ FROM
       AND ({customer:String} = '' OR customer_id = {customer:String})
       AND toDate(occurred_at, 'UTC') < toDate(now(), 'UTC') - 7
       AND (customer_id, toDate(occurred_at, 'UTC')) NOT IN (SELECT customer_id, day FROM settled)
-    GROUP BY customer_id, model
+    GROUP BY customer_id, kind, model
 )
 GROUP BY customer_id
-ORDER BY credits DESC, customer_id
+ORDER BY usage_credits + outcome_credits DESC, customer_id

@@ -1,5 +1,5 @@
 -- Customers ranked by cost to serve in a billing period, the most expensive to serve first:
--- events, tokens, credits, cost to serve and each customer's share of
+-- events, tokens, usage credits, outcome credits, cost to serve and each customer's share of
 -- the period's cost.
 -- Parameters: period (YYYY-MM), limit (how many customers; '' for 10).
 -- FINAL: a resent event counts once. cost_share is NULL when the period cost nothing.
@@ -12,7 +12,8 @@ SELECT
     sum(input_tokens)                                               AS input_tokens,
     sum(cached_input_tokens)                                        AS cached_input_tokens,
     sum(output_tokens)                                              AS output_tokens,
-    sum(credits)                                                    AS credits,
+    sumIf(credits, kind = 'usage')                                  AS usage_credits,
+    sumIf(credits, kind = 'outcome')                                AS outcome_credits,
     sum(cost_to_serve)                                              AS cost_to_serve,
     toDecimal128(
         toDecimal256(sum(rated.cost_to_serve), 18)

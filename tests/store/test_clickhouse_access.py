@@ -132,4 +132,4 @@ def test_reporting_commands_run_as_the_customer_success_user(server):
         parameters={"started": started},
     ).result_rows
     assert readers == [("cs_reader",)]
-    assert Decimal(json.loads(usage.stdout)[0]["credits"]) > 0
+    assert Decimal(json.loads(usage.stdout)[0]["usage_credits"]) > 0

@@ -52,9 +52,9 @@ def test_a_rated_row_reads_back_exactly_and_resends_collapse(clickhouse):
         rows = store.query(saved_query("month_to_date"), {"period": "2026-11", "customer": ""}).dicts()
         assert len(rows) == 1
         assert rows[0]["events"] == 1
-        assert rows[0]["credits"] == rated.credits
+        assert rows[0]["usage_credits"] == rated.credits and rows[0]["outcome_credits"] == 0
         assert rows[0]["cost_to_serve"] == rated.cost_to_serve
-        assert isinstance(rows[0]["credits"], Decimal)
+        assert isinstance(rows[0]["usage_credits"], Decimal)
         totals = store.query(saved_query("store_totals"), {"period": "2026-11"}).dicts()[0]
         assert (totals["raw_events"], totals["rated_rows"]) == (1, 1)
     finally:

@@ -91,7 +91,8 @@ def test_worked_example_dry_run_then_import(pipeline_factory, tmp_path):
         stored = _stored(pipeline, period)
         for group in (g for g in plan["by_customer_period"] if g["period"] == period):
             row = stored[group["customer_id"]]
-            assert Decimal(str(row["credits"])) == Decimal(group["credits"])
+            assert Decimal(str(row["usage_credits"])) == Decimal(group["usage_credits"])
+            assert Decimal(str(row["outcome_credits"])) == Decimal(group["outcome_credits"])
             assert Decimal(str(row["cost_to_serve"])) == Decimal(group["cost_to_serve"])
             assert int(row["events"]) == group["events"]
 

@@ -28,11 +28,12 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+import yaml
 
 from meterstream.config import ClickHouseSettings
 from meterstream.cs import audit as cs_audit
 from meterstream.cs import reports
-from meterstream.pricing.plans import load_catalog
+from meterstream.pricing.plans import load_catalog, parse_catalog
 from meterstream.schemas.events import Attribution, Meter, OutcomeEvent, UsageEvent
 from meterstream.schemas.records import RawEvent
 from meterstream.storage.clickhouse import (
@@ -199,26 +200,70 @@ def _by(rows, *keys):
 # -- month to date and spend -------------------------------------------------------------------
 
 
+def _counting(run):
+    calls: list[str] = []
+
+    def counted(name: str, **params: str):
+        calls.append(name)
+        return run(name, **params)
+
+    return counted, calls
+
+
 def test_month_to_date_usage_and_spend(store, catalog):
-    result = reports.month_to_date(_runner(store), catalog, PERIOD)
+    run, calls = _counting(_runner(store))
+    result = reports.month_to_date(run, catalog, PERIOD)
     assert result.problems == []
+    # One query for the period's usage and every invoice, one for late adjustments, one per period whose
+    # issued invoices matter (this one and the one before): no query per customer.
+    assert calls == ["period_usage", "late_billed_customers", "issued_customers", "issued_customers"]
     rows = _by(result.rows, "customer_id")
     acme = rows["acme"]
     # 6 usage + 5 outcome rows; a0 is September's.
     assert acme["events"] == 11
     assert (acme["input_tokens"], acme["cached_input_tokens"], acme["output_tokens"]) == (
         3_100_000, 1_040_000, 720_000)  # fmt: skip
-    # usage 1,285 + outcomes 90 + 0 + 90 - 90 + 90 = 1,465 credits
-    assert acme["credits"] == D("1465")
+    # usage credits 1,285; outcome credits 90 + 0 + 90 - 90 + 90 = 180
+    assert (acme["usage_credits"], acme["outcome_credits"]) == (D("1285"), D("180"))
+    # billed credits: 285 overage less the 200 the free grant pays
+    assert acme["billed_credits"] == D("85")
     assert acme["cost_to_serve"] == D("5.825")
     # gpt-4o and gpt-4o-mini: the documents, seats and outcome rows carry no model and are not one.
     assert acme["models"] == 2
     assert (acme["spend"], acme["plan_version"], acme["invoice_status"]) == (ACME_TOTAL, "growth-test-1", "final")
     # the resent g2 counts once: 2.5 + 12 + 90 credits, 0.0125 + 0.06 cost
-    assert (rows["globex"]["events"], rows["globex"]["credits"], rows["globex"]["cost_to_serve"]) == (
-        3, D("104.5"), D("0.0725"))  # fmt: skip
-    assert rows["globex"]["spend"] == GLOBEX_TOTAL
-    assert (rows["initech"]["credits"], rows["initech"]["spend"]) == (D("0.15"), INITECH_TOTAL)
+    globex = rows["globex"]
+    assert (globex["events"], globex["usage_credits"], globex["outcome_credits"], globex["cost_to_serve"]) == (
+        3, D("14.5"), D("90"), D("0.0725"))  # fmt: skip
+    assert globex["spend"] == GLOBEX_TOTAL and globex["billed_credits"] == D("14.5")
+    assert (rows["initech"]["usage_credits"], rows["initech"]["spend"]) == (D("0.15"), INITECH_TOTAL)
+    # The usage figures are month_to_date.sql's, row for row.
+    plain = reports.month_to_date(_runner(store), None, PERIOD).rows
+    assert [{k: r[k] for k in p} for r, p in zip(result.rows, plain, strict=True)] == plain
+    assert [r["customer_id"] for r in result.rows] == ["acme", "globex", "initech"]
+
+
+def test_the_one_query_invoices_are_the_invoices(store, catalog):
+    """period_invoices gives every customer exactly invoice_from_store's invoice, line for line."""
+    from meterstream.billing import group_by_customer, invoice_from_store, period_invoices
+
+    run = _runner(store)
+    as_of = datetime(2026, 10, 20, tzinfo=timezone.utc)  # mid-period: previews
+    grouped = group_by_customer(run("period_usage", period=PERIOD, customer="").dicts())
+    fast = period_invoices(run, catalog, PERIOD, grouped, as_of=as_of)
+    assert sorted(fast) == ["acme", "globex", "initech"]
+    for customer, invoice in fast.items():
+        assert invoice == invoice_from_store(run, catalog, customer, PERIOD, as_of=as_of), customer
+    # A grant dated in an earlier month (September for acme; every grant has a granted_on since issue 14):
+    # the balances carry from there, read with one period_usage query per earlier month.
+    undated = parse_catalog(yaml.safe_load(CATALOG.replace('granted_on: "2026-10-01"', 'granted_on: "2026-09-01"')))
+    counted, calls = _counting(run)
+    fast = period_invoices(counted, undated, PERIOD, grouped, as_of=as_of)
+    assert "invoice_usage" not in calls and calls.count("period_usage") == 1  # September's, for every customer
+    assert calls.count("issued_customers") <= 3  # October, September, August: once each
+    for customer, invoice in fast.items():
+        assert invoice == invoice_from_store(run, undated, customer, PERIOD, as_of=as_of), customer
+    assert [g.opening_credits for g in fast["acme"].grants] == [D("200")]  # September had no overage
 
 
 # -- top customers -----------------------------------------------------------------------------
@@ -278,20 +323,20 @@ def test_cache_savings_in_cost_and_credits(store, catalog):
     rows = _by(result.rows, "customer_id", "model")
     # globex g1: 10,000 cached x (2.50 - 1.25) / 1M = $0.0125; 10,000 x (0.5 - 0.25) / 1K = 2.5 credits
     g = rows[("globex", "gpt-4o")]
-    assert (g["cached_input_tokens"], g["cost_saved"], g["credits_saved"]) == (10_000, D("0.0125"), D("2.5"))
+    assert (g["cached_input_tokens"], g["cost_saved"], g["usage_credits_saved"]) == (10_000, D("0.0125"), D("2.5"))
     assert g["hit_rate"] == 1 and g["cost_without_cache"] == D("0.025")
     # acme gpt-4o: 40,000 x 1.25 / 1M = $0.05; 40,000 x 0.25 / 1K = 10 credits; hit rate 40,000 / 1,100,000
     a4o = rows[("acme", "gpt-4o")]
     assert (a4o["events"], a4o["events_with_cache_hits"]) == (2, 1)
-    assert (a4o["cost_saved"], a4o["credits_saved"]) == (D("0.05"), D("10"))
+    assert (a4o["cost_saved"], a4o["usage_credits_saved"]) == (D("0.05"), D("10"))
     assert a4o["hit_rate"] == D(40_000) / D(1_100_000)
     # acme gpt-4o-mini (a3 only: a0 is September's): 1,000,000 x (0.15 - 0.075) / 1M = $0.075;
     # 1,000,000 x (0.03 - 0.015) / 1K = 15 credits
     amini = rows[("acme", "gpt-4o-mini")]
-    assert (amini["cached_input_tokens"], amini["cost_saved"], amini["credits_saved"]) == (1_000_000, D("0.075"), D("15"))
+    assert (amini["cached_input_tokens"], amini["cost_saved"], amini["usage_credits_saved"]) == (1_000_000, D("0.075"), D("15"))
     assert rows[("globex", "gpt-4o-mini")]["cost_saved"] == 0
     by_customer = _by(reports.cache_savings(_runner(store), catalog, PERIOD, by="customer").rows, "customer_id")
-    assert by_customer["acme"]["cost_saved"] == D("0.125") and by_customer["acme"]["credits_saved"] == D("25")
+    assert by_customer["acme"]["cost_saved"] == D("0.125") and by_customer["acme"]["usage_credits_saved"] == D("25")
 
 
 def test_cache_savings_report_tokens_of_an_unknown_plan_version(store, catalog):
@@ -327,7 +372,7 @@ def test_cost_per_outcome_shares_each_runs_usage_among_its_outcomes(store):
 def test_hourly_and_daily_rollups_are_exact_even_with_a_resent_event(store):
     run = _runner(store)
     hourly = reports.usage_series(run, "hourly", PERIOD, "acme", day="2026-10-03").rows
-    assert [(r["hour"].hour, r["model"], r["workflow_id"], r["events"], r["credits"], r["source"]) for r in hourly] == [
+    assert [(r["hour"].hour, r["model"], r["workflow_id"], r["events"], r["usage_credits"], r["source"]) for r in hourly] == [
         (10, "gpt-4o", "research", 1, D("900"), "rollup"),
         (10, "gpt-4o", "support", 1, D("80"), "rollup"),
     ]  # fmt: skip
@@ -340,14 +385,16 @@ def test_hourly_and_daily_rollups_are_exact_even_with_a_resent_event(store):
     # ... so globex is read from usage_rated FINAL, and the figures count it once.
     daily = _by(reports.usage_series(run, "daily", PERIOD, "globex").rows, "model")
     assert {r["source"] for r in daily.values()} == {"usage_rated"}
-    assert (daily["gpt-4o-mini"]["events"], daily["gpt-4o-mini"]["credits"]) == (1, D("12"))
+    assert (daily["gpt-4o-mini"]["events"], daily["gpt-4o-mini"]["usage_credits"]) == (1, D("12"))
+    assert (daily[""]["meter"], daily[""]["outcome_credits"], daily[""]["usage_credits"]) == ("outcome", D("90"), 0)
     # Per customer, the rollups add up to the month-to-date totals read with FINAL.
     mtd = _by(run("month_to_date", period=PERIOD, customer="").dicts(), "customer_id")
     for grain in ("hourly", "daily"):
         rows = reports.usage_series(run, grain, PERIOD).rows
         for customer, expected in mtd.items():
             mine = [r for r in rows if r["customer_id"] == customer]
-            for column in ("events", "input_tokens", "cached_input_tokens", "output_tokens", "credits", "cost_to_serve"):
+            for column in ("events", "input_tokens", "cached_input_tokens", "output_tokens", "usage_credits",
+                           "outcome_credits", "cost_to_serve"):
                 assert sum(r[column] for r in mine) == expected[column], (grain, customer, column)
 
 
@@ -365,7 +412,8 @@ def test_migrating_a_store_with_usage_backfills_the_rollups(clickhouse, catalog,
         run = _runner(ClickHouseStore(client))
         daily = reports.usage_series(run, "daily", PERIOD, "acme").rows
         assert {r["source"] for r in daily} == {"rollup"}
-        assert sum(r["credits"] for r in daily) == D("1465")
+        assert sum(r["usage_credits"] for r in daily) == D("1285")
+        assert sum(r["outcome_credits"] for r in daily) == D("180")
         assert sum(r["events"] for r in daily) == 11
     finally:
         client.close()
@@ -452,11 +500,13 @@ def test_cli_usage_reports_as_table_json_and_csv(loaded, catalog_file):
         return result.stdout
 
     mtd = {r["customer_id"]: r for r in json.loads(ok("usage", "--period", PERIOD, "--json"))}
-    assert (D(mtd["acme"]["credits"]), D(mtd["acme"]["spend"])) == (D("1465"), ACME_TOTAL)
+    assert (D(mtd["acme"]["usage_credits"]), D(mtd["acme"]["outcome_credits"]), D(mtd["acme"]["spend"])) == (
+        D("1285"), D("180"), ACME_TOTAL)  # fmt: skip
     only = json.loads(ok("usage", "--period", PERIOD, "--customer", "globex", "--json", "--no-spend"))
     assert [(r["customer_id"], r["events"]) for r in only] == [("globex", 3)] and "spend" not in only[0]
     table = ok("usage", "--period", PERIOD)
-    assert "acme" in table and "193.55" in table and "1,465.00" in table
+    assert "acme" in table and "193.55" in table and "1,285.00" in table and "180.00" in table
+    assert "usage credits:" in table and "billed credits:" in table  # what each word means
 
     top = list(csv.DictReader(io.StringIO(ok("usage", "top-customers", "--period", PERIOD, "--limit", "2", "--csv"))))
     assert [(r["customer_id"], D(r["cost_to_serve"])) for r in top] == [("acme", D("5.825")), ("globex", D("0.0725"))]
@@ -585,11 +635,11 @@ def test_reports_and_audit_beside_the_running_worker(pipeline_factory, tmp_path)
 
     [saving] = json.loads(cli("usage", "cache-savings", "--period", period, "--customer", "cs-worker", "--json"))
     # 6 x 10,000 cached tokens: 60,000 x (2.50 - 1.25) / 1M = $0.075 and 60,000 x (0.5 - 0.25) / 1K = 15 credits
-    assert (D(saving["cost_saved"]), D(saving["credits_saved"])) == (D("0.075"), D("15"))
+    assert (D(saving["cost_saved"]), D(saving["usage_credits_saved"])) == (D("0.075"), D("15"))
     for grain in ("hourly", "daily"):
         rows = json.loads(cli("usage", grain, "--period", period, "--customer", "cs-worker", "--json"))
         assert sum(r["events"] for r in rows) == 13 and {r["source"] for r in rows} == {"rollup"}
-        assert sum(D(r["credits"]) for r in rows) == D("45") + D("90")
+        assert (sum(D(r["usage_credits"]) for r in rows), sum(D(r["outcome_credits"]) for r in rows)) == (D("45"), D("90"))
     # run0 = w0, w3, w6, w9: 2 x 0.0125 + 2 x 0.025 = $0.075 for its one outcome
     [outcome] = json.loads(cli("usage", "cost-per-outcome", "--period", period, "--customer", "cs-worker", "--json"))
     assert D(outcome["cost_per_outcome"]) == D("0.075")

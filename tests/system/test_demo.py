@@ -26,5 +26,5 @@ def test_demo_runs_end_to_end_and_its_totals_check_out(base_settings):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     assert "Month-to-date usage" in out and "Budget alerts raised" in out
-    assert "✓ stored credits" in out and "(exact: True)" in out
+    assert "✓ stored usage + outcome credits" in out and "(exact: True)" in out
     assert "acme-corp" in out

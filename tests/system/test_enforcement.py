@@ -83,7 +83,7 @@ def test_fifty_concurrent_callers_cannot_overshoot_a_hard_cap(enforced):
 
     pipeline.wait_processed(100)
     stored = run_saved_query(pipeline.clickhouse, "month_to_date", period=time.strftime("%Y-%m"), customer="capped")
-    assert stored.dicts()[0]["credits"] == Decimal(100)
+    assert stored.dicts()[0]["usage_credits"] == Decimal(100)
 
     # The worker's block decision reaches the guard through the compacted topic.
     _wait(lambda: guard.view.states["capped"].decision is Decision.BLOCK, 30, "the block decision")

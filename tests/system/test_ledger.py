@@ -131,7 +131,7 @@ def test_processes_and_threads_cannot_pass_a_hard_cap(pipeline_factory, redis_se
 
     def stored() -> Decimal:
         rows = run_saved_query(pipeline.clickhouse, "month_to_date", period=period, customer="shared").dicts()
-        return rows[0]["credits"] if rows else Decimal(0)
+        return rows[0]["usage_credits"] + rows[0]["outcome_credits"] if rows else Decimal(0)  # budget credits
 
     result = run_trial(pipeline.kafka, "shared", cap, 2, 4, redis_url=redis_server.url, duration=12,
                        wait_processed=pipeline.wait_processed, stored_credits=stored, call_ms=30)  # fmt: skip

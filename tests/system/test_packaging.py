@@ -238,7 +238,7 @@ def test_the_wheel_with_the_server_extra_runs_migrate_worker_usage_and_serve(
 
     # gpt-4o input: 0.5 credits per 1K tokens (the shipped price book, read from the wheel).
     [row] = json.loads(meterstream("usage", "top-customers", "--json").stdout)
-    assert (row["customer_id"], int(row["events"]), Decimal(row["credits"])) == ("wheel-co", 1, Decimal(5))
+    assert (row["customer_id"], int(row["events"]), Decimal(row["usage_credits"])) == ("wheel-co", 1, Decimal(5))
 
     token = new_token()
     tokens_file = tmp_path / "tokens.yaml"

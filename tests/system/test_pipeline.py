@@ -30,7 +30,8 @@ MODELS = ["gpt-4o", "gpt-4o-mini", "claude-sonnet-4-5", "gemini-2.5-pro"]
 
 def _month_to_date(pipeline, period: str, customer: str = "") -> dict[str, dict]:
     rows = run_saved_query(pipeline.clickhouse, "month_to_date", period=period, customer=customer).dicts()
-    return {row["customer_id"]: row for row in rows}
+    # every credit the events were rated with: usage credits and outcome credits
+    return {row["customer_id"]: {**row, "credits": row["usage_credits"] + row["outcome_credits"]} for row in rows}
 
 
 def _customer_totals(pipeline, customer: str, events) -> dict[str, Decimal | int]:
@@ -277,7 +278,7 @@ def test_usage_cli_reads_through_the_running_worker(pipeline_factory):
     rows = json.loads(result.stdout)
     assert [(r["customer_id"], r["events"]) for r in rows] == [("cli-reader", 5)]
     # 5 x (1000 x 0.03 + 100 x 0.12) / 1000 = 0.21 credits
-    assert Decimal(rows[0]["credits"]) == Decimal("0.21")
+    assert (Decimal(rows[0]["usage_credits"]), Decimal(rows[0]["outcome_credits"])) == (Decimal("0.21"), 0)
 
 
 # Not a `clock` test: settling reads usage_recent, whose TTL runs on the ClickHouse server's clock, so

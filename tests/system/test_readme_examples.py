@@ -102,4 +102,4 @@ def test_the_sdk_example(readme_env):
     from meterstream.storage.queries import run_saved_query
 
     rows = run_saved_query(pipeline.clickhouse, "month_to_date", period=datetime.now(timezone.utc).strftime("%Y-%m"), customer="acme").dicts()
-    assert rows and rows[0]["credits"] > Decimal(0)
+    assert rows and rows[0]["usage_credits"] > Decimal(0)

@@ -120,7 +120,7 @@ def test_three_workers_one_store_one_killed_one_joining_exact_totals_alerts_once
         stored = {r["customer_id"]: r for r in run_saved_query(pipeline.clickhouse, "month_to_date", period=PERIOD,
                                                                customer="").dicts()}  # fmt: skip
         for customer, credits in expected.items():
-            assert stored[customer]["credits"] == credits, customer
+            assert stored[customer]["usage_credits"] + stored[customer]["outcome_credits"] == credits, customer
             assert stored[customer]["events"] == sum(1 for e in events if e.customer_id == customer)
         assert _stored_rows(pipeline) == len(events) + 1
 

@@ -132,7 +132,7 @@ def test_store_outage_while_events_flow_worker_retries_and_catches_up_exactly(ba
                 expected[event.customer_id] = expected.get(event.customer_id, Decimal(0)) + catalog.rate(event).credits
             stored = {r["customer_id"]: r for r in run_saved_query(pipeline.clickhouse, "month_to_date", period=PERIOD,
                                                                    customer="").dicts()}  # fmt: skip
-            assert {c: stored[c]["credits"] for c in expected} == expected
+            assert {c: stored[c]["usage_credits"] + stored[c]["outcome_credits"] for c in expected} == expected
             assert sum(stored[c]["events"] for c in expected) == len(events)
 
             budgets = BudgetBook.model_validate(yaml.safe_load(BUDGETS))

@@ -8,6 +8,7 @@ Chromium (installed by `make browser`) loads the page and the rendered DOM is ch
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -19,7 +20,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import Decimal
 from html import unescape
 from pathlib import Path
 
@@ -41,9 +42,27 @@ CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 ALPHA, BRAVO = "web-alpha", "web-bravo"
 
+# alpha is on a team plan with a base fee, included credits and a free grant; its budget is set in
+# money ($1.00 = 100 credits at the plan's credit value of 0.01), so the page shows it in dollars.
+PLANS = f"""
+currency: USD
+default_plan: payg
+plans:
+  payg:
+    versions:
+      - {{version: "payg-web-1", effective_from: "2026-01-01", price_book: default, credit_value: "0.01",
+          overage: {{model: per_unit, unit_price: "0.01"}}}}
+  team:
+    versions:
+      - {{version: "team-web-1", effective_from: "2026-01-01", price_book: default, credit_value: "0.01",
+          base_fee: "20", included_credits: "50", overage: {{model: per_unit, unit_price: "0.02"}}}}
+customers:
+  {ALPHA}: {{plan: team, grants: [{{id: alpha-free, kind: free, credits: "30", granted_on: "2026-01-01"}}]}}
+"""
+
 BUDGETS = f"""
 customers:
-  {ALPHA}: {{monthly_credits: "100", thresholds: [50, 80, 100], action: block}}
+  {ALPHA}: {{monthly_amount: "1", thresholds: [50, 80, 100], action: block}}
   {BRAVO}:
     monthly_credits: "10"
     thresholds: [50, 80, 100]
@@ -79,6 +98,11 @@ class WebSetup:
     tokens: dict[str, str]
     expected: dict[str, Expected]
     log_path: Path
+    env: dict[str, str]
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "meterstream.cli", *args], env=self.env, capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
 
     def get(self, path: str, token: str | None = None, **params: str) -> httpx.Response:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -119,6 +143,10 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 def web(base_settings: Settings, clickhouse_server_dsn: str | None, tmp_path_factory) -> Iterator[WebSetup]:
     root = tmp_path_factory.mktemp("web")
     pipeline = Pipeline(base_settings, root, clickhouse_server_dsn, BUDGETS)
+    plans_file = root / "plans.yaml"
+    plans_file.write_text(PLANS)
+    pipeline.env["METERSTREAM_WORKER__PLANS_FILE"] = str(plans_file)
+    pipeline.worker.env["METERSTREAM_WORKER__PLANS_FILE"] = str(plans_file)
     server: subprocess.Popen[bytes] | None = None
     try:
         pipeline.start()
@@ -145,9 +173,15 @@ def web(base_settings: Settings, clickhouse_server_dsn: str | None, tmp_path_fac
         stats = pipeline.wait_processed(26)
         assert stats["rated"] == 26 and stats["alerts"] == 5, stats  # alpha 50/80/100, bravo 50 and its run
 
-        tokens = {ALPHA: new_token(), BRAVO: new_token()}
+        tokens = {ALPHA: new_token(), BRAVO: new_token(), "scoped": new_token(), "expired": new_token()}
+        later = (now + timedelta(days=30)).strftime("%Y-%m-%dT%H:%M:%SZ")
         tokens_file = root / "tokens.yaml"
-        tokens_file.write_text("".join(f'"{token_hash(t)}": {c}\n' for c, t in tokens.items()))
+        tokens_file.write_text(
+            f'"{token_hash(tokens[ALPHA])}": {{customer: {ALPHA}, expires: "{later}"}}\n'
+            f'"{token_hash(tokens[BRAVO])}": {BRAVO}\n'
+            f'"{token_hash(tokens["scoped"])}": {{customer: {ALPHA}, expires: "{later}", meters: [documents]}}\n'
+            f'"{token_hash(tokens["expired"])}": {{customer: {ALPHA}, expires: "2026-01-01T00:00:00Z"}}\n'
+        )
         port = free_port()
         env = {
             **pipeline.worker.env,
@@ -156,7 +190,7 @@ def web(base_settings: Settings, clickhouse_server_dsn: str | None, tmp_path_fac
         }
         log_path = root / "serve.log"
         server = _start_server(env, port, log_path)
-        yield WebSetup(pipeline, f"http://127.0.0.1:{port}", tokens, expected, log_path)
+        yield WebSetup(pipeline, f"http://127.0.0.1:{port}", tokens, expected, log_path, {**env, "COLUMNS": "200"})
     finally:
         if server is not None:
             _stop(server)
@@ -175,25 +209,27 @@ def test_the_api_returns_a_customers_own_figures_exactly(web: WebSetup):
     base = f"/api/v1/customers/{ALPHA}"
     daily = web.get(f"{base}/usage", token, days="7", bucket="day").json()
     assert daily["customer_id"] == ALPHA and len(daily["series"]) == 7
-    assert Decimal(daily["totals"]["credits"]) == alpha.credits() == Decimal(125)
+    assert Decimal(daily["totals"]["usage_credits"]) == alpha.credits() == Decimal(125)
     assert Decimal(daily["totals"]["cost_to_serve"]) == alpha.cost()
     assert daily["totals"]["events"] == 25
     by_day: dict[str, Decimal] = defaultdict(Decimal)
     catalog = load_catalog()
     for event in alpha.events:
         by_day[event.occurred_at.strftime("%Y-%m-%dT00:00:00Z")] += catalog.rate(event).credits
-    assert {p["start"]: Decimal(p["credits"]) for p in daily["series"] if p["events"]} == by_day
+    assert {p["start"]: Decimal(p["usage_credits"]) for p in daily["series"] if p["events"]} == by_day
 
     hourly = web.get(f"{base}/usage", token, days="7", bucket="hour").json()
-    assert len(hourly["series"]) == 168 and hourly["totals"]["credits"] == daily["totals"]["credits"]
+    assert len(hourly["series"]) == 168 and hourly["totals"]["usage_credits"] == daily["totals"]["usage_credits"]
 
     budget = web.get(f"{base}/budget", token).json()
     month_to_date = alpha.credits(period=period)  # 125, or 105 in the first days of a month
-    assert Decimal(budget["month_to_date"]["credits"]) == month_to_date
-    assert budget["budget"] == {"monthly_credits": "100", "thresholds": [50, 80, 100], "action": "block"}
+    assert Decimal(budget["month_to_date"]["budget_credits"]) == month_to_date
+    assert budget["budget"] == {"unit": "money", "monthly_credits": "100", "monthly_amount": "1", "currency": "USD",
+                                "thresholds": [50, 80, 100], "action": "block"}  # fmt: skip
+    assert Decimal(budget["month_to_date"]["spent_amount"]) == month_to_date / 100  # at 0.01 per credit
     assert Decimal(budget["used_percent"]) == month_to_date
-    assert all(t["reached"] for t in budget["thresholds"]) and budget["projection"]["budget_reached"] is True
-    assert Decimal(budget["days"][-1]["cumulative_credits"]) == month_to_date
+    assert all(t["reached"] for t in budget["thresholds"]) and budget["budget_reached"] is True
+    assert Decimal(budget["days"][-1]["cumulative_budget_credits"]) == month_to_date
 
     deadline = time.monotonic() + 30  # the server follows the worker's decisions on the enforcement-state topic
     while (state := web.get(f"{base}/enforcement", token).json())["state"] != "block" or state[
@@ -205,7 +241,7 @@ def test_the_api_returns_a_customers_own_figures_exactly(web: WebSetup):
     assert [a["threshold_percent"] for a in state["alerts"]] == [50, 80, 100]
 
     bravo = web.get(f"/api/v1/customers/{BRAVO}/budget", web.tokens[BRAVO]).json()
-    assert Decimal(bravo["month_to_date"]["credits"]) == web.expected[BRAVO].credits() == Decimal("7.77")
+    assert Decimal(bravo["month_to_date"]["budget_credits"]) == web.expected[BRAVO].credits() == Decimal("7.77")
     # Bravo's run-cap alert (100%, block) concerns one run: the customer is only warned.
     bravo_state = web.get(f"/api/v1/customers/{BRAVO}/enforcement", web.tokens[BRAVO]).json()
     assert bravo_state["state"] == "warn", bravo_state
@@ -240,7 +276,8 @@ def _chromium(url: str, *extra: str, timeout: float = 90) -> str:
         command = [
             str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            f"--user-data-dir={profile}", "--window-size=1280,900", "--virtual-time-budget=10000", *extra, url,
+            f"--user-data-dir={profile}", "--virtual-time-budget=10000", *extra,
+            *(() if any(e.startswith("--window-size") for e in extra) else ("--window-size=1280,900",)), url,
         ]  # fmt: skip
         process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True
@@ -262,38 +299,119 @@ def _element(dom: str, element_id: str) -> tuple[str, str]:
     return match.group(2), unescape(re.sub(r"<[^>]+>", "", match.group(3))).strip()
 
 
-def test_the_page_shows_the_customer_its_own_usage(web: WebSetup):
+def _invoice_cli(web: WebSetup, period: str) -> dict:
+    result = web.cli("invoice", "--customer", ALPHA, "--period", period, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_the_money_in_the_api_is_the_invoice_to_the_cent(web: WebSetup):
+    token = web.tokens[ALPHA]
+    base = f"/api/v1/customers/{ALPHA}"
+    period = datetime.now(timezone.utc).strftime("%Y-%m")
+    expected = _invoice_cli(web, period)
+    got = web.get(f"{base}/invoice", token, period="current").json()
+    # The same invoice, line for line and digit for digit (only the moment it was computed differs).
+    assert {k: v for k, v in got.items() if k != "as_of"} == {k: v for k, v in expected.items() if k != "as_of"}
+    assert Decimal(got["total"]) == sum(Decimal(line["amount"]) for line in got["lines"])
+    [grant] = got["grants"]
+    assert grant["grant_id"] == "alpha-free" and Decimal(grant["drawn_credits"]) > 0
+    # The budget's usage credits are the invoice's usage credits; a budget adds the outcome credits.
+    budget = web.get(f"{base}/budget", token).json()
+    assert Decimal(budget["month_to_date"]["usage_credits"]) == Decimal(expected["usage"]["credits_used"])
+    assert Decimal(budget["month_to_date"]["budget_credits"]) == Decimal(expected["usage"]["credits_used"]) + Decimal(
+        budget["month_to_date"]["outcome_credits"])  # fmt: skip
+
+    # Issued invoices: the closed periods with usage (November, when this runs in early December).
+    periods = sorted({e.period for e in web.expected[ALPHA].events if e.period < period}, reverse=True)
+    issued = web.get(f"{base}/invoices", token).json()["invoices"]
+    assert [i["period"] for i in issued] == periods
+    for item in issued:
+        assert item["total"] == _invoice_cli(web, item["period"])["total"] and item["status"] == "final"
+
+    breakdown = web.get(f"{base}/breakdown", token).json()
+    [model] = breakdown["by_model"]
+    assert model["name"] == "gpt-4o"
+    assert Decimal(model["this_period"]["usage_credits"]) == web.expected[ALPHA].credits(period=period)
+    previous = periods[0] if periods else None
+    assert Decimal(model["last_period"]["usage_credits"]) == (web.expected[ALPHA].credits(period=previous) if previous else 0)
+    assert [w["name"] for w in breakdown["by_workflow"]] == ["(no workflow)"]
+
+
+def test_tokens_expire_and_a_meter_scoped_token_sees_no_money(web: WebSetup):
+    base = f"/api/v1/customers/{ALPHA}"
+    expired = web.get("/api/v1/me", web.tokens["expired"])
+    assert expired.status_code == 401 and "expired" in expired.json()["error"]
+    scoped = web.tokens["scoped"]
+    assert web.get("/api/v1/me", scoped).json()["meters"] == ["documents"]
+    usage = web.get(f"{base}/usage", scoped, days="7").json()
+    assert usage["totals"]["usage_credits"] == "0" and usage["totals"]["events"] == 0  # alpha used only tokens
+    assert web.get(f"{base}/breakdown", scoped).json()["by_model"] == []
+    for money in ("invoice", "invoices", "budget", "enforcement"):
+        assert web.get(f"{base}/{money}", scoped).status_code == 403, money
+
+
+def _exact_values(dom: str, element_id: str) -> list[str]:
+    """The exact decimals (data-exact) inside one element, in document order."""
+    match = re.search(rf'<(\w+)[^>]*\bid="{element_id}"[^>]*>(.*?)</\1>', dom, re.S)
+    assert match, f"no #{element_id} in the page"
+    return re.findall(r'data-exact="([^"]*)"', match.group(2))
+
+
+def test_the_page_shows_the_customer_its_money_and_usage(web: WebSetup):
     url = f"{web.url}/#token={web.tokens[ALPHA]}"
     dom = _chromium(url, "--dump-dom")
     body = re.search(r"<body([^>]*)>", dom)
     assert body and 'data-state="ready"' in body.group(1), _element(dom, "error")
+    period = datetime.now(timezone.utc).strftime("%Y-%m")
+    invoice = _invoice_cli(web, period)
 
-    month_to_date = web.expected[ALPHA].credits(period=datetime.now(timezone.utc).strftime("%Y-%m"))
-    attributes, text = _element(dom, "mtd-credits")
-    assert f'data-exact="{dec(month_to_date)}"' in attributes
-    assert text == f"{month_to_date.quantize(Decimal('0.01'), ROUND_HALF_UP):,}"  # "125.00"
-    assert _element(dom, "customer")[1] == ALPHA
+    # Money first, and the page's figures are `invoice --json`'s.
+    assert dom.index('id="bill-card"') < dom.index('id="budget-card"') < dom.index('id="usage-card"')
+    attributes, text = _element(dom, "invoice-total")
+    assert f'data-exact="{invoice["total"]}"' in attributes and text == f"${Decimal(invoice['total']):,.2f}"
+    # every line's amount, then the total in the table's footer
+    assert _exact_values(dom, "invoice-lines") == [line["amount"] for line in invoice["lines"]] + [invoice["total"]]
+    assert _exact_values(dom, "grants") == [v for g in invoice["grants"]
+                                            for v in (g["opening_credits"], g["drawn_credits"], g["closing_credits"])]
+    assert f'data-exact="{invoice["usage"]["billed_overage_credits"]}"' in _element(dom, "billed-credits")[0]
+    assert invoice["plan_version"] in _element(dom, "invoice-plan")[1]
+
+    # The budget in its own unit (dollars), credits second, one percentage.
+    month_to_date = web.expected[ALPHA].credits(period=period)
+    assert _element(dom, "budget-spent")[1] == f"${month_to_date / 100:,.2f} of $1.00"
+    assert f"{month_to_date:,.2f} budget credits" in _element(dom, "budget-credits-line")[1]
+    assert _element(dom, "used-percent")[1] == f"{month_to_date:.1f}%"
+    text = re.sub(r"<[^>]+>", " ", re.sub(r"<svg.*?</svg>", " ", dom, flags=re.S))  # what the reader sees
+    card = re.search(r'<section[^>]*id="budget-card".*?</section>', dom, re.S).group(0)
+    card_text = re.sub(r"<[^>]+>", " ", re.sub(r"<svg.*?</svg>", " ", card, flags=re.S))
+    # the thresholds, and one percentage of the budget
+    assert set(re.findall(r"\d+(?:\.\d+)?%", card_text)) - {"50%", "80%", "100%"} == {f"{month_to_date:.1f}%"}
     assert _element(dom, "enforcement-state")[1] == "block"
-    assert _element(dom, "budget-credits")[1] == "100.00"
+    assert re.search(r"Since \d{1,2} [A-Z][a-z]{2} \d{4}, \d{2}:\d{2} UTC\.", _element(dom, "enforcement-detail")[1])
+    assert "+00:00" not in text and not re.search(r"\d{2}:\d{2}:\d{2}\.\d", text)  # no raw timestamps
     assert _element(dom, "usage-credits")[1] == "125.00"
+    assert "gpt-4o" in _element(dom, "by-model")[1]
     assert "enforcement-state topic" in _element(dom, "enforcement-note")[1]
     assert dom.count('class="bar"') == 30  # one bar per day of the default 30 days
-    # Nothing of the other customer (its id, or its month-to-date figure as any figure on the page),
-    # and the token is not left in the page.
+    # Nothing of the other customer, and the token is not left in the page.
     assert BRAVO not in dom
     bravo_credits = dec(web.expected[BRAVO].credits())  # "7.77"
     assert f'data-exact="{bravo_credits}"' not in dom
-    text = re.sub(r"<[^>]+>", " ", re.sub(r"<svg.*?</svg>", " ", dom, flags=re.S))  # what the reader sees
     assert not re.search(rf"(?<![\d.,]){re.escape(bravo_credits)}(?!\d)", text)
     assert web.tokens[ALPHA] not in dom
 
     hourly = _chromium(f"{web.url}/?bucket=hour&days=2#token={web.tokens[ALPHA]}", "--dump-dom")
     assert hourly.count('class="bar"') == 48 and _element(hourly, "usage-credits")[1] == "105.00"
 
+    scoped = _chromium(f"{web.url}/#token={web.tokens['scoped']}", "--dump-dom")
+    assert 'data-state="ready"' in re.search(r"<body([^>]*)>", scoped).group(1)
+    assert re.search(r'<section[^>]*id="bill-card"[^>]*hidden', scoped)  # no money for a meter-scoped token
+
     ARTIFACTS.mkdir(exist_ok=True)
     screenshot = ARTIFACTS / "web-customer-page.png"
     screenshot.unlink(missing_ok=True)
-    _chromium(url, f"--screenshot={screenshot}")
+    _chromium(url, f"--screenshot={screenshot}", "--window-size=1280,2300")
     assert screenshot.stat().st_size > 10_000
 
 

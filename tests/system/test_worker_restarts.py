@@ -102,7 +102,7 @@ def test_worker_interrupted_mid_stream_restarts_with_exact_totals_and_alerts_onc
         for row in run_saved_query(pipeline.clickhouse, "month_to_date", period=PERIOD, customer="").dicts()
     }
     for customer, credits in expected_credits.items():
-        assert stored[customer]["credits"] == credits
+        assert stored[customer]["usage_credits"] + stored[customer]["outcome_credits"] == credits
         assert stored[customer]["events"] == sum(1 for e in events if e.customer_id == customer)
 
     # Every threshold each customer reached is alerted exactly once (read_committed).

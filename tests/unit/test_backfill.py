@@ -122,11 +122,16 @@ def test_dry_run_prices_with_the_engine_and_skips_what_is_stored():
     assert priced.already_stored == 2 and priced.events == 158 and not priced.unpriced
     rated, errors = rate_events(catalog, events[2:])
     assert not errors
-    assert priced.credits == sum((r.credits for r in rated), Decimal(0))
+    assert priced.usage_credits == sum((r.credits for r in rated if r.kind == "usage"), Decimal(0))
+    assert priced.outcome_credits == sum((r.credits for r in rated if r.kind == "outcome"), Decimal(0))
+    assert priced.outcome_credits > 0  # the example has outcomes: the two kinds are really apart
     assert priced.cost_to_serve == sum((r.cost_to_serve for r in rated), Decimal(0))
     by_group = {(g.customer_id, g.period): g for g in priced.groups}
     acme_sep = [r for r in rated if r.customer_id == "acme" and r.period == "2026-09"]
-    assert by_group[("acme", "2026-09")].credits == sum((r.credits for r in acme_sep), Decimal(0))
+    assert by_group[("acme", "2026-09")].usage_credits == sum(
+        (r.credits for r in acme_sep if r.kind == "usage"), Decimal(0))  # fmt: skip
+    assert by_group[("acme", "2026-09")].outcome_credits == sum(
+        (r.credits for r in acme_sep if r.kind == "outcome"), Decimal(0))  # fmt: skip
     # every period of the file is closed at NOW: billed on the open invoice, as late usage
     assert {g.billed_in for g in priced.groups} == {"2026-12"}
 

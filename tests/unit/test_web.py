@@ -68,8 +68,9 @@ def test_a_changed_tokens_file_is_reread_and_a_broken_one_refuses_everything(tmp
 # -- views ---------------------------------------------------------------------------------------
 
 
-def _row(start: str, credits: str, cost: str = "0", events: int = 1) -> dict[str, Any]:
-    return {"bucket_start": start, "events": events, "credits": Decimal(credits), "cost_to_serve": Decimal(cost)}
+def _row(start: str, credits: str, cost: str = "0", events: int = 1, outcome: str = "0") -> dict[str, Any]:
+    return {"bucket_start": start, "events": events, "usage_credits": Decimal(credits),
+            "outcome_credits": Decimal(outcome), "cost_to_serve": Decimal(cost)}  # fmt: skip
 
 
 def test_usage_view_is_zero_filled_and_its_totals_are_exact():
@@ -78,8 +79,8 @@ def test_usage_view_is_zero_filled_and_its_totals_are_exact():
     assert (window.since.day, window.until.day) == (14, 17)
     rows = [_row("2026-11-14 00:00:00", "0.1", "0.000001"), _row("2026-11-16 00:00:00", "0.2", "0.000002", 3)]
     view = usage_view("acme", window, rows, show_cost=True)
-    assert [p["credits"] for p in view["series"]] == ["0.1", "0", "0.2"]
-    assert view["totals"] == {"events": 4, "credits": "0.3", "cost_to_serve": "0.000003"}
+    assert [p["usage_credits"] for p in view["series"]] == ["0.1", "0", "0.2"]
+    assert view["totals"] == {"events": 4, "usage_credits": "0.3", "outcome_credits": "0", "cost_to_serve": "0.000003"}
     assert "cost_to_serve" not in usage_view("acme", window, rows, show_cost=False)["totals"]
 
     hourly = usage_window(NOW, 1, "hour")
@@ -88,22 +89,40 @@ def test_usage_view_is_zero_filled_and_its_totals_are_exact():
 
 def test_burn_down_projects_month_to_date_spend_linearly():
     budget = Budget(monthly_credits=Decimal("100"), thresholds=(50, 80, 100))
-    rows = [_row("2026-11-01 00:00:00", "10"), _row("2026-11-16 00:00:00", "20.5")]
+    rows = [_row("2026-11-01 00:00:00", "10"), _row("2026-11-16 00:00:00", "18.5", outcome="2")]
     view = burn_down_view("acme", "2026-11", NOW, rows, budget, show_cost=False)
-    assert view["month_to_date"] == {"events": 2, "credits": "30.5"}
-    assert view["used_percent"] == "30.5"
+    # A budget counts usage and outcome credits.
+    assert view["month_to_date"] == {"events": 2, "usage_credits": "28.5", "outcome_credits": "2", "budget_credits": "30.5"}
+    assert view["used_percent"] == "30.5" and view["budget"]["unit"] == "credits"
     assert [(t["percent"], t["reached"]) for t in view["thresholds"]] == [(50, False), (80, False), (100, False)]
-    assert len(view["days"]) == 16 and view["days"][-1]["cumulative_credits"] == "30.5"
+    assert len(view["days"]) == 16 and view["days"][-1]["cumulative_budget_credits"] == "30.5"
     # 15.5 of 30 days elapsed: 30.5 x 30 / 15.520833... (12:30 on the 16th) = 58.95...
     elapsed = Decimal((NOW - datetime(2026, 11, 1, tzinfo=timezone.utc)).total_seconds())
     expected = (Decimal("30.5") * Decimal(30 * 86400) / elapsed).quantize(Decimal("0.01"))
-    assert view["projection"]["month_end_credits"] == str(expected)
-    assert view["projection"]["budget_reached"] is False and view["projection"]["exhausted_at"] is None
+    assert view["projection"]["month_end_budget_credits"] == str(expected)
+    assert view["budget_reached"] is False and view["projection"]["exhausted_at"] is None
 
     fast = burn_down_view("acme", "2026-11", NOW, [_row("2026-11-16 00:00:00", "80")], budget, show_cost=False)
     assert fast["projection"]["exhausted_at"].startswith("2026-11-20")  # 100/80 of 15.52 days
     spent = burn_down_view("acme", "2026-11", NOW, [_row("2026-11-02 00:00:00", "100")], budget, show_cost=False)
-    assert spent["projection"]["budget_reached"] is True and spent["thresholds"][-1]["reached"] is True
+    assert spent["budget_reached"] is True and spent["thresholds"][-1]["reached"] is True
+
+    # The projection means nothing on the 1st: none until 72 hours into the month.
+    early = datetime(2026, 11, 3, 23, 59, tzinfo=timezone.utc)
+    first = burn_down_view("acme", "2026-11", early, [_row("2026-11-01 00:00:00", "34.4")], budget, show_cost=False)
+    assert first["projection"] is None and "72 hours" in first["projection_rule"]
+    assert first["used_percent"] == "34.4"
+    later = burn_down_view("acme", "2026-11", datetime(2026, 11, 4, tzinfo=timezone.utc),
+                           [_row("2026-11-01 00:00:00", "30")], budget, show_cost=False)  # fmt: skip
+    assert later["projection"]["month_end_budget_credits"] == "300"  # 30 in 3 of 30 days
+
+    # A budget set in money is shown in money: $1,500 = 150,000 credits at 0.01.
+    money = Budget(monthly_credits=Decimal("150000"), monthly_amount=Decimal("1500"), thresholds=(50, 80, 100))
+    dollars = burn_down_view("acme", "2026-11", NOW, [_row("2026-11-02 00:00:00", "51234.5")], money, show_cost=False)
+    assert dollars["budget"] == {"unit": "money", "monthly_credits": "150000", "monthly_amount": "1500",
+                                 "currency": "USD", "thresholds": [50, 80, 100], "action": "alert"}  # fmt: skip
+    assert dollars["month_to_date"]["spent_amount"] == "512.345" and dollars["used_percent"] == "34.2"
+    assert dollars["thresholds"][0]["amount"] == "750"
 
     unbudgeted = burn_down_view("acme", "2026-11", NOW, rows, None, show_cost=False)
     assert unbudgeted["budget"] is None and unbudgeted["thresholds"] == []
@@ -189,7 +208,7 @@ def test_a_token_reads_only_its_own_customer():
                 assert ok.status == 200
                 assert "globex" not in await ok.text() and "99" not in await ok.text()
             budget = await (await client.get("/api/v1/customers/acme/budget", headers=auth)).json()
-            assert budget["month_to_date"]["credits"] == "12.5" and budget["budget"]["monthly_credits"] == "25"
+            assert budget["month_to_date"]["budget_credits"] == "12.5" and budget["budget"]["monthly_credits"] == "25"
             assert budget["used_percent"] == "50"
             state = await (await client.get("/api/v1/customers/acme/enforcement", headers=auth)).json()
             assert state["state"] == "block" and state["derived_from"] == "budget_alerts"
@@ -227,7 +246,7 @@ def test_usage_parameters_are_checked_and_cost_can_be_hidden():
                 assert (await client.get(f"{base}?{query}", headers=auth)).status == 400, query
             view = await (await client.get(f"{base}?bucket=hour&days=2", headers=auth)).json()
             assert len(view["series"]) == 48 and "cost_to_serve" not in view["totals"]
-            assert view["totals"]["credits"] == "12.5"
+            assert view["totals"]["usage_credits"] == "12.5"
 
     _run(scenario())
 
@@ -281,3 +300,36 @@ def test_customer_queries_bind_the_customer_and_report_an_unreachable_store():
         _run(queries("customer_budget_alerts", "", period="2026-11"))
     with pytest.raises(StoreError, match=r"cannot open http://127.0.0.1:1: .* is unavailable"):
         _run(queries("customer_budget_alerts", "acme", period="2026-11"))
+
+
+def test_tokens_expire_and_can_be_limited_to_meters():
+    expired, scoped, lasting = new_token(), new_token(), new_token()
+    tokens = parse_token_book(
+        f'"{token_hash(expired)}": {{customer: acme, expires: "2026-11-16T12:00:00Z"}}\n'
+        f'"{token_hash(scoped)}": {{customer: acme, expires: "2026-12-01T00:00:00Z", meters: [tokens, documents]}}\n'
+        f'"{token_hash(lasting)}": {{customer: acme, expires: "2026-11-16T12:30:01Z"}}\n',
+        "t.yaml",
+    )
+    with pytest.raises(TokenFileError, match="meters"):
+        parse_token_book(f'"{token_hash(expired)}": {{customer: acme, meters: [nope]}}\n', "t.yaml")
+    with pytest.raises(TokenFileError, match="timezone"):
+        parse_token_book(f'"{token_hash(expired)}": {{customer: acme, expires: "2027-01-01T00:00:00"}}\n', "t.yaml")
+    queries = FakeQueries()
+    app = create_app(Settings(), tokens, queries, BudgetBook(), clock=lambda: NOW)
+
+    async def scenario() -> None:
+        async with TestClient(TestServer(app)) as client:
+            def get(path: str, token: str):
+                return client.get(path, headers={"Authorization": f"Bearer {token}"})
+
+            gone = await get("/api/v1/me", expired)
+            assert gone.status == 401 and "expired" in (await gone.json())["error"]
+            assert (await get("/api/v1/me", lasting)).status == 200  # 1 second left
+            me = await (await get("/api/v1/me", scoped)).json()
+            assert me["meters"] == ["documents", "tokens"] and me["token_expires"] == "2026-12-01T00:00:00Z"
+            assert (await get("/api/v1/customers/acme/usage", scoped)).status == 200
+            assert queries.calls[-1][2]["meters"] == "documents,tokens"
+            for money in ("budget", "invoice", "invoices", "enforcement"):
+                assert (await get(f"/api/v1/customers/acme/{money}", scoped)).status == 403, money
+
+    _run(scenario())
