@@ -75,11 +75,13 @@ test: $(STAMP) browser kcat redis
 	if [ -n "$$started" ]; then $(BIN)/meterstream services down $$started; fi; \
 	exit $$rc
 
-# The gate .ci/run passes before the tests: ruff (pyproject's [tool.ruff]) over the repo, and mypy
-# over the package, strict on meterstream/pricing and meterstream/schemas ([tool.mypy]).
+# The gate .ci/run passes before the tests: ruff (pyproject's [tool.ruff]) over the repo, mypy
+# over the package, strict on meterstream/pricing and meterstream/schemas ([tool.mypy]), and
+# import-linter's contracts ([tool.importlinter]: no import circles, no upward imports).
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 # The quick loop while editing: the unit tier (pure: no broker, no server) on every core, with
 # hypothesis' `fast` profile (tests/conftest.py). `make test` runs everything, in full.

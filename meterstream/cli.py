@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,9 +17,10 @@ from meterstream.cli_common import check_period, fail, load_catalog_or_fail, pri
 from meterstream.config import get_settings
 from meterstream.cs.commands import audit_command, margin_command, usage_app
 from meterstream.cs.render import json_text, stdout_console
+from meterstream.cs.tables import alerts_table
 from meterstream.ops.commands import dlq_app, reconcile_command
+from meterstream.ops.ingest_commands import import_command, otlp_command
 from meterstream.ops.provider_commands import reconcile_provider_command
-from meterstream.producers.commands import import_command, otlp_command
 
 app = typer.Typer(help="Usage metering for AI products: SDK -> Kafka -> Faust -> ClickHouse.", no_args_is_help=True)
 services_app = typer.Typer(help="Local Kafka broker and ClickHouse server for machines without Docker.", no_args_is_help=True)
@@ -298,56 +298,8 @@ def demo(
 # -- queries ----------------------------------------------------------------------------------
 
 
-def _fmt(value: Any, places: int | None = None) -> str:
-    if isinstance(value, Decimal):
-        if places is not None:
-            from meterstream.pricing.money import round_money
-
-            return f"{round_money(value):,}" if places == 2 else f"{value.quantize(Decimal(1).scaleb(-places)):,}"
-        return f"{value.normalize():,f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
-
-
 def _emit_json(result: Any) -> None:
     print(json_text(result.dicts()))
-
-
-def usage_table(rows: list[dict[str, Any]], title: str) -> Table:
-    table = Table(title=title)
-    for column in ("customer", "events", "input tok", "cached tok", "output tok", "usage credits", "outcome credits",
-                   "cost to serve $"):
-        table.add_column(column, justify="left" if column == "customer" else "right")
-    for row in rows:
-        table.add_row(
-            row["customer_id"],
-            _fmt(row["events"]),
-            _fmt(row["input_tokens"]),
-            _fmt(row["cached_input_tokens"]),
-            _fmt(row["output_tokens"]),
-            _fmt(row["usage_credits"], 2),
-            _fmt(row["outcome_credits"], 2),
-            _fmt(row["cost_to_serve"], 4),
-        )
-    return table
-
-
-def alerts_table(rows: list[dict[str, Any]], title: str) -> Table:
-    table = Table(title=title)
-    for column in ("crossed at", "customer", "threshold", "spent credits", "budget credits", "action"):
-        table.add_column(column)
-    for row in rows:
-        crossed = row["crossed_at"]
-        table.add_row(
-            crossed.strftime("%m-%d %H:%M:%S") if isinstance(crossed, datetime) else str(crossed),
-            row["customer_id"],
-            f"{row['threshold_percent']}%",
-            _fmt(row["spent_credits"], 2),
-            _fmt(row["budget_credits"], 2),
-            row["action"],
-        )
-    return table
 
 
 # `meterstream usage` (month to date and spend; top-customers, margin, cache-savings,

@@ -174,7 +174,7 @@ def _free_port() -> int:
 
 
 def run_demo(settings: Settings, *, customers: int, events: int, seed: int, timeout: float, console: Console) -> None:
-    from meterstream.cli import alerts_table, usage_table
+    from meterstream.cs.tables import alerts_table, usage_table
     from meterstream.services.clickhouse import ClickHouseServer, is_local_dsn
     from meterstream.services.kafka import KafkaBroker, ServiceError, bootstrap_servers
     from meterstream.storage.clickhouse import StoreError

@@ -1,4 +1,4 @@
-"""``meterstream import``: backfill historical events from a file (see :mod:`meterstream.producers.backfill`)."""
+"""``meterstream import`` (backfill historical events from a file, :mod:`meterstream.producers.backfill`) and ``meterstream otlp`` (:mod:`meterstream.producers.otlp`): the commands of the ingestion paths."""
 
 from __future__ import annotations
 
