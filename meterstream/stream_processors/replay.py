@@ -21,19 +21,19 @@ Nothing here touches the worker's in-memory state: it is loaded from the store a
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from aiokafka.errors import KafkaError
-from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from meterstream.budgets import BudgetBook
 from meterstream.clock import fixed_clock, utc_now
 from meterstream.config import KafkaSettings
+from meterstream.kafka_clients import aiokafka_client_args
 from meterstream.pricing.plans import Catalog
 from meterstream.schemas.events import OutcomeEvent, UsageEvent
 from meterstream.schemas.records import RatedUsage
@@ -47,20 +47,9 @@ from meterstream.stream_processors.processing import (
     MonthToDate,
     dedupe_key,
 )
+from meterstream.stream_processors.state import _ACCEPTED_REVERSALS, _BILLED_OUTCOMES
 
 log = logging.getLogger(__name__)
-
-_BILLED_OUTCOMES = """
-SELECT * EXCEPT (rated_at)
-FROM usage_rated FINAL
-WHERE customer_id IN {customers:Array(String)} AND event_id IN {ids:Array(String)} AND kind = 'outcome'
-"""
-_ACCEPTED_REVERSALS = """
-SELECT customer_id, event_id, JSONExtractString(payload, 'reversal_of') AS reversal_of
-FROM events_raw FINAL
-WHERE kind = 'outcome' AND customer_id IN {customers:Array(String)}
-  AND JSONExtractString(payload, 'reversal_of') IN {ids:Array(String)}
-"""
 
 
 class _Replayed:
@@ -163,7 +152,7 @@ class Replayer:
                 self.replay(batch)
             except StoreError:
                 raise  # the store is away: the caller retries (replaying again is harmless)
-            except KafkaException as exc:
+            except (KafkaError, TimeoutError, OSError) as exc:
                 # Its messages are gone (retention) or the broker is away: going on beats a crash loop;
                 # a table may then lack part of that batch, as before these records existed.
                 log.error("could not replay batch %s (%s); going on without it", batch.batch_id, exc)
@@ -180,40 +169,51 @@ class Replayer:
         return found
 
     def read(self, batch: InFlight) -> list[InboundMessage]:
-        """The batch's messages, exactly its recorded ranges, in offset order per partition."""
-        consumer = Consumer(
-            {
-                **self.kafka.confluent_config(),
-                "group.id": f"{self.group_id}-replay-{uuid.uuid4().hex[:8]}",
-                "enable.auto.commit": False,
-                "enable.partition.eof": False,
-            }
+        """The batch's messages, exactly its recorded ranges, in offset order per partition.
+
+        Synchronous, like :func:`committed_metadata` (its own event loop: the worker runs the replay
+        in a thread), and with the worker's own client family: an aiokafka consumer in no group,
+        its records turned into messages as the batch consumer turns them (consumer.py).
+        """
+        return asyncio.run(self._read(batch))
+
+    async def _read(self, batch: InFlight) -> list[InboundMessage]:
+        from aiokafka import AIOKafkaConsumer
+        from aiokafka import TopicPartition as AioTopicPartition
+
+        consumer = AIOKafkaConsumer(
+            group_id=None, enable_auto_commit=False, auto_offset_reset="earliest", **aiokafka_client_args(self.kafka)
         )
         got: dict[tuple[str, int], list[InboundMessage]] = {tp: [] for tp in batch.ranges}
+        await consumer.start()
         try:
-            consumer.assign([TopicPartition(t, p, first) for (t, p), (first, _) in batch.ranges.items()])
+            partitions = {(t, p): AioTopicPartition(t, p) for t, p in batch.ranges}
+            consumer.assign(list(partitions.values()))
+            for key, (first, _) in batch.ranges.items():
+                consumer.seek(partitions[key], first)
             open_ = set(batch.ranges)
             deadline = time.monotonic() + self.timeout
             while open_:
                 if time.monotonic() > deadline:
-                    missing = {f"{t}:{p}" for t, p in open_}
-                    raise KafkaException(f"replay of batch {batch.batch_id}: ranges not read within {self.timeout} s: {missing}")
-                msg = consumer.poll(0.5)
-                if msg is None or msg.error():
-                    continue
-                topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
-                if topic is None or partition is None or offset is None or (topic, partition) not in open_:
-                    continue
-                first, last = batch.ranges[(topic, partition)]
-                if first <= offset <= last:
-                    ts_type, ts = msg.timestamp()
-                    got[(topic, partition)].append(
-                        InboundMessage(self.kinds[topic], msg.value(), topic, partition, offset, ts if ts_type else None)
-                    )
-                if offset >= last:
-                    open_.discard((topic, partition))
+                    missing = sorted(f"{t}:{p}" for t, p in open_)
+                    raise KafkaError(f"replay of batch {batch.batch_id}: ranges not read within {self.timeout} s: {missing}")
+                fetched = await consumer.getmany(timeout_ms=500)
+                for tp, records in fetched.items():
+                    key = (tp.topic, tp.partition)
+                    if key not in open_:
+                        continue
+                    first, last = batch.ranges[key]
+                    for record in records:
+                        if first <= record.offset <= last:
+                            got[key].append(
+                                InboundMessage(self.kinds[tp.topic], record.value, tp.topic, tp.partition,
+                                               record.offset, record.timestamp)
+                            )  # fmt: skip
+                        if record.offset >= last:
+                            open_.discard(key)
+                            break
         finally:
-            consumer.close()
+            await consumer.stop()
         return [m for tp in sorted(got) for m in got[tp]]
 
     def replay(self, batch: InFlight) -> tuple[int, int]:
