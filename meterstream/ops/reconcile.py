@@ -36,7 +36,6 @@ from meterstream.ops.kafka_read import TopicRead, read_topic
 from meterstream.pricing.plans import Catalog, PlanError
 from meterstream.pricing.rating import RatingError
 from meterstream.stream_processors.decode import Rejection, decode_event, received_at
-from meterstream.stream_processors.inflight import commit_time, committed_metadata
 from meterstream.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -260,6 +259,9 @@ def worker_lag(
                 low, high = read.watermarks[tp.partition]
                 if side is not None:
                     side.committed[(read.topic, tp.partition)] = max(tp.offset, low) if tp.offset >= 0 else low
+                    stamp = getattr(tp, "metadata", None)
+                    if stamp and str(stamp).isdigit():
+                        side.committed_at[(read.topic, tp.partition)] = int(stamp)
                 behind += high - max(tp.offset, low) if tp.offset >= 0 else high - low
             if behind:
                 lag[read.topic] = behind
@@ -267,18 +269,6 @@ def worker_lag(
         log.warning("could not read the worker's committed offsets: %s", exc)
     finally:
         consumer.close()
-    if side is not None:
-        # The commit time the worker wrote into the metadata, read with aiokafka: confluent-kafka's
-        # committed() returns the metadata with stray bytes after it (inflight.committed_metadata).
-        try:
-            metadata = committed_metadata(settings.kafka, settings.worker.app_id, [read.topic for _, read in reads], timeout)
-        except Exception as exc:
-            log.warning("could not read the worker's commit times: %s", exc)
-            metadata = {}
-        for place, (_, value) in metadata.items():
-            stamp = commit_time(value)
-            if stamp is not None:
-                side.committed_at[place] = stamp
     return lag
 
 

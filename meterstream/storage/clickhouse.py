@@ -11,9 +11,7 @@ checks the DDL and a batch on it).
 from __future__ import annotations
 
 import logging
-import os
 import re
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -30,6 +28,7 @@ from meterstream.clock import utc_now
 from meterstream.config import ClickHouseSettings
 from meterstream.schemas.records import AlertKind, BudgetAlert, RatedUsage, RawEvent
 from meterstream.storage.columns import rated_table, raw_table
+from meterstream.storage.repair import repair_views
 
 log = logging.getLogger(__name__)
 
@@ -272,14 +271,12 @@ class Storage(Protocol):
     """What the worker needs from a store: write a batch, run a saved query."""
 
     def insert_batch(
-        self,
-        raw: Sequence[RawEvent],
-        rated: Sequence[RatedUsage],
-        alerts: Sequence[BudgetAlert] = (),
-        token: str | None = None,
+        self, raw: Sequence[RawEvent], rated: Sequence[RatedUsage], alerts: Sequence[BudgetAlert] = ()
     ) -> None: ...
 
     def query(self, sql: str, parameters: dict[str, Any] | None = None) -> QueryResult: ...
+
+    def repair_views(self) -> None: ...
 
 
 class ClickHouseStore:
@@ -293,29 +290,20 @@ class ClickHouseStore:
         raw: Sequence[RawEvent],
         rated: Sequence[RatedUsage],
         alerts: Sequence[BudgetAlert] = (),
-        token: str | None = None,
     ) -> None:
-        """Write one batch. With a ``token`` (the worker's batch id, see stream_processors/inflight.py)
-        every insert carries ``insert_deduplication_token = <token>:<table>``: the same call repeated
-        (a retry, or a replay after a crash) is skipped by each table and materialised view that
-        already has the block and written to each one that lacks it (sql/010)."""
         now = utc_now()
         statement = "INSERT INTO events_raw"
         try:
             # Raw events and rated rows go as Arrow columns (meterstream/storage/columns.py).
             if raw:
-                self.client.insert_arrow("events_raw", raw_table(raw, now), settings=_dedup(token, "events_raw"))
-                _test_pause("events_raw")
+                self.client.insert_arrow("events_raw", raw_table(raw, now))
             statement = "INSERT INTO usage_rated"
             if rated:
                 # The view into usage_recent (sql/007) writes one partition per day: a replayed
                 # backlog may span more than the default 100.
                 self.client.insert_arrow(
-                    "usage_rated",
-                    rated_table(rated, now),
-                    settings={"max_partitions_per_insert_block": 0, **_dedup(token, "usage_rated")},
+                    "usage_rated", rated_table(rated, now), settings={"max_partitions_per_insert_block": 0}
                 )
-                _test_pause("usage_rated")
             statement = "INSERT INTO budget_alerts"
             if alerts:
                 self.client.insert(
@@ -331,7 +319,6 @@ class ClickHouseStore:
                         for a in alerts
                     ],
                     column_names=ALERT_COLUMNS,
-                    settings=_dedup(token, "budget_alerts"),
                 )
         except Exception as exc:
             raise classify_error(exc, statement) from exc
@@ -347,25 +334,16 @@ class ClickHouseStore:
             rows=[list(row) for row in result.result_rows],
         )
 
+    def repair_views(self) -> None:
+        """Copy into the derived tables what a killed worker's last insert may not have pushed (repair.py)."""
+        try:
+            repair_views(self.client)
+        except Exception as exc:  # clickhouse-connect raises several unrelated types
+            raise classify_error(exc, "repair of usage_recent / usage_day_counts (repair.repair_views)") from exc
+
     def close(self) -> None:
         self.client.close()
 
-
-
-def _dedup(token: str | None, table: str) -> dict[str, Any]:
-    """Insert settings for a batch's block in ``table``: its token, deduplicated in the views too."""
-    if token is None:
-        return {}
-    return {"insert_deduplication_token": f"{token}:{table}", "deduplicate_blocks_in_dependent_materialized_views": 1}
-
-
-def _test_pause(table: str) -> None:
-    """Tests only: ``METERSTREAM_TEST_PAUSE_AFTER_INSERT=<seconds>`` holds a batch's write after each
-    table's insert, saying so in the log, so that a kill test's SIGKILL lands between two inserts."""
-    pause = os.environ.get("METERSTREAM_TEST_PAUSE_AFTER_INSERT")
-    if pause:
-        log.warning("test pause after INSERT INTO %s", table)
-        time.sleep(float(pause))
 
 
 def open_store(settings: ClickHouseSettings, *, apply_migrations: bool = True) -> ClickHouseStore:

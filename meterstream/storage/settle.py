@@ -234,3 +234,5 @@ def settle_store(store: Any, before: date | None = None, *, now: datetime | None
         return settle(store.client, before, now=now)
     except Exception as exc:  # clickhouse-connect raises several unrelated types
         raise StoreError(f"settle failed: {exc}") from exc
+
+

@@ -64,9 +64,7 @@ from meterstream.storage.settle import settle_store
 from meterstream.stream_processors import quiet_logs
 from meterstream.stream_processors.alerts import OutboxKafka
 from meterstream.stream_processors.consumer import BatchConsumer
-from meterstream.stream_processors.inflight import InFlight
 from meterstream.stream_processors.processing import BatchProcessor, BatchResult, InboundMessage
-from meterstream.stream_processors.replay import Replayer
 from meterstream.stream_processors.state import StoreBackedState
 from meterstream.topics import Topics
 
@@ -160,21 +158,6 @@ def create_app(
         except Exception:  # the broker: unsent alerts stay recorded for the next assignment's pass
             log.error("the alert outbox pass for partitions %s failed", sorted(partitions), exc_info=True)
 
-    def replay_assigned() -> int:
-        if replayer is None:
-            return 0
-        return replayer.run({(tp.topic, tp.partition) for tp in consumer.assigned})
-
-    # After a crash: the batch whose write may have been cut is written again (replay.py). Only
-    # with a real store (unit tests give a stand-in without one).
-    replayer = (
-        Replayer(
-            kafka, group_id=worker.app_id, kinds={topics.usage.name: "usage", topics.outcomes.name: "outcome"},
-            catalog=catalog, store=store, late_grace=timedelta(seconds=worker.late_grace_seconds),  # type: ignore[arg-type]
-        )  # fmt: skip
-        if hasattr(store, "client")
-        else None
-    )
     state = StoreBackedState(
         store,  # type: ignore[arg-type]
         topics=[topics.usage.name, topics.outcomes.name],
@@ -188,7 +171,6 @@ def create_app(
         # Totals are kept per billing period (anniversary customers' are not calendar months).
         period_of=catalog.billing_period,
         preload_periods=catalog.open_billing_periods,
-        replay=replay_assigned,
     )
     processor = BatchProcessor(
         catalog,
@@ -375,7 +357,7 @@ def create_app(
             ledger.count(state.customer_id, state.period, state.spent_credits, state.counted_ids)
 
     async def stage_batch(
-        messages: Sequence[InboundMessage], keys: Sequence[bytes | None], batch: InFlight | None = None
+        messages: Sequence[InboundMessage], keys: Sequence[bytes | None]
     ) -> Callable[[], Awaitable[dict[tuple[str, int], int]]]:
         """Rate a batch and take it into the in-memory state; return the write that makes it durable.
 
@@ -384,12 +366,8 @@ def create_app(
         if the write cannot complete the process exits (see consumer.py) and a restart
         rebuilds it from what was stored.
         """
-        now = clock()
-        if batch is not None:  # recorded with the batch: a replay rates with the same reading (replay.py)
-            batch.now_ms = int(now.timestamp() * 1000)
-            now = datetime.fromtimestamp(batch.now_ms / 1000, tz=timezone.utc)
         result = await with_store(
-            lambda: processor.process(messages, state.month_to_date, now=now, prepare=state.prepare, history=state),
+            lambda: processor.process(messages, state.month_to_date, prepare=state.prepare, history=state),
             "loading state",
             exclusive=False,
         )
@@ -409,9 +387,7 @@ def create_app(
         async def write() -> dict[tuple[str, int], int]:
             activity.writing += 1
             try:
-                # The batch's tokens: a retry here, or a replay after a crash, is written once (inflight.py).
-                token = batch.batch_id if batch is not None else None
-                await with_store(lambda: store.insert_batch(result.raw, result.rated, result.alerts, token), "store write")
+                await with_store(lambda: store.insert_batch(result.raw, result.rated, result.alerts), "store write")
             finally:
                 activity.writing -= 1
             if ledger is not None and result.enforcement:
@@ -502,5 +478,4 @@ def create_app(
     app.meterstream_stats = stats  # type: ignore[attr-defined]
     app.meterstream_state = state  # type: ignore[attr-defined]
     app.meterstream_handle_batch = handle_batch  # type: ignore[attr-defined]
-    app.meterstream_replayer = replayer  # type: ignore[attr-defined]
     return app

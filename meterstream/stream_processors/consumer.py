@@ -21,10 +21,6 @@ replays harmless):
   its side-topic messages are confirmed by the broker; commits are batched
   every ``commit_interval`` seconds, and always made before partitions are
   revoked and before a clean stop;
-- before a batch's write starts, every partition it covers is committed at the batch's first
-  offset (everything before is durable by then) with the batch's identity and range in the
-  commit metadata (inflight.py): a worker that takes the partition after a crash writes that
-  batch again with the same deduplication tokens (replay.py), so no table or view is left short;
 - two stages overlap: batch *n + 1* is rated while batch *n* is written
   (chDB releases the GIL, so the two use both cores); writes start in batch
   order and each waits for the previous one;
@@ -45,7 +41,6 @@ import asyncio
 import logging
 import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NoReturn
 
@@ -56,18 +51,16 @@ from mode import Service
 
 from meterstream.config import KafkaSettings
 from meterstream.kafka_clients import aiokafka_client_args
-from meterstream.stream_processors.inflight import InFlight, metadata
 from meterstream.stream_processors.processing import InboundMessage
 
 log = logging.getLogger(__name__)
 
 #: Stage one of a batch: rate the messages (in offset order per partition; keys for dead
-#: letters; the batch's identity, whose ``now_ms`` the stage sets to the clock reading it rated
-#: with) and return stage two, the write that makes the batch durable.
+#: letters) and return stage two, the write that makes the batch durable.
 #: The write returns the messages it could not make durable, ``{(topic, partition): offset}``
 #: (a dead letter the broker refuses): those partitions are held at that offset.
 BatchStager = Callable[
-    [Sequence[InboundMessage], Sequence[bytes | None], InFlight],
+    [Sequence[InboundMessage], Sequence[bytes | None]],
     Awaitable[Callable[[], Awaitable[dict[tuple[str, int], int] | None]]],
 ]
 
@@ -274,9 +267,7 @@ class BatchConsumer(Service):
         write: Callable[[], Awaitable[dict[tuple[str, int], int] | None]],
         last: dict[TopicPartition, int],
         where: str,
-        batch: InFlight,
     ) -> None:
-        await self._record(batch)
         try:
             held = await write() or {}
         except Exception:
@@ -330,36 +321,12 @@ class BatchConsumer(Service):
             return
         where = describe_ranges(last, first)
         self.in_hand = where if self._write is None or self._write.done() else f"{self.in_hand}; {where}"
-        inflight = InFlight(uuid.uuid4().hex, {(tp.topic, tp.partition): (first[tp], last[tp]) for tp in last})
         # Two stages: this batch is rated while the previous one is still being written (chDB
         # works outside the GIL), then this batch's write starts once the previous one is done,
         # so writes, and offsets, stay in order.
-        write = await self.stage(messages, keys, inflight)
+        write = await self.stage(messages, keys)
         await self._finish_write()
-        self._write = asyncio.ensure_future(self._durable(write, last, where, inflight))
-
-    async def _record(self, batch: InFlight) -> None:
-        """Commit the batch's partitions at its first offsets, recording the batch (before its write).
-
-        The previous batch's write is done, so every offset before this batch is durable. Other
-        partitions' pending offsets keep waiting for the commit interval. If the commit fails (a
-        rebalance, the broker away), the write goes on unrecorded: a same-process retry is still
-        deduplicated by its tokens, and the commit after the write is unchanged.
-        """
-        if self.consumer is None or self._fatal:
-            return
-        async with self._commit_lock:
-            stamp = int(time.time() * 1000)
-            offsets = {}
-            for (topic, partition), (first, _) in batch.ranges.items():
-                tp = TopicPartition(topic, partition)
-                offsets[tp] = OffsetAndMetadata(first, metadata(stamp, batch, (topic, partition)))
-                if self._pending.get(tp, first) <= first:
-                    self._pending.pop(tp, None)  # committed by this record (the other partitions wait)
-            try:
-                await self.consumer.commit(offsets)
-            except (CommitFailedError, IllegalStateError, KafkaError) as exc:
-                log.warning("could not record the batch before its write (%s); written unrecorded", exc)
+        self._write = asyncio.ensure_future(self._durable(write, last, where))
 
     def fatal(self, message: str, *, level: int = logging.CRITICAL) -> NoReturn:
         """End the process now and commit nothing: the next worker replays the batches in hand.
@@ -389,9 +356,8 @@ class BatchConsumer(Service):
             return
         if not force and time.monotonic() - self._last_commit < self.commit_interval:
             return
-        # The metadata is the commit time (ms): `reconcile` tells a stuck group from a slow one by it
-        # (inflight.metadata; a commit that records a batch carries it too).
-        stamp = metadata(int(time.time() * 1000))
+        # The metadata is the commit time (ms): `reconcile` tells a stuck group from a slow one by it.
+        stamp = str(int(time.time() * 1000))
         offsets = {tp: OffsetAndMetadata(offset, stamp) for tp, offset in self._pending.items()}
         self._pending = {}
         self._last_commit = time.monotonic()

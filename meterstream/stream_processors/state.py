@@ -161,7 +161,6 @@ class StoreBackedState:
         on_assigned: Callable[[], None] | None = None,
         period_of: Callable[[str, datetime], str] | None = None,
         preload_periods: Callable[[datetime], Iterable[str]] | None = None,
-        replay: Callable[[], object] | None = None,
     ) -> None:
         self.store = store
         self.clock = clock
@@ -172,9 +171,6 @@ class StoreBackedState:
         self.preload_periods: Callable[[datetime], Iterable[str]] = preload_periods or calendar_preload
         #: Run after partitions are (re)assigned, before the totals are loaded (the alert outbox).
         self.on_assigned = on_assigned
-        #: Run first after partitions are (re)assigned: writes again the batch a crash may have
-        #: cut (stream_processors/replay.py), before anything is loaded from the store.
-        self.replay = replay
         self.topics = list(topics)
         self.window_seconds = window_seconds
         self.window_expires_seconds = window_expires_seconds
@@ -257,11 +253,9 @@ class StoreBackedState:
         if not batch:
             return
         if self.stored_upto is None:
-            # Partitions were (re)assigned, perhaps after a worker was killed mid-write: its
-            # recorded batch is written again first (replay.py). Set stored_upto last: if a load
-            # fails, the retried batch replays (harmless: deduplication tokens) and loads again.
-            if self.replay is not None:
-                self.replay()
+            # Partitions were (re)assigned, perhaps after a worker was killed mid-insert. Set
+            # stored_upto last: if a load fails, the retried batch loads everything again.
+            self.store.repair_views()
             if self.on_assigned is not None:
                 self.on_assigned()
             stored_upto = self._stored_offsets()

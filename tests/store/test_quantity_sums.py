@@ -106,8 +106,9 @@ def test_the_sum_of_quantities_in_the_store_also_after_migrating_a_settled_store
 
         store = open_store(clickhouse)  # applies 009 on that store
         try:
-            applied = [r[0] for r in client.query("SELECT name FROM schema_migrations FINAL ORDER BY version").result_rows]
-            assert "009_quantity_sums_and_issued_catalogs.sql" in applied  # (010 and later apply too)
+            assert [r[0] for r in client.query("SELECT name FROM schema_migrations FINAL ORDER BY version").result_rows][
+                -1
+            ] == "009_quantity_sums_and_issued_catalogs.sql"
 
             def run(name: str, **params: str):
                 return store.query(saved_query(name), params)

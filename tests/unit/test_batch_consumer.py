@@ -16,7 +16,6 @@ from aiokafka import TopicPartition
 
 from meterstream.config import KafkaSettings
 from meterstream.stream_processors.consumer import BatchConsumer
-from meterstream.stream_processors.inflight import InFlight, commit_time, gather, recorded
 
 TP0 = TopicPartition("usage.events", 0)
 TP1 = TopicPartition("outcome.events", 0)
@@ -25,17 +24,12 @@ TP1 = TopicPartition("outcome.events", 0)
 class FakeKafkaConsumer:
     def __init__(self) -> None:
         self.commits: list[dict[TopicPartition, int]] = []
-        #: Commits that record a batch before its write (inflight.py), apart from the others.
-        self.records: list[dict[TopicPartition, tuple[int, str]]] = []
 
     def assignment(self) -> set[TopicPartition]:
         return {TP0, TP1}
 
     async def commit(self, offsets) -> None:
-        if any(meta.metadata.startswith("{") for meta in offsets.values()):
-            self.records.append({tp: (meta.offset, meta.metadata) for tp, meta in offsets.items()})
-        else:
-            self.commits.append({tp: meta.offset for tp, meta in offsets.items()})
+        self.commits.append({tp: meta.offset for tp, meta in offsets.items()})
 
 
 def _records(tp: TopicPartition, first: int, n: int) -> dict[TopicPartition, list[SimpleNamespace]]:
@@ -65,7 +59,7 @@ def test_the_next_batch_is_rated_while_the_previous_one_is_written_and_writes_st
     log: list[str] = []
     release_first_write = asyncio.Event()
 
-    async def stage(messages, keys, batch):
+    async def stage(messages, keys):
         name = f"b{messages[0].offset}"
         log.append(f"rate {name}")
 
@@ -96,7 +90,7 @@ def test_the_next_batch_is_rated_while_the_previous_one_is_written_and_writes_st
 
 
 def test_a_failed_write_is_never_committed_and_surfaces():
-    async def stage(messages, keys, batch):
+    async def stage(messages, keys):
         async def write():
             raise RuntimeError("broker refused the dead letters")
 
@@ -115,7 +109,7 @@ def test_a_failed_write_is_never_committed_and_surfaces():
 def test_records_of_a_partition_revoked_since_the_fetch_are_not_processed():
     seen: list[tuple[str, int]] = []
 
-    async def stage(messages, keys, batch):
+    async def stage(messages, keys):
         seen.extend((m.topic, m.offset) for m in messages)
 
         async def write():
@@ -136,7 +130,7 @@ def test_records_of_a_partition_revoked_since_the_fetch_are_not_processed():
 
 
 def test_commits_are_batched_by_the_commit_interval_and_forced_on_revocation():
-    async def stage(messages, keys, batch):
+    async def stage(messages, keys):
         async def write():
             return None
 
@@ -160,7 +154,7 @@ def test_a_stop_during_a_rebalance_still_finishes_the_write_in_hand():
     release = asyncio.Event()
     written: list[str] = []
 
-    async def stage(messages, keys, batch):
+    async def stage(messages, keys):
         async def write():
             await release.wait()
             written.append("b0")
@@ -190,7 +184,7 @@ def test_the_state_is_reset_on_revocation_only_after_the_writes_in_hand():
     events: list[str] = []
     release = asyncio.Event()
 
-    async def stage(messages, keys, batch):
+    async def stage(messages, keys):
         async def write():
             await release.wait()
             events.append("write done")
@@ -241,43 +235,3 @@ def test_the_fatal_path_commits_nothing_closes_the_store_and_flushes_the_log(mon
     # Nothing pending is committed later, even if the shutdown path asks.
     asyncio.run(consumer._commit(force=True))
     assert fake.commits == []
-
-
-def test_each_batch_is_recorded_at_its_first_offsets_before_its_write():
-    """What a worker taking the partitions after a crash replays (inflight.py, replay.py)."""
-    events: list[str] = []
-    seen: list[InFlight] = []
-
-    async def stage(messages, keys, batch):
-        seen.append(batch)
-        batch.now_ms = 1_764_547_200_123
-
-        async def write():
-            events.append(f"write {batch.batch_id}, records so far {len(fake.records)}")
-
-        return write
-
-    async def run():
-        nonlocal fake
-        consumer, fake = _consumer(stage)
-        await consumer._process({**_records(TP0, 7, 3), **_records(TP1, 2, 2)})
-        await consumer._settle()
-        await consumer._process(_records(TP0, 10, 1))
-        await consumer._settle()
-
-    fake = None
-    asyncio.run(run())
-    first, second = seen
-    assert events == [f"write {first.batch_id}, records so far 1", f"write {second.batch_id}, records so far 2"]
-    assert first.ranges == {("usage.events", 0): (7, 9), ("outcome.events", 0): (2, 3)}
-    record = fake.records[0]
-    assert {tp: offset for tp, (offset, _) in record.items()} == {TP0: 7, TP1: 2}
-    for tp, (offset, meta) in record.items():
-        assert recorded(tp.topic, tp.partition, offset, meta) == (first.batch_id, 1_764_547_200_123, *first.ranges[(tp.topic, tp.partition)])
-        assert commit_time(meta) is not None
-    # The second batch's record commits TP0 at 10 (the first batch is durable by then).
-    assert {tp: offset for tp, (offset, _) in fake.records[1].items()} == {TP0: 10}
-    assert gather({(tp.topic, tp.partition): recorded(tp.topic, tp.partition, o, m) for tp, (o, m) in record.items()})[0].ranges == first.ranges
-    # A commit at another offset means the recorded batch was finished: nothing to replay.
-    assert recorded(TP0.topic, TP0.partition, 10, record[TP0][1]) is None
-    assert commit_time("1764547200000") == 1_764_547_200_000 and recorded("t", 0, 5, "1764547200000") is None

@@ -34,7 +34,7 @@ class MemoryStore:
         self.error = error
         self.attempts = 0
 
-    def insert_batch(self, raw, rated, alerts=(), token=None) -> None:
+    def insert_batch(self, raw, rated, alerts=()) -> None:
         from meterstream.storage.clickhouse import StoreError
 
         self.attempts += 1
@@ -47,6 +47,9 @@ class MemoryStore:
 
     def query(self, sql, parameters=None) -> QueryResult:
         return QueryResult([], [], [])
+
+    def repair_views(self) -> None:
+        pass
 
 
 #: Every event of these tests occurred at the start of November 2026, and the worker's clock
