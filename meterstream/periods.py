@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from functools import lru_cache
 
 _LABEL = re.compile(r"(\d{4})-(\d{2})")
@@ -51,10 +51,6 @@ class Period:
     def __str__(self) -> str:
         return f"{self.year:04d}-{self.month:02d}"
 
-    @property
-    def label(self) -> str:
-        return str(self)
-
     def next(self) -> Period:
         return Period(self.year + 1, 1) if self.month == 12 else Period(self.year, self.month + 1)
 
@@ -70,10 +66,6 @@ class Period:
     def end(self) -> datetime:
         """The first instant of the next month, UTC (end exclusive)."""
         return self.next().start
-
-    @property
-    def days(self) -> int:
-        return (self.end - self.start) // timedelta(days=1)
 
     def through(self, last: Period) -> list[Period]:
         """This period and every one after it up to ``last``, inclusive (empty if ``last`` is earlier)."""

@@ -24,11 +24,13 @@ from __future__ import annotations
 import csv
 import io
 import os
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
 import pytest
+import time_machine
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -39,7 +41,15 @@ from meterstream.producers.client import _wire_many
 from meterstream.schemas.events import OutcomeEvent, UsageEvent
 
 COUNT = {"inputs": 0}
-NOW = datetime.now(timezone.utc)
+#: The instant every comparison runs at: the clock is stopped there for each test (below), so the
+#: future-time limit reads the same "now" in both paths however long the run takes.
+NOW = datetime.now(timezone.utc).replace(microsecond=0)
+
+
+@pytest.fixture(autouse=True)
+def _clock_stopped_at_now() -> Iterator[None]:
+    with time_machine.travel(NOW, tick=False):
+        yield
 
 ids = st.one_of(
     st.sampled_from(["acme", "cust-0001", "a.b:c@d/e-f", "gpt-4o", "x" * 128]),

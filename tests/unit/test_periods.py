@@ -29,7 +29,7 @@ def test_labels_and_neighbours_across_the_year_end() -> None:
 
 def test_bounds_are_utc_and_end_exclusive() -> None:
     assert period_bounds("2024-02") == (datetime(2024, 2, 1, tzinfo=UTC), datetime(2024, 3, 1, tzinfo=UTC))
-    assert Period.parse("2024-02").days == 29 and Period.parse("2026-11").days == 30
+    assert Period.parse("2024-02").end - Period.parse("2024-02").start == timedelta(days=29)
 
 
 def test_the_period_of_an_instant_is_read_in_utc() -> None:
