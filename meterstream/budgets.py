@@ -268,7 +268,7 @@ def customer_decision(
             ThresholdAction.ALERT: Decision.WARN,
         }[budget.action]
         return EnforcementState(
-            decision=decision, reason=f"monthly budget of {cap} credits reached ({percent:.1f}% used)", **common
+            decision=decision, reason=f"monthly budget of {cap} budget credits (usage + outcome credits) reached ({percent:.1f}% used)", **common
         )
     crossed = [t for t in budget.thresholds if spent * 100 >= cap * t]
     if crossed:

@@ -458,7 +458,7 @@ class BudgetGuard:
                               model, estimate, hold, uuid.uuid4().hex, in_ledger=False)  # fmt: skip
         return GuardDecision(
             Decision.BLOCK, model, Reason.WOULD_EXCEED_BUDGET,
-            f"would exceed the monthly budget of {state.cap_credits} credits: {available:.4f} left "
+            f"would exceed the monthly budget of {state.cap_credits} budget credits: {available:.4f} left "
             f"after calls in flight, this call needs about {estimate:.4f}",
             estimate,
         )  # fmt: skip

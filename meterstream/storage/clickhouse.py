@@ -105,6 +105,21 @@ def dsn_origin(settings: ClickHouseSettings) -> str:
     return f"{url.scheme}://{url.hostname}:{url.port or (443 if url.scheme == 'https' else 8123)}"
 
 
+#: Session settings meterstream's saved queries are written for, set on every connection whose
+#: user may change them and whose server knows them. A readonly user cannot set them: its
+#: profile gives them (services/clickhouse/users.xml; docs/security.md for your own server).
+#: enable_materialized_cte: ``period_usage.sql`` runs each ``AS MATERIALIZED`` CTE once instead
+#: of once per reference (same rows either way; the setting is in ClickHouse's experimental tier).
+SESSION_SETTINGS: dict[str, int] = {"enable_materialized_cte": 1}
+
+
+def _apply_session_settings(client: Client) -> None:
+    for key, value in SESSION_SETTINGS.items():
+        known = client.server_settings.get(key)
+        if known is not None and not known.readonly and known.value != str(value):
+            client.set_client_setting(key, value)
+
+
 def connect(settings: ClickHouseSettings, *, create_database: bool = True) -> Client:
     """A clickhouse-connect client for the configured DSN, on the configured database."""
     dsn = settings.dsn.get_secret_value()
@@ -125,6 +140,7 @@ def connect(settings: ClickHouseSettings, *, create_database: bool = True) -> Cl
             )
         else:
             client.database = settings.database
+        _apply_session_settings(client)
         return client
     except Exception as exc:  # clickhouse-connect raises several unrelated types
         error = classify_error(exc, f"CREATE DATABASE IF NOT EXISTS {settings.database}", dsn_origin(settings))

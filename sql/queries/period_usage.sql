@@ -9,8 +9,14 @@
 -- since from usage_settled, the others from usage_recent FINAL (last 7 days) or usage_rated FINAL.
 -- billed_in != '': usage that arrived after its period closed (shown here, where it happened;
 -- billed on a later invoice).
+-- The three CTEs are read by several subqueries each: MATERIALIZED runs each once (about half
+-- the query's time on the benchmark store) where the session has enable_materialized_cte = 1
+-- (meterstream's connections set it; the readonly profile in services/clickhouse/users.xml
+-- and docs/security.md's SQL give it to the readers). Where it is 0 the keyword is ignored and
+-- each reference runs its subquery again: the same rows, slower (tests/store/test_settled_usage.py
+-- compares both with usage_rated FINAL).
 WITH
-    received AS
+    received AS MATERIALIZED
     (
         SELECT customer_id, day, sum(rows) AS n
         FROM usage_day_counts
@@ -18,7 +24,7 @@ WITH
           AND ({customer:String} = '' OR customer_id = {customer:String})
         GROUP BY customer_id, day
     ),
-    settled AS
+    settled AS MATERIALIZED
     (
         SELECT customer_id, day, settle_id
         FROM usage_settled_days FINAL
@@ -27,7 +33,7 @@ WITH
           AND (customer_id, day, seen_rows) IN (SELECT customer_id, day, n FROM received)
     ),
     -- Days on which every customer-day received is settled: their partitions are not read.
-    settled_days AS
+    settled_days AS MATERIALIZED
     (
         SELECT day
         FROM received

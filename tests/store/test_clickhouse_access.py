@@ -83,6 +83,22 @@ def test_customer_success_reads_every_customer_of_the_reporting_tables_only(serv
         client.query("SELECT * FROM schema_migrations")  # not a reporting table
 
 
+def test_the_readers_profile_runs_materialized_ctes_once(server):
+    """A readonly user cannot set enable_materialized_cte per query: its profile gives it, and
+    period_usage.sql's MATERIALIZED CTEs (their temporary tables) run within readonly = 1."""
+    from meterstream.storage.queries import saved_query
+
+    admin = _client(server[0], "meterstream")
+    query = saved_query("period_usage")
+    want = admin.query(query + "\nSETTINGS enable_materialized_cte = 0", parameters={"period": PERIOD, "customer": ""})
+    for user in ("cs_reader", "tenant_acme"):
+        client = _client(server[0], user)
+        assert client.query("SELECT getSetting('enable_materialized_cte'), getSetting('readonly')").result_rows == [(True, 1)]
+        got = client.query(query, parameters={"period": PERIOD, "customer": ""}).result_rows
+        expected = [row for row in want.result_rows if user == "cs_reader" or row[0] == "acme"]
+        assert got == expected and len(expected) >= 1, user
+
+
 def test_a_tenant_sees_only_its_own_rows(server):
     client = _client(server[0], "tenant_acme")
     assert client.query("SELECT DISTINCT customer_id FROM usage_rated").result_rows == [("acme",)]

@@ -89,7 +89,7 @@ def test_fifty_concurrent_callers_cannot_overshoot_a_hard_cap(enforced):
     _wait(lambda: guard.view.states["capped"].decision is Decision.BLOCK, 30, "the block decision")
     decision = guard.check("capped", "gpt-4o-mini", input_tokens=10, output_tokens=10)
     assert (decision.decision, decision.code) == (Decision.BLOCK, Reason.BUDGET_EXHAUSTED)
-    assert "monthly budget of 100 credits reached" in decision.reason
+    assert "monthly budget of 100 budget credits (usage + outcome credits) reached" in decision.reason
     assert guard.catalog_matches is True and guard.view_age() is not None
     assert guard.in_flight("capped") == 0  # every settled call has been counted by the worker
 

@@ -237,7 +237,7 @@ def test_the_api_returns_a_customers_own_figures_exactly(web: WebSetup):
     ] != "enforcement-state":
         assert time.monotonic() < deadline, f"the worker's decision never reached the server: {state}"
         time.sleep(0.2)
-    assert state["state"] == "block" and "monthly budget of 100 credits reached" in state["reason"]
+    assert state["state"] == "block" and "monthly budget of 100 budget credits (usage + outcome credits) reached" in state["reason"]
     assert [a["threshold_percent"] for a in state["alerts"]] == [50, 80, 100]
 
     bravo = web.get(f"/api/v1/customers/{BRAVO}/budget", web.tokens[BRAVO]).json()
