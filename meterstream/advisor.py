@@ -30,8 +30,8 @@ keeps at least p% of customers within it — the property an allowance needs.
 Example: credits 10k, 20k, 40k, 60k, 100k -> p50 = rank 3 = 40k, p75 = rank 4
 = 60k, p90 = rank 5 = 100k.
 
-**Metrics per customer-period** (from rated rows, ``FINAL``): ``credits``
-(usage credits, as rated — outcome rows do not count, as on the invoice),
+**Metrics per customer-period** (from rated rows, ``FINAL``): ``usage_credits``
+(as rated — outcome rows do not count, as on the invoice),
 ``cost_to_serve`` (usage and outcomes), ``tokens`` and ``tokens:<model>``
 (input + output tokens; input includes cached input), each other meter's
 quantity (``requests``, ``actions``, ``documents``), ``seats`` (the period's
@@ -147,7 +147,7 @@ def period_usages(rows: Mapping[str, list[dict[str, Any]]], period: str) -> dict
 
 def _metric_order(name: str) -> tuple[int, str]:
     head = name.split(":", 1)[0]
-    known = {"credits": 0, "cost_to_serve": 1, "tokens": 2, "requests": 3, "actions": 4, "documents": 5, "seats": 7}
+    known = {"usage_credits": 0, "cost_to_serve": 1, "tokens": 2, "requests": 3, "actions": 4, "documents": 5, "seats": 7}
     rank = known.get(head, 9 if head == "outcomes" else 6)
     return rank, name
 
@@ -155,7 +155,7 @@ def _metric_order(name: str) -> tuple[int, str]:
 def customer_metrics(rows: Iterable[dict[str, Any]]) -> dict[str, Decimal]:
     """One customer's period totals per metric (module docstring, "Metrics per customer-period")."""
     totals: dict[str, Decimal] = defaultdict(lambda: ZERO)
-    totals["credits"] = ZERO
+    totals["usage_credits"] = ZERO
     totals["cost_to_serve"] = ZERO
     for row in rows:
         totals["cost_to_serve"] += row["cost_to_serve"]
@@ -163,7 +163,7 @@ def customer_metrics(rows: Iterable[dict[str, Any]]) -> dict[str, Decimal]:
             events = Decimal(int(row["events"]))
             totals[f"outcomes:{row['outcome_type']}"] += -events if row["is_reversal"] else events
             continue
-        totals["credits"] += row["credits"]
+        totals["usage_credits"] += row["credits"]
         meter = row["meter"]
         if meter == "tokens":
             tokens = Decimal(int(row["input_tokens"]) + int(row["output_tokens"]))
@@ -350,7 +350,7 @@ class ReplayRow:
     def to_json(self) -> dict[str, Any]:
         return {
             "customer_id": self.customer_id,
-            "credits": _exact(self.credits),
+            "usage_credits": _exact(self.credits),
             "within_allowance": self.within_allowance,
             "overage_credits": _exact(self.overage_credits),
             # Money as the invoices state it: rounded to the minor unit, e.g. "400.00".

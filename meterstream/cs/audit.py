@@ -152,7 +152,7 @@ class RowStats:
             if row["meter"] == "seats":
                 self.seat_rows += 1
                 self.max_seats = max(self.max_seats, Decimal(row["quantity"]))
-        entry = self.by_rule.setdefault((row["price_book_version"], row["rule"]), [0, ZERO, ZERO])
+        entry = self.by_rule.setdefault((row["price_book_version"], row["rule"]), [0, ZERO, ZERO, row["kind"]])
         entry[0] += 1
         entry[1] += credits
         entry[2] += cost
@@ -189,8 +189,11 @@ class AuditResult:
 
     def by_rule(self) -> list[dict[str, Any]]:
         return [
-            {"plan_version": version, "rule": rule, "rows": n, "credits": credits, "cost_to_serve": cost}
-            for (version, rule), (n, credits, cost) in sorted(self.stats.by_rule.items())
+            # A rule rates one kind: its credits are usage credits or outcome credits, never both.
+            {"plan_version": version, "rule": rule, "rows": n,
+             "usage_credits": ZERO if kind == "outcome" else credits,
+             "outcome_credits": credits if kind == "outcome" else ZERO, "cost_to_serve": cost}  # fmt: skip
+            for (version, rule), (n, credits, cost, kind) in sorted(self.stats.by_rule.items())
         ]
 
 

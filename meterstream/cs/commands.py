@@ -423,7 +423,8 @@ def _audit_tables(result: Any, csv_file: str | None, out: Console) -> None:
     by_rule = Report(
         "Rows by plan version and rule",
         [Column("plan_version", "plan version"), Column("rule", "rule"), Column("rows", "rows", "int"),
-         Column("credits", "credits", "number"), Column("cost_to_serve", "cost to serve $", "cost")],
+         Column("usage_credits", "usage credits", "number"), Column("outcome_credits", "outcome credits", "number"),
+         Column("cost_to_serve", "cost to serve $", "cost")],
         result.by_rule(),
     )  # fmt: skip
     out.print(table(by_rule))

@@ -258,10 +258,10 @@ def _print_report(data: dict[str, Any], show: int) -> None:
         console.print(text, highlight=False, soft_wrap=True)
 
     say(f"period {data['period']}")
-    say(f"  kafka : {k['events']} events priced ({k['credits']} usage + outcome credits), {k['unpriced']} not priceable, "
+    say(f"  kafka : {k['events']} events priced ({k['usage_and_outcome_credits']} usage + outcome credits), {k['unpriced']} not priceable, "
         f"{k['duplicates']} duplicates, {k['invalid']} invalid messages, {k['other_periods']} in other periods; "
         f"{k['dead_letters']} dead letters on the topic")  # fmt: skip
-    say(f"  store : {s['raw_events']} raw events, {s['rated_rows']} rated rows ({s['credits']} usage + outcome credits), "
+    say(f"  store : {s['raw_events']} raw events, {s['rated_rows']} rated rows ({s['usage_and_outcome_credits']} usage + outcome credits), "
         f"{s['customers']} customers; invoices total {s['invoice_total']}")  # fmt: skip
     for topic in k["retention_dropped"]:
         say(f"  note  : {topic} no longer starts at offset 0 (retention dropped old messages); "
@@ -294,6 +294,6 @@ def _print_report(data: dict[str, Any], show: int) -> None:
             say(f"    {escape(m['customer_id'])}  stored {m['stored']}  kafka {m['kafka']}  difference {m['difference']}")
     if data["reconciled"]:
         say(f"[bold green]reconciled[/]: {k['events']} events on Kafka = {s['raw_events']} raw = "
-            f"{s['rated_rows']} rated; usage + outcome credits {s['credits']} match per customer ({s['customers']} customers)")  # fmt: skip
+            f"{s['rated_rows']} rated; usage + outcome credits {s['usage_and_outcome_credits']} match per customer ({s['customers']} customers)")  # fmt: skip
     else:
         say("[bold red]NOT reconciled[/]")

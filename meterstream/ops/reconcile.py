@@ -104,12 +104,12 @@ class Report:
             "kafka": {
                 "messages": k.messages, "events": len(k.events), "unpriced": len(k.unpriced),
                 "duplicates": k.duplicates, "invalid": k.invalid, "other_periods": k.other_periods,
-                "dead_letters": k.dead_letters, "credits": _d(sum(k.events.values(), ZERO)),
+                "dead_letters": k.dead_letters, "usage_and_outcome_credits": _d(sum(k.events.values(), ZERO)),
                 "retention_dropped": k.retention, "worker_lag": k.lag,
                 "committed_accounting": k.accounting, "unaccounted": k.unaccounted, "stuck": k.stuck,
             },
             "store": {
-                "raw_events": len(s.raw), "rated_rows": len(s.rated), "credits": _d(sum(s.rated.values(), ZERO)),
+                "raw_events": len(s.raw), "rated_rows": len(s.rated), "usage_and_outcome_credits": _d(sum(s.rated.values(), ZERO)),
                 "customers": len({c for c, _ in s.rated}),
                 "invoice_total": _d(sum(s.invoice_totals.values(), ZERO)),
                 "invoice_totals": {c: str(v) for c, v in sorted(s.invoice_totals.items())},

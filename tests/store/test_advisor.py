@@ -138,7 +138,7 @@ def test_usage_profiles_by_plan_match_hand_computed_nearest_ranks(run_query, cat
     profiles = advisor.profiles_from_store(run_query, PERIOD, advisor.plan_grouping(catalog))
     assert {p.group for p in profiles} == {"(all)", "growth", "starter"}
     # growth, n = 5: ranks ceil(.5*5)=3, ceil(.75*5)=4, ceil(.9*5)=5.
-    credits = _profile(profiles, "growth", "credits")  # 10k 20k 40k 60k 100k
+    credits = _profile(profiles, "growth", "usage_credits")  # 10k 20k 40k 60k 100k
     assert (credits.customers, credits.using) == (5, 5)
     assert _quantiles(credits) == [40_000, 60_000, 100_000, 100_000]
     # input + output tokens: 10k 20k 40k 50k 80k
@@ -152,12 +152,12 @@ def test_usage_profiles_by_plan_match_hand_computed_nearest_ranks(run_query, cat
     assert _quantiles(_profile(profiles, "growth", "documents")) == [0, 0, 5, 5]
     assert _quantiles(_profile(profiles, "growth", "cost_to_serve")) == [200, 300, 500, 500]
     # all six, n = 6: ranks 3, ceil(4.5)=5, ceil(5.4)=6 over 500 10k 20k 40k 60k 100k.
-    assert _quantiles(_profile(profiles, "(all)", "credits")) == [20_000, 60_000, 100_000, 100_000]
+    assert _quantiles(_profile(profiles, "(all)", "usage_credits")) == [20_000, 60_000, 100_000, 100_000]
     # outcomes net of reversals: c6 has 2 - 1 = 1, everyone else 0.
     tickets = _profile(profiles, "(all)", "outcomes:resolved_ticket")
     assert (tickets.customers, tickets.using) == (6, 1)
     assert _quantiles(tickets) == [0, 0, 1, 1]
-    assert _quantiles(_profile(profiles, "starter", "credits")) == [500, 500, 500, 500]
+    assert _quantiles(_profile(profiles, "starter", "usage_credits")) == [500, 500, 500, 500]
     assert not [p for p in profiles if p.group == "growth" and p.metric.startswith("outcomes")]
     assert all(isinstance(v, Decimal) for p in profiles for v in p.quantiles.values())
 
@@ -167,8 +167,8 @@ def test_usage_profiles_by_first_seen_month(run_query):
     assert cohorts == {"c1": "2025-09", "c2": "2025-09", "c3": PERIOD, "c4": PERIOD, "c5": PERIOD, "c6": PERIOD}
     profiles = advisor.profiles_from_store(run_query, PERIOD, advisor.cohort_grouping(cohorts))
     # 2025-09 cohort, October credits 10k 20k (n=2: ranks 1, 2, 2); 2025-10: 500 40k 60k 100k (ranks 2, 3, 4).
-    assert _quantiles(_profile(profiles, "2025-09", "credits")) == [10_000, 20_000, 20_000, 20_000]
-    assert _quantiles(_profile(profiles, "2025-10", "credits")) == [40_000, 60_000, 100_000, 100_000]
+    assert _quantiles(_profile(profiles, "2025-09", "usage_credits")) == [10_000, 20_000, 20_000, 20_000]
+    assert _quantiles(_profile(profiles, "2025-10", "usage_credits")) == [40_000, 60_000, 100_000, 100_000]
 
 
 def test_advisor_replays_the_period_as_computed_by_hand(run_query, catalog):
@@ -267,7 +267,7 @@ def test_cli_advise_and_profile(cli, tmp_path):
     assert profile.exit_code == 0, profile.output
     rows = json.loads(profile.stdout)
     assert rows["quantile_method"] == "nearest-rank"
-    growth = next(p for p in rows["profiles"] if p["group"] == "growth" and p["metric"] == "credits")
+    growth = next(p for p in rows["profiles"] if p["group"] == "growth" and p["metric"] == "usage_credits")
     assert (growth["p50"], growth["p75"], growth["p90"]) == ("40000", "60000", "100000")
     cohorts = cli("profile", "--period", PERIOD, "--by", "cohort")
     assert cohorts.exit_code == 0, cohorts.output

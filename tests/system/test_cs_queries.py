@@ -442,7 +442,11 @@ def test_audit_reconciles_every_line_of_the_invoice(store, catalog):
     assert checks["usage.cost_to_serve"].invoice_amount == D("5.83")
     assert result.stats.without_raw_event == 0
     rules = {(r["plan_version"], r["rule"]): r for r in result.by_rule()}
-    assert rules[("growth-test-1", "tokens:gpt-4o")]["credits"] == D("980")
+    assert (rules[("growth-test-1", "tokens:gpt-4o")]["usage_credits"],
+            rules[("growth-test-1", "tokens:gpt-4o")]["outcome_credits"]) == (D("980"), 0)  # fmt: skip
+    outcomes = [r for (_, rule), r in rules.items() if rule.startswith("outcome:")]
+    assert outcomes and all(r["usage_credits"] == 0 for r in outcomes)
+    assert sum(r["outcome_credits"] for r in outcomes) == result.stats.outcome_credits
     assert rules[("growth-test-1", "outcome:resolved_ticket:ai_only:reversal")]["rows"] == 1
 
     rows = list(csv.DictReader(io.StringIO(sink.getvalue())))

@@ -110,7 +110,7 @@ def test_dead_letters_replay_and_reconcile(pipeline_factory):
     assert report["reconciled"] is True
     assert report["kafka"]["events"] == len(good) + 1 == report["store"]["rated_rows"] == report["store"]["raw_events"]
     assert report["kafka"]["invalid"] == len(MALFORMED) and report["kafka"]["dead_letters"] == len(MALFORMED)
-    assert report["store"]["customers"] == 2 and Decimal(report["kafka"]["credits"]) == Decimal(report["store"]["credits"])
+    assert report["store"]["customers"] == 2 and Decimal(report["kafka"]["usage_and_outcome_credits"]) == Decimal(report["store"]["usage_and_outcome_credits"])
 
     # A dead letter whose raw bytes are a valid event (as if rejected before a price fix).
     fixed = _usage("ops-c", 1)

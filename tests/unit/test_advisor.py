@@ -110,7 +110,7 @@ def test_customer_metrics_from_aggregate_rows():
         _agg(kind="outcome", meter="", outcome_type="resolved_ticket", events=1, reversal=True),
     ]
     assert advisor.customer_metrics(rows) == {
-        "credits": D("13.8"),  # usage only: 10.5 + 1 + 2 + 0.3
+        "usage_credits": D("13.8"),  # usage only: 10.5 + 1 + 2 + 0.3
         "cost_to_serve": D("2.0"),  # 1.25 + 0.25 + 0.5
         "tokens": D(1400),  # 1200 + 100 + 100
         "tokens:gpt-4o": D(1300),
@@ -119,23 +119,23 @@ def test_customer_metrics_from_aggregate_rows():
         "seats": D(5),  # the period's maximum, as billed
         "outcomes:resolved_ticket": D(3),  # 4 - 1 reversal
     }
-    assert list(advisor.customer_metrics(rows))[:3] == ["credits", "cost_to_serve", "tokens"]
+    assert list(advisor.customer_metrics(rows))[:3] == ["usage_credits", "cost_to_serve", "tokens"]
 
 
 def test_profiles_count_a_missing_meter_as_zero_and_add_an_all_group():
     totals = {
-        "a": {"credits": D(10), "documents": D(4)},
-        "b": {"credits": D(30)},
-        "c": {"credits": D(20)},
-        "d": {"credits": D(99)},
+        "a": {"usage_credits": D(10), "documents": D(4)},
+        "b": {"usage_credits": D(30)},
+        "c": {"usage_credits": D(20)},
+        "d": {"usage_credits": D(99)},
     }
     profiles = advisor.usage_profiles(totals, lambda c: "x" if c in "abc" else "y")
     by_key = {(p.group, p.metric): p for p in profiles}
     assert [g for g, _ in by_key] == ["(all)", "(all)", "x", "x", "y"]
     docs = by_key[("x", "documents")]  # 0 0 4 over a, b, c: ranks 2, 3, 3
     assert (docs.customers, docs.using, docs.quantiles, docs.max) == (3, 1, {50: 0, 75: 4, 90: 4}, 4)
-    assert by_key[("(all)", "credits")].quantiles == {50: 20, 75: 30, 90: 99}  # 10 20 30 99: ranks 2, 3, 4
-    assert by_key[("x", "credits")].to_json() == {"group": "x", "metric": "credits", "customers": 3, "using": 3,
+    assert by_key[("(all)", "usage_credits")].quantiles == {50: 20, 75: 30, 90: 99}  # 10 20 30 99: ranks 2, 3, 4
+    assert by_key[("x", "usage_credits")].to_json() == {"group": "x", "metric": "usage_credits", "customers": 3, "using": 3,
                                                  "p50": "20", "p75": "30", "p90": "30", "max": "30"}  # fmt: skip
     one_group = advisor.usage_profiles(totals, lambda c: "everyone")
     assert {p.group for p in one_group} == {"everyone"}
