@@ -71,7 +71,7 @@ test: $(STAMP) browser kcat redis
 	  $(BIN)/meterstream services status $$svc >/dev/null 2>&1 || started="$$started $$svc"; \
 	done; \
 	$(BIN)/meterstream services up || exit 1; \
-	$(BIN)/python -m pytest -ra $(PYTEST_ARGS); rc=$$?; \
+	$(BIN)/python -m pytest -ra --durations=25 $(PYTEST_ARGS); rc=$$?; \
 	if [ -n "$$started" ]; then $(BIN)/meterstream services down $$started; fi; \
 	exit $$rc
 

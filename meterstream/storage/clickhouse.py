@@ -27,7 +27,6 @@ from clickhouse_connect.driver.exceptions import OperationalError
 from meterstream.clock import utc_now
 from meterstream.config import ClickHouseSettings
 from meterstream.schemas.records import AlertKind, BudgetAlert, RatedUsage, RawEvent
-from meterstream.storage.columns import rated_table, raw_table
 from meterstream.storage.repair import repair_views
 
 log = logging.getLogger(__name__)
@@ -126,19 +125,17 @@ def connect(settings: ClickHouseSettings, *, create_database: bool = True) -> Cl
     try:
         if settings.embedded:
             settings.chdb_path.mkdir(parents=True, exist_ok=True)
-            client = clickhouse_connect.get_client(dsn=f"chdb://{settings.chdb_path.resolve()}")
+            path = f"chdb://{settings.chdb_path.resolve()}"
+            if create_database:  # chDB takes the database when the client is made: make it first
+                with clickhouse_connect.get_client(dsn=path) as bootstrap:
+                    bootstrap.command(f"CREATE DATABASE IF NOT EXISTS {_ident(settings.database)}")
+            client = clickhouse_connect.get_client(dsn=path, database=settings.database)
         else:
             # tz_mode="schema": a DateTime64(3, 'UTC') column reads back timezone-aware, as the
             # records require (the default returns naive UTC datetimes over HTTP).
             client = clickhouse_connect.get_client(dsn=dsn, tz_mode="schema")
-        if create_database:
-            client.command(f"CREATE DATABASE IF NOT EXISTS {_ident(settings.database)}")
-        if settings.embedded:
-            client.close()
-            client = clickhouse_connect.get_client(
-                dsn=f"chdb://{settings.chdb_path.resolve()}", database=settings.database
-            )
-        else:
+            if create_database:
+                client.command(f"CREATE DATABASE IF NOT EXISTS {_ident(settings.database)}")
             client.database = settings.database
         _apply_session_settings(client)
         return client
@@ -307,6 +304,10 @@ class ClickHouseStore:
         rated: Sequence[RatedUsage],
         alerts: Sequence[BudgetAlert] = (),
     ) -> None:
+        # pyarrow is imported by the first write, not by every command that imports the store
+        # (it is a third of a report command's start-up).
+        from meterstream.storage.columns import rated_table, raw_table
+
         now = utc_now()
         statement = "INSERT INTO events_raw"
         try:
