@@ -222,8 +222,10 @@ def worker(
             # The ids already on the topic; the outbox itself runs when partitions are assigned, for
             # their customers only (alerts.py says why not here).
             published, _ = reconcile_alerts(store, budgets, kafka, topics.budget_alerts.name,
-                                            owns=lambda customer_id: False)  # fmt: skip
-            states = current_states(store, budgets, catalog_fingerprint=catalog.fingerprint())
+                                            owns=lambda customer_id: False,
+                                            open_periods=catalog.open_billing_periods)  # fmt: skip
+            states = current_states(store, budgets, catalog_fingerprint=catalog.fingerprint(),
+                                    billing_period=catalog.billing_period)  # fmt: skip
             publish_states(kafka, topics.enforcement.name, states)
 
         def reconcile_for(partitions: set[int], kafka: OutboxKafka) -> set[str]:
@@ -231,6 +233,7 @@ def worker(
             ids, sent = reconcile_alerts(
                 store, budgets, kafka, topics.budget_alerts.name,
                 owns=lambda customer_id: customer_partition(customer_id, count) in partitions,
+                open_periods=catalog.open_billing_periods,
             )  # fmt: skip
             if sent:
                 logging.getLogger("meterstream.alerts").warning(

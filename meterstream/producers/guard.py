@@ -55,7 +55,6 @@ from confluent_kafka import Consumer, TopicPartition
 
 from meterstream.clock import Clock, utc_now
 from meterstream.config import KafkaSettings, get_settings
-from meterstream.periods import period_of
 from meterstream.pricing.plans import Catalog, PlanError, load_catalog
 from meterstream.pricing.rating import RatingError
 from meterstream.producers.ledger import LedgerUnavailable, RedisLedger
@@ -388,7 +387,9 @@ class BudgetGuard:
         if output_tokens is None:
             raise TypeError("check() needs output_tokens: pass the call's max_tokens")
         now = self._now()
-        period = period_of(now)
+        # The customer's billing period, as the worker labels its state (an anniversary customer's
+        # runs from its anchor day, and its label is the month it starts in).
+        period = self.catalog.billing_period(customer_id, now)
         if self.max_view_age is not None:
             age = self.view.age(now)
             if age is None or age > self.max_view_age:

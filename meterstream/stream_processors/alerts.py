@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -206,12 +206,21 @@ def reconcile_alerts(
     now: datetime | None = None,
     timeout: float = 30.0,
     owns: Callable[[str], bool] = lambda customer_id: True,
+    open_periods: Callable[[datetime], Iterable[str]] | None = None,
 ) -> tuple[set[str], int]:
     """Record and publish what a crash left undone for the customers ``owns`` accepts (those of
-    the partitions this worker was assigned); returns (ids on the topic, alerts published now)."""
+    the partitions this worker was assigned); returns (ids on the topic, alerts published now).
+
+    ``open_periods(now)``: the billing periods to look at (``Catalog.open_billing_periods``:
+    an anniversary customer's previous period can be labelled two months back); by default
+    this and last calendar month.
+    """
     now = now or utc_now()
-    period = period_of(now)
-    periods = [previous_period(period), period]
+    if open_periods is None:
+        period = period_of(now)
+        periods = [previous_period(period), period]
+    else:
+        periods = sorted(open_periods(now))
     since = datetime(int(periods[0][:4]), int(periods[0][5:7]), 1, tzinfo=timezone.utc)
     published = kafka.published_ids(topic, since, timeout)
     missing = missing_alerts(store, budgets, periods, now, owns)
@@ -231,15 +240,16 @@ def reconcile_alerts(
 
 
 _CURRENT_SPEND = """
-SELECT customer_id, sum(credits) AS credits, max(occurred_at) AS watermark
+SELECT customer_id, period, sum(credits) AS credits, max(occurred_at) AS watermark
 FROM usage_rated FINAL
-WHERE period = {period:String}
-GROUP BY customer_id
+WHERE period IN {periods:Array(String)}
+GROUP BY customer_id, period
 """
 
 
 def current_states(
-    store: ClickHouseStore, budgets: BudgetBook, now: datetime | None = None, *, catalog_fingerprint: str = ""
+    store: ClickHouseStore, budgets: BudgetBook, now: datetime | None = None, *, catalog_fingerprint: str = "",
+    billing_period: Callable[[str, datetime], str] | None = None,
 ) -> list[EnforcementState]:
     """The decision for every customer with a budget and spend this period, or named in the file.
 
@@ -247,24 +257,31 @@ def current_states(
     the period arrives. The ``default`` budget is published under
     :data:`DEFAULT_BUDGET_KEY` (nothing spent): a customer with no state of its
     own has spent nothing this period as of this start, so guards apply that cap.
+    ``billing_period(customer, now)`` (``Catalog.billing_period``) is each customer's current
+    period, as the worker labels its states; by default the calendar month.
     """
     now = now or utc_now()
     period = period_of(now)
-    rows = {r["customer_id"]: r for r in store.query(_CURRENT_SPEND, {"period": period}).dicts()}
+    period_for = billing_period or (lambda customer_id, at: period)
+    # A current billing period starts this month or last (an anniversary one before its anchor
+    # day is labelled with last month): both months' rows, then each customer's own period.
+    totals = store.query(_CURRENT_SPEND, {"periods": [previous_period(period), period]})
+    rows = {(r["customer_id"], r["period"]): r for r in totals.dicts()}
     epoch = datetime(2000, 1, 1, tzinfo=timezone.utc)
     states = []
     if budgets.default is not None:
         default = customer_decision(DEFAULT_BUDGET_KEY, period, Decimal(0), budgets.default, watermark=epoch, now=now,
                                     catalog_fingerprint=catalog_fingerprint)  # fmt: skip
         states.append(default)
-    for customer in sorted(set(budgets.customers) | set(rows)):
+    for customer in sorted(set(budgets.customers) | {c for c, _ in rows}):
         budget = budgets.for_customer(customer)
         if budget is None:
             continue
-        row = rows.get(customer)
+        customer_period = period_for(customer, now)
+        row = rows.get((customer, customer_period))
         spent = row["credits"] if row else Decimal(0)
         watermark = row["watermark"] if row else epoch
-        states.append(customer_decision(customer, period, spent, budget, watermark=watermark, now=now,
+        states.append(customer_decision(customer, customer_period, spent, budget, watermark=watermark, now=now,
                                         catalog_fingerprint=catalog_fingerprint))  # fmt: skip
     return states
 

@@ -39,9 +39,9 @@ from aiohttp.abc import AbstractAccessLogger
 from meterstream.budgets import BudgetBook, BudgetBookError, load_budgets
 from meterstream.clock import utc_now
 from meterstream.config import Settings
-from meterstream.periods import period_of, previous_period
+from meterstream.periods import previous_period
 from meterstream.pricing.invoice import InvoiceError
-from meterstream.pricing.plans import Catalog, PlanError, load_catalog, period_bounds
+from meterstream.pricing.plans import Catalog, PlanError, load_catalog
 from meterstream.producers.guard import EnforcementView
 from meterstream.storage.clickhouse import StoreError
 from meterstream.topics import Topics
@@ -192,8 +192,9 @@ def _meters(request: web.Request) -> str:
     return ",".join(sorted(meters)) if meters is not None else ""
 
 
-def _period(now: datetime) -> str:
-    return period_of(now)
+def _period(request: web.Request, customer: str, now: datetime) -> str:
+    """The customer's current billing period (an anniversary customer's starts on its anchor day)."""
+    return request.app[CATALOG].billing_period(customer, now)
 
 
 async def _billing(request: web.Request, customer: str, work: Callable[[Callable[..., Any]], Any]) -> Any:
@@ -214,7 +215,7 @@ async def me(request: web.Request) -> web.Response:
     return _json(
         {
             "customer_id": request[CUSTOMER],
-            "period": _period(now),
+            "period": _period(request, request[CUSTOMER], now),
             "show_cost_to_serve": settings.web.show_cost_to_serve,
             "default_days": min(settings.web.default_days, settings.web.max_days),
             "max_days": settings.web.max_days,
@@ -253,8 +254,8 @@ async def usage(request: web.Request) -> web.Response:
 async def budget(request: web.Request) -> web.Response:
     customer = _money_scope(request)
     now = request.app[CLOCK]()
-    period = _period(now)
-    start, end = period_bounds(period)
+    period = _period(request, customer, now)
+    start, end = request.app[CATALOG].billing_bounds(customer, period)
     queries: Rows = request.app[QUERIES]
     rows = await queries(
         "customer_usage_series", customer, bucket="day", since=sql_time(start), until=sql_time(end), meters=""
@@ -262,6 +263,7 @@ async def budget(request: web.Request) -> web.Response:
     view = burn_down_view(
         customer, period, now, rows, request.app[BUDGETS].for_customer(customer),
         show_cost=request.app[SETTINGS].web.show_cost_to_serve, currency=request.app[CATALOG].currency,
+        bounds=(start, end),
     )  # fmt: skip
     return _json(view)
 
@@ -272,7 +274,8 @@ async def invoice(request: web.Request) -> web.Response:
     which = request.query.get("period", "current")
     if which not in ("current", "previous"):
         return _json({"error": "period must be current or previous"}, status=400)
-    period = _period(now) if which == "current" else previous_period(_period(now))
+    period = _period(request, customer, now)
+    period = period if which == "current" else previous_period(period)
     catalog = request.app[CATALOG]
     result = await _billing(request, customer, lambda run: invoice_for(run, catalog, customer, period, now))
     body = invoice_json(result)
@@ -300,7 +303,7 @@ async def invoices(request: web.Request) -> web.Response:
 
 async def breakdown(request: web.Request) -> web.Response:
     customer = _own_customer(request)
-    period = _period(request.app[CLOCK]())
+    period = _period(request, customer, request.app[CLOCK]())
     previous = previous_period(period)
     queries: Rows = request.app[QUERIES]
     meters = _meters(request)
@@ -314,7 +317,7 @@ async def breakdown(request: web.Request) -> web.Response:
 
 async def enforcement(request: web.Request) -> web.Response:
     customer = _money_scope(request)
-    period = _period(request.app[CLOCK]())
+    period = _period(request, customer, request.app[CLOCK]())
     queries: Rows = request.app[QUERIES]
     alerts = await queries("customer_budget_alerts", customer, period=period)
     view = enforcement_view(customer, period, alerts)

@@ -137,6 +137,7 @@ def burn_down_view(
     *,
     show_cost: bool,
     currency: str = "USD",
+    bounds: tuple[datetime, datetime] | None = None,
 ) -> dict[str, Any]:
     """Month-to-date spend against the budget, in the budget's own unit, day by day, with a projection.
 
@@ -148,8 +149,10 @@ def burn_down_view(
 
     ``used_percent`` is the one percentage of the budget. The projection
     (:data:`PROJECTION_RULE`) is ``None`` until 72 hours of the month have passed.
+    ``bounds``: the billing period's [start, end) when it is not the calendar month ``period``
+    names (an anniversary customer's, ``Catalog.billing_bounds``).
     """
-    start, end = period_bounds(period)
+    start, end = bounds or period_bounds(period)
     now = min(max(now.astimezone(timezone.utc), start), end)
     by_day = {_bucket_time(row["bucket_start"]).date(): row for row in daily_rows}
     days = []

@@ -7,6 +7,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
+import time_machine
 
 from meterstream.budgets import (
     Budget,
@@ -334,3 +335,48 @@ def test_calls_without_a_hard_cap_hold_nothing_once_settled(guard):
         assert guard.in_flight(customer) == Decimal(1)
         guard.settle(decision, _event(f"{customer}-1").model_copy(update={"customer_id": customer}))
         assert guard.in_flight(customer) == 0
+
+
+ANNIVERSARY_PLANS = {
+    "currency": "USD",
+    "default_plan": "basic",
+    "plans": {"basic": {"versions": [{
+        "version": "basic-1", "effective_from": "2025-01-01", "price_book": "default",
+        "overage": {"model": "per_unit", "unit_price": "0.01"},
+    }]}},  # fmt: skip
+    "customers": {"wayne": {"plan": "basic", "effective_from": "2025-08-15", "billing_anchor": "anniversary"}},
+}
+
+
+@pytest.mark.parametrize(
+    ("now", "blocked"),
+    [
+        (datetime(2026, 12, 2, 12, 0, tzinfo=timezone.utc), True),  # still 2026-11 (15 Nov - 15 Dec)
+        (datetime(2026, 12, 14, 23, 59, tzinfo=timezone.utc), True),
+        (datetime(2026, 12, 15, 0, 0, tzinfo=timezone.utc), False),  # 2026-12 begins: nothing counted yet
+    ],
+)
+def test_an_anniversary_customer_is_held_to_its_billing_period_not_the_calendar_month(now, blocked, request):
+    """The worker labels an anniversary customer's state with its billing period (the month it
+    starts in). Between the 1st and the anchor day the calendar month is already the next one:
+    a guard that read the calendar month took the blocked state for last month's and let
+    every call through."""
+    from meterstream.pricing.plans import parse_catalog
+
+    # The guard's estimate builds an event at its clock's now, which the event's future-time
+    # rule checks against the wall clock: stop the wall clock at the same instant.
+    traveller = time_machine.travel(now, tick=False)
+    traveller.start()
+    request.addfinalizer(traveller.stop)
+    catalog = parse_catalog(ANNIVERSARY_PLANS)
+    guard = BudgetGuard(KafkaSettings(bootstrap_servers="127.0.0.1:1"), catalog=catalog,
+                        use_configured_ledger=False, now=lambda: now)  # fmt: skip
+    budget = Budget(monthly_credits="10", action="block", thresholds=(100,))
+    exhausted = customer_decision("wayne", "2026-11", Decimal(12), budget, watermark=NOW, now=NOW,
+                                  catalog_fingerprint=catalog.fingerprint())  # fmt: skip
+    assert catalog.billing_period("wayne", now) == ("2026-11" if blocked else "2026-12")
+    guard.view.states["wayne"] = exhausted
+    decision = guard.check("wayne", "gpt-4o", input_tokens=2000, output_tokens=0)
+    assert decision.blocked is blocked, decision.reason
+    if blocked:
+        assert decision.code is Reason.BUDGET_EXHAUSTED
