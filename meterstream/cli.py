@@ -68,7 +68,7 @@ def _service(name: str, settings: Any) -> Any:
 @services_app.command("up")
 def services_up(names: ServiceArgument = None) -> None:
     """Start the local Kafka broker and ClickHouse server (127.0.0.1 only); harmless if they run."""
-    from meterstream.services.kafka import ServiceError
+    from meterstream.services.process import ServiceError
 
     settings = get_settings()
     for name in _services(names):
@@ -88,7 +88,7 @@ def services_up(names: ServiceArgument = None) -> None:
 @services_app.command("down")
 def services_down(names: ServiceArgument = None) -> None:
     """Stop the local Kafka broker and ClickHouse server; harmless if they are not running."""
-    from meterstream.services.kafka import ServiceError
+    from meterstream.services.process import ServiceError
 
     settings = get_settings()
     for name in _services(names):

@@ -176,7 +176,8 @@ def _free_port() -> int:
 def run_demo(settings: Settings, *, customers: int, events: int, seed: int, timeout: float, console: Console) -> None:
     from meterstream.cs.tables import alerts_table, usage_table
     from meterstream.services.clickhouse import ClickHouseServer, is_local_dsn
-    from meterstream.services.kafka import KafkaBroker, ServiceError, bootstrap_servers
+    from meterstream.services.kafka import KafkaBroker, bootstrap_servers
+    from meterstream.services.process import ServiceError
     from meterstream.storage.clickhouse import StoreError
     from meterstream.storage.queries import run_saved_query
     from meterstream.stream_processors.runner import WorkerProcess, WorkerProcessError

@@ -14,9 +14,7 @@ Layout under ``settings.clickhouse_dir``: ``config.xml`` (rendered from
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -29,12 +27,19 @@ from urllib.parse import urlsplit
 import httpx
 
 from meterstream.config import ClickHouseSettings, LocalServicesSettings
-from meterstream.services.kafka import ServiceError, _cmdline, _pid_alive, _port_owner, _tail, port_in_use
+from meterstream.services.process import (
+    STOP_TIMEOUT,
+    LocalProcess,
+    ServiceError,
+    cmdline,
+    port_in_use,
+    port_owner,
+    tail,
+)
 
 #: ``services/clickhouse`` at the top of the repo (config.xml, a template, and users.xml), reached
 #: through the link ``meterstream/services/files``: it travels in the wheel like sql/ (kafka.py).
 SERVICE_FILES = Path(__file__).parent / "files" / "clickhouse"
-STOP_TIMEOUT = 30.0
 PORT_RELEASE_GRACE = 3.0
 PROCESS_MODULE = "meterstream.services.clickhouse_process"
 
@@ -69,8 +74,10 @@ def render_config(settings: LocalServicesSettings, users_xml: Path, logs_dir: Pa
     )
 
 
-class ClickHouseServer:
+class ClickHouseServer(LocalProcess):
     """Start, ready-check, report and stop the local ClickHouse server described by ``settings``."""
+
+    name = "ClickHouse server"
 
     def __init__(self, settings: LocalServicesSettings, service_files: Path = SERVICE_FILES) -> None:
         if settings.clickhouse_http_port == settings.clickhouse_tcp_port:
@@ -126,34 +133,10 @@ class ClickHouseServer:
     def down(self, timeout: float = STOP_TIMEOUT) -> bool:
         """SIGTERM (the engine flushes and exits in ~2 s), SIGKILL after ``timeout`` seconds.
         Returns False if no server of ours was running."""
-        pid = self._running_pid()
-        if pid is None:
-            return False
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-            deadline = time.monotonic() + wait
-            while (alive := _pid_alive(pid)) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            if not alive:
-                self.pid_file.unlink(missing_ok=True)
-                return True
-        raise ServiceError(f"ClickHouse server pid {pid} did not exit even after SIGKILL.")
-
-    def _running_pid(self) -> int | None:
-        try:
-            pid = int(self.pid_file.read_text().strip())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError):
-            pid = 0
-        if pid > 1 and _pid_alive(pid) and self._is_ours(pid):
-            return pid
-        self.pid_file.unlink(missing_ok=True)  # stale: dead, garbled, or the pid was recycled
-        return None
+        return super().down(timeout)
 
     def _is_ours(self, pid: int) -> bool:
-        argv = _cmdline(pid)
+        argv = cmdline(pid)
         return argv is None or (PROCESS_MODULE in argv and str(self.data_dir) in argv)
 
     def _check_ports_free(self) -> None:
@@ -165,7 +148,7 @@ class ClickHouseServer:
             while port_in_use(port) and time.monotonic() < deadline:
                 time.sleep(0.1)
             if port_in_use(port):
-                owner = _port_owner(port) or "another process"
+                owner = port_owner(port) or "another process"
                 raise ServiceError(
                     f"Port {port} on 127.0.0.1 ({role}) is already in use by {owner}, which is not the "
                     f"meterstream ClickHouse server of {self.home}. Stop that process, or choose free ports with "
@@ -186,18 +169,7 @@ class ClickHouseServer:
 
     def _wait_ready(self, pid: int) -> None:
         """Poll /ping until it answers, the process dies, or start_timeout passes (then stop it)."""
-        timeout = self.settings.start_timeout
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not _pid_alive(pid):
-                self.pid_file.unlink(missing_ok=True)
-                raise ServiceError(f"The ClickHouse server exited during start-up.\n{self._log_tail()}")
-            if self.is_ready(timeout=1.0):
-                return
-            time.sleep(0.1)
-        self.down()
-        raise ServiceError(f"The ClickHouse server was not ready within {timeout:.0f}s and has been stopped; "
-                           f"on a slow machine raise METERSTREAM_SERVICES__START_TIMEOUT.\n{self._log_tail()}")
+        self._await_ready(pid, lambda seconds: self.is_ready(timeout=min(seconds, 1.0)), self.settings.start_timeout, 0.1)
 
     def _log_tail(self) -> str:
         out = self.logs_dir / "server.out"
@@ -207,4 +179,4 @@ class ClickHouseServer:
                 text = stream.read().decode(errors="replace")
         except OSError:
             text = ""
-        return f"--- last lines of {out} ---\n{_tail(text, 20)}" if text.strip() else f"(nothing logged in {out})"
+        return f"--- last lines of {out} ---\n{tail(text, 20)}" if text.strip() else f"(nothing logged in {out})"

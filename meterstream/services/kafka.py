@@ -13,17 +13,12 @@ Layout under ``settings.kafka_dir``: ``lib/`` (jars, plus a stamp of the pom the
 from __future__ import annotations
 
 import base64
-import contextlib
-import errno
 import hashlib
 import logging
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from meterstream.config import LocalServicesSettings
+from meterstream.services.process import (
+    STOP_TIMEOUT,
+    LocalProcess,
+    ServiceError,
+    cmdline,
+    port_in_use,
+    port_owner,
+    tail,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,12 +45,7 @@ SERVICE_FILES = Path(__file__).parent / "files" / "kafka"
 MIN_JAVA = 17
 MAVEN_TIMEOUT = 900.0  # a cold ~/.m2 downloads ~45 MB
 FORMAT_TIMEOUT = 120.0
-STOP_TIMEOUT = 30.0
 JAVA_HINT = "Install a JDK/JRE 17+ (e.g. `apt-get install openjdk-17-jre-headless`) or set JAVA_HOME."
-
-
-class ServiceError(RuntimeError):
-    """A local service could not be started, checked or stopped; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -123,20 +122,6 @@ def new_cluster_id() -> str:
     return cid
 
 
-def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
-    """True if something listens on host:port. Binding with SO_REUSEADDR (as Kafka does) is the
-    test the broker will face, so TIME_WAIT leftovers of a stopped broker do not count."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                return True
-            raise ServiceError(f"Cannot bind {host}:{port} to check it: {exc}") from exc
-    return False
-
-
 def java_major_version(version_output: str) -> int | None:
     """17 from 'openjdk version "17.0.15" ...', 8 from 'java version "1.8.0_292"'."""
     match = re.search(r'version "(\d+)(?:\.(\d+))?', version_output)
@@ -165,68 +150,10 @@ def java_executable() -> str:
     return java
 
 
-def _tail(text: str, lines: int = 30) -> str:
-    """The last lines of tool output for an error message: no colour codes, long lines cut."""
-    last = re.sub(r"\x1b\[[0-9;]*m", "", text).rstrip().splitlines()[-lines:]
-    return "\n".join(line[:300] for line in last)
-
-
-def _cmdline(pid: int) -> list[str] | None:
-    """argv of pid from /proc; None where there is no /proc (then a live pid is trusted)."""
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return [] if Path("/proc/self").exists() else None
-    return raw.decode(errors="replace").rstrip("\0").split("\0")
-
-
-def _pid_alive(pid: int) -> bool:
-    """Alive and not a zombie. Reaps pid if it is our own exited child (a broker started by
-    this process), which ``kill(pid, 0)`` alone would still report as alive."""
-    try:
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except ProcessLookupError:
-        return False
-    except (OSError, IndexError):  # no permission or no /proc: it exists
-        return True
-
-
-def _port_owner(port: int) -> str | None:
-    """Best effort 'pid N, command' of whatever listens on port, from /proc (Linux only)."""
-    sockets = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        rows = Path(table).read_text().splitlines()[1:] if Path(table).exists() else []
-        for fields in (row.split() for row in rows):  # local_address st ... inode
-            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                sockets.add(f"socket:[{fields[9]}]")
-    for proc in Path("/proc").iterdir() if sockets else ():
-        try:
-            if proc.name.isdigit() and any(_fd_target(fd) in sockets for fd in (proc / "fd").iterdir()):
-                argv = _cmdline(int(proc.name)) or []
-                what = f"a Kafka broker ({argv[-1]})" if "kafka.Kafka" in argv else " ".join(argv)[:120]
-                return f"pid {proc.name}, {what}"
-        except OSError:  # the process ended, or is not ours to read
-            continue
-    return None
-
-
-def _fd_target(fd: Path) -> str | None:
-    # A busy process opens and closes descriptors while we list them: one that closed is no match,
-    # not a reason to skip the whole process.
-    try:
-        return os.readlink(fd)
-    except OSError:
-        return None
-
-
-class KafkaBroker:
+class KafkaBroker(LocalProcess):
     """Start, ready-check, report and stop the local broker described by ``settings``."""
+
+    name = "Kafka broker"
 
     def __init__(self, settings: LocalServicesSettings, service_files: Path = SERVICE_FILES) -> None:
         if settings.kafka_port == settings.kafka_controller_port:
@@ -305,36 +232,10 @@ class KafkaBroker:
     def down(self, timeout: float = STOP_TIMEOUT) -> bool:
         """SIGTERM (a clean shutdown avoids log recovery on the next start), SIGKILL after
         ``timeout`` seconds. Returns False if no broker of ours was running."""
-        pid = self._running_pid()
-        if pid is None:
-            return False
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
-            if sig is signal.SIGKILL:
-                logger.warning("Kafka broker pid %s ignored SIGTERM for %.0fs; killing it", pid, timeout)
-            with contextlib.suppress(ProcessLookupError):  # it may exit on its own meanwhile
-                os.kill(pid, sig)
-            deadline = time.monotonic() + wait
-            while (alive := _pid_alive(pid)) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            if not alive:
-                self.pid_file.unlink(missing_ok=True)
-                return True
-        raise ServiceError(f"Kafka broker pid {pid} did not exit even after SIGKILL.")
-
-    def _running_pid(self) -> int | None:
-        try:
-            pid = int(self.pid_file.read_text().strip())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError):
-            pid = 0
-        if pid > 1 and _pid_alive(pid) and self._is_ours(pid):
-            return pid
-        self.pid_file.unlink(missing_ok=True)  # stale: dead, garbled, or the pid was recycled
-        return None
+        return super().down(timeout)
 
     def _is_ours(self, pid: int) -> bool:
-        argv = _cmdline(pid)
+        argv = cmdline(pid)
         return argv is None or ("kafka.Kafka" in argv and str(self.config_file) in argv)
 
     def _check_ports_free(self) -> None:
@@ -344,7 +245,7 @@ class KafkaBroker:
             ports[self.settings.kafka_sasl_port] = "SASL listener, kafka_sasl_port"
         for port, role in ports.items():
             if port_in_use(port):
-                owner = _port_owner(port) or "another process"
+                owner = port_owner(port) or "another process"
                 raise ServiceError(
                     f"Port {port} on 127.0.0.1 ({role}) is already in use by {owner}, which is not the "
                     f"meterstream broker of {self.home}. Stop that process, or choose free ports with "
@@ -371,7 +272,7 @@ class KafkaBroker:
         except subprocess.TimeoutExpired as exc:
             raise ServiceError(f"Maven did not resolve the Kafka jars within {MAVEN_TIMEOUT:.0f}s.") from exc
         if done.returncode != 0 or not partial.is_dir():
-            output = _tail(done.stdout + done.stderr)
+            output = tail(done.stdout + done.stderr)
             raise ServiceError(f"Maven could not resolve the Kafka jars (exit {done.returncode}); check "
                                f"access to Maven Central or ~/.m2/settings.xml:\n{output}")
         (partial / ".pom.sha256").write_text(digest + "\n")
@@ -396,7 +297,7 @@ class KafkaBroker:
             raise ServiceError(f"Formatting {self.data_dir} took over {FORMAT_TIMEOUT:.0f}s.") from exc
         if done.returncode != 0:
             raise ServiceError(f"Formatting Kafka storage in {self.data_dir} failed "
-                               f"(exit {done.returncode}):\n{_tail(done.stdout + done.stderr)}")
+                               f"(exit {done.returncode}):\n{tail(done.stdout + done.stderr)}")
 
     def _start(self, java: str) -> int:
         """Launch detached (own session) so the broker outlives the CLI that started it."""
@@ -430,18 +331,8 @@ class KafkaBroker:
 
     def _wait_ready(self, pid: int) -> None:
         """Poll until the broker answers, dies, or start_timeout passes (then stop it)."""
-        timeout = self.settings.start_timeout
-        deadline, admin = time.monotonic() + timeout, self._admin()
-        while (left := deadline - time.monotonic()) > 0:
-            if not _pid_alive(pid):
-                self.pid_file.unlink(missing_ok=True)
-                raise ServiceError(f"The Kafka broker exited during start-up.\n{self._log_tail()}")
-            if self._answers(admin, min(2.0, left)):
-                return
-            time.sleep(0.2)
-        self.down()
-        raise ServiceError(f"The Kafka broker was not ready within {timeout:.0f}s and has been stopped; on a "
-                           f"slow machine raise METERSTREAM_SERVICES__START_TIMEOUT.\n{self._log_tail()}")
+        admin = self._admin()
+        self._await_ready(pid, lambda seconds: self._answers(admin, seconds), self.settings.start_timeout, 0.2)
 
     def _log_tail(self) -> str:
         parts = []
@@ -453,5 +344,5 @@ class KafkaBroker:
             except OSError:
                 continue
             if text.strip():
-                parts.append(f"--- last lines of {log} ---\n{_tail(text, 20)}")
+                parts.append(f"--- last lines of {log} ---\n{tail(text, 20)}")
         return "\n".join(parts) or f"(nothing logged in {self.logs_dir})"

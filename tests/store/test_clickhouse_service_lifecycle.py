@@ -14,7 +14,7 @@ import pytest
 
 from meterstream.config import LocalServicesSettings
 from meterstream.services.clickhouse import ClickHouseServer
-from meterstream.services.kafka import ServiceError
+from meterstream.services.process import ServiceError
 
 pytestmark = pytest.mark.store
 

@@ -16,7 +16,8 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from meterstream.config import LocalServicesSettings
-from meterstream.services.kafka import KafkaBroker, ServiceError, bootstrap_servers, port_in_use
+from meterstream.services.kafka import KafkaBroker, bootstrap_servers
+from meterstream.services.process import ServiceError, port_in_use
 
 pytestmark = [
     pytest.mark.system,

@@ -16,7 +16,7 @@ import pytest
 from meterstream.config import LocalServicesSettings
 from meterstream.services.clickhouse import SERVICE_FILES, ClickHouseServer, render_config
 from meterstream.services.clickhouse_process import DEFAULT_FORMAT, KEEP_ALIVE
-from meterstream.services.kafka import ServiceError
+from meterstream.services.process import ServiceError
 
 ROOT = Path(__file__).resolve().parents[2]
 

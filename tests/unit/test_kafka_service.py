@@ -17,13 +17,12 @@ from meterstream.config import LocalServicesSettings
 from meterstream.services import kafka
 from meterstream.services.kafka import (
     KafkaBroker,
-    ServiceError,
     bootstrap_servers,
     java_major_version,
     new_cluster_id,
-    port_in_use,
     render_server_properties,
 )
+from meterstream.services.process import ServiceError, port_in_use
 
 
 @pytest.fixture()
