@@ -858,7 +858,11 @@ class Bench:
             raise BenchError(f"{client} reference consumer timed out") from None
         if child.returncode != 0:
             raise BenchError(f"{client} reference consumer failed: {err.decode(errors='replace')[-2000:]}")
-        return json.loads(out.decode().strip().splitlines()[-1])
+        # The last JSON line: Faust's worker can write terminal codes (its spinner's) after it at exit.
+        lines = [line for line in out.decode(errors="replace").splitlines() if line.startswith("{")]
+        if not lines:
+            raise BenchError(f"{client} reference consumer printed no result: {out.decode(errors='replace')[-500:]!r}")
+        return json.loads(lines[-1])
 
     # 3. produce -> alert latency --------------------------------------------------------------------
 
