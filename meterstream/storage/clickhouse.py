@@ -11,13 +11,16 @@ checks the DDL and a batch on it).
 from __future__ import annotations
 
 import logging
+import os
 import re
-from collections.abc import Sequence
+import sys
+import time
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 import clickhouse_connect
@@ -27,12 +30,25 @@ from clickhouse_connect.driver.exceptions import OperationalError
 from meterstream.clock import utc_now
 from meterstream.config import ClickHouseSettings
 from meterstream.schemas.records import AlertKind, BudgetAlert, RatedUsage, RawEvent
-from meterstream.storage.repair import repair_views
+
+if TYPE_CHECKING:
+    from meterstream.storage.batches import Recovery
 
 log = logging.getLogger(__name__)
 
 #: Numbered DDL files live at the repository root in ``sql/``.
 #: The numbered DDL and saved queries: the repo's top-level sql/, linked as meterstream/sql so it is in the wheel.
+#: Tests only (tests/system/test_kill_mid_insert.py): seconds a worker holds its write after each
+#: table's insert, saying so on stderr, so that a test can SIGKILL it exactly there.
+_PAUSE_AFTER_INSERT = float(os.environ.get("METERSTREAM_TEST_PAUSE_AFTER_INSERT", "0") or 0)
+
+
+def _test_pause(table: str) -> None:
+    if _PAUSE_AFTER_INSERT > 0:
+        print(f"test pause after INSERT INTO {table}", file=sys.stderr, flush=True)
+        time.sleep(_PAUSE_AFTER_INSERT)
+
+
 SQL_DIR = Path(__file__).resolve().parents[1] / "sql"
 _MIGRATION_NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 
@@ -284,12 +300,13 @@ class Storage(Protocol):
     """What the worker needs from a store: write a batch, run a saved query."""
 
     def insert_batch(
-        self, raw: Sequence[RawEvent], rated: Sequence[RatedUsage], alerts: Sequence[BudgetAlert] = ()
+        self, raw: Sequence[RawEvent], rated: Sequence[RatedUsage], alerts: Sequence[BudgetAlert] = (),
+        *, raw_stored: Collection[tuple[str, int, int]] = (),
     ) -> None: ...
 
     def query(self, sql: str, parameters: dict[str, Any] | None = None) -> QueryResult: ...
 
-    def repair_views(self) -> None: ...
+    def recover_batches(self, committed: Mapping[tuple[str, int], int | None]) -> Recovery: ...
 
 
 class ClickHouseStore:
@@ -303,24 +320,39 @@ class ClickHouseStore:
         raw: Sequence[RawEvent],
         rated: Sequence[RatedUsage],
         alerts: Sequence[BudgetAlert] = (),
+        *,
+        raw_stored: Collection[tuple[str, int, int]] = (),
     ) -> None:
+        """Write a batch: events_raw, usage_rated (and its views), budget_alerts, each insert with the
+        batch's deduplication token (storage/batches.py), so calling this again with the same batch
+        completes what a crash or a failed call left undone and doubles nothing.
+
+        ``raw_stored``: places (topic, partition, offset) whose raw row events_raw already holds
+        (a batch read again after a crash cut its write): not written again.
+        """
         # pyarrow is imported by the first write, not by every command that imports the store
         # (it is a third of a report command's start-up).
-        from meterstream.storage.columns import rated_table, raw_table
+        from meterstream.storage.batches import batch_id, insert_settings, ordered_rated_table, sources_of
+        from meterstream.storage.columns import raw_table
 
         now = utc_now()
+        batch = batch_id(raw, rated, [a.alert_id for a in alerts])
+        sources = sources_of(raw, rated)
+        if raw_stored:
+            raw = [r for r in raw if (r.source_topic, r.source_partition, r.source_offset) not in raw_stored]
         statement = "INSERT INTO events_raw"
         try:
             # Raw events and rated rows go as Arrow columns (meterstream/storage/columns.py).
             if raw:
-                self.client.insert_arrow("events_raw", raw_table(raw, now))
+                self.client.insert_arrow("events_raw", raw_table(raw, now), settings=insert_settings(batch, "events_raw"))
+                _test_pause("events_raw")
             statement = "INSERT INTO usage_rated"
             if rated:
-                # The view into usage_recent (sql/007) writes one partition per day: a replayed
-                # backlog may span more than the default 100.
                 self.client.insert_arrow(
-                    "usage_rated", rated_table(rated, now), settings={"max_partitions_per_insert_block": 0}
-                )
+                    "usage_rated", ordered_rated_table(rated, sources, now, batch),
+                    settings=insert_settings(batch, "usage_rated"),
+                )  # fmt: skip
+                _test_pause("usage_rated")
             statement = "INSERT INTO budget_alerts"
             if alerts:
                 self.client.insert(
@@ -336,7 +368,9 @@ class ClickHouseStore:
                         for a in alerts
                     ],
                     column_names=ALERT_COLUMNS,
+                    settings=insert_settings(batch, "budget_alerts"),
                 )
+                _test_pause("budget_alerts")
         except Exception as exc:
             raise classify_error(exc, statement) from exc
 
@@ -351,12 +385,14 @@ class ClickHouseStore:
             rows=[list(row) for row in result.result_rows],
         )
 
-    def repair_views(self) -> None:
-        """Copy into the derived tables what a killed worker's last insert may not have pushed (repair.py)."""
+    def recover_batches(self, committed: Mapping[tuple[str, int], int | None]) -> Recovery:
+        """Write again the batches stored past the committed offsets (storage/batches.py)."""
+        from meterstream.storage.batches import recover_batches  # pyarrow: see insert_batch
+
         try:
-            repair_views(self.client)
+            return recover_batches(self.client, committed)
         except Exception as exc:  # clickhouse-connect raises several unrelated types
-            raise classify_error(exc, "repair of usage_recent / usage_day_counts (repair.repair_views)") from exc
+            raise classify_error(exc, "recovery of batches stored past the committed offsets (batches.py)") from exc
 
     def close(self) -> None:
         self.client.close()

@@ -66,8 +66,18 @@ def raw_table(rows: Sequence[RawEvent], ingested_at: datetime) -> pa.Table:
     )
 
 
-def rated_table(rows: Sequence[RatedUsage], rated_at: datetime) -> pa.Table:
-    """``usage_rated``: one priced row per event, every column of sql/002 and sql/006."""
+def rated_table(
+    rows: Sequence[RatedUsage],
+    rated_at: datetime,
+    batch_id: str = "",
+    sources: Sequence[tuple[str, int, int]] | None = None,
+) -> pa.Table:
+    """``usage_rated``: one priced row per event, every column of sql/002, sql/006 and sql/010.
+
+    ``sources`` gives each row's place on the event topics (topic, partition, offset), in the
+    order of ``rows``; ``batch_id`` the batch that writes them (meterstream/storage/batches.py).
+    """
+    places = sources if sources is not None else [("", 0, 0)] * len(rows)
     return pa.table(
         {
             "event_id": _strings([r.event_id for r in rows]),
@@ -94,5 +104,9 @@ def rated_table(rows: Sequence[RatedUsage], rated_at: datetime) -> pa.Table:
             "rule": _strings([r.rule for r in rows]),
             "billed_in": _strings([r.billed_in for r in rows]),
             "rated_at": pa.array([rated_at] * len(rows), _TIMESTAMP),
+            "batch_id": _strings([batch_id] * len(rows)),
+            "source_topic": _strings([p[0] for p in places]),
+            "source_partition": pa.array([p[1] for p in places], pa.uint32()),
+            "source_offset": pa.array([p[2] for p in places], pa.uint64()),
         }
     )

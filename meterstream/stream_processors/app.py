@@ -171,6 +171,7 @@ def create_app(
         # Totals are kept per billing period (anniversary customers' are not calendar months).
         period_of=catalog.billing_period,
         preload_periods=catalog.open_billing_periods,
+        committed=lambda: consumer.committed_at_assignment,
     )
     processor = BatchProcessor(
         catalog,
@@ -371,6 +372,7 @@ def create_app(
             "loading state",
             exclusive=False,
         )
+        raw_stored = frozenset(state.raw_stored)
         state.commit(result)
         activity.last_batch = time.monotonic()
         state_sent = await publish_states(result.enforcement, reached(messages))
@@ -387,7 +389,8 @@ def create_app(
         async def write() -> dict[tuple[str, int], int]:
             activity.writing += 1
             try:
-                await with_store(lambda: store.insert_batch(result.raw, result.rated, result.alerts), "store write")
+                await with_store(lambda: store.insert_batch(result.raw, result.rated, result.alerts, raw_stored=raw_stored),
+                                 "store write")  # fmt: skip
             finally:
                 activity.writing -= 1
             if ledger is not None and result.enforcement:

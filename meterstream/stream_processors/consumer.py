@@ -113,6 +113,9 @@ class BatchConsumer(Service):
         self.shutdown_drain = shutdown_drain
         self.consumer: AIOKafkaConsumer | None = None
         self.assigned: set[TopicPartition] = set()
+        #: The group's committed offset of each partition, read when it was assigned (None:
+        #: nothing committed): the store writes again what it holds past them (storage/batches.py).
+        self.committed_at_assignment: dict[tuple[str, int], int | None] = {}
         self.rebalancing = True
         self._pending: dict[TopicPartition, int] = {}
         self._last_commit = time.monotonic()
@@ -407,4 +410,13 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         await self.owner.revoked(set(revoked))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        committed: dict[tuple[str, int], int | None] = {}
+        if self.owner.consumer is not None:
+            for tp in assigned:
+                try:
+                    committed[(tp.topic, tp.partition)] = await self.owner.consumer.committed(tp)
+                except Exception as exc:  # the coordinator away: that partition is not checked
+                    log.warning("committed offset of %s:%d unknown (%s): no recovery of its batches", tp.topic,
+                                tp.partition, exc)  # fmt: skip
+        self.owner.committed_at_assignment = committed
         self.owner.assigned_now(set(assigned))

@@ -33,7 +33,7 @@ have written in the meantime.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -109,6 +109,12 @@ FROM usage_rated
 WHERE period IN {periods:Array(String)} AND customer_id IN {customers:Array(String)}
   AND event_id IN {ids:Array(String)}
 """
+_RAW_STORED = """
+SELECT DISTINCT source_topic, source_partition, source_offset
+FROM events_raw
+WHERE customer_id IN {customers:Array(String)} AND event_id IN {ids:Array(String)}
+  AND source_topic IN {topics:Array(String)}
+"""
 _STORED_OFFSETS = """
 SELECT source_topic, source_partition, max(source_offset) AS offset
 FROM events_raw
@@ -161,8 +167,12 @@ class StoreBackedState:
         on_assigned: Callable[[], None] | None = None,
         period_of: Callable[[str, datetime], str] | None = None,
         preload_periods: Callable[[datetime], Iterable[str]] | None = None,
+        committed: Callable[[], Mapping[tuple[str, int], int | None]] | None = None,
     ) -> None:
         self.store = store
+        #: The group's committed offset of each assigned partition, read at the assignment (the
+        #: consumer's): the batches stored past them are written again first (storage/batches.py).
+        self.committed = committed
         self.clock = clock
         #: The billing period an event of a customer at a time belongs to (the rated row's period):
         #: the calendar month by default, the catalog's rule in the worker (anniversary periods).
@@ -186,6 +196,8 @@ class StoreBackedState:
         self.stored_upto: dict[tuple[str, int], int] | None = None
         #: Replayed events found in the store during the current batch.
         self._stored_in_batch: set[str] = set()
+        #: Places (topic, partition, offset) of the current batch whose raw row events_raw holds.
+        self.raw_stored: set[tuple[str, int, int]] = set()
         self.lookups = 0
         #: Periods whose month-to-date is loaded for every customer (absent keys are zero).
         self._complete_periods: set[str] = set()
@@ -250,12 +262,16 @@ class StoreBackedState:
     def prepare(self, batch: Sequence[tuple[InboundMessage, UsageEvent | OutcomeEvent]]) -> None:
         """Load what this batch needs from the store, in a few queries per batch at most."""
         self._stored_in_batch = set()
+        self.raw_stored = set()
         if not batch:
             return
         if self.stored_upto is None:
-            # Partitions were (re)assigned, perhaps after a worker was killed mid-insert. Set
+            # Partitions were (re)assigned, perhaps after a worker or the store was killed
+            # mid-write: the batches stored but never committed are written again from their
+            # stored rows, which completes every table and view they did not reach. Set
             # stored_upto last: if a load fails, the retried batch loads everything again.
-            self.store.repair_views()
+            if self.committed is not None:
+                self.store.recover_batches(self.committed())
             if self.on_assigned is not None:
                 self.on_assigned()
             stored_upto = self._stored_offsets()
@@ -287,18 +303,31 @@ class StoreBackedState:
             }
             - set(self.billed)
         )
-        replayed = [
-            event
+        read_again = [
+            (message, event)
             for message, event in batch
             if message.offset <= self.stored_upto.get((message.topic, message.partition), -1)
-            and dedupe_key(event.customer_id, event.event_id) not in self.recent
         ]
+        replayed = [event for _, event in read_again if dedupe_key(event.customer_id, event.event_id) not in self.recent]
         if replayed:
             self._stored_in_batch = self._stored_ids(replayed)
+        if read_again:
+            # A batch cut after its events_raw insert: its raw rows are not written twice.
+            self.raw_stored = self._raw_stored(read_again)
 
     def _query(self, sql: str, parameters: dict[str, Any]) -> list[dict[str, Any]]:
         self.lookups += 1
         return self.store.query(sql, parameters).dicts()
+
+    def _raw_stored(self, read_again: list[tuple[InboundMessage, UsageEvent | OutcomeEvent]]) -> set[tuple[str, int, int]]:
+        places = {(m.topic, m.partition, m.offset) for m, _ in read_again}
+        params = {
+            "customers": sorted({e.customer_id for _, e in read_again}),
+            "ids": sorted({e.event_id for _, e in read_again}),
+            "topics": sorted({m.topic for m, _ in read_again}),
+        }
+        rows = self._query(_RAW_STORED, params)
+        return {p for r in rows if (p := (r["source_topic"], int(r["source_partition"]), int(r["source_offset"]))) in places}
 
     def _stored_offsets(self) -> dict[tuple[str, int], int]:
         rows = self._query(_STORED_OFFSETS, {"topics": self.topics})

@@ -22,6 +22,7 @@ from meterstream.schemas.records import RawEvent
 from meterstream.storage.clickhouse import SQL_DIR, connect, migrate, open_store
 from meterstream.storage.queries import saved_query
 from meterstream.storage.settle import settle
+from tests.store.test_settled_usage import Pre010Store
 
 pytestmark = pytest.mark.store
 
@@ -95,7 +96,7 @@ def test_the_sum_of_quantities_in_the_store_also_after_migrating_a_settled_store
             "max(quantity), sum(quantity), sum(credits)", "max(quantity), sum(credits)"
         )
         assert "sum_quantity" not in old_aggregate
-        store = open_store(clickhouse, apply_migrations=False)
+        store = Pre010Store(connect(clickhouse))
         try:
             _store_events(store, catalog)
             with monkeypatch.context() as patch:
@@ -108,7 +109,7 @@ def test_the_sum_of_quantities_in_the_store_also_after_migrating_a_settled_store
         try:
             assert [r[0] for r in client.query("SELECT name FROM schema_migrations FINAL ORDER BY version").result_rows][
                 -1
-            ] == "009_quantity_sums_and_issued_catalogs.sql"
+            ] == "010_insert_dedup.sql"  # 009 and every later one (010: issue 15's deduplication tokens)
 
             def run(name: str, **params: str):
                 return store.query(saved_query(name), params)

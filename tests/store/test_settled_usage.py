@@ -9,6 +9,8 @@ hand-checked month of test_cs_queries.py (October 2026, a resent event included)
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from datetime import date, timedelta
 from decimal import Decimal
 
@@ -25,6 +27,7 @@ from meterstream.storage.clickhouse import (
     migrate,
     open_store,
 )
+from meterstream.storage.columns import rated_table, raw_table
 from meterstream.storage.queries import saved_query
 from meterstream.storage.settle import settle
 from tests.system.test_cs_queries import (
@@ -306,6 +309,20 @@ def test_an_event_id_on_two_days_keeps_the_customer_period_off_the_settled_path(
     assert rows[0]["events"] == 1
 
 
+class Pre010Store(ClickHouseStore):
+    """A store migrated only to a migration before 010: rows as the worker wrote them then
+    (no batch id or source position in usage_rated, no deduplication tokens)."""
+
+    def insert_batch(self, raw, rated, alerts=(), *, raw_stored=()) -> None:
+        assert not alerts and not raw_stored
+        now = utc_now()
+        if raw:
+            self.client.insert_arrow("events_raw", raw_table(raw, now))
+        if rated:
+            columns = rated_table(rated, now).drop(["batch_id", "source_topic", "source_partition", "source_offset"])
+            self.client.insert_arrow("usage_rated", columns, settings={"max_partitions_per_insert_block": 0})
+
+
 def test_migrating_a_store_with_usage_counts_its_days_and_settles_it(
     clickhouse, catalog, tmp_path
 ):
@@ -316,7 +333,7 @@ def test_migrating_a_store_with_usage_counts_its_days_and_settles_it(
     client = connect(clickhouse)
     try:
         migrate(client, before)
-        store = ClickHouseStore(client)
+        store = Pre010Store(client)
         _load(store, catalog)  # rows (and a resend) that predate 007
         assert migrate(client)[0] == "007_settled_usage.sql"  # then any later ones
         assert migrate(client) == []
@@ -465,52 +482,44 @@ def _same_as_final(store: ClickHouseStore, periods: list[str], customers: tuple[
     return True
 
 
-@pytest.mark.parametrize("lost_view", ["usage_recent_mv", "usage_day_counts_mv"])
-def test_an_insert_killed_between_usage_rated_and_its_views_is_repaired_when_partitions_are_taken(
-    clickhouse, catalog, lost_view
-):
-    """SIGKILL after usage_rated's part but before a view's: the restart skips the stored batch, so repair it.
-
-    The kill is simulated by detaching the view for one insert: usage_rated gets the rows,
-    the view's table does not (as when the process dies between the two).
-    """
+def test_a_batch_written_again_with_its_tokens_doubles_nothing_and_recovery_is_idempotent(clickhouse, catalog):
+    """The same batch written twice (a store retry), then recovered from its stored rows at an
+    assignment (storage/batches.py): every table and view holds it once, physically."""
     now = utc_now()
     today = now.replace(hour=0, minute=0, second=0, microsecond=0)
     store = open_store(clickhouse)
+    tables = ("events_raw", "usage_rated", "usage_recent", "usage_hourly", "usage_daily", "usage_day_counts")
     try:
-        first = [
+        for table in tables:
+            store.client.command(f"SYSTEM STOP MERGES {table}")
+        events = [
             _tokens(f"k{n}", "acme", min(today - timedelta(days=days, hours=-1), now), "gpt-4o", 1_000 * (n + 1), 0, 10)
-            for n, days in enumerate([0, 1, 2])
+            for n, days in enumerate([0, 1, 2, 2])
         ]
-        raw, rated = _rate(catalog, first)
-        store.insert_batch(raw, rated)
-        settle(store.client)  # yesterday and the day before are settled
-        # The killed insert: a new event today and a late one on a settled day.
-        killed = [
-            _tokens("k7", "acme", min(today + timedelta(hours=2), now), "gpt-4o-mini", 7_000, 0, 70),
-            _tokens("k8", "acme", today - timedelta(days=1, hours=-5), "gpt-4o-mini", 8_000, 0, 80),
-        ]
-        raw2, rated2 = _rate(catalog, killed)
-        store.client.command(f"DETACH TABLE {lost_view}")
-        try:
-            store.insert_batch(raw2, rated2)
-        finally:
-            store.client.command(f"ATTACH TABLE {lost_view}")
-        periods = sorted({r.period for r in [*rated, *rated2]})
-        assert not _same_as_final(store, periods, ("acme",))  # the hole the repair closes
-        from meterstream.storage.repair import repair_views
+        raw, rated = _rate(catalog, events)
+        raw = [replace(r, source_topic="usage", source_partition=0, source_offset=100 + i) for i, r in enumerate(raw)]
 
-        assert repair_views(store.client) == (2 if lost_view == "usage_recent_mv" else 0)
-        assert _same_as_final(store, periods, ("acme",))
-        assert repair_views(store.client) == 0  # again: nothing more to copy, still exact
-        for period in periods:  # the rollups: a copy they already had is seen, and read from FINAL
-            params = {"period": period, "customer": "acme"}
-            daily = store.query(saved_query("usage_daily"), params).dicts()
-            final = store.query(REFERENCE["month_to_date"], params).dicts()
-            assert sum(r["credits"] for r in daily) == final[0]["usage_credits"] + final[0]["outcome_credits"]
-            assert sum(r["events"] for r in daily) == final[0]["events"]
-        assert _same_as_final(store, periods, ("acme",))
+        def physical() -> dict[str, int]:
+            out = {t: int(store.query(f"SELECT count() FROM {t}").rows[0][0]) for t in tables[:3]}
+            out["usage_hourly"] = int(store.query("SELECT sum(inserted_rows) FROM usage_hourly").rows[0][0])
+            out["usage_daily"] = int(store.query("SELECT sum(inserted_rows) FROM usage_daily").rows[0][0])
+            out["usage_day_counts"] = int(store.query("SELECT sum(rows) FROM usage_day_counts").rows[0][0])
+            return out
+
+        store.insert_batch(raw, rated)
+        once = physical()
+        assert once == dict.fromkeys(tables, len(events))
+        store.insert_batch(raw, rated)  # the retry of the same in-memory batch
+        assert physical() == once
+        # Committed before the batch: it is found past the offset and written again, doubling nothing.
+        recovered = store.recover_batches({("usage", 0): 100})
+        assert (recovered.batches, recovered.rows) == (1, len(events))
+        assert physical() == once
+        assert store.recover_batches({("usage", 0): 104}).batches == 0  # committed past it: nothing to do
+        periods = sorted({r.period for r in rated})
         settle(store.client)
         assert _same_as_final(store, periods, ("acme",))
     finally:
+        for table in tables:
+            store.client.command(f"SYSTEM START MERGES {table}")
         store.close()

@@ -34,7 +34,7 @@ class MemoryStore:
         self.error = error
         self.attempts = 0
 
-    def insert_batch(self, raw, rated, alerts=()) -> None:
+    def insert_batch(self, raw, rated, alerts=(), *, raw_stored=()) -> None:
         from meterstream.storage.clickhouse import StoreError
 
         self.attempts += 1
@@ -48,7 +48,7 @@ class MemoryStore:
     def query(self, sql, parameters=None) -> QueryResult:
         return QueryResult([], [], [])
 
-    def repair_views(self) -> None:
+    def recover_batches(self, committed) -> None:
         pass
 
 
