@@ -19,7 +19,9 @@ after a settle run usage_settled / usage_settled_days through the invoice querie
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import time
 from collections import Counter, defaultdict
 from datetime import datetime, timedelta, timezone
@@ -28,15 +30,17 @@ from decimal import Decimal
 import pytest
 import yaml
 
-from meterstream.clock import utc_now
 from meterstream.budgets import BudgetBook, thresholds_to_alert
+from meterstream.clock import utc_now
 from meterstream.pricing.plans import load_catalog
 from meterstream.producers import MeterClient
 from meterstream.schemas.events import UsageEvent
 from meterstream.storage.clickhouse import open_store
 from meterstream.storage.settle import settle
 from meterstream.stream_processors.runner import WorkerProcess
+from tests.servers import private_clickhouse
 from tests.store.test_settled_usage import _same_as_final
+from tests.system.conftest import Pipeline
 
 pytestmark = pytest.mark.system
 
@@ -82,58 +86,9 @@ def _restart(pipeline, *, pause: bool) -> None:
     pipeline.start()
 
 
-def test_sigkill_mid_insert_repeatedly_leaves_every_table_and_view_exact(pipeline_factory):
-    now = utc_now()
-    events = _events(now)
-    pipeline = pipeline_factory(budgets=BUDGETS, start=False)
-    pipeline.env["METERSTREAM_WORKER__BATCH_SIZE"] = "150"
-    with MeterClient(pipeline.kafka) as meter:
-        for i, event in enumerate(events):
-            meter.record(event)
-            if i % 13 == 0 and i // 13 < RESENT:  # client resends among the originals: stored once
-                meter.record(events[i // 2])
-    assert meter.failed == 0
-
-    # The tables first, with merges stopped: a ReplacingMergeTree merge would hide a doubled block,
-    # and this test counts physical rows (the worker's own migrate finds them applied).
-    setup = open_store(pipeline.clickhouse)
-    try:
-        for table in TABLES:
-            setup.client.command(f"SYSTEM STOP MERGES {table}")
-    finally:
-        setup.close()
-
-    rng = random.Random(15)
-    kills = Counter()
-    _restart(pipeline, pause=True)
-    for k in range(PAUSED_KILLS):
-        table = ("events_raw", "usage_rated")[k % 2]
-        marker = f"test pause after INSERT INTO {table}"
-        # After 1 to 4 batches of this worker's (so that the kills land at different offsets).
-        seen = _lines(pipeline.worker, marker) + rng.randint(0, 3)
-        deadline = time.monotonic() + 120
-        while _lines(pipeline.worker, marker) <= seen:
-            assert time.monotonic() < deadline, f"no write reached the pause after {table}:\n{pipeline.worker.log_tail()}"
-            pipeline.worker._check_alive()
-            time.sleep(0.05)
-        pipeline.worker.kill()
-        kills[f"after INSERT INTO {table}"] += 1
-        recovered = _lines(pipeline.worker, RECOVERED)
-        _restart(pipeline, pause=k < PAUSED_KILLS - 1)
-        if table == "usage_rated":
-            # The cut batch is stored, not committed: the restarted worker writes it again from its
-            # rows when it takes the partitions (before its first batch).
-            deadline = time.monotonic() + 120
-            while _lines(pipeline.worker, RECOVERED) <= recovered:
-                assert time.monotonic() < deadline, f"the cut batch was not recovered:\n{pipeline.worker.log_tail()}"
-                pipeline.worker._check_alive()
-                time.sleep(0.05)
-    for _ in range(RANDOM_KILLS):
-        time.sleep(rng.uniform(0.3, 2.5))  # anywhere: rating, inserting, committing
-        pipeline.worker.kill()
-        kills["random"] += 1
-        _restart(pipeline, pause=False)
-
+def _check_exact(pipeline, events: list[UsageEvent]) -> dict[str, int]:
+    """Every table and view against the events sent: physically (count() without FINAL) and
+    against usage_rated FINAL; returns the rows checked per table."""
     store = open_store(pipeline.clickhouse, apply_migrations=False)
     try:
         expected_rows = len(events)
@@ -212,18 +167,148 @@ def test_sigkill_mid_insert_repeatedly_leaves_every_table_and_view_exact(pipelin
         # budget_alerts: every threshold the stored totals reached, alerted once (by id, after FINAL).
         assert scalar("SELECT count() FROM budget_alerts FINAL") == scalar("SELECT uniqExact(alert_id) FROM budget_alerts")
         budgets = BudgetBook.model_validate(yaml.safe_load(BUDGETS))
-        spent: dict[str, Decimal] = defaultdict(Decimal)
+        spent: dict[tuple[str, str], Decimal] = defaultdict(Decimal)  # per customer and billing period
         for row in rated.values():
-            spent[row.customer_id] += row.credits
-        expected_alerts = {(c, t) for c, credits in spent.items()
+            spent[(row.customer_id, row.period)] += row.credits
+        expected_alerts = {(c, p, t) for (c, p), credits in spent.items()
                            for t in thresholds_to_alert(credits, budgets.for_customer(c), frozenset())}  # fmt: skip
-        alerted = Counter((r[0], int(r[1])) for r in store.query(
-            "SELECT customer_id, threshold_percent FROM budget_alerts FINAL WHERE kind IN ('', 'threshold')").rows)  # fmt: skip
+        alerted = Counter((r[0], r[1], int(r[2])) for r in store.query(
+            "SELECT customer_id, period, threshold_percent FROM budget_alerts FINAL WHERE kind IN ('', 'threshold')"
+        ).rows)  # fmt: skip
         assert set(alerted) == expected_alerts and set(alerted.values()) <= {1}
         checked["budget_alerts (thresholds)"] = len(alerted)
     finally:
         store.close()
+    return checked
+
+
+
+def test_sigkill_mid_insert_repeatedly_leaves_every_table_and_view_exact(pipeline_factory):
+    now = utc_now()
+    events = _events(now)
+    pipeline = pipeline_factory(budgets=BUDGETS, start=False)
+    pipeline.env["METERSTREAM_WORKER__BATCH_SIZE"] = "150"
+    with MeterClient(pipeline.kafka) as meter:
+        for i, event in enumerate(events):
+            meter.record(event)
+            if i % 13 == 0 and i // 13 < RESENT:  # client resends among the originals: stored once
+                meter.record(events[i // 2])
+    assert meter.failed == 0
+
+    # The tables first, with merges stopped: a ReplacingMergeTree merge would hide a doubled block,
+    # and this test counts physical rows (the worker's own migrate finds them applied).
+    setup = open_store(pipeline.clickhouse)
+    try:
+        for table in TABLES:
+            setup.client.command(f"SYSTEM STOP MERGES {table}")
+    finally:
+        setup.close()
+
+    rng = random.Random(15)
+    kills = Counter()
+    _restart(pipeline, pause=True)
+    for k in range(PAUSED_KILLS):
+        table = ("events_raw", "usage_rated")[k % 2]
+        marker = f"test pause after INSERT INTO {table}"
+        # After 1 to 4 batches of this worker's (so that the kills land at different offsets).
+        seen = _lines(pipeline.worker, marker) + rng.randint(0, 3)
+        deadline = time.monotonic() + 120
+        while _lines(pipeline.worker, marker) <= seen:
+            assert time.monotonic() < deadline, f"no write reached the pause after {table}:\n{pipeline.worker.log_tail()}"
+            pipeline.worker._check_alive()
+            time.sleep(0.05)
+        pipeline.worker.kill()
+        kills[f"after INSERT INTO {table}"] += 1
+        recovered = _lines(pipeline.worker, RECOVERED)
+        _restart(pipeline, pause=k < PAUSED_KILLS - 1)
+        if table == "usage_rated":
+            # The cut batch is stored, not committed: the restarted worker writes it again from its
+            # rows when it takes the partitions (before its first batch).
+            deadline = time.monotonic() + 120
+            while _lines(pipeline.worker, RECOVERED) <= recovered:
+                assert time.monotonic() < deadline, f"the cut batch was not recovered:\n{pipeline.worker.log_tail()}"
+                pipeline.worker._check_alive()
+                time.sleep(0.05)
+    for _ in range(RANDOM_KILLS):
+        time.sleep(rng.uniform(0.3, 2.5))  # anywhere: rating, inserting, committing
+        pipeline.worker.kill()
+        kills["random"] += 1
+        _restart(pipeline, pause=False)
+
+    checked = _check_exact(pipeline, events)
 
     recoveries = _lines(pipeline.worker, RECOVERED)
     assert sum(kills.values()) >= 10 and recoveries >= kills["after INSERT INTO usage_rated"]
     print(f"\nkills: {dict(kills)}; recoveries at assignment: {recoveries}; rows checked per table: {checked}")
+
+
+#: The tables whose merges would hide a doubled block (ReplacingMergeTree), and the rest a batch reaches.
+NO_MERGES = "max_bytes_to_merge_at_max_space_in_pool = 1, max_bytes_to_merge_at_min_space_in_pool = 1"
+SERVER_KILLS = 10
+
+
+def test_clickhouse_server_sigkilled_mid_write_repeatedly_leaves_every_table_and_view_exact(base_settings, tmp_path):
+    """The store's server, not the worker, killed (SIGKILL) while the worker writes, and restarted
+    on the same data, repeatedly: half the kills right after a table's insert (the worker held
+    there by the test pause), half at random. The worker keeps its batch in memory and retries the
+    write with the same tokens (the store outage path), so the tables and views the killed insert
+    did not reach get it and the others skip it. Merges are kept off for the whole run by the
+    tables' settings (a server restart forgets SYSTEM STOP MERGES), and checked to have done nothing.
+    """
+    with private_clickhouse(tmp_path / "ch") as (server, dsn):
+        (tmp_path / "p").mkdir()
+        pipeline = Pipeline(base_settings, tmp_path / "p", dsn, BUDGETS)
+        pipeline.env["METERSTREAM_WORKER__BATCH_SIZE"] = "150"
+        pipeline.env["METERSTREAM_CLICKHOUSE__RETRY_BACKOFF_MAX"] = "1"
+        pipeline.env["METERSTREAM_TEST_PAUSE_AFTER_INSERT"] = "0.3"
+        events = _events(utc_now())
+        try:
+            with MeterClient(pipeline.kafka) as meter:
+                for i, event in enumerate(events):
+                    meter.record(event)
+                    if i % 13 == 0 and i // 13 < RESENT:
+                        meter.record(events[i // 2])
+            assert meter.failed == 0
+            setup = open_store(pipeline.clickhouse)
+            try:
+                for table in TABLES:
+                    setup.client.command(f"ALTER TABLE {table} MODIFY SETTING {NO_MERGES}")
+            finally:
+                setup.close()
+            pipeline.start()
+            rng = random.Random(16)
+            kills = Counter()
+            for k in range(SERVER_KILLS):
+                if k % 2 == 0:
+                    table = ("events_raw", "usage_rated")[(k // 2) % 2]
+                    marker = f"test pause after INSERT INTO {table}"
+                    seen = _lines(pipeline.worker, marker) + rng.randint(0, 2)
+                    deadline = time.monotonic() + 120
+                    while _lines(pipeline.worker, marker) <= seen:
+                        assert time.monotonic() < deadline, f"no write reached {marker}:\n{pipeline.worker.log_tail()}"
+                        pipeline.worker._check_alive()
+                        time.sleep(0.02)
+                    where = f"after INSERT INTO {table}"
+                else:
+                    time.sleep(rng.uniform(0.05, 1.5))  # anywhere: mid-insert, mid-view, between batches
+                    where = "random"
+                os.kill(server.status().pid, signal.SIGKILL)
+                kills[where] += 1
+                time.sleep(rng.uniform(0.2, 1.0))
+                server.up()
+                pipeline.worker._check_alive()
+            checked = _check_exact(pipeline, events)
+            store = open_store(pipeline.clickhouse, apply_migrations=False)
+            try:
+                merged = store.query(
+                    "SELECT count() FROM system.parts WHERE database = currentDatabase() AND active AND level > 0 "
+                    "AND table IN {tables:Array(String)}", {"tables": list(TABLES)}
+                ).rows[0][0]
+                assert merged == 0, "a merge ran: it could have hidden a doubled block"
+            finally:
+                store.close()
+            retries = pipeline.worker.stats(timeout=5)["store_retries"]
+            assert sum(kills.values()) >= 10 and retries > 0
+            print(f"\nserver kills: {dict(kills)}; store retries: {retries}; rows checked per table: {checked}")
+        finally:
+            pipeline.stop()
