@@ -20,14 +20,14 @@
 --   cause an unnecessary fallback, never a wrong sum.
 -- * Every row written to usage_rated reaches the rollups: ClickHouse pushes each
 --   insert to its views synchronously, a failed push fails the insert, and the
---   worker retries the whole batch (which the check above then sees).
--- So the hourly/daily saved queries are exact, with one exception: a worker killed
--- (SIGKILL, OOM) after usage_rated's part but before a rollup's loses that batch
--- from the rollup, and its restart skips the batch because usage_rated has it.
--- When a worker takes partitions it inserts again the recent rows usage_recent
--- (sql/007) lacks (meterstream.storage.settle.repair_views), which reaches the
--- rollups too (a copy a rollup already had makes its check fall back to FINAL);
--- a batch lost only by a rollup, not by usage_recent, stays lost to it. Invoices (invoice_usage, late_usage)
+--   worker retries the whole batch with the same deduplication tokens (below).
+-- So the hourly/daily saved queries are exact. A write cut by a crash (a worker or the
+-- server killed after usage_rated's part but before a rollup's) is completed, not
+-- detected: every insert carries a deduplication token and the batches stored past
+-- the committed offsets are written again when a worker takes partitions, which each
+-- rollup that lacks them receives and each that has them skips (sql/010,
+-- meterstream/storage/batches.py, docs/storage.md). The check above stays as the
+-- safety net for a repeat beyond the deduplication window. Invoices (invoice_usage, late_usage)
 -- and month-to-date read settled per-day sums instead (sql/007_settled_usage.sql),
 -- which keep the plan version and outcome columns these rollups do not. Margins,
 -- cache savings, cost per outcome and the dispute audit still read usage_rated

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import sys
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,7 +44,9 @@ _PAUSE_AFTER_INSERT = float(os.environ.get("METERSTREAM_TEST_PAUSE_AFTER_INSERT"
 
 def _test_pause(table: str) -> None:
     if _PAUSE_AFTER_INSERT > 0:
-        print(f"test pause after INSERT INTO {table}", file=sys.stderr, flush=True)
+        # Straight to file descriptor 2 (the worker's log): Faust routes sys.stderr through logging,
+        # whose repeat filter (quiet_logs.py) would fold these lines.
+        os.write(2, f"test pause after INSERT INTO {table}\n".encode())
         time.sleep(_PAUSE_AFTER_INSERT)
 
 

@@ -10,7 +10,6 @@ hand-checked month of test_cs_queries.py (October 2026, a resent event included)
 from __future__ import annotations
 
 from dataclasses import replace
-
 from datetime import date, timedelta
 from decimal import Decimal
 
