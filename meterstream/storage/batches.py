@@ -20,9 +20,10 @@ usage_rated but before budget_alerts, between two partitions of one insert.
   No dedupe decision is taken again (the rows are the ones stored), so nothing can differ.
 - The engine's token is per partition, but a view's block is cut into parts by the target's
   partition key in the order of the rows, so the rows go in one canonical order
-  (:data:`ORDER`), the same at the first write and at the recovery: measured on the 26.9
-  server, a recovery in another order than the first write doubled view targets that had the
-  block (docs/storage.md).
+  (:data:`ORDER`), the same at the first write and at the recovery, and a recovery sends one
+  Arrow record batch (each is a block): measured on the 26.9 server, a recovery in another
+  order, in two record batches, or as ``INSERT ... SELECT`` was not recognised and doubled
+  tables that had the block (docs/storage.md).
 """
 
 from __future__ import annotations
