@@ -33,7 +33,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pyarrow as pa
 from clickhouse_connect.driver.client import Client
@@ -93,8 +93,21 @@ class Recovery:
     seconds: float = 0.0
 
 
+#: With no committed offset for a partition (a new consumer group, or its offsets expired after
+#: the broker's offsets.retention.minutes), only its batches stored within this span before its
+#: newest one are written again: a cut batch is among the last ones written, and a batch older
+#: than the dedup window (10,000 blocks per table) would be doubled in the views, not skipped.
+UNCOMMITTED_HORIZON = timedelta(minutes=10)
+
+_NEWEST = """
+SELECT source_topic, source_partition, max(rated_at) AS newest
+FROM usage_rated
+WHERE batch_id != '' AND ({positions})
+GROUP BY source_topic, source_partition
+"""
+
 _UNCOMMITTED = """
-SELECT batch_id, any(rated_at) AS rated_at
+SELECT batch_id, any(rated_at) AS batch_rated_at
 FROM usage_rated
 WHERE batch_id != '' AND ({positions})
 GROUP BY batch_id
@@ -105,18 +118,36 @@ def recover_batches(client: Client, committed: Mapping[tuple[str, int], int | No
     """Write again, from usage_rated's own rows, every batch stored past ``committed``.
 
     ``committed``: the group's committed offset of each partition the worker was assigned
-    (None: nothing committed yet, so every stored row of it counts). Cheap when nothing was cut:
-    one query, which the minmax index on source_offset narrows to the newest granules.
+    (None: nothing committed, so its batches stored within :data:`UNCOMMITTED_HORIZON` before its
+    newest one count). Cheap when nothing was cut: one query, which the minmax index on
+    source_offset narrows to the newest granules.
     """
     started = time.monotonic()
     result = Recovery()
     if not committed:
         return result
-    clauses, parameters = [], {}
+    clauses: list[str] = []
+    parameters: dict[str, object] = {}
+    unknown = sorted(place for place, offset in committed.items() if offset is None)
+    if unknown:
+        where = " OR ".join(f"(source_topic = {{t{i}:String}} AND source_partition = {{p{i}:UInt32}})"
+                            for i in range(len(unknown)))  # fmt: skip
+        newest = client.query(
+            _NEWEST.format(positions=where),
+            parameters={k: v for i, (t, p) in enumerate(unknown) for k, v in ((f"t{i}", t), (f"p{i}", p))},
+        ).result_rows
+        for i, (topic, partition, at) in enumerate(newest):
+            clauses.append(f"(source_topic = {{nt{i}:String}} AND source_partition = {{np{i}:UInt32}}"
+                           f" AND rated_at >= {{ns{i}:DateTime64(3, 'UTC')}})")  # fmt: skip
+            parameters.update({f"nt{i}": topic, f"np{i}": partition, f"ns{i}": at - UNCOMMITTED_HORIZON})
     for i, ((topic, partition), offset) in enumerate(sorted(committed.items())):
+        if offset is None:
+            continue
         clauses.append(f"(source_topic = {{t{i}:String}} AND source_partition = {{p{i}:UInt32}}"
                        f" AND source_offset >= {{o{i}:UInt64}})")  # fmt: skip
-        parameters.update({f"t{i}": topic, f"p{i}": partition, f"o{i}": max(offset or 0, 0)})
+        parameters.update({f"t{i}": topic, f"p{i}": partition, f"o{i}": max(offset, 0)})
+    if not clauses:
+        return result
     found = client.query(_UNCOMMITTED.format(positions=" OR ".join(clauses)), parameters=parameters).result_rows
     schema = rated_table([], datetime.now(timezone.utc)).schema
     for batch, rated_at in found:

@@ -10,10 +10,11 @@ hand-checked month of test_cs_queries.py (October 2026, a resent event included)
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+import time_machine
 
 from meterstream.billing import invoice_from_store, invoices_from_rated, rate_events
 from meterstream.clock import utc_now
@@ -521,4 +522,33 @@ def test_a_batch_written_again_with_its_tokens_doubles_nothing_and_recovery_is_i
     finally:
         for table in tables:
             store.client.command(f"SYSTEM START MERGES {table}")
+        store.close()
+
+
+def test_with_no_committed_offset_only_the_newest_batches_are_written_again(clickhouse, catalog):
+    """A partition with nothing committed (a new consumer group on an old store, or offsets the
+    broker expired): writing again every batch it ever stored would double in the views those
+    that left the dedup window, so only those within UNCOMMITTED_HORIZON of its newest count."""
+    from meterstream.storage.batches import UNCOMMITTED_HORIZON
+
+    now = utc_now()
+    store = open_store(clickhouse)
+    try:
+        def batch(prefix: str, first_offset: int, at: datetime) -> None:
+            events = [_tokens(f"{prefix}{n}", "acme", at - timedelta(minutes=1), "gpt-4o", 1_000, 0, 10) for n in range(3)]
+            raw, rated = _rate(catalog, events)
+            raw = [replace(r, source_topic="usage", source_partition=0, source_offset=first_offset + i)
+                   for i, r in enumerate(raw)]  # fmt: skip
+            with time_machine.travel(at, tick=False):  # the batch's rated_at
+                store.insert_batch(raw, rated)
+
+        batch("old", 100, now - UNCOMMITTED_HORIZON - timedelta(hours=1))
+        batch("new", 200, now)
+        before = int(store.query("SELECT sum(inserted_rows) FROM usage_hourly").rows[0][0])
+        recovered = store.recover_batches({("usage", 0): None})
+        assert (recovered.batches, recovered.rows) == (1, 3)  # the newest batch only
+        assert int(store.query("SELECT sum(inserted_rows) FROM usage_hourly").rows[0][0]) == before == 6
+        # A known committed offset still finds every batch past it, however old.
+        assert store.recover_batches({("usage", 0): 100}).batches == 2
+    finally:
         store.close()
