@@ -28,14 +28,17 @@ says so in the report.
 from __future__ import annotations
 
 import csv
+import gc
 import multiprocessing
 import os
+import shutil
 import tempfile
 import time
 import weakref
 from array import array
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -199,15 +202,36 @@ class Scan:
     customers_by_period: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     first_at: datetime | None = None
     last_at: datetime | None = None
-    #: CSV and Parquet: the wire bytes of every valid, first-seen event, one JSON line each, in
-    #: file order (written by the scan, so the send validates nothing twice); None for JSON Lines.
-    spool: Path | None = None
+    #: What the send produces, in file order, written by the scan (so the send validates and parses
+    #: nothing): every valid, first-seen event as one record ``customer_id TAB event_id TAB kind TAB
+    #: value LF`` (kind ``u`` or ``o``; value: the JSON line as written for JSON Lines, the model's
+    #: wire bytes for CSV and Parquet). Empty when the per-event JSON Lines scan sends from the file.
+    spools: list[Path] = field(default_factory=list)
+    _spool_dir: Path | None = None
 
     def discard_spool(self) -> None:
         """Delete the spool now (it is deleted anyway when the scan is collected or at exit)."""
-        if self.spool is not None:
-            self.spool.unlink(missing_ok=True)
-            self.spool = None
+        for spool in self.spools:
+            spool.unlink(missing_ok=True)
+        self.spools = []
+        if self._spool_dir is not None:
+            shutil.rmtree(self._spool_dir, ignore_errors=True)
+            self._spool_dir = None
+
+    def spooled(self) -> Iterator[tuple[bytes, bytes, bytes, bytes]]:
+        """``(customer_id, event_id, kind, value)`` of every spooled record, in order."""
+        for records in self.spooled_blocks():
+            for record in records:
+                customer, event_id, kind, value = record.split(b"\t", 3)
+                yield customer, event_id, kind, value
+
+    def spooled_blocks(self) -> Iterator[list[bytes]]:
+        """The spooled records (without their LF), a few MB at a time, in order."""
+        for spool in self.spools:
+            with spool.open("rb") as handle:
+                while block := handle.read(1 << 22):
+                    block += handle.readline()  # to the end of the record
+                    yield block[:-1].split(b"\n")
 
     @property
     def bad_lines(self) -> set[int]:
@@ -245,25 +269,43 @@ def scan(
     """
     workers = workers if workers is not None else min(os.cpu_count() or 1, 4)
     now = clock()
-    if fmt == "jsonl" and columns:
-        return _scan_chunks(path, workers, progress, now)
     result = Scan(path, fmt)
-    spool = None
-    if fmt != "jsonl":
-        handle, name = tempfile.mkstemp(prefix="meterstream-import-", suffix=".jsonl")
-        spool = os.fdopen(handle, "wb", buffering=1 << 20)
-        result.spool = Path(name)
-        weakref.finalize(result, result.spool.unlink, missing_ok=True)
+    if fmt == "jsonl" and not columns:
+        with _gc_paused():
+            _scan_into(result, path, fmt, progress, None)
+        return result
+    result._spool_dir = Path(tempfile.mkdtemp(prefix="meterstream-import-"))
+    weakref.finalize(result, shutil.rmtree, result._spool_dir, ignore_errors=True)
     try:
-        if not columns or not _scan_table_into(result, path, fmt, progress, spool, now):
-            _scan_into(result, path, fmt, progress, spool)
+        with _gc_paused():
+            if fmt == "jsonl":
+                _scan_chunks(result, workers, progress, now)
+            else:
+                result.spools = [result._spool_dir / "events.spool"]
+                with result.spools[0].open("wb", buffering=1 << 20) as spool:
+                    if not columns or not _scan_table_into(result, path, fmt, progress, spool, now):
+                        _scan_into(result, path, fmt, progress, spool)
     except BaseException:
         result.discard_spool()
         raise
-    finally:
-        if spool is not None:
-            spool.close()
     return result
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a pass builds and drops millions of small objects
+    (nothing it makes is cyclic; with collection on, the passes spend ~40% of their time in it)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _spool_record(customer: str, event_id: str, outcome: bool, value: bytes) -> bytes:
+    return f"{customer}\t{event_id}\t{'o' if outcome else 'u'}\t".encode() + value + b"\n"
 
 
 def _scan_into(result: Scan, path: Path, fmt: Format, progress: Progress | None, spool: Any) -> None:
@@ -287,7 +329,7 @@ def _scan_into(result: Scan, path: Path, fmt: Format, progress: Progress | None,
         seen.add(key)
         result.valid += 1
         if write is not None:
-            write(item.wire_bytes() + b"\n")
+            write(_spool_record(item.customer_id, item.event_id, item.type == "outcome", item.wire_bytes()))
         result.customers_by_period[item.period].add(item.customer_id)
         at = item.occurred_at
         if result.first_at is None or at < result.first_at:
@@ -316,9 +358,9 @@ def _loads_or_none(raw: bytes) -> Any:
 
 
 def _validate_lines(lines: list[bytes], now: datetime) -> tuple[list[int], list[str], list[str], list[datetime],
-                                                                  list[tuple[int, str]]]:  # fmt: skip
+                                                                  list[bool], list[tuple[int, str]]]:  # fmt: skip
     """JSON lines (stripped, non-empty) validated as the worker does: ``(positions, customer ids, event ids,
-    occurred_at)`` of the valid ones in line order, and ``(position, reason)`` of the invalid ones.
+    occurred_at, is outcome)`` of the valid ones in line order, and ``(position, reason)`` of the invalid ones.
 
     Lines are read with orjson and grouped by their keys (in order); each group of at least
     :data:`_MIN_GROUP` lines goes through :func:`columnar.accept`. Every line it does not
@@ -347,6 +389,7 @@ def _validate_lines(lines: list[bytes], now: datetime) -> tuple[list[int], list[
     customers: list[str] = []
     event_ids: list[str] = []
     instants: list[datetime] = []
+    outcomes: list[bool] = []
     for keys, members in groups.items():
         if len(members) < _MIN_GROUP:
             slow.extend(members)
@@ -359,6 +402,7 @@ def _validate_lines(lines: list[bytes], now: datetime) -> tuple[list[int], list[
         customers.extend(got.customer_id)
         event_ids.extend(got.event_id)
         instants.extend(got.occurred_at)
+        outcomes.extend(got.outcome)
         if len(got.rows) != len(members):
             accepted = set(got.rows)
             slow.extend(m for r, m in enumerate(members) if r not in accepted)
@@ -373,14 +417,16 @@ def _validate_lines(lines: list[bytes], now: datetime) -> tuple[list[int], list[
         customers.append(event.customer_id)
         event_ids.append(event.event_id)
         instants.append(event.occurred_at)
+        outcomes.append(event.type == "outcome")
     if slow or len(groups) > 1:
         order = sorted(range(len(positions)), key=positions.__getitem__)
         positions = [positions[i] for i in order]
         customers = [customers[i] for i in order]
         event_ids = [event_ids[i] for i in order]
         instants = [instants[i] for i in order]
+        outcomes = [outcomes[i] for i in order]
         bad.sort()
-    return positions, customers, event_ids, instants, bad
+    return positions, customers, event_ids, instants, outcomes, bad
 
 
 def _cells(name: str, values: Sequence[Any]) -> list[Any]:
@@ -489,7 +535,7 @@ def _scan_table_into(result: Scan, path: Path, fmt: Format, progress: Progress |
         assert got.wire is not None
         # (record index in the batch, customer, event id, occurred_at, wire bytes) of the valid ones
         valid = list(zip([plain[r] for r in got.rows], got.customer_id, got.event_id, got.occurred_at, got.wire,
-                         strict=True))  # fmt: skip
+                         got.outcome, strict=True))  # fmt: skip
         bad: list[BadRecord] = []
         if len(got.rows) != len(rows):
             accepted = {plain[r] for r in got.rows}
@@ -504,7 +550,8 @@ def _scan_table_into(result: Scan, path: Path, fmt: Format, progress: Progress |
                 except (ValidationError, ValueError) as exc:
                     bad.append(BadRecord(numbers[i], _reason(exc)))
                     continue
-                valid.append((i, event.customer_id, event.event_id, event.occurred_at, event.wire_bytes()))
+                valid.append((i, event.customer_id, event.event_id, event.occurred_at, event.wire_bytes(),
+                              event.type == "outcome"))  # fmt: skip
             valid.sort(key=lambda v: v[0])
         result.records += len(rows)
         result.bad.extend(bad)
@@ -522,7 +569,7 @@ def _scan_table_into(result: Scan, path: Path, fmt: Format, progress: Progress |
         else:
             seen |= distinct
         if valid:
-            spool.write(b"\n".join(v[4] for v in valid) + b"\n")
+            spool.write(b"".join([_spool_record(v[1], v[2], v[5], v[4]) for v in valid]))
             _note_instants(result, [v[1] for v in valid], [v[3] for v in valid])
         result.valid += len(valid)
         if progress is not None:
@@ -566,9 +613,15 @@ def _chunks(path: Path) -> list[tuple[int, int]]:
     return list(zip(bounds, bounds[1:], strict=False))
 
 
-def _scan_chunk(task: tuple[Path, int, int, datetime]) -> dict[str, Any]:
-    """Validate the lines of one byte range (in a worker process); line numbers are local, from 1."""
-    path, start, end, now = task
+def _scan_chunk(task: tuple[Path, int, int, datetime, Path]) -> dict[str, Any]:
+    """Validate the lines of one byte range (in a worker process) and spool the valid ones to ``spool``;
+    line numbers are local, from 1."""
+    with _gc_paused():
+        return _scan_chunk_unpaused(task)
+
+
+def _scan_chunk_unpaused(task: tuple[Path, int, int, datetime, Path]) -> dict[str, Any]:
+    path, start, end, now, spool = task
     with path.open("rb") as handle:
         handle.seek(start)
         data = handle.read(end - start)
@@ -579,7 +632,10 @@ def _scan_chunk(task: tuple[Path, int, int, datetime]) -> dict[str, Any]:
         if raw:
             numbers.append(number)
             lines.append(raw)
-    positions, customers, event_ids, instants, bad = _validate_lines(lines, now)
+    positions, customers, event_ids, instants, outcomes, bad = _validate_lines(lines, now)
+    with spool.open("wb") as out:
+        out.write(b"".join([_spool_record(c, e, o, lines[p])
+                            for p, c, e, o in zip(positions, customers, event_ids, outcomes, strict=True)]))  # fmt: skip
     keys = array("q", map(hash, zip(customers, event_ids, strict=True)))
     valid_lines = array("q", [numbers[p] for p in positions])
     # Customers and instants per valid line: the merge keeps those of first-seen events only.
@@ -587,12 +643,14 @@ def _scan_chunk(task: tuple[Path, int, int, datetime]) -> dict[str, Any]:
             "keys": keys, "lines": valid_lines, "customers": customers, "instants": instants}  # fmt: skip
 
 
-def _scan_chunks(path: Path, workers: int, progress: Progress | None, now: datetime) -> Scan:
+def _scan_chunks(result: Scan, workers: int, progress: Progress | None, now: datetime) -> None:
     """A JSON Lines file validated chunk by chunk (by ``workers`` processes when it is big), merged in file order."""
-    result = Scan(path, "jsonl")
+    assert result._spool_dir is not None
     seen: set[int] = set()
     offset = 0  # lines before the chunk
-    tasks = [(path, a, b, now) for a, b in _chunks(path)]
+    tasks = [(result.path, a, b, now, result._spool_dir / f"chunk-{i:06d}.spool") for i, (a, b) in enumerate(_chunks(result.path))]
+    result.spools = [task[4] for task in tasks]
+    offsets: list[int] = []
     pool = None
     if workers > 1 and len(tasks) > 2:
         # fork: the children share this process's str hash seed, so their keys hash as ours do
@@ -614,6 +672,10 @@ def _scan_chunks(path: Path, workers: int, progress: Progress | None, now: datet
                         seen.add(key)
                         first_seen.append(i)
                 customers, instants = [customers[i] for i in first_seen], [instants[i] for i in first_seen]
+                spool = result.spools[len(offsets)]
+                records = spool.read_bytes().splitlines(keepends=True)
+                spool.write_bytes(b"".join([records[i] for i in first_seen]))  # repeats are sent once
+            offsets.append(offset)
             result.valid += len(customers)
             if customers:
                 _note_instants(result, customers, instants)
@@ -624,7 +686,6 @@ def _scan_chunks(path: Path, workers: int, progress: Progress | None, now: datet
         if pool is not None:
             pool.close()
             pool.join()
-    return result
 
 
 # -- pass 2: what is stored already -----------------------------------------------------------
@@ -814,16 +875,36 @@ def send(
 
     started = time.perf_counter()
     sent = already = 0
-    if scanned.fmt == "jsonl" or scanned.spool is not None:
-        # The hot loop of a backfill, inlined: the lines as written (the worker validates them
-        # again, as for any producer), routed by the two fields read back with orjson. CSV and
-        # Parquet send the wire bytes their scan spooled (valid and first-seen events only).
-        loads = orjson.loads
-        source = scanned.spool if scanned.spool is not None else scanned.path
-        if scanned.spool is not None:
-            skip = set()
+    if scanned.spools:
+        # The hot loop of a backfill, inlined: the records the scan spooled (valid and first-seen
+        # events only), routed by the customer id and kind spooled beside them. JSON Lines are
+        # sent as written (the worker validates them again, as for any producer).
         number = 0
-        with source.open("rb") as handle:
+        with _gc_paused():
+            for records in scanned.spooled_blocks():
+                for record in records:
+                    number += 1
+                    if not number & 0x3FFF:
+                        poll(0)
+                        if progress is not None:
+                            progress(0x4000)
+                    customer, event_id, kind, value = record.split(b"\t", 3)
+                    if stored and (customer.decode(), event_id.decode()) in stored:
+                        already += 1
+                        continue
+                    topic = outcome_topic if kind == b"o" else usage_topic
+                    try:
+                        produce(topic, value, customer, -1, on_delivery)
+                    except BufferError:
+                        produce_when_room(topic, value, customer)
+                    sent += 1
+        if progress is not None:
+            progress(number & 0x3FFF)
+    elif scanned.fmt == "jsonl":
+        # The per-event scan's JSON Lines: the lines as written, routed by the two fields read back with orjson.
+        loads = orjson.loads
+        number = 0
+        with scanned.path.open("rb") as handle:
             for number, raw in enumerate(handle, 1):
                 if not number & 0x3FFF:
                     poll(0)
