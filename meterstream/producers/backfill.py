@@ -441,6 +441,8 @@ def _cells(name: str, values: Sequence[Any]) -> list[Any]:
                 for v in values]  # fmt: skip
     if name == "attributes":
         return [_attributes_cell(v) for v in values]
+    if set(map(type, values)) == {str}:
+        return [v or None for v in values]  # CSV: only "" is false
     return [None if v is None or v == "" else v for v in values]
 
 

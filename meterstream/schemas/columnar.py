@@ -134,7 +134,14 @@ class _Rows:
         none_ok = not required and (nullable or self.none_is_absent)
         types = set(map(type, values))
         if types == {kind}:
-            if not all_ok(values):
+            # one exact type (so no 1 == True merging): a column of few distinct values is checked once per value
+            distinct = set(values)
+            if len(distinct) * 4 <= len(values):
+                unique = list(distinct)
+                if not all_ok(unique):
+                    bad = {v for v, ok in zip(unique, each_ok(unique), strict=True) if not ok}
+                    self.refused.update(i for i, v in enumerate(values) if v in bad)
+            elif not all_ok(values):
                 self.refused.update(i for i, ok in enumerate(each_ok(values)) if not ok)
             return
         positions, given = [], []
