@@ -4,17 +4,21 @@
 (:mod:`meterstream.schemas.events`), and works in passes over the file so that
 memory does not grow with the file's events:
 
-1. **scan** validates every record exactly as the worker will (the same pydantic
-   models; JSON Lines with ``model_validate_json``, the worker's own call) and
-   notes each bad record as ``file:line: reason``, the periods and customers the
-   file touches, and records repeating an earlier ``(customer_id, event_id)`` of
-   the file (a 64-bit hash per event is what it keeps).
+1. **scan** validates every record exactly as the worker will: as columns first
+   (:func:`meterstream.schemas.columnar.accept` accepts, with whole-column checks,
+   the rows it can prove the models accept), and every other record alone with the
+   pydantic models (JSON Lines with ``model_validate_json``, the worker's own
+   call), so each verdict and reason is the model's. It notes each bad record as
+   ``file:line: reason``, the periods and customers the file touches, and records
+   repeating an earlier ``(customer_id, event_id)`` of the file (a 64-bit hash per
+   event is what it keeps), and spools what the send will produce (customer id,
+   event id, kind, bytes) to temporary files, so the send parses nothing.
 2. **stored ids**: the event ids already stored for those customers and periods
    (saved query ``sql/queries/stored_event_ids.sql``, so it works through the
    worker that owns an embedded store and against a ClickHouse server alike).
-3. **send** (or, with ``--dry-run``, **price**): read the file again and produce
+3. **send** (or, with ``--dry-run``, **price**): stream the spool and produce
    every valid, new event, keyed by customer, to ``usage.events`` or
-   ``outcome.events`` with the SDK's delivery guarantees; or rate them with the
+   ``outcome.events`` with the SDK's delivery guarantees; or read the file again and rate them with the
    pure pricing engine (:meth:`meterstream.pricing.plans.Catalog.rate`, what
    ``meterstream rate`` and the worker call) and send nothing.
 
@@ -31,6 +35,7 @@ import csv
 import gc
 import multiprocessing
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -346,6 +351,7 @@ def _scan_into(result: Scan, path: Path, fmt: Format, progress: Progress | None,
 _MIN_GROUP = 16
 #: Rows of a CSV or Parquet file validated as one batch of columns.
 _TABLE_BATCH = 50_000
+_ASCII_DIGIT_LINES = re.compile(r"[0-9]+(?:\n[0-9]+)*")
 #: A cell the fast path must not accept (unreadable attributes): the model gives the reason.
 _UNREADABLE = object()
 
@@ -437,6 +443,8 @@ def _cells(name: str, values: Sequence[Any]) -> list[Any]:
     becomes :data:`_UNREADABLE`, which the fast path does not accept (the model then says why).
     """
     if name in _INT_COLUMNS:
+        if set(map(type, values)) == {str} and _ASCII_DIGIT_LINES.fullmatch("\n".join(values)):
+            return list(map(int, values))  # a CSV column of whole numbers, every cell given
         return [None if v is None or v == "" else int(v) if type(v) is str and v.isascii() and v.isdigit() else v
                 for v in values]  # fmt: skip
     if name == "attributes":
