@@ -889,15 +889,11 @@ def send(
         # The hot loop of a backfill, inlined: the records the scan spooled (valid and first-seen
         # events only), routed by the customer id and kind spooled beside them. JSON Lines are
         # sent as written (the worker validates them again, as for any producer).
-        number = 0
+        spooled = 0
         with _gc_paused():
-            for records in scanned.spooled_blocks():
+            for records in scanned.spooled_blocks():  # ~16k records a block
+                poll(0)
                 for record in records:
-                    number += 1
-                    if not number & 0x3FFF:
-                        poll(0)
-                        if progress is not None:
-                            progress(0x4000)
                     customer, event_id, kind, value = record.split(b"\t", 3)
                     if stored and (customer.decode(), event_id.decode()) in stored:
                         already += 1
@@ -907,9 +903,10 @@ def send(
                         produce(topic, value, customer, -1, on_delivery)
                     except BufferError:
                         produce_when_room(topic, value, customer)
-                    sent += 1
-        if progress is not None:
-            progress(number & 0x3FFF)
+                spooled += len(records)
+                if progress is not None:
+                    progress(len(records))
+        sent = spooled - already
     elif scanned.fmt == "jsonl":
         # The per-event scan's JSON Lines: the lines as written, routed by the two fields read back with orjson.
         loads = orjson.loads
