@@ -226,12 +226,28 @@ def phase_import(settings: Settings, events: int, formats: list[str], reps: int)
             ref_cpu = statistics.median(1e6 / r for r in ref_cpus)
             console.print(f"  import {fmt}: CPU {cpu:.1f} µs/event (scan processes and librdkafka included); "
                           f"bare confluent-kafka {ref_cpu:.1f} µs/event")  # fmt: skip
+            scan_cpu = scan_cpu_us(paths[fmt], fmt)
+            console.print(f"  scan {fmt}, one process, CPU µs/event: per event (every record through the model) "
+                          f"{scan_cpu['per_event']}, as columns {scan_cpu['columns']}")  # fmt: skip
             prof = profile_import(settings, paths[fmt], fmt, directory / f"store-{fmt}-profile")
             out["formats"][fmt] = {"events_per_s": {"median": round(median), "all": rates},
                                    "reference_events_per_s": {"median": round(ref_median), "all": refs},
                                    "share_of_reference": round(median / ref_median, 3),
                                    "cpu_us_per_event": round(cpu, 2), "reference_cpu_us_per_event": round(ref_cpu, 2),
-                                   "runs": runs, "profile": prof}  # fmt: skip
+                                   "scan_cpu_us_per_event_one_process": scan_cpu, "runs": runs, "profile": prof}  # fmt: skip
+    return out
+
+
+def scan_cpu_us(path: Path, fmt: str) -> dict[str, float]:
+    """CPU µs per record of the scan in this process: the per-event path (``columns=False``) and the column-wise one."""
+    from meterstream.producers import backfill
+
+    out = {}
+    for name, columns in (("per_event", False), ("columns", True)):
+        started = time.process_time()
+        scanned = backfill.scan(path, fmt, workers=1, columns=columns)  # type: ignore[arg-type]
+        out[name] = round((time.process_time() - started) / scanned.records * 1e6, 2)
+        scanned.discard_spool()
     return out
 
 
