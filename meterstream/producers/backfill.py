@@ -635,19 +635,19 @@ def _scan_chunk_unpaused(task: tuple[Path, int, int, datetime, Path]) -> dict[st
     with path.open("rb") as handle:
         handle.seek(start)
         data = handle.read(end - start)
-    numbers: list[int] = []
-    lines: list[bytes] = []
-    for number, raw in enumerate(data.split(b"\n"), 1):
-        raw = raw.strip()
-        if raw:
-            numbers.append(number)
-            lines.append(raw)
+    lines = list(map(bytes.strip, data.split(b"\n")))
+    if lines and not lines[-1]:
+        lines.pop()  # the chunk's last newline
+    numbers: Sequence[int] = range(1, len(lines) + 1)  # the usual chunk: no blank line
+    if not all(lines):
+        numbered = [(number, raw) for number, raw in enumerate(lines, 1) if raw]
+        numbers, lines = [n for n, _ in numbered], [raw for _, raw in numbered]
     positions, customers, event_ids, instants, outcomes, bad = _validate_lines(lines, now)
     with spool.open("wb") as out:
         out.write(b"".join([_spool_record(c, e, o, lines[p])
                             for p, c, e, o in zip(positions, customers, event_ids, outcomes, strict=True)]))  # fmt: skip
     keys = array("q", map(hash, zip(customers, event_ids, strict=True)))
-    valid_lines = array("q", [numbers[p] for p in positions])
+    valid_lines = array("q", map(numbers.__getitem__, positions))
     # Customers and instants per valid line: the merge keeps those of first-seen events only.
     return {"newlines": data.count(b"\n"), "records": len(lines), "bad": [(numbers[p], r) for p, r in bad],
             "keys": keys, "lines": valid_lines, "customers": customers, "instants": instants}  # fmt: skip

@@ -135,8 +135,8 @@ class _Rows:
         types = set(map(type, values))
         if types == {kind}:
             # one exact type (so no 1 == True merging): a column of few distinct values is checked once per value
-            distinct = set(values)
-            if len(distinct) * 4 <= len(values):
+            distinct = set(values[:1000])  # a sample first: ids unique per event are not worth a set
+            if len(distinct) * 4 <= min(len(values), 1000) and len(distinct := set(values)) * 4 <= len(values):
                 unique = list(distinct)
                 if not all_ok(unique):
                     bad = {v for v, ok in zip(unique, each_ok(unique), strict=True) if not ok}
