@@ -265,8 +265,10 @@ def scan(
     accept of the rows it can prove valid, with their wire bytes built column-wise); every
     other record goes through the event model alone, as before, so the verdicts and reasons
     are the model's. ``columns=False`` validates every record with the model (the per-event
-    path the tests compare with). The future-time limit is against ``clock()``, read once
-    before the scan (the model reads the same clock later).
+    path the tests compare with). The fast path's future-time limit is against ``clock()``,
+    read once before the scan; it must be the clock the models read (:func:`utc_now`, the
+    default: tests stop it with time-machine) or one behind it, so that what the fast path
+    accepts the model accepts too (the model reads the same clock later).
 
     A JSON Lines file larger than a few chunks is validated by ``workers`` processes
     (default: one per core, at most 4), each taking whole lines of a byte range;

@@ -326,6 +326,10 @@ HOSTILE_LINES = [
     b'{"event_id":"z2","customer_id":"acme","occurred_at":"2026-11-27T10:15:00Z","model":"m","meter":null}',
     b'{"event_id":"z3","customer_id":"acme","occurred_at":"2026-11-27T10:15:00Z","model":"m","attributes":null}',
     b'{"event_id":"z4","customer_id":"acme","occurred_at":"2026-11-27T10:15:00Z","model":"m","schema_version":true}',
+    *[b'{"event_id":"f%d","customer_id":"acme","occurred_at":"%s","model":"m"}' % (i, at.encode()) for i, at in enumerate(
+        f"{(NOW + delta).strftime('%Y-%m-%dT%H:%M:%S')}{fraction}Z" for delta in
+        (timedelta(minutes=4, seconds=59), timedelta(minutes=5), timedelta(minutes=5, seconds=1), timedelta(days=1))
+        for fraction in ("", ".001"))],  # around the future-time limit, on the fast path's form
     b'[1, 2]', b'"just a string"', b"42", b"{", b'{"event_id":"x"} trailing', b"\xef\xbb\xbf{}", b"   ", b"",
     b'{"event_id":"big","customer_id":"acme","occurred_at":"2026-11-27T10:15:00Z","model":"m","attributes":{"k":"'
     + b"x" * 70_000 + b'"}}',
@@ -518,3 +522,24 @@ def test_the_fast_path_writes_what_pydantic_writes_for_every_shape_it_accepts() 
     assert got.rows == list(range(len(rows)))
     assert got.wire == [oracle(r).wire_bytes() for r in rows]  # type: ignore[union-attr]
     assert got.occurred_at == [oracle(r).occurred_at for r in rows]  # type: ignore[union-attr]
+
+
+def test_the_fast_path_reads_the_future_limit_from_the_clock_the_model_reads(tmp_path: Any) -> None:
+    """At the stopped clock NOW: 5 minutes ahead is accepted, a millisecond more is the model's rejection."""
+    rows = [{"event_id": f"e{i}", "customer_id": "acme", "model": "m", "occurred_at": at}
+            for i, at in enumerate([(NOW + timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                                    (NOW + timedelta(minutes=5, milliseconds=1)).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"]
+                                   * 10)]  # fmt: skip
+    path = tmp_path / "future.jsonl"
+    path.write_bytes(b"".join(orjson_dumps(r) + b"\n" for r in rows))
+    scanned = backfill.scan(path, "jsonl", workers=1)
+    assert scanned.valid == 10
+    assert [b.line for b in scanned.bad] == list(range(2, 21, 2))
+    assert "in the future" in scanned.bad[0].reason
+    _scans_agree(path, "jsonl")
+
+
+def orjson_dumps(value: Any) -> bytes:
+    import orjson
+
+    return orjson.dumps(value)
