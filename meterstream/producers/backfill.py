@@ -632,7 +632,7 @@ def _scan_chunk(task: tuple[Path, int, int, datetime, Path]) -> dict[str, Any]:
         return _scan_chunk_unpaused(task)
 
 
-def _scan_chunk_unpaused(task: tuple[Path, int, int, datetime, Path]) -> dict[str, Any]:
+def _scan_chunk_unpaused(task: tuple[Path, int, int, datetime, Path], details: bool = False) -> dict[str, Any]:
     path, start, end, now, spool = task
     with path.open("rb") as handle:
         handle.seek(start)
@@ -650,9 +650,17 @@ def _scan_chunk_unpaused(task: tuple[Path, int, int, datetime, Path]) -> dict[st
                             for p, c, e, o in zip(positions, customers, event_ids, outcomes, strict=True)]))  # fmt: skip
     keys = array("q", map(hash, zip(customers, event_ids, strict=True)))
     valid_lines = array("q", map(numbers.__getitem__, positions))
-    # Customers and instants per valid line: the merge keeps those of first-seen events only.
-    return {"newlines": data.count(b"\n"), "records": len(lines), "bad": [(numbers[p], r) for p, r in bad],
-            "keys": keys, "lines": valid_lines, "customers": customers, "instants": instants}  # fmt: skip
+    chunk: dict[str, Any] = {"newlines": data.count(b"\n"), "records": len(lines), "bad": [(numbers[p], r) for p, r in bad],
+           "keys": keys, "lines": valid_lines}  # fmt: skip
+    if details:  # customers and instants per valid line (the merge keeps those of first-seen events)
+        chunk |= {"customers": customers, "instants": instants}
+    else:  # what the chunk adds when none of its events repeats one (a few sets, not an object per line)
+        partial = Scan(path, "jsonl")
+        if customers:
+            _note_instants(partial, customers, instants)
+        chunk |= {"customers_by_period": dict(partial.customers_by_period), "first": partial.first_at,
+                "last": partial.last_at}  # fmt: skip
+    return chunk
 
 
 def _scan_chunks(result: Scan, workers: int, progress: Progress | None, now: datetime) -> None:
@@ -662,20 +670,29 @@ def _scan_chunks(result: Scan, workers: int, progress: Progress | None, now: dat
     offset = 0  # lines before the chunk
     tasks = [(result.path, a, b, now, result._spool_dir / f"chunk-{i:06d}.spool") for i, (a, b) in enumerate(_chunks(result.path))]
     result.spools = [task[4] for task in tasks]
-    offsets: list[int] = []
     pool = None
     if workers > 1 and len(tasks) > 2:
         # fork: the children share this process's str hash seed, so their keys hash as ours do
         pool = multiprocessing.get_context("fork").Pool(workers)
     try:
-        for chunk in pool.imap(_scan_chunk, tasks) if pool is not None else map(_scan_chunk, tasks):
+        for index, chunk in enumerate(pool.imap(_scan_chunk, tasks) if pool is not None else map(_scan_chunk, tasks)):
             result.records += chunk["records"]
             result.bad.extend(BadRecord(offset + n, reason) for n, reason in chunk["bad"])
-            keys, customers, instants = chunk["keys"], chunk["customers"], chunk["instants"]
+            keys = chunk["keys"]
             distinct = set(keys)
             if len(distinct) == len(keys) and seen.isdisjoint(distinct):
                 seen |= distinct  # the usual case: no repeats, merged in C
+                result.valid += len(keys)
+                for period, customers_ in chunk["customers_by_period"].items():
+                    result.customers_by_period[period] |= customers_
+                if chunk["first"] is not None and (result.first_at is None or chunk["first"] < result.first_at):
+                    result.first_at = chunk["first"]
+                if chunk["last"] is not None and (result.last_at is None or chunk["last"] > result.last_at):
+                    result.last_at = chunk["last"]
             else:
+                # a repeat: this chunk again here, with its events' customers and instants (rare)
+                detail = _scan_chunk_unpaused(tasks[index], details=True)
+                customers, instants = detail["customers"], detail["instants"]
                 first_seen = []
                 for i, (key, number) in enumerate(zip(keys, chunk["lines"], strict=True)):
                     if key in seen:
@@ -684,13 +701,12 @@ def _scan_chunks(result: Scan, workers: int, progress: Progress | None, now: dat
                         seen.add(key)
                         first_seen.append(i)
                 customers, instants = [customers[i] for i in first_seen], [instants[i] for i in first_seen]
-                spool = result.spools[len(offsets)]
+                spool = result.spools[index]
                 records = spool.read_bytes().splitlines(keepends=True)
                 spool.write_bytes(b"".join([records[i] for i in first_seen]))  # repeats are sent once
-            offsets.append(offset)
-            result.valid += len(customers)
-            if customers:
-                _note_instants(result, customers, instants)
+                result.valid += len(customers)
+                if customers:
+                    _note_instants(result, customers, instants)
             offset += chunk["newlines"]
             if progress is not None:
                 progress(chunk["records"])
