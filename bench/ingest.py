@@ -12,7 +12,10 @@ Phases (issues 16 and 19):
 - ``sdk-many``: the same events through ``MeterClient.record_many(batch of field dicts)``
   (validation included), batches of ``--batch`` events, every delivery confirmed;
 - ``import``: ``meterstream import`` end to end (scan, stored ids, send, broker
-  confirmations) for JSON Lines, CSV and Parquet (``bench/backfill.py``'s run).
+  confirmations) for JSON Lines, CSV and Parquet (``bench/backfill.py``'s run), with the
+  CPU µs per event of the import (its scan processes and librdkafka's threads included)
+  and of the bare producer, and a cProfile of one extra import per format in one process
+  (not counted: the top functions by self time, kept in the results file).
 
 Each SDK repetition is paired with the **reference** measured right after it in the same run:
 a bare confluent-kafka ``Producer`` with the SDK's settings producing the same bytes (already
@@ -207,21 +210,93 @@ def phase_import(settings: Settings, events: int, formats: list[str], reps: int)
         lines = paths["jsonl"].read_bytes().splitlines()
         workers = min(os.cpu_count() or 1, 4)
         for fmt in formats:
-            rates, refs, runs = [], [], []
+            rates, refs, runs, ref_cpus = [], [], [], []
             for rep in range(reps):
                 run = backfill_bench.run_import(settings, paths[fmt], fmt, directory / f"store-{fmt}-{rep}", workers)
                 ref = backfill_bench.reference(settings, lines)
                 rates.append(run["events_per_second"])
                 refs.append(ref["events_per_second"])
+                ref_cpus.append(ref["events_per_cpu_second"])
                 runs.append(run)
                 console.print(f"  import {fmt} rep {rep + 1}/{reps}: {rates[-1]:,} ev/s (scan {run['scan_seconds']} s, "
                               f"send {run['send_seconds']} s); bare confluent-kafka {refs[-1]:,} ev/s "
                               f"(load {' '.join(loadavg())})")  # fmt: skip
             median, ref_median = statistics.median(rates), statistics.median(refs)
+            cpu = statistics.median(r["cpu_seconds"] / r["events"] * 1e6 for r in runs)
+            ref_cpu = statistics.median(1e6 / r for r in ref_cpus)
+            console.print(f"  import {fmt}: CPU {cpu:.1f} µs/event (scan processes and librdkafka included); "
+                          f"bare confluent-kafka {ref_cpu:.1f} µs/event")  # fmt: skip
+            scan_cpu = scan_cpu_us(paths[fmt], fmt)
+            console.print(f"  scan {fmt}, one process, CPU µs/event: per event (every record through the model) "
+                          f"{scan_cpu['per_event']}, as columns {scan_cpu['columns']}")  # fmt: skip
+            prof = profile_import(settings, paths[fmt], fmt, directory / f"store-{fmt}-profile")
             out["formats"][fmt] = {"events_per_s": {"median": round(median), "all": rates},
                                    "reference_events_per_s": {"median": round(ref_median), "all": refs},
-                                   "share_of_reference": round(median / ref_median, 3), "runs": runs}  # fmt: skip
+                                   "share_of_reference": round(median / ref_median, 3),
+                                   "cpu_us_per_event": round(cpu, 2), "reference_cpu_us_per_event": round(ref_cpu, 2),
+                                   "scan_cpu_us_per_event_one_process": scan_cpu, "runs": runs, "profile": prof}  # fmt: skip
     return out
+
+
+def scan_cpu_us(path: Path, fmt: str) -> dict[str, float]:
+    """CPU µs per record of the scan in this thread: the per-event path (``columns=False``) and the column-wise one.
+
+    Thread CPU (``time.thread_time``): the scan runs in this thread alone (``workers=1``), and the
+    process's other threads (the embedded store's, librdkafka's of earlier runs) are not counted.
+    Best of three each, alternating.
+    """
+    from meterstream.producers import backfill
+
+    out: dict[str, list[float]] = {"per_event": [], "columns": []}
+    for _ in range(3):
+        for name, columns in (("per_event", False), ("columns", True)):
+            started = time.thread_time()
+            scanned = backfill.scan(path, fmt, workers=1, columns=columns)  # type: ignore[arg-type]
+            out[name].append((time.thread_time() - started) / scanned.records * 1e6)
+            scanned.discard_spool()
+    return {name: round(min(values), 2) for name, values in out.items()}
+
+
+def profile_import(settings: Settings, path: Path, fmt: str, store_dir: Path, top: int = 12) -> dict[str, Any]:
+    """cProfile of one extra import (not counted) in one process (scan included): where the time goes."""
+    import cProfile
+    import pstats
+
+    from meterstream.config import ClickHouseSettings
+    from meterstream.producers import backfill
+    from meterstream.storage.clickhouse import open_store
+    from meterstream.storage.queries import saved_query
+
+    kafka = settings.kafka.model_copy(update={"topic_prefix": f"bfprof{uuid.uuid4().hex[:8]}."})
+    ensure_topics(kafka)
+    store = open_store(ClickHouseSettings(dsn=f"chdb://{store_dir}", database=f"bf_{uuid.uuid4().hex[:8]}"))
+    profiler = cProfile.Profile()
+
+    def run_import() -> int:  # what run_import times: scan, stored ids, send (one scan process here)
+        scanned = backfill.scan(path, fmt, workers=1)  # type: ignore[arg-type]
+        stored = backfill.stored_keys(lambda name, **p: store.query(saved_query(name), p), scanned)
+        sent = backfill.send(scanned, stored, kafka)
+        scanned.discard_spool()
+        assert sent.delivered == scanned.valid and not sent.failed
+        return sent.delivered
+
+    try:
+        started = time.perf_counter()
+        events = profiler.runcall(run_import)
+        run = {"events_per_second": round(events / (time.perf_counter() - started))}
+    finally:
+        store.close()
+        backfill_bench._delete_topics(settings, kafka.topic_prefix)
+    stats = pstats.Stats(profiler)
+    total = sum(row[2] for row in stats.stats.values()) or 1.0  # type: ignore[attr-defined]
+    rows = sorted(stats.stats.items(), key=lambda item: item[1][2], reverse=True)[:top]  # type: ignore[attr-defined]
+    top_self = [{"percent": round(100 * tt / total, 1), "seconds": round(tt, 3),
+                 "function": f"{name} ({Path(file).name}:{line})" if file != "~" else name}
+                for (file, line, name), (_, _, tt, _, _) in rows]  # fmt: skip
+    console.print(f"  profiled import {fmt} (one process, not counted): {run['events_per_second']:,} ev/s; top self time:")
+    for row in top_self:
+        console.print(f"    {row['percent']:5.1f}%  {row['function']}")
+    return {"events_per_s_under_profiler": run["events_per_second"], "top_self": top_self}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1_000, help="events per record_many call")
     parser.add_argument("--import-events", type=int, default=100_000)
     parser.add_argument("--import-formats", default="jsonl,csv,parquet")
-    parser.add_argument("--import-reps", type=int, default=1)
+    parser.add_argument("--import-reps", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="py-spy an extra run of each SDK phase")
     args = parser.parse_args(argv)
     phases = [p for p in args.phases.split(",") if p]
@@ -258,18 +333,18 @@ def main(argv: list[str] | None = None) -> int:
     machine["load_average_at_end"] = loadavg()
     table = Table(title=f"Ingestion ({machine['cores']} cores, load {' '.join(machine['load_average_at_start'])} "
                         f"at start, {' '.join(machine['load_average_at_end'])} at end)")  # fmt: skip
-    for column in ("what", "median ev/s", "bare confluent-kafka ev/s (same run)", "share", "target"):
+    for column in ("what", "median ev/s", "bare confluent-kafka ev/s (same run)", "share", "CPU µs/ev (bare)", "target"):
         table.add_column(column, justify="left" if column == "what" else "right")
     for phase, r in results["phases"].items():
         if phase == "import":
             for fmt, f in r["formats"].items():
                 table.add_row(f"import {fmt}", f"{f['events_per_s']['median']:,}",
                               f"{f['reference_events_per_s']['median']:,}", f"{f['share_of_reference']:.2f}",
-                              f"≥ {r['target']:,}")  # fmt: skip
+                              f"{f['cpu_us_per_event']} ({f['reference_cpu_us_per_event']})", f"≥ {r['target']:,}")  # fmt: skip
         else:
             what = "SDK record()" if phase == "sdk-single" else f"SDK record_many (batches of {r['batch']:,})"
             table.add_row(what, f"{r['events_per_s']['median']:,}", f"{r['reference_events_per_s']['median']:,}",
-                          f"{r['share_of_reference']:.2f}", f"≥ {r['target']:,}")  # fmt: skip
+                          f"{r['share_of_reference']:.2f}", "", f"≥ {r['target']:,}")  # fmt: skip
     console.print(table)
     out = RESULTS / f"ingest-{stamp}.json"
     out.write_text(json.dumps(results, indent=2, default=str))

@@ -4,17 +4,21 @@
 (:mod:`meterstream.schemas.events`), and works in passes over the file so that
 memory does not grow with the file's events:
 
-1. **scan** validates every record exactly as the worker will (the same pydantic
-   models; JSON Lines with ``model_validate_json``, the worker's own call) and
-   notes each bad record as ``file:line: reason``, the periods and customers the
-   file touches, and records repeating an earlier ``(customer_id, event_id)`` of
-   the file (a 64-bit hash per event is what it keeps).
+1. **scan** validates every record exactly as the worker will: as columns first
+   (:func:`meterstream.schemas.columnar.accept` accepts, with whole-column checks,
+   the rows it can prove the models accept), and every other record alone with the
+   pydantic models (JSON Lines with ``model_validate_json``, the worker's own
+   call), so each verdict and reason is the model's. It notes each bad record as
+   ``file:line: reason``, the periods and customers the file touches, and records
+   repeating an earlier ``(customer_id, event_id)`` of the file (a 64-bit hash per
+   event is what it keeps), and spools what the send will produce (customer id,
+   event id, kind, bytes) to temporary files, so the send parses nothing.
 2. **stored ids**: the event ids already stored for those customers and periods
    (saved query ``sql/queries/stored_event_ids.sql``, so it works through the
    worker that owns an embedded store and against a ClickHouse server alike).
-3. **send** (or, with ``--dry-run``, **price**): read the file again and produce
+3. **send** (or, with ``--dry-run``, **price**): stream the spool and produce
    every valid, new event, keyed by customer, to ``usage.events`` or
-   ``outcome.events`` with the SDK's delivery guarantees; or rate them with the
+   ``outcome.events`` with the SDK's delivery guarantees; or read the file again and rate them with the
    pure pricing engine (:meth:`meterstream.pricing.plans.Catalog.rate`, what
    ``meterstream rate`` and the worker call) and send nothing.
 
@@ -28,14 +32,18 @@ says so in the report.
 from __future__ import annotations
 
 import csv
+import gc
 import multiprocessing
 import os
+import re
+import shutil
 import tempfile
 import time
 import weakref
 from array import array
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -46,10 +54,12 @@ import orjson
 from confluent_kafka import KafkaError, Message, Producer
 from pydantic import ValidationError
 
+from meterstream.clock import Clock, utc_now
 from meterstream.config import PRODUCER_GUARANTEES, KafkaSettings
 from meterstream.periods import period_of
 from meterstream.pricing.plans import Catalog, PlanError, period_bounds
 from meterstream.pricing.rating import RatingError
+from meterstream.schemas import columnar
 from meterstream.schemas.events import OutcomeEvent, UsageEvent
 from meterstream.schemas.validation import MAX_EVENT_BYTES, describe_validation_error
 from meterstream.topics import Topics
@@ -169,12 +179,16 @@ def iter_events(path: Path, fmt: Format) -> Iterator[tuple[int, UsageEvent | Out
         for batch in pq.ParquetFile(path).iter_batches(batch_size=10_000):
             for row in batch.to_pylist():
                 number += 1
-                if isinstance(row.get("attributes"), list):  # a Parquet map reads as [(key, value), ...]
-                    row["attributes"] = dict(row["attributes"])
                 try:
-                    yield number, _from_row(row)
+                    yield number, _from_parquet_row(row)
                 except (ValidationError, ValueError) as exc:
                     yield number, BadRecord(number, _reason(exc))
+
+
+def _from_parquet_row(row: dict[str, Any]) -> UsageEvent | OutcomeEvent:
+    if isinstance(row.get("attributes"), list):  # a Parquet map reads as [(key, value), ...]
+        row["attributes"] = dict(row["attributes"])
+    return _from_row(row)
 
 
 # -- pass 1: scan -----------------------------------------------------------------------------
@@ -193,15 +207,36 @@ class Scan:
     customers_by_period: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     first_at: datetime | None = None
     last_at: datetime | None = None
-    #: CSV and Parquet: the wire bytes of every valid, first-seen event, one JSON line each, in
-    #: file order (written by the scan, so the send validates nothing twice); None for JSON Lines.
-    spool: Path | None = None
+    #: What the send produces, in file order, written by the scan (so the send validates and parses
+    #: nothing): every valid, first-seen event as one record ``customer_id TAB event_id TAB kind TAB
+    #: value LF`` (kind ``u`` or ``o``; value: the JSON line as written for JSON Lines, the model's
+    #: wire bytes for CSV and Parquet). Empty when the per-event JSON Lines scan sends from the file.
+    spools: list[Path] = field(default_factory=list)
+    _spool_dir: Path | None = None
 
     def discard_spool(self) -> None:
         """Delete the spool now (it is deleted anyway when the scan is collected or at exit)."""
-        if self.spool is not None:
-            self.spool.unlink(missing_ok=True)
-            self.spool = None
+        for spool in self.spools:
+            spool.unlink(missing_ok=True)
+        self.spools = []
+        if self._spool_dir is not None:
+            shutil.rmtree(self._spool_dir, ignore_errors=True)
+            self._spool_dir = None
+
+    def spooled(self) -> Iterator[tuple[bytes, bytes, bytes, bytes]]:
+        """``(customer_id, event_id, kind, value)`` of every spooled record, in order."""
+        for records in self.spooled_blocks():
+            for record in records:
+                customer, event_id, kind, value = record.split(b"\t", 3)
+                yield customer, event_id, kind, value
+
+    def spooled_blocks(self) -> Iterator[list[bytes]]:
+        """The spooled records (without their LF), a few MB at a time, in order."""
+        for spool in self.spools:
+            with spool.open("rb") as handle:
+                while block := handle.read(1 << 22):
+                    block += handle.readline()  # to the end of the record
+                    yield block[:-1].split(b"\n")
 
     @property
     def bad_lines(self) -> set[int]:
@@ -215,35 +250,73 @@ class Scan:
 Progress = Callable[[int], None]  # called with how many records were handled since the last call
 
 
-def scan(path: Path, fmt: Format, progress: Progress | None = None, *, workers: int | None = None) -> Scan:
+def scan(
+    path: Path,
+    fmt: Format,
+    progress: Progress | None = None,
+    *,
+    workers: int | None = None,
+    clock: Clock = utc_now,
+    columns: bool = True,
+) -> Scan:
     """Validate every record; collect bad lines, repeats, and the periods and customers touched.
+
+    Records are validated as columns (:func:`meterstream.schemas.columnar.accept`: fast
+    accept of the rows it can prove valid, with their wire bytes built column-wise); every
+    other record goes through the event model alone, as before, so the verdicts and reasons
+    are the model's. ``columns=False`` validates every record with the model (the per-event
+    path the tests compare with). The fast path's future-time limit is against ``clock()``,
+    read once before the scan; it must be the clock the models read (:func:`utc_now`, the
+    default: tests stop it with time-machine) or one behind it, so that what the fast path
+    accepts the model accepts too (the model reads the same clock later).
 
     A JSON Lines file larger than a few chunks is validated by ``workers`` processes
     (default: one per core, at most 4), each taking whole lines of a byte range;
     the results are merged in file order, so they are what one process finds.
     """
     workers = workers if workers is not None else min(os.cpu_count() or 1, 4)
-    if fmt == "jsonl" and workers > 1 and path.stat().st_size > 2 * _CHUNK_BYTES:
-        return _scan_parallel(path, workers, progress)
+    now = clock()
     result = Scan(path, fmt)
-    spool = None
-    if fmt != "jsonl":
-        handle, name = tempfile.mkstemp(prefix="meterstream-import-", suffix=".jsonl")
-        spool = os.fdopen(handle, "wb", buffering=1 << 20)
-        result.spool = Path(name)
-        weakref.finalize(result, result.spool.unlink, missing_ok=True)
+    if fmt == "jsonl" and not columns:
+        with _gc_paused():
+            _scan_into(result, path, fmt, progress, None)
+        return result
+    result._spool_dir = Path(tempfile.mkdtemp(prefix="meterstream-import-"))
+    weakref.finalize(result, shutil.rmtree, result._spool_dir, ignore_errors=True)
     try:
-        _scan_into(result, path, fmt, progress, spool)
+        with _gc_paused():
+            if fmt == "jsonl":
+                _scan_chunks(result, workers, progress, now)
+            else:
+                result.spools = [result._spool_dir / "events.spool"]
+                with result.spools[0].open("wb", buffering=1 << 20) as spool:
+                    if not columns or not _scan_table_into(result, path, fmt, progress, spool, now):
+                        _scan_into(result, path, fmt, progress, spool)
     except BaseException:
         result.discard_spool()
         raise
-    finally:
-        if spool is not None:
-            spool.close()
     return result
 
 
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a pass builds and drops millions of small objects
+    (nothing it makes is cyclic; with collection on, the passes spend ~40% of their time in it)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _spool_record(customer: str, event_id: str, outcome: bool, value: bytes) -> bytes:
+    return f"{customer}\t{event_id}\t{'o' if outcome else 'u'}\t".encode() + value + b"\n"
+
+
 def _scan_into(result: Scan, path: Path, fmt: Format, progress: Progress | None, spool: Any) -> None:
+    """The per-event scan: every record through the model (the oracle of the column-wise one)."""
     seen: set[int] = set()
     step = 0
     write = spool.write if spool is not None else None
@@ -263,7 +336,7 @@ def _scan_into(result: Scan, path: Path, fmt: Format, progress: Progress | None,
         seen.add(key)
         result.valid += 1
         if write is not None:
-            write(item.wire_bytes() + b"\n")
+            write(_spool_record(item.customer_id, item.event_id, item.type == "outcome", item.wire_bytes()))
         result.customers_by_period[item.period].add(item.customer_id)
         at = item.occurred_at
         if result.first_at is None or at < result.first_at:
@@ -272,6 +345,265 @@ def _scan_into(result: Scan, path: Path, fmt: Format, progress: Progress | None,
             result.last_at = at
     if progress is not None and step:
         progress(step)
+
+
+# -- column-wise validation -------------------------------------------------------------------
+
+#: Lines of one key layout below this many are validated by the model alone (not worth a column pass).
+_MIN_GROUP = 16
+#: Rows of a CSV or Parquet file validated as one batch of columns.
+_TABLE_BATCH = 50_000
+_ASCII_DIGIT_LINES = re.compile(r"[0-9]+(?:\n[0-9]+)*")
+#: A cell the fast path must not accept (unreadable attributes): the model gives the reason.
+_UNREADABLE = object()
+
+
+def _loads_or_none(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _validate_lines(lines: list[bytes], now: datetime) -> tuple[list[int], list[str], list[str], list[datetime],
+                                                                  list[bool], list[tuple[int, str]]]:  # fmt: skip
+    """JSON lines (stripped, non-empty) validated as the worker does: ``(positions, customer ids, event ids,
+    occurred_at, is outcome)`` of the valid ones in line order, and ``(position, reason)`` of the invalid ones.
+
+    Lines are read with orjson and grouped by their keys (in order); each group of at least
+    :data:`_MIN_GROUP` lines goes through :func:`columnar.accept`. Every line it does not
+    accept (and every line orjson cannot read, or that is not an object, or too big) is
+    validated by :func:`_validate_json`, the per-event call. orjson and pydantic's JSON
+    reader agree on what they both read (a repeated key: the last one wins in both).
+    """
+    try:
+        objs = list(map(orjson.loads, lines))
+    except orjson.JSONDecodeError:
+        objs = [_loads_or_none(raw) for raw in lines]
+    groups: dict[tuple[str, ...], list[int]] = {}
+    slow: list[int] = []
+    layouts = list(map(tuple, objs)) if set(map(type, objs)) == {dict} else None
+    if layouts is not None and len(set(layouts)) == 1 and max(map(len, lines)) <= MAX_EVENT_BYTES:
+        groups[layouts[0]] = list(range(len(objs)))  # the usual file: one layout, every line an object
+    else:
+        grouped: dict[tuple[str, ...], list[int]] = defaultdict(list)
+        for i, obj in enumerate(objs):
+            if type(obj) is dict and len(lines[i]) <= MAX_EVENT_BYTES:
+                grouped[tuple(obj)].append(i)
+            else:
+                slow.append(i)
+        groups = grouped
+    positions: list[int] = []
+    customers: list[str] = []
+    event_ids: list[str] = []
+    instants: list[datetime] = []
+    outcomes: list[bool] = []
+    for keys, members in groups.items():
+        if len(members) < _MIN_GROUP:
+            slow.extend(members)
+            continue
+        rows = objs if len(members) == len(objs) else [objs[i] for i in members]
+        # one layout: every dict's values are in the order of ``keys``, so one transpose gives the columns
+        columns = dict(zip(keys, map(list, zip(*map(dict.values, rows), strict=True)), strict=True))
+        got = columnar.accept(columns, len(rows), none_is_absent=False, now=now)
+        positions.extend(members[r] for r in got.rows)
+        customers.extend(got.customer_id)
+        event_ids.extend(got.event_id)
+        instants.extend(got.occurred_at)
+        outcomes.extend(got.outcome)
+        if len(got.rows) != len(members):
+            accepted = set(got.rows)
+            slow.extend(m for r, m in enumerate(members) if r not in accepted)
+    bad: list[tuple[int, str]] = []
+    for i in slow:
+        try:
+            event = _validate_json(lines[i])
+        except (ValidationError, ValueError) as exc:
+            bad.append((i, _reason(exc)))
+            continue
+        positions.append(i)
+        customers.append(event.customer_id)
+        event_ids.append(event.event_id)
+        instants.append(event.occurred_at)
+        outcomes.append(event.type == "outcome")
+    if slow or len(groups) > 1:
+        order = sorted(range(len(positions)), key=positions.__getitem__)
+        positions = [positions[i] for i in order]
+        customers = [customers[i] for i in order]
+        event_ids = [event_ids[i] for i in order]
+        instants = [instants[i] for i in order]
+        outcomes = [outcomes[i] for i in order]
+        bad.sort()
+    return positions, customers, event_ids, instants, outcomes, bad
+
+
+def _cells(name: str, values: Sequence[Any]) -> list[Any]:
+    """A CSV or Parquet column as :func:`_from_row` hands its cells to the model (None: absent).
+
+    Only the conversions that cannot fail are made here; a cell ``_from_row`` would convert
+    otherwise (a non-ASCII digit string, attributes that are not JSON) stays as it is or
+    becomes :data:`_UNREADABLE`, which the fast path does not accept (the model then says why).
+    """
+    if name in _INT_COLUMNS:
+        if set(map(type, values)) == {str} and _ASCII_DIGIT_LINES.fullmatch("\n".join(values)):
+            return list(map(int, values))  # a CSV column of whole numbers, every cell given
+        return [None if v is None or v == "" else int(v) if type(v) is str and v.isascii() and v.isdigit() else v
+                for v in values]  # fmt: skip
+    if name == "attributes":
+        return [_attributes_cell(v) for v in values]
+    if set(map(type, values)) == {str}:
+        return [v or None for v in values]  # CSV: only "" is false
+    return [None if v is None or v == "" else v for v in values]
+
+
+def _attributes_cell(value: Any) -> Any:
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            return orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return _UNREADABLE
+    if isinstance(value, list):  # a Parquet map
+        try:
+            return dict(value)
+        except (TypeError, ValueError):
+            return _UNREADABLE
+    return value
+
+
+class _TooMany:
+    """A CSV row with more cells than the header has columns."""
+
+    def __init__(self, extra: int) -> None:
+        self.extra = extra
+
+
+def _table_batches(path: Path, fmt: Format) -> Iterator[tuple[list[str], list[int], list[list[Any] | _TooMany]]]:
+    """``(column names, record numbers, rows)`` in batches; numbers as :func:`iter_events` gives them.
+
+    Raises :class:`LookupError` before the first batch when the columns cannot be read as
+    columns (a repeated or empty column name): the caller then scans per event.
+    """
+    if fmt == "csv":
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if header is None:
+                return
+            if len(set(header)) != len(header) or "" in header:
+                raise LookupError("CSV header with repeated or empty names")
+            width = len(header)
+            numbers: list[int] = []
+            rows: list[list[Any] | _TooMany] = []
+            # iter_events' numbering: a row is numbered one after the line the previous row ended
+            # on (csv.DictReader skips empty rows; tests/unit/test_ingest_fuzz.py checks both agree)
+            start = 2
+            for row in reader:
+                if not row:
+                    continue
+                numbers.append(start)
+                start = reader.line_num + 1
+                if len(row) != width:
+                    rows.append(_TooMany(len(row) - width) if len(row) > width else row + [""] * (width - len(row)))
+                else:
+                    rows.append(row)
+                if len(rows) == _TABLE_BATCH:
+                    yield header, numbers, rows
+                    numbers, rows = [], []
+            if rows:
+                yield header, numbers, rows
+    else:
+        import pyarrow.parquet as pq
+
+        parquet = pq.ParquetFile(path)
+        names = parquet.schema_arrow.names
+        if len(set(names)) != len(names):
+            raise LookupError("Parquet columns with repeated names")
+        number = 0
+        for batch in parquet.iter_batches(batch_size=_TABLE_BATCH):
+            cols = [batch.column(i).to_pylist() for i in range(batch.num_columns)]
+            rows_ = [list(r) for r in zip(*cols, strict=True)] if cols else [[] for _ in range(batch.num_rows)]
+            yield names, list(range(number + 1, number + 1 + batch.num_rows)), rows_  # type: ignore[misc]
+            number += batch.num_rows
+
+
+def _scan_table_into(result: Scan, path: Path, fmt: Format, progress: Progress | None, spool: Any,
+                     now: datetime) -> bool:  # fmt: skip
+    """The column-wise scan of a CSV or Parquet file (False, nothing done: scan it per event)."""
+    batches = _table_batches(path, fmt)
+    try:
+        first = next(batches, None)
+    except LookupError:
+        return False
+    seen: set[int] = set()
+    from_row = _from_row if fmt == "csv" else _from_parquet_row
+    for names, numbers, rows in _chain(first, batches):
+        plain = [i for i, row in enumerate(rows) if not isinstance(row, _TooMany)]
+        table = rows if len(plain) == len(rows) else [rows[i] for i in plain]
+        columns = {name: _cells(name, col) for name, col in zip(names, zip(*table, strict=True), strict=True)} \
+            if table and names else {}  # fmt: skip
+        got = columnar.accept(columns, len(table), none_is_absent=True, now=now, wire=True)
+        assert got.wire is not None
+        # (record index in the batch, customer, event id, occurred_at, wire bytes) of the valid ones
+        valid = list(zip([plain[r] for r in got.rows], got.customer_id, got.event_id, got.occurred_at, got.wire,
+                         got.outcome, strict=True))  # fmt: skip
+        bad: list[BadRecord] = []
+        if len(got.rows) != len(rows):
+            accepted = {plain[r] for r in got.rows}
+            for i, row in enumerate(rows):
+                if i in accepted:
+                    continue
+                if isinstance(row, _TooMany):
+                    bad.append(BadRecord(numbers[i], f"{row.extra} more cells than the header has columns"))
+                    continue
+                try:
+                    event = from_row(dict(zip(names, row, strict=True)))
+                except (ValidationError, ValueError) as exc:
+                    bad.append(BadRecord(numbers[i], _reason(exc)))
+                    continue
+                valid.append((i, event.customer_id, event.event_id, event.occurred_at, event.wire_bytes(),
+                              event.type == "outcome"))  # fmt: skip
+            valid.sort(key=lambda v: v[0])
+        result.records += len(rows)
+        result.bad.extend(bad)
+        keys = [hash(v[1:3]) for v in valid]
+        distinct = set(keys)
+        if len(distinct) != len(keys) or not seen.isdisjoint(distinct):
+            first_seen = []
+            for key, v in zip(keys, valid, strict=True):
+                if key in seen:
+                    result.repeated_lines.add(numbers[v[0]])
+                else:
+                    seen.add(key)
+                    first_seen.append(v)
+            valid = first_seen
+        else:
+            seen |= distinct
+        if valid:
+            spool.write(b"".join([_spool_record(v[1], v[2], v[5], v[4]) for v in valid]))
+            _note_instants(result, [v[1] for v in valid], [v[3] for v in valid])
+        result.valid += len(valid)
+        if progress is not None:
+            progress(len(rows))
+    return True
+
+
+def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    if first is not None:
+        yield first
+        yield from rest
+
+
+def _note_instants(result: Scan, customers: list[str], instants: list[datetime]) -> None:
+    """The periods and customers, first and last ``occurred_at`` of valid first-seen events."""
+    for month, customer in set(zip([at.year * 12 + at.month for at in instants], customers, strict=True)):
+        result.customers_by_period[f"{(month - 1) // 12:04d}-{(month - 1) % 12 + 1:02d}"].add(customer)
+    low, high = min(instants), max(instants)
+    if result.first_at is None or low < result.first_at:
+        result.first_at = low
+    if result.last_at is None or high > result.last_at:
+        result.last_at = high
 
 
 #: Bytes of JSON Lines one scan task validates.
@@ -293,80 +625,95 @@ def _chunks(path: Path) -> list[tuple[int, int]]:
     return list(zip(bounds, bounds[1:], strict=False))
 
 
-def _scan_chunk(task: tuple[Path, int, int]) -> dict[str, Any]:
-    """Validate the lines of one byte range (in a worker process); line numbers are local, from 1."""
-    path, start, end = task
+def _scan_chunk(task: tuple[Path, int, int, datetime, Path]) -> dict[str, Any]:
+    """Validate the lines of one byte range (in a worker process) and spool the valid ones to ``spool``;
+    line numbers are local, from 1."""
+    with _gc_paused():
+        return _scan_chunk_unpaused(task)
+
+
+def _scan_chunk_unpaused(task: tuple[Path, int, int, datetime, Path], details: bool = False) -> dict[str, Any]:
+    path, start, end, now, spool = task
     with path.open("rb") as handle:
         handle.seek(start)
         data = handle.read(end - start)
-    bad: list[tuple[int, str]] = []
-    keys, lines = array("q"), array("q")
-    # The hot loop of a scan, kept lean: months as integers (year * 12 + month) until the end,
-    # the usage model called directly unless the line may be an outcome (as _validate_json does).
-    customers_by_month: dict[int, set[str]] = defaultdict(set)
-    first: datetime | None = None
-    last: datetime | None = None
-    records = 0
-    validate_usage, limit = UsageEvent.model_validate_json, MAX_EVENT_BYTES
-    add_key, add_line = keys.append, lines.append
-    for number, raw in enumerate(data.split(b"\n"), 1):
-        raw = raw.strip()
-        if not raw:
-            continue
-        records += 1
-        try:
-            if len(raw) > limit or b'"type"' in raw:
-                event = _validate_json(raw)
-            else:
-                event = validate_usage(raw)
-        except (ValidationError, ValueError) as exc:
-            bad.append((number, _reason(exc)))
-            continue
-        customer, at = event.customer_id, event.occurred_at
-        add_key(hash((customer, event.event_id)))
-        add_line(number)
-        customers_by_month[at.year * 12 + at.month].add(customer)
-        if first is None or last is None:
-            first = last = at
-        elif at < first:
-            first = at
-        elif at > last:
-            last = at
-    customers_by_period = {f"{(m - 1) // 12:04d}-{(m - 1) % 12 + 1:02d}": c for m, c in customers_by_month.items()}
-    return {"newlines": data.count(b"\n"), "records": records, "bad": bad, "keys": keys, "lines": lines,
-            "customers_by_period": customers_by_period, "first": first, "last": last}  # fmt: skip
+    lines = list(map(bytes.strip, data.split(b"\n")))
+    if lines and not lines[-1]:
+        lines.pop()  # the chunk's last newline
+    numbers: Sequence[int] = range(1, len(lines) + 1)  # the usual chunk: no blank line
+    if not all(lines):
+        numbered = [(number, raw) for number, raw in enumerate(lines, 1) if raw]
+        numbers, lines = [n for n, _ in numbered], [raw for _, raw in numbered]
+    positions, customers, event_ids, instants, outcomes, bad = _validate_lines(lines, now)
+    with spool.open("wb") as out:
+        out.write(b"".join([_spool_record(c, e, o, lines[p])
+                            for p, c, e, o in zip(positions, customers, event_ids, outcomes, strict=True)]))  # fmt: skip
+    keys = array("q", map(hash, zip(customers, event_ids, strict=True)))
+    valid_lines = array("q", map(numbers.__getitem__, positions))
+    chunk: dict[str, Any] = {"newlines": data.count(b"\n"), "records": len(lines), "bad": [(numbers[p], r) for p, r in bad],
+           "keys": keys, "lines": valid_lines}  # fmt: skip
+    if details:  # customers and instants per valid line (the merge keeps those of first-seen events)
+        chunk |= {"customers": customers, "instants": instants}
+    else:  # what the chunk adds when none of its events repeats one (a few sets, not an object per line)
+        partial = Scan(path, "jsonl")
+        if customers:
+            _note_instants(partial, customers, instants)
+        chunk |= {"customers_by_period": dict(partial.customers_by_period), "first": partial.first_at,
+                "last": partial.last_at}  # fmt: skip
+    return chunk
 
 
-def _scan_parallel(path: Path, workers: int, progress: Progress | None) -> Scan:
-    result = Scan(path, "jsonl")
+def _scan_chunks(result: Scan, workers: int, progress: Progress | None, now: datetime) -> None:
+    """A JSON Lines file validated chunk by chunk (by ``workers`` processes when it is big), merged in file order."""
+    assert result._spool_dir is not None
     seen: set[int] = set()
     offset = 0  # lines before the chunk
-    # fork: the children share this process's str hash seed, so their keys hash as ours do
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        for chunk in pool.imap(_scan_chunk, [(path, a, b) for a, b in _chunks(path)]):
+    tasks = [(result.path, a, b, now, result._spool_dir / f"chunk-{i:06d}.spool") for i, (a, b) in enumerate(_chunks(result.path))]
+    result.spools = [task[4] for task in tasks]
+    pool = None
+    if workers > 1 and len(tasks) > 2:
+        # fork: the children share this process's str hash seed, so their keys hash as ours do
+        pool = multiprocessing.get_context("fork").Pool(workers)
+    try:
+        for index, chunk in enumerate(pool.imap(_scan_chunk, tasks) if pool is not None else map(_scan_chunk, tasks)):
             result.records += chunk["records"]
             result.bad.extend(BadRecord(offset + n, reason) for n, reason in chunk["bad"])
             keys = chunk["keys"]
             distinct = set(keys)
             if len(distinct) == len(keys) and seen.isdisjoint(distinct):
                 seen |= distinct  # the usual case: no repeats, merged in C
+                result.valid += len(keys)
+                for period, customers_ in chunk["customers_by_period"].items():
+                    result.customers_by_period[period] |= customers_
+                if chunk["first"] is not None and (result.first_at is None or chunk["first"] < result.first_at):
+                    result.first_at = chunk["first"]
+                if chunk["last"] is not None and (result.last_at is None or chunk["last"] > result.last_at):
+                    result.last_at = chunk["last"]
             else:
-                for key, number in zip(keys, chunk["lines"], strict=True):
+                # a repeat: this chunk again here, with its events' customers and instants (rare)
+                detail = _scan_chunk_unpaused(tasks[index], details=True)
+                customers, instants = detail["customers"], detail["instants"]
+                first_seen = []
+                for i, (key, number) in enumerate(zip(keys, chunk["lines"], strict=True)):
                     if key in seen:
                         result.repeated_lines.add(offset + number)
                     else:
                         seen.add(key)
-            result.valid = len(seen)
-            for period, customers in chunk["customers_by_period"].items():
-                result.customers_by_period[period] |= customers
-            if chunk["first"] is not None and (result.first_at is None or chunk["first"] < result.first_at):
-                result.first_at = chunk["first"]
-            if chunk["last"] is not None and (result.last_at is None or chunk["last"] > result.last_at):
-                result.last_at = chunk["last"]
+                        first_seen.append(i)
+                customers, instants = [customers[i] for i in first_seen], [instants[i] for i in first_seen]
+                spool = result.spools[index]
+                records = spool.read_bytes().splitlines(keepends=True)
+                spool.write_bytes(b"".join([records[i] for i in first_seen]))  # repeats are sent once
+                result.valid += len(customers)
+                if customers:
+                    _note_instants(result, customers, instants)
             offset += chunk["newlines"]
             if progress is not None:
                 progress(chunk["records"])
-    return result
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
 
 
 # -- pass 2: what is stored already -----------------------------------------------------------
@@ -556,16 +903,33 @@ def send(
 
     started = time.perf_counter()
     sent = already = 0
-    if scanned.fmt == "jsonl" or scanned.spool is not None:
-        # The hot loop of a backfill, inlined: the lines as written (the worker validates them
-        # again, as for any producer), routed by the two fields read back with orjson. CSV and
-        # Parquet send the wire bytes their scan spooled (valid and first-seen events only).
+    if scanned.spools:
+        # The hot loop of a backfill, inlined: the records the scan spooled (valid and first-seen
+        # events only), routed by the customer id and kind spooled beside them. JSON Lines are
+        # sent as written (the worker validates them again, as for any producer).
+        spooled = 0
+        with _gc_paused():
+            for records in scanned.spooled_blocks():  # ~16k records a block
+                poll(0)
+                for record in records:
+                    customer, event_id, kind, value = record.split(b"\t", 3)
+                    if stored and (customer.decode(), event_id.decode()) in stored:
+                        already += 1
+                        continue
+                    topic = outcome_topic if kind == b"o" else usage_topic
+                    try:
+                        produce(topic, value, customer, -1, on_delivery)
+                    except BufferError:
+                        produce_when_room(topic, value, customer)
+                spooled += len(records)
+                if progress is not None:
+                    progress(len(records))
+        sent = spooled - already
+    elif scanned.fmt == "jsonl":
+        # The per-event scan's JSON Lines: the lines as written, routed by the two fields read back with orjson.
         loads = orjson.loads
-        source = scanned.spool if scanned.spool is not None else scanned.path
-        if scanned.spool is not None:
-            skip = set()
         number = 0
-        with source.open("rb") as handle:
+        with scanned.path.open("rb") as handle:
             for number, raw in enumerate(handle, 1):
                 if not number & 0x3FFF:
                     poll(0)

@@ -168,9 +168,14 @@ def test_the_parallel_scan_finds_what_one_process_finds(tmp_path, monkeypatch):
     many = backfill.scan(path, "jsonl", workers=2)
     assert len(backfill._chunks(path)) > 10
     assert one.repeated_lines and one.bad
+    per_event = backfill.scan(path, "jsonl", columns=False)  # every line through the model
     for name in ("records", "valid", "bad", "repeated_lines", "first_at", "last_at"):
-        assert getattr(many, name) == getattr(one, name), name
-    assert dict(many.customers_by_period) == dict(one.customers_by_period)
+        assert getattr(many, name) == getattr(one, name) == getattr(per_event, name), name
+    assert dict(many.customers_by_period) == dict(one.customers_by_period) == dict(per_event.customers_by_period)
+    # what the send produces: the valid first-seen lines as written, in file order, once each
+    sent = [raw.strip() for n, raw in enumerate(path.read_bytes().split(b"\n"), 1)
+            if raw.strip() and n not in per_event.bad_lines | per_event.repeated_lines]  # fmt: skip
+    assert [value for *_, value in many.spooled()] == [value for *_, value in one.spooled()] == sent
 
 
 def test_events_the_broker_never_confirms_are_reported_by_id(tmp_path):

@@ -1,0 +1,427 @@
+"""Events validated as columns: fast accept, exact reject.
+
+:func:`accept` looks at a batch of records given as columns (one list of values per
+wire field) and accepts, with whole-column operations (Arrow compute kernels and
+C-level list passes), the rows it can prove the pydantic models accept. It never
+rejects anything: every row it does not accept is for the caller to validate alone
+with :class:`~meterstream.schemas.events.UsageEvent` /
+:class:`~meterstream.schemas.events.OutcomeEvent`, so the accept/reject decision, the
+error text, type and location of every rejected row are the model's by construction.
+
+**The rule.** A row is accepted by the fast path only if all of these hold; everything
+else goes to the model:
+
+- its kind is outcome when ``type`` is the string ``"outcome"``, else usage, and it has
+  no field the kind's model does not know (a key given with ``None`` counts as absent
+  when ``none_is_absent``, i.e. an empty CSV cell or a Parquet null);
+- ``event_id`` and ``customer_id`` (and, for outcomes, ``outcome_type``) are ``str``
+  matching the identifier pattern ``^[A-Za-z0-9][A-Za-z0-9._:@/\\-]*$`` and at most 128
+  characters; ``workflow_id``, ``run_id``, ``model``, ``provider``, ``reversal_of`` are
+  absent, ``None`` or such an identifier;
+- ``occurred_at`` is a ``str`` of the form ``YYYY-MM-DDTHH:MM:SSZ`` or
+  ``YYYY-MM-DDTHH:MM:SS.mmmZ`` (ASCII digits) that :meth:`datetime.fromisoformat`
+  reads (the model's own reading of that form), not before 2000-01-01 and not more than
+  :data:`~meterstream.schemas.events.MAX_FUTURE_SKEW` after ``now`` (read from the
+  caller's clock *before* the call; the model reads its clock later, so a row accepted
+  here is accepted there);
+- ``schema_version`` is absent or the ``int`` 1; ``type`` is absent or ``"usage"`` for
+  usage; ``meter`` is absent or one of the :class:`~meterstream.schemas.events.Meter`
+  values; ``attribution`` one of the :class:`~meterstream.schemas.events.Attribution`
+  values;
+- token counts are absent or ``int`` (not ``bool``) in 0..100,000,000; ``quantity`` is
+  absent, an ``int`` in 0..10¹², or a ``str`` of at most 12 ASCII digits without a
+  leading zero (or ``"0"``); ``unit`` is absent, ``None`` or a ``str`` of at most 32
+  printable ASCII characters other than ``"`` and ``\\``;
+- ``attributes`` is absent or a ``dict`` of at most 32 entries whose keys are ``str`` of
+  1..64 such characters and whose values are such ``str`` of at most 256 characters,
+  ``bool``, or ``int`` within 64 bits;
+- the model's cross-field rule holds: a tokens event has a model, no quantity and
+  ``cached_input_tokens <= input_tokens``; any other meter has no token counts and a
+  positive quantity.
+
+``None`` for a field the model does not allow to be null (anything but the optional
+identifiers and ``unit``) is a rejection here unless ``none_is_absent``. For accepted
+rows :func:`accept` also builds, column-wise, the bytes ``wire_bytes()`` of the
+model would produce (``tests/unit/test_ingest_fuzz.py`` compares both on generated
+and hostile input, for JSON Lines, CSV and Parquet).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from operator import le
+from typing import Any, Final
+
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from meterstream.schemas.events import (
+    EARLIEST_OCCURRED_AT,
+    MAX_ATTRIBUTE_KEY_LENGTH,
+    MAX_ATTRIBUTE_VALUE_LENGTH,
+    MAX_ATTRIBUTES,
+    MAX_FUTURE_SKEW,
+    Attribution,
+    Meter,
+    OutcomeEvent,
+    UsageEvent,
+)
+
+USAGE_FIELDS: Final = frozenset(UsageEvent.model_fields)
+OUTCOME_FIELDS: Final = frozenset(OutcomeEvent.model_fields)
+_IDENTIFIER = r"[A-Za-z0-9][A-Za-z0-9._:@/\-]{0,127}"
+_CANONICAL_UTC = r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{3})?Z"
+_QUANTITY_DIGITS = r"0|[1-9][0-9]{0,11}"
+#: Printable ASCII without '"' and '\\': JSON writes such a string as it is (pydantic and orjson alike).
+_PLAIN_UNIT = r"[ !#-\[\]-~]{0,32}"
+_plain = re.compile(r"[ !#-\[\]-~]*").fullmatch
+_MAX_TOKENS = 100_000_000
+_MAX_QUANTITY = 10**12
+_INT64 = (-(2**63), 2**63)
+_METERS = frozenset(m.value for m in Meter)
+_ATTRIBUTIONS = frozenset(a.value for a in Attribution)
+_TOKENS = Meter.TOKENS.value
+_NONE = type(None)
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """The rows the fast path accepted, in batch order, and what the model would have made of them."""
+
+    #: indices into the batch, ascending
+    rows: list[int]
+    #: per accepted row: True for an outcome, False for usage
+    outcome: list[bool]
+    customer_id: list[str]
+    event_id: list[str]
+    #: UTC, equal to the model's ``occurred_at``
+    occurred_at: list[datetime]
+    #: the model's ``wire_bytes()`` per accepted row (when asked for), else None
+    wire: list[bytes] | None
+
+
+def _all_match(values: list[str], pattern: str) -> bool:
+    """Every value (all ``str``) matches ``pattern`` whole: one RE2 pass over the values joined by newlines."""
+    text = "\n".join(values)
+    if text.count("\n") != len(values) - 1:  # a value holding a newline: not one of ours
+        return False
+    return bool(pc.match_substring_regex(pa.array([text + "\n"]), f"^(?:(?:{pattern})\n)*$")[0].as_py())
+
+
+def _each_match(values: list[str], pattern: str) -> list[bool]:
+    return pc.match_substring_regex(pa.array(values, pa.string()), f"^(?:{pattern})$").to_pylist()  # type: ignore[no-any-return]
+
+
+class _Rows:
+    """One kind's rows of a batch (every column as long as the batch), and the rows refused so far."""
+
+    def __init__(self, columns: Mapping[str, list[Any]], n: int, none_is_absent: bool) -> None:
+        self.columns, self.n, self.none_is_absent = columns, n, none_is_absent
+        self.refused: set[int] = set()
+
+    def check(self, name: str, kind: type, *, nullable: bool, required: bool = False,
+              all_ok: Callable[[list[Any]], bool], each_ok: Callable[[list[Any]], list[bool]]) -> None:  # fmt: skip
+        """Refuse the rows whose ``name`` is not absent/None-as-allowed or exactly a ``kind`` passing the tests."""
+        values = self.columns.get(name)
+        if values is None:
+            if required:
+                self.refused.update(range(self.n))
+            return
+        none_ok = not required and (nullable or self.none_is_absent)
+        types = set(map(type, values))
+        if types == {kind}:
+            # one exact type (so no 1 == True merging): a column of few distinct values is checked once per value
+            distinct = set(values[:1000])  # a sample first: ids unique per event are not worth a set
+            if len(distinct) * 4 <= min(len(values), 1000) and len(distinct := set(values)) * 4 <= len(values):
+                unique = list(distinct)
+                if not all_ok(unique):
+                    bad = {v for v, ok in zip(unique, each_ok(unique), strict=True) if not ok}
+                    self.refused.update(i for i, v in enumerate(values) if v in bad)
+            elif not all_ok(values):
+                self.refused.update(i for i, ok in enumerate(each_ok(values)) if not ok)
+            return
+        positions, given = [], []
+        for i, value in enumerate(values):
+            if type(value) is kind:
+                positions.append(i)
+                given.append(value)
+            elif not (value is None and none_ok):
+                self.refused.add(i)
+        if given and not all_ok(given):
+            self.refused.update(positions[j] for j, ok in enumerate(each_ok(given)) if not ok)
+
+    def identifier(self, name: str, *, required: bool) -> None:
+        self.check(name, str, nullable=True, required=required, all_ok=lambda v: _all_match(v, _IDENTIFIER),
+                   each_ok=lambda v: _each_match(v, _IDENTIFIER))  # fmt: skip
+
+    def in_set(self, name: str, allowed: frozenset[str], *, required: bool = False) -> None:
+        self.check(name, str, nullable=False, required=required, all_ok=lambda v: set(v) <= allowed,
+                   each_ok=lambda v: [x in allowed for x in v])  # fmt: skip
+
+    def integer(self, name: str, low: int, high: int) -> None:
+        self.check(name, int, nullable=False, all_ok=lambda v: low <= min(v) and max(v) <= high,
+                   each_ok=lambda v: [low <= x <= high for x in v])  # fmt: skip
+
+    def ints(self, name: str, default: int) -> list[int]:
+        """The column's values with None and absence as ``default`` (on rows the checks passed)."""
+        values = self.columns.get(name)
+        if values is None:
+            return [default] * self.n
+        return [default if v is None else v for v in values] if None in values else values
+
+    def accepted(self) -> list[int]:
+        return [i for i in range(self.n) if i not in self.refused] if self.refused else list(range(self.n))
+
+
+def accept(
+    columns: Mapping[str, Sequence[Any]],
+    n: int,
+    *,
+    none_is_absent: bool,
+    now: datetime,
+    wire: bool = False,
+) -> Accepted:
+    """The rows of the batch the fast path accepts (see the module's rule), with their wire bytes if ``wire``.
+
+    ``columns`` maps a field name to its ``n`` values; a name not in ``columns`` is absent
+    from every row. With ``none_is_absent`` False (JSON: the caller groups lines by their
+    keys) every row has every key of ``columns``, and ``None`` is an explicit JSON null.
+    ``now`` is the caller's clock, read before the call.
+    """
+    cols = {name: list(values) for name, values in columns.items()}
+    types = cols.get("type")
+    if types is None or "outcome" not in types:
+        return _accept_kind(cols, n, False, none_is_absent, now, wire)
+    if all(t == "outcome" for t in types):
+        return _accept_kind(cols, n, True, none_is_absent, now, wire)
+    parts = []
+    for outcome in (False, True):
+        index = [i for i, t in enumerate(types) if (t == "outcome") is outcome]
+        sub = {name: [values[i] for i in index] for name, values in cols.items()}
+        got = _accept_kind(sub, len(index), outcome, none_is_absent, now, wire)
+        parts.append((index, got))
+    merged = sorted((index[r], part, j) for index, part in parts for j, r in enumerate(part.rows))
+    return Accepted(
+        rows=[row for row, _, _ in merged],
+        outcome=[part.outcome[j] for _, part, j in merged],
+        customer_id=[part.customer_id[j] for _, part, j in merged],
+        event_id=[part.event_id[j] for _, part, j in merged],
+        occurred_at=[part.occurred_at[j] for _, part, j in merged],
+        wire=[part.wire[j] for _, part, j in merged] if wire else None,  # type: ignore[index]
+    )
+
+
+def _accept_kind(cols: dict[str, list[Any]], n: int, outcome: bool, none_is_absent: bool, now: datetime,
+                 wire: bool) -> Accepted:  # fmt: skip
+    """:func:`accept` for rows of one kind (every ``type`` is "outcome", or none is)."""
+    if n == 0:
+        return Accepted([], [], [], [], [], [] if wire else None)
+    rows = _Rows(cols, n, none_is_absent)
+    fields = OUTCOME_FIELDS if outcome else USAGE_FIELDS
+    for name, values in cols.items():  # a field the model does not know must be absent
+        if name not in fields:
+            rows.refused.update(i for i, v in enumerate(values) if not (v is None and none_is_absent))
+    rows.identifier("event_id", required=True)
+    rows.identifier("customer_id", required=True)
+    rows.identifier("workflow_id", required=False)
+    rows.identifier("run_id", required=False)
+    rows.check("schema_version", int, nullable=False, all_ok=lambda v: set(v) == {1}, each_ok=lambda v: [x == 1 for x in v])
+    rows.check("occurred_at", str, nullable=False, required=True, all_ok=lambda v: _all_match(v, _CANONICAL_UTC),
+               each_ok=lambda v: _each_match(v, _CANONICAL_UTC))  # fmt: skip
+    attributes = _attributes(rows)
+    if outcome:
+        rows.in_set("type", frozenset({"outcome"}), required=True)
+        rows.identifier("outcome_type", required=True)
+        rows.in_set("attribution", _ATTRIBUTIONS, required=True)
+        rows.identifier("reversal_of", required=False)
+    else:
+        rows.in_set("type", frozenset({"usage"}))
+        rows.in_set("meter", _METERS)
+        rows.identifier("model", required=False)
+        rows.identifier("provider", required=False)
+        for name in ("input_tokens", "output_tokens", "cached_input_tokens"):
+            rows.integer(name, 0, _MAX_TOKENS)
+        quantity = _quantity(rows)
+        rows.check("unit", str, nullable=True, all_ok=lambda v: _all_match(v, _PLAIN_UNIT),
+                   each_ok=lambda v: _each_match(v, _PLAIN_UNIT))  # fmt: skip
+        _shape(rows, quantity)
+    keep = rows.accepted()
+    whole = len(keep) == n
+
+    def column(name: str) -> list[Any] | None:
+        values = cols.get(name)
+        if values is None or whole:
+            return values
+        return [values[i] for i in keep]
+
+    occurred = column("occurred_at") or []
+    at, inside = _instants(occurred, now)
+    if len(inside) != len(keep):
+        keep = [keep[i] for i in inside]
+        whole = False
+        occurred = [occurred[i] for i in inside]
+    customers, event_ids = column("customer_id") or [], column("event_id") or []
+    wire_bytes = None
+    if wire:
+        wire_bytes = _wire(outcome, column, occurred, attributes if whole else [attributes[i] for i in keep],
+                           quantity if not outcome and whole else [quantity[i] for i in keep] if not outcome else [])  # fmt: skip
+    return Accepted(keep, [outcome] * len(keep), customers, event_ids, at, wire_bytes)
+
+
+def _shape(rows: _Rows, quantity: list[int]) -> None:
+    """The usage model's cross-field rule (on the rows whose fields passed)."""
+    meters = rows.columns.get("meter")
+    model = rows.columns.get("model")
+    inputs, outputs, cached = (rows.ints(f, 0) for f in ("input_tokens", "output_tokens", "cached_input_tokens"))
+    if not rows.refused and (meters is None or set(meters) <= {_TOKENS, None}):
+        # the usual batch: every row passed its fields and is a tokens event
+        if model is not None and None not in model and not any(quantity) and all(map(le, cached, inputs)):
+            return
+    for i in range(rows.n):
+        if i in rows.refused:
+            continue
+        if meters is None or meters[i] in (_TOKENS, None):
+            if model is None or model[i] is None or quantity[i] or cached[i] > inputs[i]:
+                rows.refused.add(i)
+        elif inputs[i] or outputs[i] or cached[i] or quantity[i] <= 0:
+            rows.refused.add(i)
+
+
+def _quantity(rows: _Rows) -> list[int]:
+    """quantity as ints (0 when absent), refusing what is not an int in range or a str of digits."""
+    values = rows.columns.get("quantity")
+    if values is None:
+        return [0] * rows.n
+    out: list[int] = []
+    for i, value in enumerate(values):
+        kind = type(value)
+        if kind is int and 0 <= value <= _MAX_QUANTITY:
+            out.append(value)
+        elif kind is str and re.fullmatch(_QUANTITY_DIGITS, value) and value.isascii():
+            out.append(int(value))
+        else:
+            out.append(0)
+            if not (value is None and rows.none_is_absent):
+                rows.refused.add(i)
+    return out
+
+
+def _instants(texts: list[str], now: datetime) -> tuple[list[datetime], list[int]]:
+    """The UTC datetimes of canonical ``occurred_at`` strings and the positions within the limits."""
+    parse = datetime.fromisoformat
+    try:
+        at = list(map(parse, texts))
+    except ValueError:  # e.g. 2026-02-30: the model's error
+        at, keep = [], []
+        for i, text in enumerate(texts):
+            try:
+                at.append(parse(text))
+                keep.append(i)
+            except ValueError:
+                pass
+    else:
+        keep = list(range(len(texts)))
+    latest = now + MAX_FUTURE_SKEW
+    if at and (min(at) < EARLIEST_OCCURRED_AT or max(at) > latest):
+        inside = [i for i, value in enumerate(at) if EARLIEST_OCCURRED_AT <= value <= latest]
+        at, keep = [at[i] for i in inside], [keep[i] for i in inside]
+    return at, keep
+
+
+def _attributes(rows: _Rows) -> list[str]:
+    """The attributes as the JSON pydantic writes (``{}`` when absent); refuses those outside the rule."""
+    values = rows.columns.get("attributes")
+    if values is None:
+        return ["{}"] * rows.n
+    out: list[str] = []
+    for i, value in enumerate(values):
+        if value is None and rows.none_is_absent:
+            out.append("{}")
+            continue
+        text = _plain_attributes(value)
+        if text is None:
+            rows.refused.add(i)
+            text = "{}"
+        out.append(text)
+    return out
+
+
+def _plain_attributes(value: Any) -> str | None:
+    """The JSON of an attributes dict inside the rule (orjson writes it as pydantic does), else None."""
+    if type(value) is not dict:
+        return None
+    if not value:
+        return "{}"
+    if len(value) > MAX_ATTRIBUTES:
+        return None
+    lo, hi = _INT64
+    for key, item in value.items():
+        if type(key) is not str or not 1 <= len(key) <= MAX_ATTRIBUTE_KEY_LENGTH or not _plain(key):
+            return None
+        kind = type(item)
+        if kind is str:
+            if len(item) > MAX_ATTRIBUTE_VALUE_LENGTH or not _plain(item):
+                return None
+        elif kind is int:
+            if not lo <= item < hi:
+                return None
+        elif kind is not bool:
+            return None
+    return orjson.dumps(value).decode()
+
+
+def _text(values: list[Any] | None, n: int, default: str | None) -> pa.Array:
+    if values is None:
+        return pa.array([default] * n, pa.string())
+    if default is not None and None in values:
+        values = [default if v is None else v for v in values]
+    return pa.array(values, pa.string())
+
+
+def _field(name: str, values: list[Any] | None, n: int) -> pa.Array | str:
+    """``,"name":"value"`` where the value is there, else nothing (pydantic's exclude_none)."""
+    if values is None:
+        return ""
+    arr = pa.array(values, pa.string())
+    joined = pc.binary_join_element_wise(f',"{name}":"', arr, '"', "")
+    return pc.if_else(pc.is_null(arr), "", joined) if arr.null_count else joined
+
+
+def _wire(outcome: bool, column: Callable[[str], list[Any] | None], occurred: list[str], attributes: list[str],
+          quantity: list[int]) -> list[bytes]:  # fmt: skip
+    """The model's ``wire_bytes()`` of the accepted rows, joined column by column (Arrow string kernels)."""
+    n = len(occurred)
+    if n == 0:
+        return []
+    # pydantic writes a UTC datetime with microseconds when there are any: .123 -> .123000, .000 -> none
+    at = pa.array(occurred, pa.string())
+    if any(len(t) != 20 for t in occurred):
+        at = pc.replace_substring_regex(at, r"\.000Z$", "Z")
+        at = pc.replace_substring_regex(at, r"(\.[0-9]{3})Z$", r"\1000Z")
+    parts: list[Any] = ['{"schema_version":1,"event_id":"', _text(column("event_id"), n, None), '","customer_id":"',
+                        _text(column("customer_id"), n, None), '","occurred_at":"', at, '"',
+                        _field("workflow_id", column("workflow_id"), n), _field("run_id", column("run_id"), n),
+                        ',"attributes":', pa.array(attributes, pa.string())]  # fmt: skip
+    if outcome:
+        parts += [',"type":"outcome","outcome_type":"', _text(column("outcome_type"), n, None), '","attribution":"',
+                  _text(column("attribution"), n, None), '"', _field("reversal_of", column("reversal_of"), n), "}"]  # fmt: skip
+    else:
+        def count(name: str) -> pa.Array | str:
+            values = column(name)
+            if values is None:
+                return "0"
+            return pc.cast(pa.array(values, pa.int64()), pa.string()) if None not in values else \
+                pc.cast(pc.fill_null(pa.array(values, pa.int64()), 0), pa.string())  # fmt: skip
+
+        parts += [',"type":"usage","meter":"', _text(column("meter"), n, _TOKENS), '"', _field("model", column("model"), n),
+                  _field("provider", column("provider"), n), ',"input_tokens":', count("input_tokens"),
+                  ',"output_tokens":', count("output_tokens"), ',"cached_input_tokens":', count("cached_input_tokens"),
+                  ',"quantity":"', pc.cast(pa.array(quantity, pa.int64()), pa.string()), '"',
+                  _field("unit", column("unit"), n), "}"]  # fmt: skip
+    # scalars ("" included) next to arrays: Arrow broadcasts them
+    joined = pc.binary_join_element_wise(*[p if not isinstance(p, str) else pa.scalar(p, pa.string()) for p in parts], "")
+    return pc.cast(joined, pa.binary()).to_pylist()  # type: ignore[no-any-return]
