@@ -32,7 +32,9 @@ says so in the report.
 from __future__ import annotations
 
 import csv
+import functools
 import gc
+import io
 import multiprocessing
 import os
 import re
@@ -48,7 +50,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import orjson
 from confluent_kafka import KafkaError, Message, Producer
@@ -270,9 +272,11 @@ def scan(
     default: tests stop it with time-machine) or one behind it, so that what the fast path
     accepts the model accepts too (the model reads the same clock later).
 
-    A JSON Lines file larger than a few chunks is validated by ``workers`` processes
-    (default: one per core, at most 4), each taking whole lines of a byte range;
-    the results are merged in file order, so they are what one process finds.
+    A file of more than one chunk (4 MB of JSON Lines or CSV, 50,000 Parquet rows) is
+    validated by ``workers`` processes (default: one per core, at most 4), each taking
+    whole lines of a byte range (a Parquet range of rows); the results are merged in
+    file order, so they are what one process finds. A CSV file whose quoted value
+    spans a chunk boundary is scanned again in one process.
     """
     workers = workers if workers is not None else min(os.cpu_count() or 1, 4)
     now = clock()
@@ -287,15 +291,71 @@ def scan(
         with _gc_paused():
             if fmt == "jsonl":
                 _scan_chunks(result, workers, progress, now)
-            else:
-                result.spools = [result._spool_dir / "events.spool"]
-                with result.spools[0].open("wb", buffering=1 << 20) as spool:
-                    if not columns or not _scan_table_into(result, path, fmt, progress, spool, now):
-                        _scan_into(result, path, fmt, progress, spool)
+                return result
+            once = _ProgressOnce(progress) if progress is not None else None
+            if columns and workers > 1 and _scan_table_chunks(result, workers, once, now):
+                return result
+            result.spools = [result._spool_dir / "events.spool"]
+            with result.spools[0].open("wb", buffering=1 << 20) as spool:
+                if not columns or not _scan_table_into(result, path, fmt, once, spool, now):
+                    _scan_into(result, path, fmt, once, spool)
     except BaseException:
         result.discard_spool()
         raise
     return result
+
+
+def _scan_table_chunks(result: Scan, workers: int, progress: _ProgressOnce | None, now: datetime) -> bool:
+    """A CSV or Parquet file scanned by ``workers`` processes, chunk by chunk (False, nothing done: scan it
+    in one process — a file of one chunk, columns that cannot be read as columns, or a CSV value
+    with a line break across a chunk boundary)."""
+    try:
+        if result.fmt == "csv":
+            with result.path.open(newline="", encoding="utf-8") as handle:
+                if _csv_header(csv.reader(handle)) is None:
+                    return False
+        else:
+            import pyarrow.parquet as pq
+
+            _parquet_names(pq.ParquetFile(result.path))
+    except (LookupError, UnicodeDecodeError):
+        return False
+    assert result._spool_dir is not None
+    if len(_table_tasks(result.path, result.fmt, now, result._spool_dir)) < 2:
+        return False
+    try:
+        _scan_chunks(result, workers, progress, now)
+        return True
+    except _Unaligned:
+        pass
+    # start again in one process (the progress it reports again is not counted twice)
+    for spool in result.spools:
+        spool.unlink(missing_ok=True)
+    fresh = Scan(result.path, result.fmt)
+    for name in ("records", "valid", "bad", "repeated_lines", "customers_by_period", "first_at", "last_at", "spools"):
+        setattr(result, name, getattr(fresh, name))
+    if progress is not None:
+        progress.start_again()
+    return False
+
+
+class _ProgressOnce:
+    """A progress callback that reports each record once when a scan starts again from the top."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.reported = 0
+        self.again = 0
+
+    def __call__(self, n: int) -> None:
+        skip = min(self.again, n)
+        self.again -= skip
+        if n - skip:
+            self.reported += n - skip
+            self.progress(n - skip)
+
+    def start_again(self) -> None:
+        self.again = self.reported
 
 
 @contextmanager
@@ -472,6 +532,11 @@ def _attributes_cell(value: Any) -> Any:
     return value
 
 
+#: ``(column names, record numbers, rows, columns)``: a batch of a CSV file as rows (``columns`` None),
+#: of a Parquet file as columns (``rows`` None: made only for the records the column checks leave).
+_Batch = tuple[list[str], list[int], "list[list[Any] | _TooMany] | None", "list[list[Any]] | None"]
+
+
 class _TooMany:
     """A CSV row with more cells than the header has columns."""
 
@@ -479,7 +544,7 @@ class _TooMany:
         self.extra = extra
 
 
-def _table_batches(path: Path, fmt: Format) -> Iterator[tuple[list[str], list[int], list[list[Any] | _TooMany]]]:
+def _table_batches(path: Path, fmt: Format) -> Iterator[_Batch]:
     """``(column names, record numbers, rows)`` in batches; numbers as :func:`iter_events` gives them.
 
     Raises :class:`LookupError` before the first batch when the columns cannot be read as
@@ -488,44 +553,61 @@ def _table_batches(path: Path, fmt: Format) -> Iterator[tuple[list[str], list[in
     if fmt == "csv":
         with path.open(newline="", encoding="utf-8") as handle:
             reader = csv.reader(handle)
-            header = next(reader, None)
-            if header is None:
-                return
-            if len(set(header)) != len(header) or "" in header:
-                raise LookupError("CSV header with repeated or empty names")
-            width = len(header)
-            numbers: list[int] = []
-            rows: list[list[Any] | _TooMany] = []
-            # iter_events' numbering: a row is numbered one after the line the previous row ended
-            # on (csv.DictReader skips empty rows; tests/unit/test_ingest_fuzz.py checks both agree)
-            start = 2
-            for row in reader:
-                if not row:
-                    continue
-                numbers.append(start)
-                start = reader.line_num + 1
-                if len(row) != width:
-                    rows.append(_TooMany(len(row) - width) if len(row) > width else row + [""] * (width - len(row)))
-                else:
-                    rows.append(row)
-                if len(rows) == _TABLE_BATCH:
-                    yield header, numbers, rows
-                    numbers, rows = [], []
-            if rows:
-                yield header, numbers, rows
+            header = _csv_header(reader)
+            if header is not None:
+                yield from _csv_batches(reader, header, 2)
     else:
         import pyarrow.parquet as pq
 
         parquet = pq.ParquetFile(path)
-        names = parquet.schema_arrow.names
-        if len(set(names)) != len(names):
-            raise LookupError("Parquet columns with repeated names")
+        names = _parquet_names(parquet)
         number = 0
         for batch in parquet.iter_batches(batch_size=_TABLE_BATCH):
-            cols = [batch.column(i).to_pylist() for i in range(batch.num_columns)]
-            rows_ = [list(r) for r in zip(*cols, strict=True)] if cols else [[] for _ in range(batch.num_rows)]
-            yield names, list(range(number + 1, number + 1 + batch.num_rows)), rows_  # type: ignore[misc]
+            yield _parquet_batch(names, number, batch)
             number += batch.num_rows
+
+
+def _csv_header(reader: Any) -> list[str] | None:
+    header: list[str] | None = next(reader, None)
+    if header is not None and (len(set(header)) != len(header) or "" in header):
+        raise LookupError("CSV header with repeated or empty names")
+    return header
+
+
+def _csv_batches(reader: Any, header: list[str], start: int) -> Iterator[_Batch]:
+    """The rows of a ``csv.reader`` after its header, numbered from ``start`` as :func:`iter_events` numbers them."""
+    width = len(header)
+    numbers: list[int] = []
+    rows: list[list[Any] | _TooMany] = []
+    # iter_events' numbering: a row is numbered one after the line the previous row ended
+    # on (csv.DictReader skips empty rows; tests/unit/test_ingest_fuzz.py checks both agree)
+    for row in reader:
+        if not row:
+            continue
+        numbers.append(start)
+        start = reader.line_num + 1
+        if len(row) != width:
+            rows.append(_TooMany(len(row) - width) if len(row) > width else row + [""] * (width - len(row)))
+        else:
+            rows.append(row)
+        if len(rows) == _TABLE_BATCH:
+            yield header, numbers, rows, None
+            numbers, rows = [], []
+    if rows:
+        yield header, numbers, rows, None
+
+
+def _parquet_names(parquet: Any) -> list[str]:
+    names: list[str] = parquet.schema_arrow.names
+    if len(set(names)) != len(names):
+        raise LookupError("Parquet columns with repeated names")
+    return names
+
+
+def _parquet_batch(names: list[str], before: int, batch: Any) -> _Batch:
+    """One Arrow record batch as columns, numbered from ``before + 1``."""
+    cols = [batch.column(i).to_pylist() for i in range(batch.num_columns)]
+    return names, list(range(before + 1, before + 1 + batch.num_rows)), None, cols
 
 
 def _scan_table_into(result: Scan, path: Path, fmt: Format, progress: Progress | None, spool: Any,
@@ -536,20 +618,41 @@ def _scan_table_into(result: Scan, path: Path, fmt: Format, progress: Progress |
         first = next(batches, None)
     except LookupError:
         return False
+    _scan_batches(result, _chain(first, batches), fmt, progress, spool, now)
+    return True
+
+
+def _scan_batches(result: Scan, batches: Iterator[_Batch],
+                  fmt: Format, progress: Progress | None, spool: Any, now: datetime,
+                  kept: dict[str, Any] | None = None) -> None:  # fmt: skip
+    """Validate batches of table rows as columns into ``result`` and spool the valid first-seen ones.
+
+    ``kept`` (a chunk's scan, :func:`_scan_table_chunk`) gets the hash key and number of every
+    spooled record in order (``keys``, ``lines``) and, if it has them, their ``customers`` and
+    ``instants``.
+    """
     seen: set[int] = set()
     from_row = _from_row if fmt == "csv" else _from_parquet_row
-    for names, numbers, rows in _chain(first, batches):
-        plain = [i for i, row in enumerate(rows) if not isinstance(row, _TooMany)]
-        table = rows if len(plain) == len(rows) else [rows[i] for i in plain]
-        columns = {name: _cells(name, col) for name, col in zip(names, zip(*table, strict=True), strict=True)} \
-            if table and names else {}  # fmt: skip
-        got = columnar.accept(columns, len(table), none_is_absent=True, now=now, wire=True)
+    for names, numbers, rows, cols in batches:
+        if cols is not None:  # Parquet: every row has every column
+            plain: Sequence[int] = range(len(numbers))
+            columns = {name: _cells(name, col) for name, col in zip(names, cols, strict=True)} if numbers else {}
+        else:
+            assert rows is not None
+            plain = [i for i, row in enumerate(rows) if not isinstance(row, _TooMany)]
+            table = rows if len(plain) == len(rows) else [rows[i] for i in plain]
+            columns = {name: _cells(name, col) for name, col in zip(names, zip(*table, strict=True), strict=True)} \
+                if table and names else {}  # fmt: skip
+        got = columnar.accept(columns, len(plain), none_is_absent=True, now=now, wire=True)
         assert got.wire is not None
         # (record index in the batch, customer, event id, occurred_at, wire bytes) of the valid ones
         valid = list(zip([plain[r] for r in got.rows], got.customer_id, got.event_id, got.occurred_at, got.wire,
                          got.outcome, strict=True))  # fmt: skip
         bad: list[BadRecord] = []
-        if len(got.rows) != len(rows):
+        if len(got.rows) != len(numbers):
+            if rows is None:
+                assert cols is not None
+                rows = [list(r) for r in zip(*cols, strict=True)] if cols else [[] for _ in numbers]
             accepted = {plain[r] for r in got.rows}
             for i, row in enumerate(rows):
                 if i in accepted:
@@ -565,7 +668,7 @@ def _scan_table_into(result: Scan, path: Path, fmt: Format, progress: Progress |
                 valid.append((i, event.customer_id, event.event_id, event.occurred_at, event.wire_bytes(),
                               event.type == "outcome"))  # fmt: skip
             valid.sort(key=lambda v: v[0])
-        result.records += len(rows)
+        result.records += len(numbers)
         result.bad.extend(bad)
         keys = [hash(v[1:3]) for v in valid]
         distinct = set(keys)
@@ -583,10 +686,15 @@ def _scan_table_into(result: Scan, path: Path, fmt: Format, progress: Progress |
         if valid:
             spool.write(b"".join([_spool_record(v[1], v[2], v[5], v[4]) for v in valid]))
             _note_instants(result, [v[1] for v in valid], [v[3] for v in valid])
+            if kept is not None:
+                kept["keys"].extend([hash(v[1:3]) for v in valid])
+                kept["lines"].extend([numbers[v[0]] for v in valid])
+                if "customers" in kept:
+                    kept["customers"].extend([v[1] for v in valid])
+                    kept["instants"].extend([v[3] for v in valid])
         result.valid += len(valid)
         if progress is not None:
-            progress(len(rows))
-    return True
+            progress(len(numbers))
 
 
 def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
@@ -625,15 +733,34 @@ def _chunks(path: Path) -> list[tuple[int, int]]:
     return list(zip(bounds, bounds[1:], strict=False))
 
 
-def _scan_chunk(task: tuple[Path, int, int, datetime, Path]) -> dict[str, Any]:
-    """Validate the lines of one byte range (in a worker process) and spool the valid ones to ``spool``;
-    line numbers are local, from 1."""
+class _Task(NamedTuple):
+    """One chunk of a file for one scan process: a byte range (JSON Lines, CSV) or a row range (Parquet)."""
+
+    path: Path
+    fmt: Format
+    start: int
+    end: int
+    now: datetime
+    spool: Path
+    #: The file's last chunk (a CSV chunk that is not the last checks that it ends between records).
+    last: bool
+
+
+class _Unaligned(Exception):
+    """A CSV chunk boundary fell inside a quoted field: the file is scanned in one process."""
+
+
+def _scan_chunk(task: _Task) -> dict[str, Any]:
+    """Validate the records of one chunk (in a worker process) and spool the valid ones to ``task.spool``;
+    record numbers are local (see :func:`_scan_chunks`)."""
     with _gc_paused():
-        return _scan_chunk_unpaused(task)
+        if task.fmt == "jsonl":
+            return _scan_chunk_unpaused(task)
+        return _scan_table_chunk(task)
 
 
-def _scan_chunk_unpaused(task: tuple[Path, int, int, datetime, Path], details: bool = False) -> dict[str, Any]:
-    path, start, end, now, spool = task
+def _scan_chunk_unpaused(task: _Task, details: bool = False) -> dict[str, Any]:
+    path, _, start, end, now, spool, _ = task
     with path.open("rb") as handle:
         handle.seek(start)
         data = handle.read(end - start)
@@ -663,21 +790,167 @@ def _scan_chunk_unpaused(task: tuple[Path, int, int, datetime, Path], details: b
     return chunk
 
 
+def _table_chunk_batches(task: _Task, csv_chunk: _CsvChunk | None = None) -> Iterator[_Batch]:
+    """The rows of one chunk of a CSV or Parquet file, numbered locally (see :func:`_scan_chunks`)."""
+    if task.fmt == "csv":
+        assert csv_chunk is not None
+        if task.start == 0:
+            header = _csv_header(csv_chunk)
+            if header is not None:
+                yield from _csv_batches(csv_chunk, header, 2)
+            return
+        with task.path.open(newline="", encoding="utf-8") as handle:
+            header = _csv_header(csv.reader(handle))
+        assert header is not None
+        yield from _csv_batches(csv_chunk, header, 1)
+        return
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(task.path)
+    names = _parquet_names(parquet)
+    groups: list[int] = []
+    first = row = 0
+    for g in range(parquet.metadata.num_row_groups):
+        rows = parquet.metadata.row_group(g).num_rows
+        if row < task.end and row + rows > task.start:
+            first = first if groups else row
+            groups.append(g)
+        row += rows
+    if not groups:
+        return
+    table = parquet.read_row_groups(groups, use_threads=False).slice(task.start - first, task.end - task.start)
+    before = 0
+    for batch in table.to_batches(max_chunksize=_TABLE_BATCH):
+        yield _parquet_batch(names, before, batch)
+        before += batch.num_rows
+
+
+def _scan_table_chunk(task: _Task, details: bool = False) -> dict[str, Any]:
+    """One chunk of a CSV or Parquet file validated as :func:`_scan_table_into` does, into ``task.spool``."""
+    partial = Scan(task.path, task.fmt)
+    kept: dict[str, Any] = {"keys": array("q"), "lines": array("q")}
+    if details:
+        kept |= {"customers": [], "instants": []}
+    csv_chunk = None
+    if task.fmt == "csv":
+        with task.path.open("rb") as handle:
+            handle.seek(task.start)
+            csv_chunk = _CsvChunk(handle.read(task.end - task.start).decode("utf-8"), task.last)
+    with task.spool.open("wb", buffering=1 << 20) as spool:
+        _scan_batches(partial, _table_chunk_batches(task, csv_chunk), task.fmt, None, spool, task.now, kept)
+    if csv_chunk is not None and not csv_chunk.aligned:
+        raise _Unaligned(f"a quoted field spans the CSV chunk boundary at byte {task.end}")
+    chunk: dict[str, Any] = {
+        "records": partial.records, "bad": [(b.line, b.reason) for b in partial.bad],
+        "repeated": sorted(partial.repeated_lines), **kept,
+        "newlines": csv_chunk.lines if csv_chunk is not None else task.end - task.start,
+        "row_end": csv_chunk.row_end if csv_chunk is not None else 0,
+        "customers_by_period": dict(partial.customers_by_period), "first": partial.first_at, "last": partial.last_at,
+    }  # fmt: skip
+    return chunk
+
+
+#: A line after a CSV chunk: read as a row of its own only if the chunk ends between records.
+_CHUNK_END = "\ufdd0meterstream: end of chunk\ufdd0"
+
+
+class _CsvChunk:
+    """A ``csv.reader`` over one chunk of a CSV file (whole lines, decoded), for :func:`_csv_batches`.
+
+    A chunk that is not the file's last is read with one more line, :data:`_CHUNK_END`: if
+    the chunk ends between records that line is a row of its own (dropped, ``aligned``);
+    if it ends inside a quoted field (a value with a line break across the boundary) the
+    line is read into that field, and the chunk is ``aligned = False``. ``lines`` is how
+    many lines the chunk has and ``row_end`` the line its last row ended on, as
+    ``csv.reader`` counts them.
+    """
+
+    def __init__(self, text: str, last: bool) -> None:
+        self._check = not last
+        self._past_end = False
+        self.reader = csv.reader(self._lines(io.StringIO(text, newline="")))
+        self.aligned = last
+        self.lines = 0
+        self.row_end = 0
+
+    def _lines(self, lines: Iterator[str]) -> Iterator[str]:
+        yield from lines
+        if self._check:
+            self._past_end = True
+            yield _CHUNK_END + "\n"
+
+    @property
+    def line_num(self) -> int:
+        return int(self.reader.line_num)
+
+    def __iter__(self) -> Iterator[list[str]]:
+        reader = self.reader
+        for row in reader:
+            if self._past_end:
+                self.aligned = row == [_CHUNK_END]
+                self.lines = reader.line_num - 1
+                return
+            if row:
+                self.row_end = reader.line_num
+            yield row
+        self.lines = reader.line_num
+
+    def __next__(self) -> list[str]:  # the header
+        return next(iter(self))
+
+
+def _table_tasks(path: Path, fmt: Format, now: datetime, spool_dir: Path) -> list[_Task]:
+    """The chunks of a file: byte ranges of whole lines (JSON Lines, CSV), row ranges (Parquet)."""
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        ranges: list[tuple[int, int]] = []
+        row = 0
+        metadata = pq.ParquetFile(path).metadata
+        for g in range(metadata.num_row_groups):
+            rows = metadata.row_group(g).num_rows
+            # each piece decodes its whole row group: a big group is cut in at most 4 pieces
+            pieces = max(1, min(4, rows // _TABLE_BATCH))
+            cuts = [row + rows * i // pieces for i in range(pieces + 1)]
+            ranges.extend(zip(cuts, cuts[1:], strict=False))
+            row += rows
+    else:
+        ranges = _chunks(path)
+    return [_Task(path, fmt, a, b, now, spool_dir / f"chunk-{i:06d}.spool", i == len(ranges) - 1)
+            for i, (a, b) in enumerate(ranges)]  # fmt: skip
+
+
+def _number(offset: int, first: int, n: int) -> int:
+    """A chunk's local record number ``n`` in the file (``first``: the number of its local 1)."""
+    return first if n == 1 else offset + n
+
+
 def _scan_chunks(result: Scan, workers: int, progress: Progress | None, now: datetime) -> None:
-    """A JSON Lines file validated chunk by chunk (by ``workers`` processes when it is big), merged in file order."""
+    """A file validated chunk by chunk (by ``workers`` processes when it has more than one), merged in file order.
+
+    A chunk numbers its records locally: JSON Lines by line from 1, Parquet by row from 1,
+    CSV by line from 1 (the first chunk: as the whole file, its header on line 1) with a
+    chunk's first row numbered one after the line the previous chunk's last row ended on,
+    as ``csv.reader`` over the whole file numbers it. Raises :class:`_Unaligned` when a CSV
+    chunk boundary falls inside a quoted field.
+    """
     assert result._spool_dir is not None
     seen: set[int] = set()
-    offset = 0  # lines before the chunk
-    tasks = [(result.path, a, b, now, result._spool_dir / f"chunk-{i:06d}.spool") for i, (a, b) in enumerate(_chunks(result.path))]
-    result.spools = [task[4] for task in tasks]
+    offset = 0  # lines (rows) before the chunk
+    carried = 2  # CSV: the number of a chunk's first row
+    tasks = _table_tasks(result.path, result.fmt, now, result._spool_dir)
+    result.spools = [task.spool for task in tasks]
     pool = None
-    if workers > 1 and len(tasks) > 2:
+    if workers > 1 and len(tasks) > 1:
         # fork: the children share this process's str hash seed, so their keys hash as ours do
-        pool = multiprocessing.get_context("fork").Pool(workers)
+        pool = multiprocessing.get_context("fork").Pool(min(workers, len(tasks)))
     try:
         for index, chunk in enumerate(pool.imap(_scan_chunk, tasks) if pool is not None else map(_scan_chunk, tasks)):
+            number = functools.partial(_number, offset, carried if result.fmt == "csv" and offset else offset + 1)
+
             result.records += chunk["records"]
-            result.bad.extend(BadRecord(offset + n, reason) for n, reason in chunk["bad"])
+            result.bad.extend(BadRecord(number(n), reason) for n, reason in chunk["bad"])
+            result.repeated_lines.update(map(number, chunk.get("repeated", ())))
             keys = chunk["keys"]
             distinct = set(keys)
             if len(distinct) == len(keys) and seen.isdisjoint(distinct):
@@ -691,22 +964,25 @@ def _scan_chunks(result: Scan, workers: int, progress: Progress | None, now: dat
                     result.last_at = chunk["last"]
             else:
                 # a repeat: this chunk again here, with its events' customers and instants (rare)
-                detail = _scan_chunk_unpaused(tasks[index], details=True)
+                task = tasks[index]
+                detail = _scan_chunk_unpaused(task, details=True) if task.fmt == "jsonl" \
+                    else _scan_table_chunk(task, details=True)  # fmt: skip
                 customers, instants = detail["customers"], detail["instants"]
                 first_seen = []
-                for i, (key, number) in enumerate(zip(keys, chunk["lines"], strict=True)):
+                for i, (key, n) in enumerate(zip(keys, chunk["lines"], strict=True)):
                     if key in seen:
-                        result.repeated_lines.add(offset + number)
+                        result.repeated_lines.add(number(n))
                     else:
                         seen.add(key)
                         first_seen.append(i)
                 customers, instants = [customers[i] for i in first_seen], [instants[i] for i in first_seen]
-                spool = result.spools[index]
-                records = spool.read_bytes().splitlines(keepends=True)
-                spool.write_bytes(b"".join([records[i] for i in first_seen]))  # repeats are sent once
+                records = task.spool.read_bytes().split(b"\n")[:-1]  # one record a line (a value may hold \r)
+                task.spool.write_bytes(b"".join([records[i] + b"\n" for i in first_seen]))  # repeats are sent once
                 result.valid += len(customers)
                 if customers:
                     _note_instants(result, customers, instants)
+            if chunk.get("row_end"):
+                carried = offset + chunk["row_end"] + 1
             offset += chunk["newlines"]
             if progress is not None:
                 progress(chunk["records"])

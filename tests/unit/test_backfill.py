@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -159,6 +160,8 @@ def test_the_parallel_scan_finds_what_one_process_finds(tmp_path, monkeypatch):
             lines.append(_line(event_id=f"e{i - 300 if i > 300 else i}"))  # repeats an earlier line, far back
         elif i % 113 == 0:
             lines.append("")
+        elif i % 31 == 2:
+            lines.append(_line(event_id=f"e{i}").replace(", ", ",\r", 1))  # JSON whitespace: a CR inside the line
         else:
             lines.append(_line(event_id=f"e{i}", customer_id=f"c{i % 7}",
                                occurred_at=f"2026-{9 + i % 2:02d}-0{1 + i % 9}T10:00:00Z"))  # fmt: skip
@@ -176,6 +179,97 @@ def test_the_parallel_scan_finds_what_one_process_finds(tmp_path, monkeypatch):
     sent = [raw.strip() for n, raw in enumerate(path.read_bytes().split(b"\n"), 1)
             if raw.strip() and n not in per_event.bad_lines | per_event.repeated_lines]  # fmt: skip
     assert [value for *_, value in many.spooled()] == [value for *_, value in one.spooled()] == sent
+
+
+def _table_rows(n: int) -> list[list[str]]:
+    """CSV-like rows of n records: bad cells, repeats far back, hostile quoting (no line break inside a value)."""
+    rows = []
+    for i in range(n):
+        source, tokens, attributes = i, str(100 + i), ""
+        if i % 97 == 5:
+            tokens = "-1"  # bad
+        elif i % 50 == 7 and i > 300:
+            source = i - 300  # repeats an earlier row's (customer, event id), far back
+        elif i % 41 == 3:
+            attributes = json.dumps({"note": 'a "quoted", comma', "n": i})
+        rows.append([f"e{source}", f"c{source % 7}", f"2026-{9 + i % 2:02d}-0{1 + i % 9}T10:00:00Z", "gpt-4o", tokens,
+                     "10", attributes])  # fmt: skip
+    return rows
+
+
+_TABLE_HEADER = ["event_id", "customer_id", "occurred_at", "model", "input_tokens", "output_tokens", "attributes"]
+
+
+def _scans_of(path: Path, fmt: str) -> list[backfill.Scan]:
+    """The file scanned by two processes, by one, and per event (every record through the model)."""
+    return [backfill.scan(path, fmt, workers=2), backfill.scan(path, fmt, workers=1),  # type: ignore[arg-type]
+            backfill.scan(path, fmt, columns=False, workers=1)]  # type: ignore[arg-type]  # fmt: skip
+
+
+def _assert_same(many: backfill.Scan, *others: backfill.Scan) -> None:
+    assert many.bad and many.repeated_lines
+    for other in others:
+        for name in ("records", "valid", "bad", "repeated_lines", "first_at", "last_at"):
+            assert getattr(many, name) == getattr(other, name), name
+        assert dict(many.customers_by_period) == dict(other.customers_by_period)
+        assert list(many.spooled()) == list(other.spooled())  # the bytes the send produces, in order
+
+
+def test_the_parallel_csv_scan_finds_what_one_process_finds(tmp_path, monkeypatch):
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)  # \r\n line ends, as Excel writes them
+    writer.writerow(_TABLE_HEADER)
+    for i, row in enumerate(_table_rows(900)):
+        if i % 61 == 9:
+            row = [*row, "extra"]  # more cells than the header has columns
+        elif i % 67 == 4:
+            row = row[:5]  # fewer: the rest are empty
+        elif i % 11 == 1:
+            row[4] = "x"  # bad, after 60 blank lines: its number is the line after the previous row's
+        writer.writerow(row)
+        if i % 5 == 2 or i % 11 == 0:  # blank lines, numbered as csv.reader over the whole file counts them
+            buffer.write("\r\n" * (1 + i % 3 if i % 11 else 60))
+    path = tmp_path / "big.csv"
+    data = buffer.getvalue().encode()
+    path.write_bytes(data[:-2])  # no line end at the end
+    # chunks of about 4 KB, the first ending inside a run of blank lines
+    monkeypatch.setattr(backfill, "_CHUNK_BYTES", data.index(b"\r\n" * 60, 3000) + 40)
+    chunks = backfill._chunks(path)
+    assert len(chunks) > 10
+    assert any(data[a - 4:a] == b"\r\n\r\n" for a, _ in chunks[1:]), "a chunk ending with a blank line"
+    many, one, per_event = _scans_of(path, "csv")
+    assert len(many.spools) == len(chunks)  # scanned in chunks
+    _assert_same(many, one, per_event)
+
+
+def test_a_csv_value_with_a_line_break_across_a_chunk_boundary_is_scanned_in_one_process(tmp_path, monkeypatch):
+    monkeypatch.setattr(backfill, "_CHUNK_BYTES", 4096)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(_TABLE_HEADER)
+    for i, row in enumerate(_table_rows(400)):
+        writer.writerow([*row[:6], json.dumps({"n": i}, indent=1)])  # attributes on three lines: every record spans them
+    path = tmp_path / "multiline.csv"
+    path.write_text(buffer.getvalue(), newline="")
+    reported: list[int] = []
+    many = backfill.scan(path, "csv", reported.append, workers=2)
+    assert [s.name for s in many.spools] == ["events.spool"]  # started again in one process
+    assert sum(reported) == many.records == 400  # each record reported once
+    _assert_same(many, *_scans_of(path, "csv")[1:])
+
+
+def test_the_parallel_parquet_scan_finds_what_one_process_finds(tmp_path, monkeypatch):
+    monkeypatch.setattr(backfill, "_TABLE_BATCH", 20)  # a row group of 50 rows is scanned in two pieces
+    rows = _table_rows(900)
+    columns = {name: [r[i] for r in rows] for i, name in enumerate(_TABLE_HEADER)}
+    columns["input_tokens"] = [int(v) for v in columns["input_tokens"]]
+    columns["attributes"] = [v or None for v in columns["attributes"]]
+    path = tmp_path / "big.parquet"
+    pq.write_table(pa.table(columns), path, row_group_size=50)
+    assert len(backfill._table_tasks(path, "parquet", NOW, tmp_path)) == 36
+    many, one, per_event = _scans_of(path, "parquet")
+    assert len(many.spools) == 36
+    _assert_same(many, one, per_event)
 
 
 def test_events_the_broker_never_confirms_are_reported_by_id(tmp_path):
