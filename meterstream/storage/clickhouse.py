@@ -87,6 +87,10 @@ _RETRYABLE_CODES = frozenset({3, 159, 202, 203, 209, 210, 236, 241, 242, 252, 31
 _ACCESS_CODES = frozenset({164, 192, 193, 194, 195, 497, 516})
 
 
+#: UNKNOWN_TABLE, UNKNOWN_DATABASE: the schema was never applied to this server (or another database is named)
+_SCHEMA_MISSING_CODES = frozenset({60, 81})
+
+
 def classify_error(exc: BaseException, statement: str, where: str = "the ClickHouse server") -> StoreError:
     """Map a clickhouse-connect exception to the store's error classes, once, at the storage edge.
 
@@ -105,7 +109,8 @@ def classify_error(exc: BaseException, statement: str, where: str = "the ClickHo
                                 f"and password and the user's grants")
     if code is None or code in _RETRYABLE_CODES or isinstance(exc, (OperationalError, OSError)):
         return StoreError(f"{where} is unavailable ({reason})")
-    return StoreStatementError(f"statement failed, not retried: {first_line!r}: {reason}", first_line)
+    hint = "; the store is not set up: run `meterstream migrate`" if code in _SCHEMA_MISSING_CODES else ""
+    return StoreStatementError(f"statement failed, not retried: {first_line!r}: {reason}{hint}", first_line)
 
 
 def _code_from_message(message: str) -> int | None:

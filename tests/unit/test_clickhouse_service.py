@@ -116,5 +116,10 @@ def test_errors_are_told_apart_unavailable_access_statement():
     missing = classify_error(DatabaseError("Code: 60. Unknown table 'usage_rated'"), "INSERT INTO usage_rated")
     assert isinstance(missing, StoreStatementError) and not missing.retryable
     assert missing.statement == "INSERT INTO usage_rated" and "INSERT INTO usage_rated" in str(missing)
+    assert str(missing).endswith("the store is not set up: run `meterstream migrate`")
+    no_database = classify_error(DatabaseError("Code: 81. Database meterstream does not exist. (UNKNOWN_DATABASE)"),
+                                 "SELECT 1")  # fmt: skip
+    assert "run `meterstream migrate`" in str(no_database)
     syntax = classify_error(DatabaseError("Code: 62. Syntax error", code=62), "SELEC 1\nFROM t")
     assert isinstance(syntax, StoreStatementError) and syntax.statement == "SELEC 1 FROM t"
+    assert "migrate" not in str(syntax)
