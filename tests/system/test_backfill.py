@@ -83,6 +83,10 @@ def test_worked_example_dry_run_then_import(pipeline_factory, tmp_path):
     assert sent.returncode == 0, sent.stderr
     report = json.loads(sent.stdout)
     assert report["sent"] == report["delivered"] == 160 and report["failed"] == 0
+    # the speed reported is the whole import's, not the send's alone
+    assert set(report["seconds_by_pass"]) == {"validate", "stored_ids", "send"}
+    assert report["seconds"] >= sum(report["seconds_by_pass"].values()) - 0.002
+    assert abs(report["events_per_second"] - 160 / report["seconds"]) <= 1
     pipeline.wait_processed(160)
     open_periods = sorted({before, current_period()})  # two only if a month turned meanwhile
 
