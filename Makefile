@@ -64,14 +64,22 @@ demo: $(STAMP)
 	exit $$rc
 
 # The whole suite: starts the local broker and ClickHouse server, runs unit and integration
-# tests, and stops again whichever of the two this run started.
+# tests, and stops again whichever of the two this run started. The unit tier (pure, CPU-bound)
+# is spread over the cores; the store and system tiers, which start workers and kill processes
+# and time their recovery, run one test at a time. With PYTEST_ARGS, one run of what they name.
 test: $(STAMP) browser kcat redis
 	@started=; \
 	for svc in kafka clickhouse; do \
 	  $(BIN)/meterstream services status $$svc >/dev/null 2>&1 || started="$$started $$svc"; \
 	done; \
 	$(BIN)/meterstream services up || exit 1; \
-	$(BIN)/python -m pytest -ra --durations=25 $(PYTEST_ARGS); rc=$$?; \
+	if [ -n "$(PYTEST_ARGS)" ]; then \
+	  $(BIN)/python -m pytest -ra --durations=25 $(PYTEST_ARGS); rc=$$?; \
+	else \
+	  $(BIN)/python -m pytest -ra --durations=15 -n auto tests/unit; rc=$$?; \
+	  $(BIN)/python -m pytest -ra --durations=25 --ignore=tests/unit; rc2=$$?; \
+	  [ $$rc -eq 0 ] && rc=$$rc2; \
+	fi; \
 	if [ -n "$$started" ]; then $(BIN)/meterstream services down $$started; fi; \
 	exit $$rc
 

@@ -37,7 +37,6 @@ import gc
 import io
 import multiprocessing
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -413,7 +412,6 @@ def _scan_into(result: Scan, path: Path, fmt: Format, progress: Progress | None,
 _MIN_GROUP = 16
 #: Rows of a CSV or Parquet file validated as one batch of columns.
 _TABLE_BATCH = 50_000
-_ASCII_DIGIT_LINES = re.compile(r"[0-9]+(?:\n[0-9]+)*")
 #: A cell the fast path must not accept (unreadable attributes): the model gives the reason.
 _UNREADABLE = object()
 
@@ -505,7 +503,7 @@ def _cells(name: str, values: Sequence[Any]) -> list[Any]:
     becomes :data:`_UNREADABLE`, which the fast path does not accept (the model then says why).
     """
     if name in _INT_COLUMNS:
-        if set(map(type, values)) == {str} and _ASCII_DIGIT_LINES.fullmatch("\n".join(values)):
+        if set(map(type, values)) == {str} and all(values) and _ascii_digits("".join(values)):
             return list(map(int, values))  # a CSV column of whole numbers, every cell given
         return [None if v is None or v == "" else int(v) if type(v) is str and v.isascii() and v.isdigit() else v
                 for v in values]  # fmt: skip
@@ -514,6 +512,10 @@ def _cells(name: str, values: Sequence[Any]) -> list[Any]:
     if set(map(type, values)) == {str}:
         return [v or None for v in values]  # CSV: only "" is false
     return [None if v is None or v == "" else v for v in values]
+
+
+def _ascii_digits(text: str) -> bool:
+    return text.isascii() and text.isdigit()
 
 
 def _attributes_cell(value: Any) -> Any:
@@ -818,11 +820,18 @@ def _table_chunk_batches(task: _Task, csv_chunk: _CsvChunk | None = None) -> Ite
         row += rows
     if not groups:
         return
-    table = parquet.read_row_groups(groups, use_threads=False).slice(task.start - first, task.end - task.start)
-    before = 0
-    for batch in table.to_batches(max_chunksize=_TABLE_BATCH):
-        yield _parquet_batch(names, before, batch)
-        before += batch.num_rows
+    # streamed from the start of the first row group the range reaches (one batch in memory)
+    number, high = 0, first  # rows yielded; the file row after the batch
+    for batch in parquet.iter_batches(batch_size=_TABLE_BATCH, row_groups=groups, use_threads=False):
+        low, high = high, high + batch.num_rows
+        if high <= task.start:
+            continue
+        if low >= task.end:
+            break
+        start = max(task.start, low)
+        piece = batch.slice(start - low, min(task.end, high) - start)
+        yield _parquet_batch(names, number, piece)
+        number += piece.num_rows
 
 
 def _scan_table_chunk(task: _Task, details: bool = False) -> dict[str, Any]:

@@ -399,7 +399,7 @@ def _wire(outcome: bool, column: Callable[[str], list[Any] | None], occurred: li
         return []
     # pydantic writes a UTC datetime with microseconds when there are any: .123 -> .123000, .000 -> none
     at = pa.array(occurred, pa.string())
-    if any(len(t) != 20 for t in occurred):
+    if set(map(len, occurred)) != {20}:
         at = pc.replace_substring_regex(at, r"\.000Z$", "Z")
         at = pc.replace_substring_regex(at, r"(\.[0-9]{3})Z$", r"\1000Z")
     parts: list[Any] = ['{"schema_version":1,"event_id":"', _text(column("event_id"), n, None), '","customer_id":"',
