@@ -647,15 +647,16 @@ def _scan_batches(result: Scan, batches: Iterator[_Batch],
                 if table and names else {}  # fmt: skip
         got = columnar.accept(columns, len(plain), none_is_absent=True, now=now, wire=True)
         assert got.wire is not None
-        # (record index in the batch, customer, event id, occurred_at, wire bytes) of the valid ones
-        valid = list(zip([plain[r] for r in got.rows], got.customer_id, got.event_id, got.occurred_at, got.wire,
-                         got.outcome, strict=True))  # fmt: skip
+        # the valid records as columns: index in the batch, customer, event id, occurred_at, wire bytes, outcome
+        valid: list[Any] = [[plain[r] for r in got.rows] if len(plain) != len(got.rows) or cols is None
+                            else list(plain), got.customer_id, got.event_id, got.occurred_at, got.wire, got.outcome]  # fmt: skip
         bad: list[BadRecord] = []
         if len(got.rows) != len(numbers):
             if rows is None:
                 assert cols is not None
                 rows = [list(r) for r in zip(*cols, strict=True)] if cols else [[] for _ in numbers]
             accepted = {plain[r] for r in got.rows}
+            more = []
             for i, row in enumerate(rows):
                 if i in accepted:
                     continue
@@ -667,34 +668,39 @@ def _scan_batches(result: Scan, batches: Iterator[_Batch],
                 except (ValidationError, ValueError) as exc:
                     bad.append(BadRecord(numbers[i], _reason(exc)))
                     continue
-                valid.append((i, event.customer_id, event.event_id, event.occurred_at, event.wire_bytes(),
-                              event.type == "outcome"))  # fmt: skip
-            valid.sort(key=lambda v: v[0])
+                more.append((i, event.customer_id, event.event_id, event.occurred_at, event.wire_bytes(),
+                             event.type == "outcome"))  # fmt: skip
+            if more:
+                merged = sorted([*zip(*valid, strict=True), *more], key=lambda v: v[0])
+                valid = [list(column) for column in zip(*merged, strict=True)]
         result.records += len(numbers)
         result.bad.extend(bad)
-        keys = [hash(v[1:3]) for v in valid]
+        positions, customers, event_ids, instants, wires, outcomes = valid if valid[0] else ([],) * 6
+        keys = list(map(hash, zip(customers, event_ids, strict=True)))
         distinct = set(keys)
         if len(distinct) != len(keys) or not seen.isdisjoint(distinct):
             first_seen = []
-            for key, v in zip(keys, valid, strict=True):
+            for i, key in enumerate(keys):
                 if key in seen:
-                    result.repeated_lines.add(numbers[v[0]])
+                    result.repeated_lines.add(numbers[positions[i]])
                 else:
                     seen.add(key)
-                    first_seen.append(v)
-            valid = first_seen
+                    first_seen.append(i)
+            keys = [keys[i] for i in first_seen]
+            positions, customers, event_ids, instants, wires, outcomes = (
+                [column[i] for i in first_seen] for column in (positions, customers, event_ids, instants, wires, outcomes))
         else:
             seen |= distinct
-        if valid:
-            spool.write(b"".join([_spool_record(v[1], v[2], v[5], v[4]) for v in valid]))
-            _note_instants(result, [v[1] for v in valid], [v[3] for v in valid])
+        if keys:
+            spool.write(b"".join(map(_spool_record, customers, event_ids, outcomes, wires)))
+            _note_instants(result, customers, instants)
             if kept is not None:
-                kept["keys"].extend([hash(v[1:3]) for v in valid])
-                kept["lines"].extend([numbers[v[0]] for v in valid])
+                kept["keys"].extend(keys)
+                kept["lines"].extend([numbers[i] for i in positions])
                 if "customers" in kept:
-                    kept["customers"].extend([v[1] for v in valid])
-                    kept["instants"].extend([v[3] for v in valid])
-        result.valid += len(valid)
+                    kept["customers"].extend(customers)
+                    kept["instants"].extend(instants)
+        result.valid += len(keys)
         if progress is not None:
             progress(len(numbers))
 
@@ -796,15 +802,20 @@ def _table_chunk_batches(task: _Task, csv_chunk: _CsvChunk | None = None) -> Ite
     """The rows of one chunk of a CSV or Parquet file, numbered locally (see :func:`_scan_chunks`)."""
     if task.fmt == "csv":
         assert csv_chunk is not None
+        plain = csv_chunk.plain_rows()
         if task.start == 0:
-            header = _csv_header(csv_chunk)
-            if header is not None:
-                yield from _csv_batches(csv_chunk, header, 2)
-            return
-        with task.path.open(newline="", encoding="utf-8") as handle:
-            header = _csv_header(csv.reader(handle))
-        assert header is not None
-        yield from _csv_batches(csv_chunk, header, 1)
+            header = _csv_header(iter(plain) if plain is not None else csv_chunk)
+            if header is None:
+                return
+        else:
+            with task.path.open(newline="", encoding="utf-8") as handle:
+                header = _csv_header(csv.reader(handle))
+            assert header is not None
+        start = 2 if task.start == 0 else 1
+        if plain is None:
+            yield from _csv_batches(csv_chunk, header, start)
+        else:
+            yield from csv_chunk.plain_batches(plain[1:] if task.start == 0 else plain, header, start)
         return
     import pyarrow.parquet as pq
 
@@ -875,12 +886,53 @@ class _CsvChunk:
     """
 
     def __init__(self, text: str, last: bool) -> None:
+        self.text = text
         self._check = not last
         self._past_end = False
         self.reader = csv.reader(self._lines(io.StringIO(text, newline="")))
         self.aligned = last
         self.lines = 0
         self.row_end = 0
+
+    def plain_rows(self) -> list[list[str]] | None:
+        """The chunk's rows (``[]`` for a blank line) when it has no quote character and no CR
+        other than in CRLF line ends, else None: then ``csv.reader`` reads each line as its
+        cells split at the commas, which ``str.split`` does without a Python step per row
+        (tests/unit/test_backfill.py checks the two agree on generated text)."""
+        text = self.text
+        if '"' in text or text.count("\r") != text.count("\r\n"):
+            return None
+        lines = text.replace("\r\n", "\n").split("\n")
+        if lines[-1] == "":
+            lines.pop()  # the last line's end
+        if lines and max(map(len, lines)) > csv.field_size_limit():
+            return None  # csv.reader refuses the file: the reader says so
+        self.lines = len(lines)
+        self.aligned = True
+        return [line.split(",") if line else [] for line in lines]
+
+    def plain_batches(self, rows: list[list[str]], header: list[str], start: int) -> Iterator[_Batch]:
+        """:func:`_csv_batches` of :meth:`plain_rows` (one line a row; the header's dropped)."""
+        first_line = self.lines - len(rows) + 1  # the line of rows[0]
+        if [] in rows:  # blank lines: numbered as csv.reader numbers the rows around them
+            numbers, kept = [], []
+            for line, row in enumerate(rows, first_line):
+                if row:
+                    numbers.append(start)
+                    start = line + 1
+                    kept.append(row)
+            rows, self.row_end = kept, start - 1 if kept else 0
+        elif rows:
+            numbers = [start, *range(first_line + 1, first_line + len(rows))]
+            self.row_end = first_line + len(rows) - 1
+        else:
+            numbers = []
+        width = len(header)
+        cells: list[list[Any] | _TooMany] = list(rows) if not rows or set(map(len, rows)) == {width} else [
+            row if len(row) == width else _TooMany(len(row) - width) if len(row) > width
+            else row + [""] * (width - len(row)) for row in rows]  # fmt: skip
+        for at in range(0, len(cells), _TABLE_BATCH):
+            yield header, numbers[at:at + _TABLE_BATCH], cells[at:at + _TABLE_BATCH], None
 
     def _lines(self, lines: Iterator[str]) -> Iterator[str]:
         yield from lines
