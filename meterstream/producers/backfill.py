@@ -320,7 +320,7 @@ def _scan_table_chunks(result: Scan, workers: int, progress: _ProgressOnce | Non
     except (LookupError, UnicodeDecodeError):
         return False
     assert result._spool_dir is not None
-    if len(_table_tasks(result.path, result.fmt, now, result._spool_dir)) < 2:
+    if len(_table_tasks(result.path, result.fmt, now, result._spool_dir, workers)) < 2:
         return False
     try:
         _scan_chunks(result, workers, progress, now)
@@ -722,17 +722,20 @@ def _note_instants(result: Scan, customers: list[str], instants: list[datetime])
         result.last_at = high
 
 
-#: Bytes of JSON Lines one scan task validates.
+#: Bytes of JSON Lines or CSV one scan task validates, at most; at least :data:`_MIN_CHUNK_BYTES`,
+#: else a quarter of a process's share of the file (so that the processes finish together).
 _CHUNK_BYTES = 4 * 1024 * 1024
+_MIN_CHUNK_BYTES = 1024 * 1024
 
 
-def _chunks(path: Path) -> list[tuple[int, int]]:
+def _chunks(path: Path, workers: int = 1) -> list[tuple[int, int]]:
     """Byte ranges of ``path`` that start at line starts."""
     size = path.stat().st_size
+    step = min(_CHUNK_BYTES, max(_MIN_CHUNK_BYTES, size // (4 * workers)))
     bounds = [0]
     with path.open("rb") as handle:
-        while bounds[-1] + _CHUNK_BYTES < size:
-            handle.seek(bounds[-1] + _CHUNK_BYTES)
+        while bounds[-1] + step < size:
+            handle.seek(bounds[-1] + step)
             handle.readline()  # to the start of the next line
             if handle.tell() >= size:
                 break
@@ -960,7 +963,7 @@ class _CsvChunk:
         return next(iter(self))
 
 
-def _table_tasks(path: Path, fmt: Format, now: datetime, spool_dir: Path) -> list[_Task]:
+def _table_tasks(path: Path, fmt: Format, now: datetime, spool_dir: Path, workers: int = 1) -> list[_Task]:
     """The chunks of a file: byte ranges of whole lines (JSON Lines, CSV), row ranges (Parquet)."""
     if fmt == "parquet":
         import pyarrow.parquet as pq
@@ -976,7 +979,7 @@ def _table_tasks(path: Path, fmt: Format, now: datetime, spool_dir: Path) -> lis
             ranges.extend(zip(cuts, cuts[1:], strict=False))
             row += rows
     else:
-        ranges = _chunks(path)
+        ranges = _chunks(path, workers)
     return [_Task(path, fmt, a, b, now, spool_dir / f"chunk-{i:06d}.spool", i == len(ranges) - 1)
             for i, (a, b) in enumerate(ranges)]  # fmt: skip
 
@@ -999,7 +1002,7 @@ def _scan_chunks(result: Scan, workers: int, progress: Progress | None, now: dat
     seen: set[int] = set()
     offset = 0  # lines (rows) before the chunk
     carried = 2  # CSV: the number of a chunk's first row
-    tasks = _table_tasks(result.path, result.fmt, now, result._spool_dir)
+    tasks = _table_tasks(result.path, result.fmt, now, result._spool_dir, workers)
     result.spools = [task.spool for task in tasks]
     pool = None
     if workers > 1 and len(tasks) > 1:
