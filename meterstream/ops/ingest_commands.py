@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -93,7 +94,7 @@ def import_command(
         started = time.perf_counter()
         try:
             scanned = backfill.scan(file, fmt_, _task(progress, "validating", None))
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
+        except (OSError, UnicodeDecodeError, ValueError, csv.Error) as exc:  # csv.Error: e.g. a cell over 128 KiB
             raise fail(f"cannot read {file}: {exc}") from None
         passes["validate"] = time.perf_counter() - started
         for bad in scanned.bad:

@@ -298,3 +298,20 @@ def test_events_the_broker_never_confirms_are_reported_by_id(tmp_path):
     assert len(sent.failed) == 160
     assert {event_id for event_id, _ in sent.failed} == {
         e.event_id for _, e in backfill.iter_events(EXAMPLE / "events.jsonl", "jsonl")}  # fmt: skip
+
+
+def test_a_csv_cell_over_the_reader_limit_is_a_clear_error_not_a_traceback(tmp_path):
+    from typer.testing import CliRunner
+
+    from meterstream.cli import app
+
+    path = tmp_path / "huge-cell.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(_TABLE_HEADER)
+        for i, row in enumerate(_table_rows(40_000)):  # a few chunks: the cell is in one the processes read
+            writer.writerow([*row[:6], "x" * 200_000] if i == 20_000 else row)
+    result = CliRunner().invoke(app, ["import", str(path), "--dry-run", "--no-progress"])
+    assert result.exit_code == 1, result.output
+    assert f"cannot read {path}: field larger than field limit (131072)" in result.output
+    assert "Traceback" not in result.output
