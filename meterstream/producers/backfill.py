@@ -1050,6 +1050,10 @@ def _scan_chunks(result: Scan, workers: int, progress: Progress | None, now: dat
             offset += chunk["newlines"]
             if progress is not None:
                 progress(chunk["records"])
+    except BaseException:  # a chunk that failed, Ctrl-C: the other processes stop now, not after their chunks
+        if pool is not None:
+            pool.terminate()
+        raise
     finally:
         if pool is not None:
             pool.close()
