@@ -77,7 +77,7 @@ test: $(STAMP) browser kcat redis
 	  $(BIN)/python -m pytest -ra --durations=25 $(PYTEST_ARGS); rc=$$?; \
 	else \
 	  $(BIN)/python -m pytest -ra --durations=15 -n auto tests/unit; rc=$$?; \
-	  $(BIN)/python -m pytest -ra --durations=25 --ignore=tests/unit; rc2=$$?; \
+	  $(BIN)/python -m pytest -ra --durations=25 tests/store tests/system; rc2=$$?; \
 	  [ $$rc -eq 0 ] && rc=$$rc2; \
 	fi; \
 	if [ -n "$$started" ]; then $(BIN)/meterstream services down $$started; fi; \
