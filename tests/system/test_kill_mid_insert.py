@@ -69,6 +69,16 @@ def _events(now: datetime) -> list[UsageEvent]:
     ]
 
 
+def _send_with_resends(pipeline, events: list[UsageEvent]) -> None:
+    """Every event, with RESENT client resends among the originals (each stored once); all delivered."""
+    with MeterClient(pipeline.kafka) as meter:
+        for i, event in enumerate(events):
+            meter.record(event)
+            if i % 13 == 0 and i // 13 < RESENT:
+                meter.record(events[i // 2])
+    assert meter.failed == 0
+
+
 def _lines(worker: WorkerProcess, text: str) -> int:
     try:
         return worker.log_path.read_text(errors="replace").count(text)
@@ -188,12 +198,7 @@ def test_sigkill_mid_insert_repeatedly_leaves_every_table_and_view_exact(pipelin
     events = _events(now)
     pipeline = pipeline_factory(budgets=BUDGETS, start=False)
     pipeline.env["METERSTREAM_WORKER__BATCH_SIZE"] = "150"
-    with MeterClient(pipeline.kafka) as meter:
-        for i, event in enumerate(events):
-            meter.record(event)
-            if i % 13 == 0 and i // 13 < RESENT:  # client resends among the originals: stored once
-                meter.record(events[i // 2])
-    assert meter.failed == 0
+    _send_with_resends(pipeline, events)
 
     # The tables first, with merges stopped: a ReplacingMergeTree merge would hide a doubled block,
     # and this test counts physical rows (the worker's own migrate finds them applied).
@@ -263,12 +268,7 @@ def test_clickhouse_server_sigkilled_mid_write_repeatedly_leaves_every_table_and
         pipeline.env["METERSTREAM_CLICKHOUSE__RETRY_BACKOFF_MAX"] = "1"
         events = _events(utc_now())
         try:
-            with MeterClient(pipeline.kafka) as meter:
-                for i, event in enumerate(events):
-                    meter.record(event)
-                    if i % 13 == 0 and i // 13 < RESENT:
-                        meter.record(events[i // 2])
-            assert meter.failed == 0
+            _send_with_resends(pipeline, events)
             setup = open_store(pipeline.clickhouse)
             try:
                 for table in TABLES:
