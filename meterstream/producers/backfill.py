@@ -271,11 +271,12 @@ def scan(
     default: tests stop it with time-machine) or one behind it, so that what the fast path
     accepts the model accepts too (the model reads the same clock later).
 
-    A file of more than one chunk (4 MB of JSON Lines or CSV, 50,000 Parquet rows) is
-    validated by ``workers`` processes (default: one per core, at most 4), each taking
-    whole lines of a byte range (a Parquet range of rows); the results are merged in
-    file order, so they are what one process finds. A CSV file whose quoted value
-    spans a chunk boundary is scanned again in one process.
+    A file of more than one chunk (1–4 MB of JSON Lines or CSV, see :func:`_chunks`; a
+    Parquet row group or a piece of one, see :func:`_table_tasks`) is validated by
+    ``workers`` processes (default: one per core, at most 4), each taking whole lines of
+    a byte range (a Parquet range of rows); the results are merged in file order, so
+    they are what one process finds. A CSV file whose quoted value spans a chunk
+    boundary is scanned again in one process.
     """
     workers = workers if workers is not None else min(os.cpu_count() or 1, 4)
     now = clock()
