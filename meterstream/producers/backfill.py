@@ -321,10 +321,11 @@ def _scan_table_chunks(result: Scan, workers: int, progress: _ProgressOnce | Non
     except (LookupError, UnicodeDecodeError):
         return False
     assert result._spool_dir is not None
-    if len(_table_tasks(result.path, result.fmt, now, result._spool_dir, workers)) < 2:
+    tasks = _table_tasks(result.path, result.fmt, now, result._spool_dir, workers)
+    if len(tasks) < 2:
         return False
     try:
-        _scan_chunks(result, workers, progress, now)
+        _scan_chunks(result, workers, progress, now, tasks)
         return True
     except _Unaligned:
         pass
@@ -990,7 +991,8 @@ def _number(offset: int, first: int, n: int) -> int:
     return first if n == 1 else offset + n
 
 
-def _scan_chunks(result: Scan, workers: int, progress: Progress | None, now: datetime) -> None:
+def _scan_chunks(result: Scan, workers: int, progress: Progress | None, now: datetime,
+                 tasks: list[_Task] | None = None) -> None:
     """A file validated chunk by chunk (by ``workers`` processes when it has more than one), merged in file order.
 
     A chunk numbers its records locally: JSON Lines by line from 1, Parquet by row from 1,
@@ -1003,7 +1005,8 @@ def _scan_chunks(result: Scan, workers: int, progress: Progress | None, now: dat
     seen: set[int] = set()
     offset = 0  # lines (rows) before the chunk
     carried = 2  # CSV: the number of a chunk's first row
-    tasks = _table_tasks(result.path, result.fmt, now, result._spool_dir, workers)
+    if tasks is None:
+        tasks = _table_tasks(result.path, result.fmt, now, result._spool_dir, workers)
     result.spools = [task.spool for task in tasks]
     pool = None
     if workers > 1 and len(tasks) > 1:
