@@ -1,6 +1,8 @@
 """Money: Decimal only, and the one rounding rule for invoice lines.
 
-Rule: intermediate values (per-event credits and costs) keep full precision;
+Rule: per-event credits and costs keep the store's precision, 18 fractional
+digits (the rating engine's integers, cut toward zero beyond them, as the
+Decimal(38, 18) columns hold them; meterstream/pricing/engine.py);
 an amount shown on an invoice line is rounded once, half-up (ROUND_HALF_UP),
 to the currency's minor unit. Totals are sums of rounded lines, so the lines
 always add up to the total a customer sees.

@@ -83,8 +83,8 @@ from meterstream.periods import (
     period_bounds as period_bounds,  # re-exported: callers read it with the catalog
 )
 from meterstream.pricing.charges import ChargeModel, PositiveDecimal, Price, null_to_none
+from meterstream.pricing.engine import EventRow, Rating, rate_rows, row_of
 from meterstream.pricing.pricebook import PriceBook, PriceBookError, load_price_book
-from meterstream.pricing.rating import rate_event
 from meterstream.schemas.events import Attribution, Meter, OutcomeEvent, UsageEvent
 from meterstream.schemas.records import RatedUsage
 
@@ -471,6 +471,8 @@ class Catalog(_Strict):
     plans: dict[str, Plan]
     customers: dict[str, CustomerPlan] = Field(default_factory=dict)
     _segment_cache: dict[tuple[str, str], tuple[Segment, ...]] = PrivateAttr(default_factory=dict)
+    #: Segments per period of the customers not listed (they share the default plan's).
+    _default_cache: dict[str, tuple[Segment, ...]] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Catalog:
@@ -636,14 +638,44 @@ class Catalog(_Strict):
     def price_book_for(self, customer_id: str, at: datetime) -> PriceBook:
         return self.version_for(customer_id, at).price_book
 
+    def book_of(self, customer_id: str, at: datetime) -> tuple[PriceBook, str]:
+        """The price book that rates an event at ``at`` (UTC), and the label of its billing period.
+
+        The book of the plan version in effect for the customer then (:meth:`version_for`); the
+        label is the calendar month, or the anniversary period's (rated rows and the store are
+        keyed by billing period). Customers not listed share the default plan's segments.
+        """
+        listed = self.customers.get(customer_id)
+        if listed is not None:
+            period = listed.billing_period(at)
+            segments = self.segments(customer_id, period)
+        else:
+            period = f"{at.year:04d}-{at.month:02d}"
+            found = self._default_cache.get(period)
+            if found is None:
+                self.customer(customer_id)  # UnknownCustomerError without a default plan
+                found = self._default_cache[period] = self._compute_segments(customer_id, period)
+            segments = found
+        for segment in segments:
+            if segment.start <= at < segment.end:
+                return segment.version.price_book, period
+        plan_id, _ = self.plan_for(customer_id)
+        raise PlanError(f"customer {customer_id!r} (plan {plan_id!r}) has no plan version in effect at {at.isoformat()}")
+
+    def rate_rows(self, rows: Sequence[EventRow]) -> Rating:
+        """Rate a batch of events (the rating engine, meterstream/pricing/engine.py) with each customer's plan."""
+        return rate_rows(rows, self.book_of)
+
     def rate(self, event: UsageEvent | OutcomeEvent) -> RatedUsage:
-        """Rate an event with the rate card in effect for its customer when it occurred."""
-        rated = rate_event(event, self.price_book_for(event.customer_id, event.occurred_at))
-        customer = self.customers.get(event.customer_id)
-        if customer is not None and customer.billing_anchor == "anniversary":
-            # Rated rows (and the store) are keyed by billing period, labelled by the month it starts in.
-            rated = rated.model_copy(update={"period": customer.billing_period(event.occurred_at)})
-        return rated
+        """Rate one event with the rate card in effect for its customer when it occurred (a batch of one).
+
+        Raises :class:`~meterstream.pricing.rating.RatingError` or :class:`PlanError` if it has no price.
+        """
+        rating = rate_rows([row_of(event)], self.book_of)
+        error = rating.errors[0]
+        if error is not None:
+            raise error
+        return rating.rated.row(0)
 
     def billing_bounds(self, customer_id: str, period: str) -> tuple[datetime, datetime]:
         """[start, end) of the customer's billing period ``period`` (calendar month or anniversary)."""

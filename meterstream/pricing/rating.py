@@ -1,7 +1,10 @@
-"""Rating: one event in, credits and cost to serve out. Pure: no Kafka, no ClickHouse.
+"""Rating one event: the per-event definition of what an event costs. Pure: no Kafka, no ClickHouse.
 
-The stream worker, the invoice and the offline commands all call
-:func:`rate_event`, so there is exactly one definition of what an event costs.
+Every path prices events through the batch engine (meterstream/pricing/engine.py:
+the worker a batch at a time, :meth:`Catalog.rate` a batch of one). :func:`rate_event`
+is the rule written one event at a time in ``Decimal``: the oracle the engine's property
+tests compare it with, to the last digit (tests/unit/test_engine.py). The cost and
+saving helpers below price token counts no single event holds (provider bills).
 """
 
 from __future__ import annotations

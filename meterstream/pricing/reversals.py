@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from meterstream.schemas.events import OutcomeEvent, UsageEvent
 from meterstream.schemas.records import RatedUsage
@@ -55,8 +56,21 @@ def is_reversal(row: RatedUsage) -> bool:
     return row.kind == "outcome" and row.rule.endswith(REVERSAL_SUFFIX)
 
 
+class Reversal(Protocol):
+    """What a reversal is matched by: an outcome event, or the rating engine's row of one."""
+
+    @property
+    def event_id(self) -> str: ...
+
+    @property
+    def customer_id(self) -> str: ...
+
+    @property
+    def reversal_of(self) -> str | None: ...
+
+
 def reverse_billed_outcome(
-    reversal: OutcomeEvent, rated: RatedUsage, original: RatedUsage | None, reversed_by: str | None
+    reversal: Reversal, rated: RatedUsage, original: RatedUsage | None, reversed_by: str | None
 ) -> RatedUsage:
     """The rated row of ``reversal`` (rated as ``rated``), or :class:`ReversalRefused` with the reason.
 

@@ -18,8 +18,9 @@ else goes to the model:
   matching the identifier pattern ``^[A-Za-z0-9][A-Za-z0-9._:@/\\-]*$`` and at most 128
   characters; ``workflow_id``, ``run_id``, ``model``, ``provider``, ``reversal_of`` are
   absent, ``None`` or such an identifier;
-- ``occurred_at`` is a ``str`` of the form ``YYYY-MM-DDTHH:MM:SSZ`` or
-  ``YYYY-MM-DDTHH:MM:SS.mmmZ`` (ASCII digits) that :meth:`datetime.fromisoformat`
+- ``occurred_at`` is a ``str`` of the form ``YYYY-MM-DDTHH:MM:SSZ``,
+  ``YYYY-MM-DDTHH:MM:SS.mmmZ`` or ``YYYY-MM-DDTHH:MM:SS.ffffffZ`` (ASCII digits; the last
+  is what the SDK writes) that :meth:`datetime.fromisoformat`
   reads (the model's own reading of that form), not before 2000-01-01 and not more than
   :data:`~meterstream.schemas.events.MAX_FUTURE_SKEW` after ``now`` (read from the
   caller's clock *before* the call; the model reads its clock later, so a row accepted
@@ -74,7 +75,7 @@ from meterstream.schemas.events import (
 USAGE_FIELDS: Final = frozenset(UsageEvent.model_fields)
 OUTCOME_FIELDS: Final = frozenset(OutcomeEvent.model_fields)
 _IDENTIFIER = r"[A-Za-z0-9][A-Za-z0-9._:@/\-]{0,127}"
-_CANONICAL_UTC = r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{3})?Z"
+_CANONICAL_UTC = r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{3}|\.[0-9]{6})?Z"
 _QUANTITY_DIGITS = r"0|[1-9][0-9]{0,11}"
 #: Printable ASCII without '"' and '\\': JSON writes such a string as it is (pydantic and orjson alike).
 _PLAIN_UNIT = r"[ !#-\[\]-~]{0,32}"
@@ -397,10 +398,10 @@ def _wire(outcome: bool, column: Callable[[str], list[Any] | None], occurred: li
     n = len(occurred)
     if n == 0:
         return []
-    # pydantic writes a UTC datetime with microseconds when there are any: .123 -> .123000, .000 -> none
+    # pydantic writes a UTC datetime with microseconds when there are any: .123 -> .123000, .000(000) -> none
     at = pa.array(occurred, pa.string())
     if set(map(len, occurred)) != {20}:
-        at = pc.replace_substring_regex(at, r"\.000Z$", "Z")
+        at = pc.replace_substring_regex(at, r"\.000(?:000)?Z$", "Z")
         at = pc.replace_substring_regex(at, r"(\.[0-9]{3})Z$", r"\1000Z")
     parts: list[Any] = ['{"schema_version":1,"event_id":"', _text(column("event_id"), n, None), '","customer_id":"',
                         _text(column("customer_id"), n, None), '","occurred_at":"', at, '"',

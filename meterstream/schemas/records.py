@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
@@ -255,3 +256,41 @@ class RawEvent:
     source_topic: str
     source_partition: int
     source_offset: int
+
+
+@dataclass(eq=False)
+class RawBatch(Sequence[RawEvent]):
+    """Raw events as columns (what the worker inserts into events_raw); a :class:`RawEvent` per row on demand."""
+
+    event_id: list[str] = field(default_factory=list)
+    customer_id: list[str] = field(default_factory=list)
+    kind: list[str] = field(default_factory=list)
+    occurred_at: list[datetime] = field(default_factory=list)
+    period: list[str] = field(default_factory=list)
+    payload: list[bytes] = field(default_factory=list)
+    source_topic: list[str] = field(default_factory=list)
+    source_partition: list[int] = field(default_factory=list)
+    source_offset: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.event_id)
+
+    def __getitem__(self, index: int) -> RawEvent:  # type: ignore[override]
+        i = range(len(self))[index]
+        return RawEvent(*(getattr(self, f.name)[i] for f in fields(self)))
+
+    def __iter__(self) -> Iterator[RawEvent]:
+        return map(self.__getitem__, range(len(self)))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (RawBatch, list, tuple)):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    @classmethod
+    def of(cls, rows: Sequence[RawEvent]) -> RawBatch:
+        """Raw event records as a batch."""
+        names = [f.name for f in fields(cls)]
+        return cls(*([getattr(r, name) for r in rows] for name in names))

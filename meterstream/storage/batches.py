@@ -38,7 +38,8 @@ from datetime import datetime, timedelta, timezone
 import pyarrow as pa
 from clickhouse_connect.driver.client import Client
 
-from meterstream.schemas.records import RatedUsage, RawEvent
+from meterstream.pricing.engine import RatedBatch
+from meterstream.schemas.records import RawBatch
 from meterstream.storage.columns import rated_table
 
 log = logging.getLogger(__name__)
@@ -47,13 +48,18 @@ log = logging.getLogger(__name__)
 ORDER = ("source_topic", "source_partition", "source_offset", "customer_id", "event_id")
 
 
-def batch_id(raw: Sequence[RawEvent], rated: Sequence[RatedUsage], alert_ids: Sequence[str]) -> str:
+def batch_id(raw: RawBatch, rated: RatedBatch, alert_ids: Sequence[str]) -> str:
     """A digest of what a batch writes: the same rows give the same id (and tokens)."""
     digest = hashlib.blake2b(digest_size=16)
-    for r in raw:
-        digest.update(f"r|{r.source_topic}|{r.source_partition}|{r.source_offset}|{r.customer_id}|{r.event_id}\n".encode())
-    for u in rated:
-        digest.update(f"u|{u.customer_id}|{u.event_id}|{u.period}|{u.credits}\n".encode())
+    digest.update("".join([
+        f"r|{t}|{p}|{o}|{c}|{e}\n"
+        for t, p, o, c, e in zip(raw.source_topic, raw.source_partition, raw.source_offset, raw.customer_id,
+                                 raw.event_id, strict=True)
+    ]).encode())  # fmt: skip
+    digest.update("".join([
+        f"u|{e.customer_id}|{e.event_id}|{period}|{credits}\n"
+        for e, period, credits in zip(rated.events, rated.period, rated.credits, strict=True)
+    ]).encode())  # fmt: skip
     for a in alert_ids:
         digest.update(f"a|{a}\n".encode())
     return digest.hexdigest()
@@ -69,19 +75,19 @@ def insert_settings(batch: str, table: str) -> dict[str, object]:
     }
 
 
-def sources_of(raw: Sequence[RawEvent], rated: Sequence[RatedUsage]) -> list[tuple[str, int, int]]:
+def sources_of(raw: RawBatch, rated: RatedBatch) -> list[tuple[str, int, int]]:
     """Each rated row's place on the event topics (the processor emits raw and rated rows in pairs)."""
-    if len(raw) == len(rated) and all(r.event_id == u.event_id for r, u in zip(raw, rated, strict=True)):
-        return [(r.source_topic, r.source_partition, r.source_offset) for r in raw]
+    if len(raw) == len(rated) and raw.event_id == [e.event_id for e in rated.events]:
+        return list(zip(raw.source_topic, raw.source_partition, raw.source_offset, strict=True))
     return [("", 0, 0)] * len(rated)
 
 
 def ordered_rated_table(
-    rated: Sequence[RatedUsage], sources: Sequence[tuple[str, int, int]], rated_at: datetime, batch: str
+    rated: RatedBatch, sources: Sequence[tuple[str, int, int]], rated_at: datetime, batch: str
 ) -> pa.Table:
-    """usage_rated's insert of a batch, its rows in :data:`ORDER`."""
-    order = sorted(range(len(rated)), key=lambda i: (*sources[i], rated[i].customer_id, rated[i].event_id))
-    return rated_table([rated[i] for i in order], rated_at, batch, [sources[i] for i in order])
+    """usage_rated's insert of a batch, its rows in :data:`ORDER` (sorted by Arrow: UTF-8 bytes sort as code points)."""
+    table = rated_table(rated, rated_at, batch, sources)
+    return table.sort_by([(name, "ascending") for name in ORDER])
 
 
 @dataclass

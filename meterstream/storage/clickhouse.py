@@ -28,7 +28,8 @@ from clickhouse_connect.driver.exceptions import OperationalError
 
 from meterstream.clock import utc_now
 from meterstream.config import ClickHouseSettings
-from meterstream.schemas.records import AlertKind, BudgetAlert, RatedUsage, RawEvent
+from meterstream.pricing.engine import RatedBatch
+from meterstream.schemas.records import AlertKind, BudgetAlert, RatedUsage, RawBatch, RawEvent
 
 if TYPE_CHECKING:
     from meterstream.storage.batches import Recovery
@@ -342,10 +343,12 @@ class ClickHouseStore:
         from meterstream.storage.columns import raw_table
 
         now = utc_now()
+        raw = raw if isinstance(raw, RawBatch) else RawBatch.of(raw)
+        rated = rated if isinstance(rated, RatedBatch) else RatedBatch.of(rated)
         batch = batch_id(raw, rated, [a.alert_id for a in alerts])
         sources = sources_of(raw, rated)
         if raw_stored:
-            raw = [r for r in raw if (r.source_topic, r.source_partition, r.source_offset) not in raw_stored]
+            raw = RawBatch.of([r for r in raw if (r.source_topic, r.source_partition, r.source_offset) not in raw_stored])
         statement = "INSERT INTO events_raw"
         try:
             # Raw events and rated rows go as Arrow columns (meterstream/storage/columns.py).

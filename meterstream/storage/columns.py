@@ -7,11 +7,12 @@ stream, which both chDB and a server read natively. Types match the DDL
 UInt columns, ``timestamp[ms, UTC]`` for DateTime64(3, 'UTC') and
 ``decimal128`` for the Decimal columns.
 
-Money never passes through a float: Decimal values go to ``decimal128`` as
-they are. A value with more fractional digits than the column holds is cut
-toward zero at the column's scale, as clickhouse-connect's row insert did
-(``int(value * 10**scale)``), so the stored figure does not depend on the
-insert path.
+Money never passes through a float: the rating engine's amounts are integers
+of 10**-18 and go to ``decimal128(38, 18)`` as their 16-byte two's complement,
+exactly (meterstream/pricing/engine.py); a row model's Decimal is made such an
+integer first, cut toward zero at the column's scale as clickhouse-connect's
+row insert did (``int(value * 10**scale)``), so the stored figure does not
+depend on the insert path. Quantities go as Decimal values, cut the same way.
 """
 
 from __future__ import annotations
@@ -22,13 +23,16 @@ from decimal import ROUND_DOWN, Decimal
 
 import pyarrow as pa
 
-from meterstream.schemas.records import RatedUsage, RawEvent
+from meterstream.pricing.engine import RatedBatch
+from meterstream.schemas.records import RatedUsage, RawBatch, RawEvent
 
 _TIMESTAMP = pa.timestamp("ms", tz="UTC")
 _MONEY = pa.decimal128(38, 18)
 _QUANTITY = pa.decimal128(38, 9)
 _MONEY_STEP = Decimal(1).scaleb(-18)
 _QUANTITY_STEP = Decimal(1).scaleb(-9)
+_ONE = Decimal(1)
+_MONEY_LIMIT = 10**38
 
 
 def _exponent(value: Decimal) -> int:
@@ -48,20 +52,32 @@ def _strings(values: list[str]) -> pa.Array:
     return pa.array(values, pa.string())
 
 
+def _money(units: list[int]) -> pa.Array:
+    """Amounts in 10**-18 (the rating engine's integers) as decimal128(38, 18), without a Decimal per value."""
+    if not units:
+        return pa.array([], _MONEY)
+    if max(units) >= _MONEY_LIMIT or min(units) <= -_MONEY_LIMIT:
+        raise ValueError(f"an amount of {max(map(abs, units))}e-18 does not fit Decimal(38, 18)")
+    data = b"".join([u.to_bytes(16, "little", signed=True) for u in units])
+    return pa.Array.from_buffers(_MONEY, len(units), [None, pa.py_buffer(data)])
+
+
 def raw_table(rows: Sequence[RawEvent], ingested_at: datetime) -> pa.Table:
     """``events_raw``: the accepted events as they arrived (payload bytes unchanged)."""
+    raw = rows if isinstance(rows, RawBatch) else RawBatch.of(rows)
+    n = len(raw)
     return pa.table(
         {
-            "event_id": _strings([r.event_id for r in rows]),
-            "customer_id": _strings([r.customer_id for r in rows]),
-            "kind": _strings([r.kind for r in rows]),
-            "occurred_at": pa.array([r.occurred_at for r in rows], _TIMESTAMP),
-            "period": _strings([r.period for r in rows]),
-            "payload": pa.array([r.payload for r in rows], pa.binary()),
-            "source_topic": _strings([r.source_topic for r in rows]),
-            "source_partition": pa.array([r.source_partition for r in rows], pa.uint32()),
-            "source_offset": pa.array([r.source_offset for r in rows], pa.uint64()),
-            "ingested_at": pa.array([ingested_at] * len(rows), _TIMESTAMP),
+            "event_id": _strings(raw.event_id),
+            "customer_id": _strings(raw.customer_id),
+            "kind": _strings(raw.kind),
+            "occurred_at": pa.array(raw.occurred_at, _TIMESTAMP),
+            "period": _strings(raw.period),
+            "payload": pa.array(raw.payload, pa.binary()),
+            "source_topic": _strings(raw.source_topic),
+            "source_partition": pa.array(raw.source_partition, pa.uint32()),
+            "source_offset": pa.array(raw.source_offset, pa.uint64()),
+            "ingested_at": pa.array([ingested_at] * n, _TIMESTAMP),
         }
     )
 
@@ -74,37 +90,43 @@ def rated_table(
 ) -> pa.Table:
     """``usage_rated``: one priced row per event, every column of sql/002, sql/006 and sql/010.
 
+    ``rows`` as the rating engine's :class:`RatedBatch` (columns as they are) or as row models.
     ``sources`` gives each row's place on the event topics (topic, partition, offset), in the
     order of ``rows``; ``batch_id`` the batch that writes them (meterstream/storage/batches.py).
     """
-    places = sources if sources is not None else [("", 0, 0)] * len(rows)
+    rated = rows if isinstance(rows, RatedBatch) else RatedBatch.of(rows)
+    n = len(rated)
+    places = sources if sources is not None else [("", 0, 0)] * n
+    events = rated.events
+    outcome = ["outcome" if e.kind == "outcome" else "" for e in events]
     return pa.table(
         {
-            "event_id": _strings([r.event_id for r in rows]),
-            "kind": _strings([r.kind for r in rows]),
-            "customer_id": _strings([r.customer_id for r in rows]),
-            "occurred_at": pa.array([r.occurred_at for r in rows], _TIMESTAMP),
-            "period": _strings([r.period for r in rows]),
-            "meter": _strings([r.meter for r in rows]),
-            "model": _strings([r.model for r in rows]),
-            "provider": _strings([r.provider for r in rows]),
-            "workflow_id": _strings([r.workflow_id for r in rows]),
-            "run_id": _strings([r.run_id for r in rows]),
-            "input_tokens": pa.array([r.input_tokens for r in rows], pa.uint64()),
-            "cached_input_tokens": pa.array([r.cached_input_tokens for r in rows], pa.uint64()),
-            "output_tokens": pa.array([r.output_tokens for r in rows], pa.uint64()),
-            "quantity": _decimals([r.quantity for r in rows], _QUANTITY_STEP, 9, _QUANTITY),
-            "unit": _strings([r.unit for r in rows]),
-            "outcome_type": _strings([r.outcome_type for r in rows]),
-            "attribution": _strings([r.attribution for r in rows]),
-            "credits": _decimals([r.credits for r in rows], _MONEY_STEP, 18, _MONEY),
-            "cost_to_serve": _decimals([r.cost_to_serve for r in rows], _MONEY_STEP, 18, _MONEY),
-            "currency": _strings([r.currency for r in rows]),
-            "price_book_version": _strings([r.price_book_version for r in rows]),
-            "rule": _strings([r.rule for r in rows]),
-            "billed_in": _strings([r.billed_in for r in rows]),
-            "rated_at": pa.array([rated_at] * len(rows), _TIMESTAMP),
-            "batch_id": _strings([batch_id] * len(rows)),
+            "event_id": _strings([e.event_id for e in events]),
+            "kind": _strings([e.kind for e in events]),
+            "customer_id": _strings([e.customer_id for e in events]),
+            "occurred_at": pa.array([e.occurred_at for e in events], _TIMESTAMP),
+            "period": _strings(rated.period),
+            "meter": _strings([o or e.meter for o, e in zip(outcome, events, strict=True)]),
+            "model": _strings([e.model for e in events]),
+            "provider": _strings(rated.provider),
+            "workflow_id": _strings([e.workflow_id for e in events]),
+            "run_id": _strings([e.run_id for e in events]),
+            "input_tokens": pa.array([e.input_tokens for e in events], pa.uint64()),
+            "cached_input_tokens": pa.array([e.cached_input_tokens for e in events], pa.uint64()),
+            "output_tokens": pa.array([e.output_tokens for e in events], pa.uint64()),
+            "quantity": _decimals([_ONE if o else e.quantity for o, e in zip(outcome, events, strict=True)],
+                                  _QUANTITY_STEP, 9, _QUANTITY),  # fmt: skip
+            "unit": _strings([e.unit for e in events]),
+            "outcome_type": _strings([e.outcome_type for e in events]),
+            "attribution": _strings([e.attribution for e in events]),
+            "credits": _money(rated.credits),
+            "cost_to_serve": _money(rated.cost),
+            "currency": _strings(rated.currency),
+            "price_book_version": _strings(rated.price_book_version),
+            "rule": _strings(rated.rule),
+            "billed_in": _strings(rated.billed_in),
+            "rated_at": pa.array([rated_at] * n, _TIMESTAMP),
+            "batch_id": _strings([batch_id] * n),
             "source_topic": _strings([p[0] for p in places]),
             "source_partition": pa.array([p[1] for p in places], pa.uint32()),
             "source_offset": pa.array([p[2] for p in places], pa.uint64()),

@@ -7,16 +7,22 @@ the worker sends to the dead-letter topic.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Literal
+from decimal import Decimal
+from typing import Any, Literal
 
+import orjson
 from pydantic import ValidationError
 
-from meterstream.schemas.events import OutcomeEvent, UsageEvent
+from meterstream.pricing.engine import EventRow, row_of
+from meterstream.schemas import columnar
+from meterstream.schemas.events import MAX_FUTURE_SKEW, OutcomeEvent, UsageEvent
 from meterstream.schemas.validation import MAX_EVENT_BYTES, describe_validation_error
 
-__all__ = ["MAX_EVENT_BYTES", "Rejection", "decode_event", "describe_validation_error", "received_at"]
+__all__ = ["MAX_EVENT_BYTES", "DecodedBatch", "Rejection", "decode_batch", "decode_event", "describe_validation_error",
+           "received_at"]
 
 
 _MODEL_FOR_TOPIC: dict[str, type[UsageEvent] | type[OutcomeEvent]] = {
@@ -28,6 +34,9 @@ _MODEL_FOR_TOPIC: dict[str, type[UsageEvent] | type[OutcomeEvent]] = {
 @dataclass(frozen=True, slots=True)
 class Rejection:
     reason: str
+
+
+_ZERO = Decimal(0)
 
 
 def received_at(timestamp_ms: int | None, now: datetime | None = None) -> datetime | None:
@@ -68,3 +77,137 @@ def decode_event(
         return Rejection(f"undecodable message: {str(exc)[:500]}")
     except Exception as exc:
         return Rejection(f"undecodable message ({type(exc).__name__}): {str(exc)[:500]}")
+
+
+@dataclass(slots=True)
+class DecodedBatch:
+    """A batch of messages decoded: the valid events as the rating engine's rows, and the rest with why."""
+
+    #: Per valid event: its position in the batch, ascending.
+    positions: list[int]
+    rows: list[EventRow]
+    #: ``(position, reason)`` of every message refused, ascending.
+    rejections: list[tuple[int, str]]
+
+
+def decode_batch(
+    values: Sequence[bytes | None],
+    kinds: Sequence[Literal["usage", "outcome"]],
+    timestamps_ms: Sequence[int | None],
+    now: datetime,
+) -> DecodedBatch:
+    """Decode and validate a batch of message values, with the verdicts of :func:`decode_event`.
+
+    The values are read with orjson and grouped by topic and key layout; each group of at
+    least :data:`_MIN_GROUP` goes through :func:`meterstream.schemas.columnar.accept`, which
+    accepts, column by column, only rows it can prove the model accepts. Every other message
+    (refused there, not a JSON object, too big, dated more than the skew past its own broker
+    timestamp) is decoded alone by :func:`decode_event`, so every rejection is the model's,
+    text and all. ``now`` is the caller's clock, read before the call.
+    """
+    n = len(values)
+    slow: list[int] = []
+    groups: dict[tuple[str, tuple[str, ...]], list[int]] = {}
+    parsed: list[Any] = [None] * n
+    loads = orjson.loads
+    for i, value in enumerate(values):
+        if value is None or len(value) > MAX_EVENT_BYTES:
+            slow.append(i)
+            continue
+        try:
+            obj = loads(value)
+        except orjson.JSONDecodeError:
+            slow.append(i)
+            continue
+        if type(obj) is not dict:
+            slow.append(i)
+            continue
+        parsed[i] = obj
+        groups.setdefault((kinds[i], tuple(obj)), []).append(i)
+    positions: list[int] = []
+    rows: list[EventRow] = []
+    for (kind, keys), members in groups.items():
+        if len(members) < _MIN_GROUP:
+            slow.extend(members)
+            continue
+        objs = [parsed[i] for i in members]
+        columns = dict(zip(keys, map(list, zip(*map(dict.values, objs), strict=True)), strict=True))
+        got = columnar.accept(columns, len(objs), none_is_absent=False, now=now)
+        outcome = kind == "outcome"
+        taken = _rows_of(columns, got, outcome)
+        late = _after_receipt(got.occurred_at, [timestamps_ms[members[r]] for r in got.rows], now)
+        accepted: set[int] = set()
+        for j, r in enumerate(got.rows):
+            accepted.add(r)
+            if got.outcome[j] is not outcome or j in late:
+                # The other kind's event on this topic, or too far past its broker time: the model says why.
+                slow.append(members[r])
+                continue
+            positions.append(members[r])
+            rows.append(taken[j])
+        slow.extend(members[r] for r in range(len(members)) if r not in accepted)
+    rejections: list[tuple[int, str]] = []
+    for i in slow:
+        decoded = decode_event(values[i], kinds[i], received_at(timestamps_ms[i], now))
+        if isinstance(decoded, Rejection):
+            rejections.append((i, decoded.reason))
+        else:
+            positions.append(i)
+            rows.append(row_of(decoded))
+    if slow or len(groups) > 1:
+        order = sorted(range(len(positions)), key=positions.__getitem__)
+        positions = [positions[i] for i in order]
+        rows = [rows[i] for i in order]
+        rejections.sort()
+    return DecodedBatch(positions, rows, rejections)
+
+
+#: Messages of one topic and key layout below this many are decoded one by one (not worth a column pass).
+_MIN_GROUP = 8
+
+
+def _after_receipt(instants: list[datetime], timestamps_ms: list[int | None], now: datetime) -> set[int]:
+    """The rows dated past the future-time limit of their own message (see :func:`received_at`).
+
+    :func:`columnar.accept` checked them against ``now``; the model checks each against its
+    message's broker time. One comparison for the usual batch (all inside the earliest one's).
+    """
+    if not instants:
+        return set()
+    if None not in timestamps_ms:
+        earliest = received_at(min(timestamps_ms), now)  # type: ignore[type-var]
+        if earliest is not None and max(instants) - earliest <= MAX_FUTURE_SKEW:
+            return set()
+    late = set()
+    for j, (at, timestamp) in enumerate(zip(instants, timestamps_ms, strict=True)):
+        received = received_at(timestamp, now)
+        if received is not None and at - received > MAX_FUTURE_SKEW:
+            late.add(j)
+    return late
+
+
+def _rows_of(columns: dict[str, list[Any]], got: columnar.Accepted, outcome: bool) -> list[EventRow]:
+    """The accepted rows of a group as engine rows (absent fields take the models' defaults)."""
+    keep = got.rows
+
+    def column(name: str, default: Any) -> list[Any]:
+        values = columns.get(name)
+        if values is None:
+            return [default] * len(keep)
+        return [default if values[i] is None else values[i] for i in keep]
+
+    n = len(keep)
+    kind = "outcome" if outcome else "usage"
+    if outcome:
+        return list(map(
+            EventRow, [kind] * n, got.event_id, got.customer_id, got.occurred_at, column("workflow_id", ""),
+            column("run_id", ""), ["outcome"] * n, [""] * n, [""] * n, [0] * n, [0] * n, [0] * n, [_ZERO] * n,
+            [""] * n, column("outcome_type", ""), column("attribution", ""), column("reversal_of", ""),
+        ))  # fmt: skip
+    quantities = [_ZERO if q == 0 else Decimal(q) for q in column("quantity", 0)]
+    return list(map(
+        EventRow, [kind] * n, got.event_id, got.customer_id, got.occurred_at, column("workflow_id", ""),
+        column("run_id", ""), column("meter", "tokens"), column("model", ""), column("provider", ""),
+        column("input_tokens", 0), column("cached_input_tokens", 0), column("output_tokens", 0), quantities,
+        column("unit", ""), [""] * n, [""] * n, [""] * n,
+    ))  # fmt: skip

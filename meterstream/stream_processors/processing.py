@@ -12,7 +12,7 @@ pure makes it unit-testable and keeps one copy of the rules.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -29,10 +29,9 @@ from meterstream.budgets import (
     thresholds_to_alert,
 )
 from meterstream.clock import Clock, utc_now
-from meterstream.pricing.plans import Catalog, PlanError
-from meterstream.pricing.rating import RatingError
-from meterstream.pricing.reversals import ReversalRefused, is_reversal, reverse_billed_outcome
-from meterstream.schemas.events import OutcomeEvent, UsageEvent
+from meterstream.pricing.engine import EventRow, RatedBatch, money, units
+from meterstream.pricing.plans import Catalog
+from meterstream.pricing.reversals import REVERSAL_SUFFIX, ReversalRefused, reverse_billed_outcome
 from meterstream.schemas.records import (
     AlertKind,
     BudgetAlert,
@@ -40,10 +39,10 @@ from meterstream.schemas.records import (
     Decision,
     EnforcementState,
     RatedUsage,
-    RawEvent,
+    RawBatch,
     ThresholdAction,
 )
-from meterstream.stream_processors.decode import Rejection, decode_event, received_at
+from meterstream.stream_processors.decode import decode_batch
 
 Kind = Literal["usage", "outcome"]
 ZERO = Decimal(0)
@@ -90,8 +89,8 @@ class WindowCounts:
 
 @dataclass
 class BatchResult:
-    raw: list[RawEvent] = field(default_factory=list)
-    rated: list[RatedUsage] = field(default_factory=list)
+    raw: RawBatch = field(default_factory=RawBatch)
+    rated: RatedBatch = field(default_factory=RatedBatch)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     #: New month-to-date values for every ``customer|period`` the batch touched.
     month_to_date: dict[str, MonthToDate] = field(default_factory=dict)
@@ -157,10 +156,16 @@ class OutcomeBook:
         return self.reversals.get(dedupe_key(customer_id, event_id))
 
     def remember(self, result: BatchResult) -> None:
-        for row in result.rated:
-            if row.kind == "outcome" and not is_reversal(row):
-                self.outcomes[dedupe_key(row.customer_id, row.event_id)] = row
+        for row in billed_outcomes(result.rated):
+            self.outcomes[dedupe_key(row.customer_id, row.event_id)] = row
         self.reversals.update(result.reversals)
+
+
+def billed_outcomes(rated: RatedBatch) -> Iterator[RatedUsage]:
+    """The outcome rows of a batch that are not reversals (what a later reversal may name)."""
+    for j, event in enumerate(rated.events):
+        if event.kind == "outcome" and not rated.rule[j].endswith(REVERSAL_SUFFIX):
+            yield rated.row(j)
 
 
 def dedupe_key(customer_id: str, event_id: str) -> str:
@@ -205,12 +210,29 @@ def _window_start(epoch: int) -> str:
     return datetime.fromtimestamp(epoch, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _lowest_bar(budget: Budget, alerted: set[int]) -> int | float:
+    """The least month-to-date spend, in 10**-18 credits, at which a threshold not yet alerted is reached.
+
+    A cheap exact pre-check of :func:`~meterstream.budgets.thresholds_to_alert` (``spent × 100 ≥
+    monthly × t``), which decides: below this, it would return nothing.
+    """
+    bars = _bars(budget.monthly_credits, budget.thresholds)
+    return min((bar for t, bar in bars if t not in alerted), default=float("inf"))
+
+
+@lru_cache(maxsize=4096)
+def _bars(monthly: Decimal, thresholds: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    numerator, denominator = monthly.as_integer_ratio()
+    # ceil(monthly × t / 100) in 10**-18: the least integer spend with spend × 100 ≥ monthly × t.
+    return tuple((t, -(-numerator * t * 10**18 // (100 * denominator))) for t in thresholds)
+
+
 @dataclass(slots=True)
 class _Running:
-    """A month-to-date total while a batch is aggregated (MonthToDate is the frozen result)."""
+    """A month-to-date total while a batch is aggregated, money in 10**-18 (MonthToDate is the frozen result)."""
 
-    credits: Decimal
-    cost_to_serve: Decimal
+    credits: int
+    cost_to_serve: int
     events: int
     tokens: int
     alerted: set[int]
@@ -245,149 +267,147 @@ class BatchProcessor:
         messages: Sequence[InboundMessage],
         month_to_date: Callable[[str], MonthToDate],
         now: datetime | None = None,
-        prepare: Callable[[Sequence[tuple[InboundMessage, UsageEvent | OutcomeEvent]]], None] | None = None,
+        prepare: Callable[[Sequence[tuple[InboundMessage, EventRow]]], None] | None = None,
         history: SpendHistory | None = None,
     ) -> BatchResult:
-        """Decode, dedupe, rate and aggregate one batch.
+        """Decode, dedupe, rate and aggregate one batch, as whole-batch steps over columns.
 
         ``prepare`` sees the batch's valid events before dedupe and aggregation, so
         a state that lives in the store can load what it needs in one round trip.
         """
         now = now or self.clock()
         result = BatchResult()
-        batch_ids: set[str] = set()
-        accepted: list[tuple[UsageEvent | OutcomeEvent, RatedUsage]] = []
-        batch_outcomes: dict[str, RatedUsage] = {}
-
-        decoded_messages = [
-            (message, decode_event(message.value, message.kind, received_at(message.timestamp_ms, now)))
-            for message in messages
-        ]
+        decoded = decode_batch(
+            [m.value for m in messages], [m.kind for m in messages], [m.timestamp_ms for m in messages], now
+        )
         if prepare is not None:
-            prepare([(m, d) for m, d in decoded_messages if not isinstance(d, Rejection)])
-        for message, decoded in decoded_messages:
-            if isinstance(decoded, Rejection):
-                result.dead_letters.append(self._dead_letter(message, decoded.reason, now))
-                continue
-            key = dedupe_key(decoded.customer_id, decoded.event_id)
-            if key in batch_ids or key in self.seen:
+            prepare([(messages[p], row) for p, row in zip(decoded.positions, decoded.rows, strict=True)])
+        # One engine call prices the whole batch (meterstream/pricing/engine.py); duplicates are
+        # priced too and dropped below, which costs less than a second pass.
+        rating = self.catalog.rate_rows(decoded.rows)
+        rated, errors = rating.rated, rating.errors
+        refused: list[tuple[int, str]] = list(decoded.rejections)
+        batch_ids: set[str] = set()
+        seen = self.seen
+        keep: list[int] = []
+        kept_positions: list[int] = []
+        batch_outcomes: dict[str, int] = {}
+        closed: dict[tuple[str, str], bool] = {}
+        for j, (position, row) in enumerate(zip(decoded.positions, decoded.rows, strict=True)):
+            key = f"{row.customer_id}|{row.event_id}"
+            if key in batch_ids or key in seen:
                 result.duplicates += 1
                 continue
-            try:
-                # The rate card of the customer's plan version in effect when the event occurred.
-                rated = self.catalog.rate(decoded)
-            except (RatingError, PlanError) as exc:
-                result.dead_letters.append(self._dead_letter(message, str(exc), now))
+            error = errors[j]
+            if error is not None:
+                refused.append((position, str(error)))
                 continue
-            if self._closed(rated.customer_id, rated.period, now):
+            place = (row.customer_id, rated.period[j])
+            is_closed = closed.get(place)
+            if is_closed is None:
+                is_closed = closed[place] = self._closed(row.customer_id, rated.period[j], now)
+            if is_closed:
                 # Billed on the customer's open period (an anniversary period may not match the month).
-                billed_in = self.catalog.customer(rated.customer_id).billing_period(now)
-                rated = rated.model_copy(update={"billed_in": billed_in})
-            if rated.kind == "outcome":
-                if isinstance(decoded, OutcomeEvent) and decoded.reversal_of:
+                rated.billed_in[j] = self.catalog.customer(row.customer_id).billing_period(now)
+            if row.kind == "outcome":
+                if row.reversal_of:
                     # Matched to a billed outcome, once, at its price; else refused and kept.
-                    target = dedupe_key(decoded.customer_id, decoded.reversal_of)
-                    original = batch_outcomes.get(target) or self.outcomes.billed_outcome(
-                        decoded.customer_id, decoded.reversal_of
+                    target = dedupe_key(row.customer_id, row.reversal_of)
+                    in_batch = batch_outcomes.get(target)
+                    original = rated.row(in_batch) if in_batch is not None else self.outcomes.billed_outcome(
+                        row.customer_id, row.reversal_of
                     )
                     reversed_by = result.reversals.get(target) or self.outcomes.reversed_by(
-                        decoded.customer_id, decoded.reversal_of
+                        row.customer_id, row.reversal_of
                     )
                     try:
-                        rated = reverse_billed_outcome(decoded, rated, original, reversed_by)
+                        rated.set_row(j, reverse_billed_outcome(row, rated.row(j), original, reversed_by))
                     except ReversalRefused as exc:
-                        result.dead_letters.append(self._dead_letter(message, str(exc), now))
+                        refused.append((position, str(exc)))
                         continue
-                    result.reversals[target] = decoded.event_id
+                    result.reversals[target] = row.event_id
                 else:
-                    batch_outcomes[key] = rated
+                    batch_outcomes[key] = j
             batch_ids.add(key)
-            accepted.append((decoded, rated))
-            result.rated.append(rated)
-            result.raw.append(
-                RawEvent(
-                    event_id=decoded.event_id,
-                    customer_id=decoded.customer_id,
-                    kind=message.kind,
-                    occurred_at=rated.occurred_at,
-                    period=rated.period,
-                    payload=message.value or b"",
-                    source_topic=message.topic,
-                    source_partition=message.partition,
-                    source_offset=message.offset,
-                )
-            )
+            keep.append(j)
+            kept_positions.append(position)
+        if refused:
+            refused.sort()
+            result.dead_letters = [self._dead_letter(messages[p], reason, now) for p, reason in refused]
+        result.rated = rows = rated.take(keep)
+        result.raw = RawBatch(
+            event_id=[e.event_id for e in rows.events],
+            customer_id=[e.customer_id for e in rows.events],
+            kind=[e.kind for e in rows.events],
+            occurred_at=[e.occurred_at for e in rows.events],
+            period=rows.period,
+            payload=[messages[p].value or b"" for p in kept_positions],
+            source_topic=[messages[p].topic for p in kept_positions],
+            source_partition=[messages[p].partition for p in kept_positions],
+            source_offset=[messages[p].offset for p in kept_positions],
+        )
+        self._aggregate(result, rows, month_to_date, now, history or NoHistory())
+        return result
 
-        # Aggregate per key before deciding anything: one state change per key per batch. Sums run in
-        # mutable accumulators; thresholds are checked per event only for customers with a budget.
-        history = history or NoHistory()
+    def _aggregate(self, result: BatchResult, rows: RatedBatch, month_to_date: Callable[[str], MonthToDate],
+                   now: datetime, history: SpendHistory) -> None:  # fmt: skip
+        """Month-to-date totals, windows, thresholds, run caps and decisions of the batch's rated rows.
+
+        One state change per key per batch: sums run in integers of 10**-18 credits; thresholds
+        are checked per event only for customers with a budget.
+        """
         running: dict[str, _Running] = {}
         budget_of: dict[str, Budget | None] = {}
         #: Credits of this batch per customer in the last hour: the history does not hold them yet.
-        batch_hour: dict[str, Decimal] = {}
+        batch_hour: dict[str, int] = {}
         #: Usage event ids per ``customer|period`` under a hard cap: guards release settled calls by id.
         counted_ids: dict[str, list[str]] = {}
         hour_ago = now - timedelta(hours=1)
         window_seconds = self.window_seconds
-        for event, rated in accepted:
-            customer = rated.customer_id
-            key = month_key(customer, rated.period)
+        windows: dict[str, list[int]] = {}
+        for_customer = self.budgets.for_customer
+        for j, (event, period, credits, cost) in enumerate(zip(rows.events, rows.period, rows.credits, rows.cost,
+                                                                strict=True)):  # fmt: skip
+            customer = event.customer_id
+            at = event.occurred_at
+            key = f"{customer}|{period}"
+            tokens = event.input_tokens + event.output_tokens
             acc = running.get(key)
             if acc is None:
                 current = month_to_date(key)
                 acc = running[key] = _Running(
-                    current.credits, current.cost_to_serve, current.events, current.tokens,
-                    set(current.alerted), rated.occurred_at,
+                    units(current.credits), units(current.cost_to_serve), current.events, current.tokens,
+                    set(current.alerted), at,
                 )  # fmt: skip
-            acc.credits += rated.credits
-            acc.cost_to_serve += rated.cost_to_serve
+            acc.credits += credits
+            acc.cost_to_serve += cost
             acc.events += 1
-            acc.tokens += rated.input_tokens + rated.output_tokens
-            if rated.occurred_at > acc.watermark:
-                acc.watermark = rated.occurred_at
+            acc.tokens += tokens
+            if at > acc.watermark:
+                acc.watermark = at
             if customer in budget_of:
                 budget = budget_of[customer]
             else:
-                budget = budget_of[customer] = self.budgets.for_customer(customer)
+                budget = budget_of[customer] = for_customer(customer)
             if budget is not None:
-                if budget.action is not ThresholdAction.ALERT and rated.kind == "usage":
-                    counted_ids.setdefault(key, []).append(rated.event_id)
-                if hour_ago <= rated.occurred_at <= now:
-                    batch_hour[customer] = batch_hour.get(customer, ZERO) + rated.credits
-                crossed = thresholds_to_alert(acc.credits, budget, acc.alerted)
-                if crossed:
-                    # The first spend of the hour counts too: otherwise its velocity is zero
-                    # and the alert says nothing about when the budget runs out.
-                    velocity = self._velocity(history, customer, now) + batch_hour.get(customer, ZERO) / 3600
-                    eta = projected_exhaustion(acc.credits, budget.monthly_credits, velocity, now)
-                for threshold in crossed:
-                    result.alerts.append(
-                        BudgetAlert(
-                            alert_id=BudgetAlert.make_id(customer, rated.period, threshold),
-                            customer_id=customer,
-                            period=rated.period,
-                            threshold_percent=threshold,
-                            budget_credits=budget.monthly_credits,
-                            spent_credits=acc.credits,
-                            crossed_at=now,
-                            triggering_event_id=event.event_id,
-                            action=budget.action if threshold >= 100 else ThresholdAction.ALERT,
-                            projected_exhaustion_at=eta,
-                        )
-                    )
-                acc.alerted.update(crossed)
-                if budget.run_cap is not None and rated.run_id and rated.kind == "usage":
-                    self._run_step(result, history, budget, event, rated, now)
-            epoch = int(rated.occurred_at.timestamp())
+                self._budget_step(result, history, budget, rows, j, acc, key, counted_ids, batch_hour, hour_ago, now)
+            epoch = int(at.timestamp())
             wkey = f"{customer}|{_window_start(epoch - epoch % window_seconds)}"
-            counts = result.windows.get(wkey)
+            counts = windows.get(wkey)
             if counts is None:
-                counts = result.windows[wkey] = WindowCounts()
-            counts.add(rated)
+                windows[wkey] = [credits, cost, 1, tokens]
+            else:
+                counts[0] += credits
+                counts[1] += cost
+                counts[2] += 1
+                counts[3] += tokens
+        result.windows = {
+            key: WindowCounts(money(c), money(k), events, tokens) for key, (c, k, events, tokens) in windows.items()
+        }
         watermarks = {key: acc.watermark for key, acc in running.items()}
         for key, acc in running.items():
             result.month_to_date[key] = MonthToDate(
-                acc.credits, acc.cost_to_serve, acc.events, acc.tokens, frozenset(acc.alerted)
+                money(acc.credits), money(acc.cost_to_serve), acc.events, acc.tokens, frozenset(acc.alerted)
             )
 
         for key, totals in result.month_to_date.items():
@@ -402,7 +422,49 @@ class BatchProcessor:
             )  # fmt: skip
         if self.budgets.spike is not None:
             self._spikes(result, history, now)
-        return result
+
+    def _budget_step(self, result: BatchResult, history: SpendHistory, budget: Budget, rows: RatedBatch, j: int,
+                     acc: _Running, key: str, counted_ids: dict[str, list[str]], batch_hour: dict[str, int],
+                     hour_ago: datetime, now: datetime) -> None:  # fmt: skip
+        """One rated row of a customer with a budget: counted ids, thresholds crossed, the run's cap."""
+        event = rows.events[j]
+        customer, period = event.customer_id, rows.period[j]
+        if budget.action is not ThresholdAction.ALERT and event.kind == "usage":
+            counted_ids.setdefault(key, []).append(event.event_id)
+        if hour_ago <= event.occurred_at <= now:
+            batch_hour[customer] = batch_hour.get(customer, 0) + rows.credits[j]
+        if acc.credits < _lowest_bar(budget, acc.alerted):
+            return self._run_cap_step(result, history, budget, rows, j, now)
+        spent = money(acc.credits)
+        crossed = thresholds_to_alert(spent, budget, acc.alerted)
+        if crossed:
+            # The first spend of the hour counts too: otherwise its velocity is zero
+            # and the alert says nothing about when the budget runs out.
+            velocity = self._velocity(history, customer, now) + money(batch_hour.get(customer, 0)) / 3600
+            eta = projected_exhaustion(spent, budget.monthly_credits, velocity, now)
+            for threshold in crossed:
+                result.alerts.append(
+                    BudgetAlert(
+                        alert_id=BudgetAlert.make_id(customer, period, threshold),
+                        customer_id=customer,
+                        period=period,
+                        threshold_percent=threshold,
+                        budget_credits=budget.monthly_credits,
+                        spent_credits=spent,
+                        crossed_at=now,
+                        triggering_event_id=event.event_id,
+                        action=budget.action if threshold >= 100 else ThresholdAction.ALERT,
+                        projected_exhaustion_at=eta,
+                    )
+                )
+            acc.alerted.update(crossed)
+        self._run_cap_step(result, history, budget, rows, j, now)
+
+    def _run_cap_step(self, result: BatchResult, history: SpendHistory, budget: Budget, rows: RatedBatch, j: int,
+                      now: datetime) -> None:  # fmt: skip
+        event = rows.events[j]
+        if budget.run_cap is not None and event.run_id and event.kind == "usage":
+            self._run_step(result, history, budget, event, rows.period[j], money(rows.credits[j]), now)
 
     def _closed(self, customer_id: str, period: str, now: datetime) -> bool:
         """Whether the customer's ``period`` has ended and its grace has passed (its invoice is closed)."""
@@ -418,39 +480,40 @@ class BatchProcessor:
         result: BatchResult,
         history: SpendHistory,
         budget: Budget,
-        event: UsageEvent | OutcomeEvent,
-        rated: RatedUsage,
+        event: EventRow,
+        period: str,
+        event_credits: Decimal,
         now: datetime,
     ) -> None:
         cap = budget.run_cap
         assert cap is not None
-        key = f"{rated.customer_id}|{rated.run_id}"
-        credits, steps = result.runs.get(key) or history.run_totals(rated.customer_id, rated.run_id)
-        credits, steps = credits + rated.credits, steps + 1
+        key = f"{event.customer_id}|{event.run_id}"
+        credits, steps = result.runs.get(key) or history.run_totals(event.customer_id, event.run_id)
+        credits, steps = credits + event_credits, steps + 1
         result.runs[key] = (credits, steps)
         state = run_decision(
-            rated.customer_id, rated.run_id, rated.period, credits, steps, cap,
-            downgrade_to=budget.downgrade_to or "", watermark=rated.occurred_at, now=now,
+            event.customer_id, event.run_id, period, credits, steps, cap,
+            downgrade_to=budget.downgrade_to or "", watermark=event.occurred_at, now=now,
         )  # fmt: skip
         previous = result.enforcement.get(key)
         result.enforcement[key] = state
         reached = state.decision is not Decision.OK and (previous is None or previous.decision is Decision.OK)
-        if reached and (cap.max_credits is None or credits - rated.credits < cap.max_credits) and (
+        if reached and (cap.max_credits is None or credits - event_credits < cap.max_credits) and (
             cap.max_steps is None or steps - 1 < cap.max_steps
         ):
             result.alerts.append(
                 BudgetAlert(
-                    alert_id=BudgetAlert.make_id(rated.customer_id, rated.period, 100, scope=f"run:{rated.run_id}"),
+                    alert_id=BudgetAlert.make_id(event.customer_id, period, 100, scope=f"run:{event.run_id}"),
                     kind=AlertKind.RUN_CAP,
-                    customer_id=rated.customer_id,
-                    period=rated.period,
+                    customer_id=event.customer_id,
+                    period=period,
                     threshold_percent=100,
                     budget_credits=cap.max_credits or Decimal(0),
                     spent_credits=credits,
                     crossed_at=now,
                     triggering_event_id=event.event_id,
                     action=cap.action,
-                    run_id=rated.run_id,
+                    run_id=event.run_id,
                     detail=state.reason,
                 )
             )
@@ -486,8 +549,8 @@ class BatchProcessor:
 
     def commit(self, result: BatchResult) -> None:
         """Remember the batch's events once its writes have succeeded."""
-        for row in result.rated:
-            self.seen.add(dedupe_key(row.customer_id, row.event_id))
+        for event in result.rated.events:
+            self.seen.add(dedupe_key(event.customer_id, event.event_id))
         self.outcomes.remember(result)
 
     @staticmethod

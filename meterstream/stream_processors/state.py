@@ -41,7 +41,7 @@ from typing import Any
 from meterstream.clock import Clock, utc_now
 from meterstream.periods import Period
 from meterstream.periods import period_of as calendar_period
-from meterstream.schemas.events import OutcomeEvent, UsageEvent
+from meterstream.pricing.engine import EventRow
 from meterstream.schemas.records import RatedUsage
 from meterstream.storage.clickhouse import ClickHouseStore
 from meterstream.stream_processors.processing import (
@@ -50,6 +50,7 @@ from meterstream.stream_processors.processing import (
     MonthToDate,
     RecentIds,
     WindowCounts,
+    billed_outcomes,
     dedupe_key,
     month_key,
 )
@@ -259,7 +260,7 @@ class StoreBackedState:
         self._add_windows(self._query(_ALL_WINDOWS, {"seconds": self.window_seconds, "since": since}))
         self._windows_complete = True
 
-    def prepare(self, batch: Sequence[tuple[InboundMessage, UsageEvent | OutcomeEvent]]) -> None:
+    def prepare(self, batch: Sequence[tuple[InboundMessage, EventRow]]) -> None:
         """Load what this batch needs from the store, in a few queries per batch at most."""
         self._stored_in_batch = set()
         self.raw_stored = set()
@@ -299,7 +300,7 @@ class StoreBackedState:
             {
                 dedupe_key(e.customer_id, e.reversal_of)
                 for e in events
-                if isinstance(e, OutcomeEvent) and e.reversal_of
+                if e.reversal_of
             }
             - set(self.billed)
         )
@@ -319,7 +320,7 @@ class StoreBackedState:
         self.lookups += 1
         return self.store.query(sql, parameters).dicts()
 
-    def _raw_stored(self, read_again: list[tuple[InboundMessage, UsageEvent | OutcomeEvent]]) -> set[tuple[str, int, int]]:
+    def _raw_stored(self, read_again: list[tuple[InboundMessage, EventRow]]) -> set[tuple[str, int, int]]:
         places = {(m.topic, m.partition, m.offset) for m, _ in read_again}
         params = {
             "customers": sorted({e.customer_id for _, e in read_again}),
@@ -415,9 +416,8 @@ class StoreBackedState:
         return self.reversed.get(dedupe_key(customer_id, event_id))
 
     def remember(self, result: BatchResult) -> None:
-        for row in result.rated:
-            if row.kind == "outcome" and not row.rule.endswith(":reversal"):
-                self.billed[dedupe_key(row.customer_id, row.event_id)] = row
+        for row in billed_outcomes(result.rated):
+            self.billed[dedupe_key(row.customer_id, row.event_id)] = row
         self.reversed.update(result.reversals)
 
     # -- the SpendHistory protocol -----------------------------------------------------------------
@@ -431,7 +431,7 @@ class StoreBackedState:
         windows = list(self.windows.get(customer_id, {}).items())
         return sum((c.credits for w, c in windows if low <= w < high), Decimal(0))
 
-    def _stored_ids(self, events: list[UsageEvent | OutcomeEvent]) -> set[str]:
+    def _stored_ids(self, events: list[EventRow]) -> set[str]:
         params = {
             "customers": sorted({e.customer_id for e in events}),
             # usage_rated is partitioned by billing period (an anniversary customer's may not be the month).
@@ -452,8 +452,8 @@ class StoreBackedState:
             current.cost_to_serve += counts.cost_to_serve
             current.events += counts.events
             current.tokens += counts.tokens
-        for row in result.rated:
-            self.recent.add(dedupe_key(row.customer_id, row.event_id))
+        for event in result.rated.events:
+            self.recent.add(dedupe_key(event.customer_id, event.event_id))
         self.remember(result)
         self._stored_in_batch = set()
 

@@ -71,6 +71,8 @@ times = st.one_of(
     st.datetimes(),  # naive
     st.sampled_from([NOW, NOW + timedelta(minutes=4), NOW + timedelta(minutes=6), NOW + timedelta(days=3650),
                      "2026-11-27T10:15:00Z", "2026-11-27T10:15:00.123Z", "2026-11-27T10:15:00+05:30",
+                     "2026-11-27T10:15:00.123456Z", "2026-11-27T10:15:00.000000Z", "2026-11-27T10:15:00.120000Z",
+                     "2026-11-27T10:15:00.12345Z", "2026-11-27T10:15:00.1234567Z",
                      "2026-11-27T10:15:00", "1999-12-31T23:59:59Z", "9999-12-31T23:59:59Z", "2026-02-30T00:00:00Z",
                      "0001-01-01T00:30:00+01:00", 1764000000, 1.5e9, True]),
     hostile_text,
@@ -337,9 +339,11 @@ HOSTILE_LINES = [
 
 
 def _time_text(value: datetime) -> str:
-    """Mostly the canonical UTC form the fast path takes (...:SSZ or ...:SS.mmmZ), else isoformat."""
+    """Mostly the canonical UTC forms the fast path takes (...:SSZ, ...:SS.mmmZ, ...:SS.ffffffZ), else isoformat."""
     if value.tzinfo is not None and value.utcoffset() == timedelta(0) and value.microsecond % 7:
         at = value.strftime("%Y-%m-%dT%H:%M:%S")
+        if value.microsecond % 3 == 0:
+            return at + f".{value.microsecond:06d}Z"  # what the SDK writes
         return at + (f".{value.microsecond // 1000:03d}Z" if value.microsecond % 2 else "Z")
     return value.isoformat()
 
@@ -500,7 +504,7 @@ def test_import_scan_as_columns_agrees_with_the_per_event_scan(fmt: str, tmp_pat
 
 
 def test_the_fast_path_writes_what_pydantic_writes_for_every_shape_it_accepts() -> None:
-    """Accepted rows of each shape (optional fields present or not, .000/.123 fractions, attributes,
+    """Accepted rows of each shape (optional fields present or not, .000/.123/.123456 fractions, attributes,
     quantities, outcomes) carry exactly the model's ``wire_bytes()``."""
     from meterstream.schemas import columnar
 
@@ -515,6 +519,9 @@ def test_the_fast_path_writes_what_pydantic_writes_for_every_shape_it_accepts() 
          if False else "documents", "quantity": 10**12 - 1, "schema_version": 1, "type": "usage"},
         {"event_id": "e5", "customer_id": "c", "occurred_at": "2026-11-27T10:15:00Z", "type": "outcome",
          "outcome_type": "ticket", "attribution": "human_assisted", "reversal_of": "e0"},
+        {"event_id": "e6", "customer_id": "c", "occurred_at": "2026-11-27T10:15:00.123456Z", "model": "m"},
+        {"event_id": "e7", "customer_id": "c", "occurred_at": "2026-11-27T10:15:00.000000Z", "model": "m"},
+        {"event_id": "e8", "customer_id": "c", "occurred_at": "2026-11-27T10:15:00.100000Z", "model": "m"},
     ]  # fmt: skip
     names = sorted({k for r in rows for k in r})
     columns = {k: [r.get(k) for r in rows] for k in names}

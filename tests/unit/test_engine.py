@@ -1,0 +1,228 @@
+"""The batch engine against the per-event code it replaced, which stays as the oracle.
+
+- **Rating** (meterstream/pricing/engine.py): ``rate_rows`` over a batch prices every event
+  exactly as ``rate_event`` does one at a time, to the last of the store's 18 digits (the
+  oracle's Decimal computed without rounding, then cut toward zero at 18 digits as the store
+  cuts it), with the same rule, provider, price book version and period, and the same
+  error for an event the book has no price for. Price books are generated with rates of up to
+  20 fractional digits, token counts up to the schema's limit, quantities with 9 decimals.
+- **Decoding** (meterstream/stream_processors/decode.py): ``decode_batch`` over a batch of
+  message values gives, message by message, the verdict of ``decode_event``: the same events
+  accepted (as the engine's rows) and the same rejection text, for generated and hostile
+  values (tests/unit/test_ingest_fuzz.py's generators: oversized, nested, binary, non-UTF-8,
+  far-future, wrong topic), written by other JSON writers (compact, spaced, non-ASCII), with
+  broker timestamps before, at and after the event.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from decimal import ROUND_DOWN, Context, Decimal, localcontext
+from typing import Any
+
+import pytest
+import time_machine
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from meterstream.pricing.engine import SCALE, EventRow, RatedBatch, money, rate_rows, row_of, units
+from meterstream.pricing.plans import load_catalog
+from meterstream.pricing.pricebook import PriceBook
+from meterstream.pricing.rating import RatingError, rate_event
+from meterstream.schemas.events import OutcomeEvent, UsageEvent
+from meterstream.stream_processors.decode import (
+    MAX_EVENT_BYTES,
+    Rejection,
+    decode_batch,
+    decode_event,
+    received_at,
+)
+from tests.unit.test_ingest_fuzz import NOW, crossed, inputs, with_defaults
+from tests.unit.test_ingest_fuzz import _jsonl_line as jsonl_line
+
+T0 = datetime(2026, 3, 14, 9, 26, 53, 589793, tzinfo=timezone.utc)
+EXACT = Context(prec=200)
+
+
+@pytest.fixture(autouse=True)
+def _clock_stopped_at_now() -> Iterator[None]:
+    with time_machine.travel(NOW, tick=False):
+        yield
+
+
+# -- rating ------------------------------------------------------------------------------------
+
+rates = st.decimals(min_value=0, max_value=1000, allow_nan=False, allow_infinity=False, places=None).map(
+    lambda d: d.quantize(Decimal(1).scaleb(-20), rounding=ROUND_DOWN).normalize()
+) | st.sampled_from([Decimal("0"), Decimal("0.25"), Decimal("2.50"), Decimal("0.000000000000000001"),
+                     Decimal("0.00000000000000000123"), Decimal("1E+2"), Decimal("999.99999999999999999999")])  # fmt: skip
+token_rates = st.fixed_dictionaries({"input": rates, "output": rates}, optional={"cached_input": rates})
+book_data = st.fixed_dictionaries({
+    "version": st.just("gen-1"),
+    "models": st.dictionaries(st.sampled_from(["m1", "m2", "m3"]), st.fixed_dictionaries({
+        "provider": st.sampled_from(["openai", "anthropic"]), "credits_per_1k": token_rates, "cost_per_1m": token_rates,
+    }), max_size=3),
+    "meters": st.dictionaries(st.sampled_from(["requests", "documents", "seats"]),
+                              st.fixed_dictionaries({"credits_per_unit": rates, "cost_per_unit": rates}), max_size=3),
+    "outcomes": st.dictionaries(st.sampled_from(["ticket", "lead"]), st.fixed_dictionaries(
+        {"ai_only": rates, "human_assisted": rates, "cost_per_outcome": rates}), max_size=2),
+})  # fmt: skip
+
+
+@st.composite
+def events(draw: st.DrawFn) -> UsageEvent | OutcomeEvent:
+    common = {"event_id": draw(st.sampled_from(["e1", "e2", "e3"])), "customer_id": "acme", "occurred_at": T0,
+              "run_id": draw(st.none() | st.just("run-1"))}  # fmt: skip
+    kind = draw(st.sampled_from(["tokens", "meter", "outcome"]))
+    if kind == "tokens":
+        tokens = st.integers(0, 100_000_000)
+        inp = draw(tokens)
+        return UsageEvent(**common, model=draw(st.sampled_from(["m1", "m2", "m3", "m4"])), input_tokens=inp,
+                          cached_input_tokens=draw(st.integers(0, inp)), output_tokens=draw(tokens),
+                          provider=draw(st.none() | st.just("azure")))  # fmt: skip
+    if kind == "meter":
+        quantity = draw(st.decimals(min_value=Decimal("0.000000001"), max_value=Decimal("1e12"), places=9))
+        return UsageEvent(**common, meter=draw(st.sampled_from(["requests", "documents", "seats", "actions"])),
+                          quantity=quantity)  # fmt: skip
+    return OutcomeEvent(**common, outcome_type=draw(st.sampled_from(["ticket", "lead", "other"])),
+                        attribution=draw(st.sampled_from(["ai_only", "human_assisted"])),
+                        reversal_of=draw(st.none() | st.just("e0")))  # fmt: skip
+
+
+def cut(amount: Decimal) -> int:
+    """The oracle's amount as the store holds it: 10**-18 units, cut toward zero."""
+    with localcontext(EXACT):
+        return int((amount * SCALE).to_integral_value(rounding=ROUND_DOWN))
+
+
+def exact_oracle(event: UsageEvent | OutcomeEvent, book: PriceBook) -> Any:
+    """``rate_event`` with Decimal arithmetic that does not round (the default context rounds at 28 digits)."""
+    with localcontext(EXACT):
+        try:
+            return rate_event(event, book)
+        except RatingError as exc:
+            return exc
+
+
+@settings(max_examples=int(os.environ.get("ENGINE_FUZZ_BATCHES", "300")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
+@given(data=book_data, batch=st.lists(events(), min_size=1, max_size=30))
+def test_the_engine_prices_a_batch_as_the_per_event_oracle_to_the_last_digit(data: dict[str, Any],
+                                                                              batch: list[Any]) -> None:  # fmt: skip
+    book = PriceBook.model_validate(data)
+    rating = rate_rows([row_of(e) for e in batch], lambda customer, at: (book, f"{at:%Y-%m}"))
+    for j, event in enumerate(batch):
+        expected = exact_oracle(event, book)
+        if isinstance(expected, RatingError):
+            assert isinstance(rating.errors[j], RatingError)
+            assert str(rating.errors[j]) == str(expected)
+            continue
+        assert rating.errors[j] is None
+        assert rating.rated.credits[j] == cut(expected.credits), (event, expected.credits)
+        assert rating.rated.cost[j] == cut(expected.cost_to_serve), (event, expected.cost_to_serve)
+        got = rating.rated.row(j)
+        with localcontext(EXACT):
+            truncated = expected.model_copy(update={"credits": money(cut(expected.credits)),
+                                                    "cost_to_serve": money(cut(expected.cost_to_serve))})  # fmt: skip
+        assert got == truncated
+
+
+def test_catalog_rate_is_the_engine_for_a_batch_of_one() -> None:
+    default_catalog = load_catalog()
+    event = UsageEvent(event_id="e", customer_id="acme", occurred_at=T0, model="gpt-4o", input_tokens=1234,
+                       cached_input_tokens=1000, output_tokens=56)  # fmt: skip
+    book, _ = default_catalog.book_of("acme", T0)
+    assert default_catalog.rate(event) == rate_event(event, book)
+    with pytest.raises(RatingError, match="no price for model 'nope'"):
+        default_catalog.rate(event.model_copy(update={"model": "nope"}))
+
+
+@given(st.integers(-(10**37), 10**37))
+def test_money_and_units_are_exact_inverses(amount: int) -> None:
+    assert units(money(amount)) == amount
+    with localcontext(EXACT):  # the default context would round past 28 digits; money does not
+        assert money(amount) == Decimal(amount) / SCALE
+
+
+def test_units_cut_toward_zero_as_the_store_does() -> None:
+    assert units(Decimal("0.0000000000000000019")) == 1
+    assert units(Decimal("-0.0000000000000000019")) == -1
+    assert str(money(150 * SCALE)) == "150" and str(money(30862500000000000)) == "0.0308625"
+
+
+def test_a_rated_batch_is_a_sequence_of_rated_rows() -> None:
+    book = PriceBook.model_validate({"version": "v", "models": {"m": {"provider": "p", "credits_per_1k": {
+        "input": "1", "output": "2"}, "cost_per_1m": {"input": "3", "output": "4"}}}})  # fmt: skip
+    rows = [EventRow("usage", f"e{i}", "acme", T0, model="m", input_tokens=1000 * i) for i in range(3)]
+    rated = rate_rows(rows, lambda c, at: (book, "2026-03")).rated
+    assert [r.credits for r in rated] == [Decimal(0), Decimal(1), Decimal(2)]
+    assert rated[-1].event_id == "e2" and [r.event_id for r in rated[1:]] == ["e1", "e2"]
+    assert rated.take([2, 0]) == [rated[2], rated[0]]
+    assert RatedBatch.of(list(rated)) == rated
+
+
+# -- decoding ----------------------------------------------------------------------------------
+
+def oracle_decode(value: bytes | None, kind: str, timestamp_ms: int | None, now: datetime) -> Any:
+    decoded = decode_event(value, kind, received_at(timestamp_ms, now))  # type: ignore[arg-type]
+    return decoded if isinstance(decoded, Rejection) else row_of(decoded)
+
+
+COUNT = {"messages": 0, "accepted": 0}
+
+
+@settings(max_examples=int(os.environ.get("INGEST_FUZZ_BATCHES", "400")) // 2, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
+@given(drawn=st.lists(inputs, min_size=6, max_size=10), style=st.integers(0, 2),
+       skew=st.sampled_from([None, 0, -400_000, -4_000, 60_000]), data=st.data())  # fmt: skip
+def _decode_differential(drawn: list[dict[str, Any]], style: int, skew: int | None, data: st.DataObject) -> None:
+    values: list[bytes | None] = []
+    for fields in crossed(drawn):
+        try:
+            values.append(jsonl_line(with_defaults(fields), style))
+        except (TypeError, ValueError, UnicodeEncodeError):
+            values.append(repr(fields).encode("utf-8", "surrogatepass"))  # not JSON: a non-Python producer's junk
+    values += [None, b"", b"\xff\xfe", b"[1, 2]", b"{" * 5000, b'{"a":' * 200 + b"1" + b"}" * 200,
+               b" " * (MAX_EVENT_BYTES + 1), b'{"event_id": "e"}']  # fmt: skip
+    kinds = [data.draw(st.sampled_from(["usage", "outcome"])) if i % 5 == 0 else
+             ("outcome" if b'"outcome"' in (v or b"") else "usage") for i, v in enumerate(values)]  # fmt: skip
+    now_ms = int(NOW.timestamp() * 1000)
+    stamps = [None if skew is None else now_ms + skew + (i % 3) for i in range(len(values))]
+    got = decode_batch(values, kinds, stamps, NOW)  # type: ignore[arg-type]
+    verdicts: dict[int, Any] = dict(zip(got.positions, got.rows, strict=True))
+    verdicts.update((i, Rejection(reason)) for i, reason in got.rejections)
+    assert sorted(verdicts) == list(range(len(values)))
+    for i, (value, kind, stamp) in enumerate(zip(values, kinds, stamps, strict=True)):
+        assert verdicts[i] == oracle_decode(value, kind, stamp, NOW), value
+    COUNT["messages"] += len(values)
+    COUNT["accepted"] += len(got.rows)
+
+
+def test_decoding_a_batch_agrees_with_the_model_on_generated_and_hostile_messages() -> None:
+    _decode_differential()
+    assert COUNT["messages"] >= min(50_000, 129 * int(os.environ.get("INGEST_FUZZ_BATCHES", "400")) // 2), COUNT
+    assert COUNT["accepted"] > COUNT["messages"] // 20, COUNT  # the column path is exercised, not only the model's
+
+
+def test_the_column_path_takes_what_the_sdk_writes() -> None:
+    """A batch of SDK-written events (microsecond timestamps) is accepted by the column path, not one by one."""
+    events = [UsageEvent(event_id=f"e{i}", customer_id="acme", occurred_at=NOW - timedelta(seconds=i, microseconds=7),
+                         model="gpt-4o", input_tokens=i) for i in range(50)]  # fmt: skip
+    values = [e.wire_bytes() for e in events]
+    assert b'.999993Z"' in values[0]
+    calls = {"model": 0}
+    import meterstream.stream_processors.decode as decode
+
+    original = decode.decode_event
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls["model"] += 1
+        return original(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(decode, "decode_event", counted)
+        got = decode_batch(values, ["usage"] * 50, [int(NOW.timestamp() * 1000)] * 50, NOW)
+    assert calls["model"] == 0
+    assert got.rows == [row_of(e) for e in events]
