@@ -48,8 +48,15 @@ def _decimals(values: list[Decimal], step: Decimal, scale: int, type_: pa.DataTy
     return pa.array(fitted, type_)
 
 
-def _strings(values: list[str]) -> pa.Array:
+def _strings(values: Sequence[str]) -> pa.Array:
     return pa.array(values, pa.string())
+
+
+def _quantities(values: Sequence[Decimal]) -> pa.Array:
+    """decimal128(38, 9); a batch of token events (every quantity 0) without a Decimal conversion per value."""
+    if not any(values):
+        return pa.Array.from_buffers(_QUANTITY, len(values), [None, pa.py_buffer(bytes(16 * len(values)))])
+    return _decimals(list(values), _QUANTITY_STEP, 9, _QUANTITY)
 
 
 def _money(units: list[int]) -> pa.Array:
@@ -97,28 +104,30 @@ def rated_table(
     rated = rows if isinstance(rows, RatedBatch) else RatedBatch.of(rows)
     n = len(rated)
     places = sources if sources is not None else [("", 0, 0)] * n
-    events = rated.events
-    outcome = ["outcome" if e.kind == "outcome" else "" for e in events]
+    # The engine's rows as columns in one C-level transpose (EventRow's field order).
+    (kind, event_id, customer_id, occurred_at, workflow_id, run_id, meter, model, _, input_tokens, cached_input_tokens,
+     output_tokens, quantity, unit, outcome_type, attribution, _) = zip(*rated.events, strict=True) if n else ((),) * 17  # fmt: skip
+    if "outcome" in kind:  # an outcome's row counts one
+        quantity = tuple(_ONE if k == "outcome" else q for k, q in zip(kind, quantity, strict=True))
     return pa.table(
         {
-            "event_id": _strings([e.event_id for e in events]),
-            "kind": _strings([e.kind for e in events]),
-            "customer_id": _strings([e.customer_id for e in events]),
-            "occurred_at": pa.array([e.occurred_at for e in events], _TIMESTAMP),
+            "event_id": _strings(event_id),
+            "kind": _strings(kind),
+            "customer_id": _strings(customer_id),
+            "occurred_at": pa.array(occurred_at, _TIMESTAMP),
             "period": _strings(rated.period),
-            "meter": _strings([o or e.meter for o, e in zip(outcome, events, strict=True)]),
-            "model": _strings([e.model for e in events]),
+            "meter": _strings(meter),
+            "model": _strings(model),
             "provider": _strings(rated.provider),
-            "workflow_id": _strings([e.workflow_id for e in events]),
-            "run_id": _strings([e.run_id for e in events]),
-            "input_tokens": pa.array([e.input_tokens for e in events], pa.uint64()),
-            "cached_input_tokens": pa.array([e.cached_input_tokens for e in events], pa.uint64()),
-            "output_tokens": pa.array([e.output_tokens for e in events], pa.uint64()),
-            "quantity": _decimals([_ONE if o else e.quantity for o, e in zip(outcome, events, strict=True)],
-                                  _QUANTITY_STEP, 9, _QUANTITY),  # fmt: skip
-            "unit": _strings([e.unit for e in events]),
-            "outcome_type": _strings([e.outcome_type for e in events]),
-            "attribution": _strings([e.attribution for e in events]),
+            "workflow_id": _strings(workflow_id),
+            "run_id": _strings(run_id),
+            "input_tokens": pa.array(input_tokens, pa.uint64()),
+            "cached_input_tokens": pa.array(cached_input_tokens, pa.uint64()),
+            "output_tokens": pa.array(output_tokens, pa.uint64()),
+            "quantity": _quantities(quantity),
+            "unit": _strings(unit),
+            "outcome_type": _strings(outcome_type),
+            "attribution": _strings(attribution),
             "credits": _money(rated.credits),
             "cost_to_serve": _money(rated.cost),
             "currency": _strings(rated.currency),

@@ -108,22 +108,32 @@ def decode_batch(
     n = len(values)
     slow: list[int] = []
     groups: dict[tuple[str, tuple[str, ...]], list[int]] = {}
-    parsed: list[Any] = [None] * n
+    parsed: list[Any] = []
     loads = orjson.loads
-    for i, value in enumerate(values):
-        if value is None or len(value) > MAX_EVENT_BYTES:
-            slow.append(i)
-            continue
+    if n and None not in values and max(map(len, values)) <= MAX_EVENT_BYTES:  # type: ignore[arg-type]
         try:
-            obj = loads(value)
+            parsed = list(map(loads, values))  # type: ignore[arg-type]
         except orjson.JSONDecodeError:
-            slow.append(i)
-            continue
-        if type(obj) is not dict:
-            slow.append(i)
-            continue
-        parsed[i] = obj
-        groups.setdefault((kinds[i], tuple(obj)), []).append(i)
+            parsed = []
+    if parsed and set(map(type, parsed)) == {dict}:  # the usual batch: every value an object
+        for i, layout in enumerate(zip(kinds, map(tuple, parsed), strict=True)):
+            groups.setdefault(layout, []).append(i)
+    else:
+        parsed = [None] * n
+        for i, value in enumerate(values):
+            if value is None or len(value) > MAX_EVENT_BYTES:
+                slow.append(i)
+                continue
+            try:
+                obj = loads(value)
+            except orjson.JSONDecodeError:
+                slow.append(i)
+                continue
+            if type(obj) is not dict:
+                slow.append(i)
+                continue
+            parsed[i] = obj
+            groups.setdefault((kinds[i], tuple(obj)), []).append(i)
     positions: list[int] = []
     rows: list[EventRow] = []
     for (kind, keys), members in groups.items():
