@@ -650,7 +650,7 @@ class Catalog(_Strict):
             period = listed.billing_period(at)
             segments = self.segments(customer_id, period)
         else:
-            period = f"{at.year:04d}-{at.month:02d}"
+            period = self.billing_period(customer_id, at)
             found = self._default_cache.get(period)
             if found is None:
                 self.customer(customer_id)  # UnknownCustomerError without a default plan
@@ -687,7 +687,11 @@ class Catalog(_Strict):
         Customers not listed are billed by calendar month, like the default plan's.
         """
         customer = self.customers.get(customer_id)
-        return customer.billing_period(at) if customer is not None else f"{_utc_date(at):%Y-%m}"
+        if customer is not None:
+            return customer.billing_period(at)
+        if at.tzinfo is timezone.utc:  # the usual case (events are UTC): no conversion, no strftime
+            return f"{at.year:04d}-{at.month:02d}"
+        return f"{_utc_date(at):%Y-%m}"
 
     def open_billing_periods(self, now: datetime) -> set[str]:
         """The billing periods around ``now``: this and last calendar month, and every anniversary
