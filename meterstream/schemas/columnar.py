@@ -233,7 +233,7 @@ def _accept_kind(cols: dict[str, list[Any]], n: int, outcome: bool, none_is_abse
     rows.check("schema_version", int, nullable=False, all_ok=lambda v: set(v) == {1}, each_ok=lambda v: [x == 1 for x in v])
     rows.check("occurred_at", str, nullable=False, required=True, all_ok=lambda v: _all_match(v, _CANONICAL_UTC),
                each_ok=lambda v: _each_match(v, _CANONICAL_UTC))  # fmt: skip
-    attributes = _attributes(rows)
+    attributes = _attributes(rows, wire)
     if outcome:
         rows.in_set("type", frozenset({"outcome"}), required=True)
         rows.identifier("outcome_type", required=True)
@@ -333,26 +333,44 @@ def _instants(texts: list[str], now: datetime) -> tuple[list[datetime], list[int
     return at, keep
 
 
-def _attributes(rows: _Rows) -> list[str]:
-    """The attributes as the JSON pydantic writes (``{}`` when absent); refuses those outside the rule."""
+def _attributes(rows: _Rows, text: bool = True) -> list[str]:
+    """The attributes as the JSON pydantic writes (``{}`` when absent; ``""`` unless ``text``); refuses those
+    outside the rule. A batch's attributes repeat (a service sends the same few): each distinct one is checked once."""
     values = rows.columns.get("attributes")
     if values is None:
-        return ["{}"] * rows.n
+        return ["{}" if text else ""] * rows.n
     out: list[str] = []
+    verdicts: dict[tuple[tuple[Any, ...], ...], str | None] = {}
     for i, value in enumerate(values):
         if value is None and rows.none_is_absent:
             out.append("{}")
             continue
-        text = _plain_attributes(value)
-        if text is None:
+        if type(value) is dict:
+            try:
+                # (key, type, value): 1 and True are equal keys of a dict, not the same attribute
+                key = tuple((k, type(v), v) for k, v in value.items())
+                found = verdicts.get(key, _UNSEEN)
+            except TypeError:  # an unhashable value (a list, a dict): outside the rule, which the check says
+                key, found = None, _UNSEEN
+            if found is _UNSEEN:
+                found = _plain_attributes(value, text)
+                if key is not None:
+                    verdicts[key] = found
+        else:
+            found = None
+        if found is None:
             rows.refused.add(i)
-            text = "{}"
-        out.append(text)
+            found = "{}"
+        out.append(found)
     return out
 
 
-def _plain_attributes(value: Any) -> str | None:
-    """The JSON of an attributes dict inside the rule (orjson writes it as pydantic does), else None."""
+_UNSEEN: Any = object()
+
+
+def _plain_attributes(value: Any, text: bool = True) -> str | None:
+    """The JSON of an attributes dict inside the rule (orjson writes it as pydantic does; ``""`` unless
+    ``text``), else None."""
     if type(value) is not dict:
         return None
     if not value:
@@ -372,7 +390,7 @@ def _plain_attributes(value: Any) -> str | None:
                 return None
         elif kind is not bool:
             return None
-    return orjson.dumps(value).decode()
+    return orjson.dumps(value).decode() if text else ""
 
 
 def _text(values: list[Any] | None, n: int, default: str | None) -> pa.Array:
