@@ -85,13 +85,11 @@ def row_of(event: UsageEvent | OutcomeEvent) -> EventRow:
 
 def money(units: int) -> Decimal:
     """An amount in 10⁻¹⁸ as a Decimal, exactly, without trailing zeros (``150``, ``0.0308625``)."""
-    if units % SCALE == 0:
+    whole, fraction = divmod(abs(units), SCALE)
+    if not fraction:
         return Decimal(units // SCALE)
-    digits = _DIGITS
-    while units % 10 == 0:
-        units //= 10
-        digits -= 1
-    return Decimal(f"{units}E-{digits}")
+    digits = f"{fraction:018d}".rstrip("0")  # string work in C: no loop over the digits
+    return Decimal(f"{'-' if units < 0 else ''}{whole}.{digits}")
 
 
 def units(amount: Decimal) -> int:
