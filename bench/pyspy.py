@@ -21,12 +21,13 @@ _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
 #: Worker stages, recognised by a frame of the stack; the first match in this order wins.
 STAGES: list[tuple[str, tuple[str, ...]]] = [
-    ("decode (pydantic JSON validation)", ("decode_event (",)),
-    ("rate (rate_event / Catalog.rate)", ("rate_event (", "Catalog.rate (")),
+    ("decode (decode_batch: orjson, column checks; the model for the rest)", ("decode_batch (", "decode_event (")),
+    ("rate (the batch engine: rate_rows)", ("rate_rows (", "rate_event (", "Catalog.rate (")),
     ("ClickHouse insert: Arrow columns (columns.py)", ("meterstream/storage/columns.py",)),
     ("ClickHouse insert: engine call (insert_batch)", ("insert_batch (",)),
     ("ClickHouse state reads (StoreBackedState.prepare)", ("StoreBackedState.prepare", "StoreBackedState._load", "StoreBackedState._query", "StoreBackedState._preload")),
-    ("dedupe/aggregate/thresholds (BatchProcessor.process)", ("BatchProcessor.process (",)),
+    ("aggregate/thresholds (BatchProcessor._aggregate)", ("BatchProcessor._aggregate (",)),
+    ("dedupe, reversals, raw rows (BatchProcessor.process)", ("BatchProcessor.process (",)),
     ("state commit", ("BatchProcessor.commit", "StoreBackedState.commit")),
     ("publish alerts/states/dead letters", ("create_app.<locals>.publish",)),
     ("batch consumer: records -> messages, stages, commits", ("BatchConsumer.",)),
