@@ -29,6 +29,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from meterstream.periods import periods_between, previous_period
+from meterstream.pricing.engine import row_of
 from meterstream.pricing.invoice import (
     Invoice,
     InvoiceError,
@@ -459,15 +460,20 @@ def rate_events(
     pairs: list[tuple[UsageEvent | OutcomeEvent, RatedUsage]] = []
     errors: list[str] = []
     seen: set[tuple[str, str]] = set()
+    first: list[UsageEvent | OutcomeEvent] = []
     for event in events:
         key = (event.customer_id, event.event_id)
-        if key in seen:
-            continue
-        seen.add(key)
-        try:
-            pairs.append((event, catalog.rate(event)))
-        except ValueError as exc:  # RatingError, PlanError: the stream would dead-letter it
-            errors.append(f"{event.event_id}: {exc}")
+        if key not in seen:
+            seen.add(key)
+            first.append(event)
+    # One call of the rating engine for the whole set (what the worker does per batch).
+    rating = catalog.rate_rows([row_of(event) for event in first])
+    for j, event in enumerate(first):
+        error = rating.errors[j]
+        if error is not None:  # RatingError, PlanError: the stream would dead-letter it
+            errors.append(f"{event.event_id}: {error}")
+        else:
+            pairs.append((event, rating.rated.row(j)))
     billed: dict[tuple[str, str], RatedUsage] = {}
     for event in earlier:
         if isinstance(event, OutcomeEvent) and not event.reversal_of and (event.customer_id, event.event_id) not in seen:
