@@ -142,6 +142,8 @@ def decode_batch(
             continue
         objs = [parsed[i] for i in members]
         columns = dict(zip(keys, map(list, zip(*map(dict.values, objs), strict=True)), strict=True))
+        if kind == "outcome" and "type" not in columns:
+            columns["type"] = ["outcome"] * len(objs)  # the topic's model: an absent type is its default
         got = columnar.accept(columns, len(objs), none_is_absent=False, now=now)
         outcome = kind == "outcome"
         taken = _rows_of(columns, got, outcome)

@@ -240,3 +240,17 @@ def test_the_column_path_takes_what_the_sdk_writes() -> None:
         got = decode_batch(values, ["usage"] * 50, [int(NOW.timestamp() * 1000)] * 50, NOW)
     assert calls["model"] == 0
     assert got.rows == [row_of(e) for e in events]
+
+
+def test_an_outcome_without_type_on_the_outcome_topic_is_the_models_outcome() -> None:
+    """The topic decides the model, so ``type`` may be omitted (a producer in another language); on the
+    usage topic the same value is the usage model's rejection."""
+    values = [orjson.dumps({"event_id": f"o{i}", "customer_id": "acme", "occurred_at": "2026-03-14T09:26:53Z",
+                            "outcome_type": "ticket", "attribution": "ai_only"}) for i in range(20)]  # fmt: skip
+    stamps = [int(NOW.timestamp() * 1000)] * 20
+    got = decode_batch(values, ["outcome"] * 20, stamps, NOW)
+    assert got.rejections == [] and got.rows == [oracle_decode(v, "outcome", s, NOW) for v, s in zip(values, stamps, strict=True)]
+    refused = decode_batch(values, ["usage"] * 20, stamps, NOW)
+    assert refused.rows == [] and [r for _, r in refused.rejections] == [
+        oracle_decode(v, "usage", s, NOW).reason for v, s in zip(values, stamps, strict=True)
+    ]
