@@ -94,7 +94,7 @@ lint: $(STAMP)
 # The quick loop while editing: the unit tier (pure: no broker, no server) on every core, with
 # hypothesis' `fast` profile (tests/conftest.py). `make test` runs everything, in full.
 test-fast: $(STAMP)
-	METERSTREAM_HYPOTHESIS_PROFILE=fast INGEST_FUZZ_BATCHES=8 INGEST_FUZZ_FILE_BATCHES=8 $(BIN)/python -m pytest -q -n auto tests/unit $(PYTEST_ARGS)
+	METERSTREAM_HYPOTHESIS_PROFILE=fast INGEST_FUZZ_BATCHES=8 INGEST_FUZZ_FILE_BATCHES=8 ENGINE_FUZZ_BATCHES=20 $(BIN)/python -m pytest -q -n auto tests/unit $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -ra tests/unit $(PYTEST_ARGS)
