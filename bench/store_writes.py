@@ -274,25 +274,37 @@ def rated_workload(events: int, customers: int, now: datetime, batch_size: int) 
 _TABLE_OF_INSERT = re.compile(r"INSERT\s+INTO\s+(?:[`\"]?\w+[`\"]?\.)?[`\"]?(\w+)", re.IGNORECASE)
 
 
-def _query_log(client: Any, tag: str) -> dict[str, dict[str, float]]:
+def _query_log(client: Any, tag: str) -> dict[str, dict[str, Any]]:
+    """Per table: the INSERTs of one variant (tagged ``log_comment``), their CPU (``cpu_us``: the
+    query's threads, the pushes to the views included), rows written (views included) and each
+    insert's CPU in the order they ran (``each_cpu_us``)."""
     client.command("SYSTEM FLUSH LOGS")
     rows = client.query(
         "SELECT query, ProfileEvents['UserTimeMicroseconds'] + ProfileEvents['SystemTimeMicroseconds'], "
         "written_rows, query_duration_ms FROM system.query_log "
         "WHERE type = 'QueryFinish' AND query_kind = 'Insert' AND log_comment = {tag:String} "
-        "AND event_date >= yesterday()",
+        "AND event_date >= yesterday() ORDER BY event_time_microseconds",
         parameters={"tag": tag},
     ).result_rows
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, dict[str, Any]] = {}
     for query, cpu_us, written, ms in rows:
         match = _TABLE_OF_INSERT.search(query)
         table = match.group(1) if match else "?"
-        acc = out.setdefault(table, {"inserts": 0, "cpu_us": 0, "written_rows": 0, "wall_ms": 0})
+        acc = out.setdefault(table, {"inserts": 0, "cpu_us": 0, "written_rows": 0, "wall_ms": 0, "each_cpu_us": []})
         acc["inserts"] += 1
         acc["cpu_us"] += cpu_us
         acc["written_rows"] += written
         acc["wall_ms"] += ms
+        acc["each_cpu_us"].append(cpu_us)
     return out
+
+
+def _median_batch(each_cpu_us: Sequence[float], sizes: Sequence[int]) -> float | None:
+    """The median over a variant's batches of one table's insert CPU per event (robust to a batch that
+    shared its core with someone else's work); None when the inserts do not match the batches."""
+    if len(each_cpu_us) != len(sizes) or not sizes:
+        return None
+    return round(statistics.median(cpu / n for cpu, n in zip(each_cpu_us, sizes, strict=True)), 2)
 
 
 def _merges_quiet(client: Any, database: str, timeout: float) -> float:
@@ -363,6 +375,12 @@ def insert_variant(dsn: str, pid: int, work: RatedWorkload, views: Sequence[View
         "wall_seconds": round(wall, 3),
         "server_query_cpu_us_per_event": round(query_cpu / n, 2),
         "server_query_cpu_us_per_event_by_table": {k: round(v["cpu_us"] / n, 2) for k, v in sorted(per_table.items())},
+        "median_batch_cpu_us_per_event_by_table": {
+            "events_raw": _median_batch(per_table.get("events_raw", {}).get("each_cpu_us", []),
+                                        [len(b.raw) for b in work.batches if b.raw]),
+            "usage_rated": _median_batch(per_table.get("usage_rated", {}).get("each_cpu_us", []),
+                                         [len(b.rated) for b in work.batches if b.rated]),
+        },  # fmt: skip
         "written_rows_by_insert": {k: int(v["written_rows"]) for k, v in sorted(per_table.items())},
         "inserts_by_table": {k: int(v["inserts"]) for k, v in sorted(per_table.items())},
         "server_process_cpu_us_per_event_inserts": round((server1 - server0) * 1e6 / n, 2),
@@ -398,14 +416,20 @@ def phase_insert(dsn: str, pid: int, args: argparse.Namespace) -> dict[str, Any]
         return round(float(statistics.median(r["server_query_cpu_us_per_event_by_table"].get(table, 0.0)
                                               for r in runs[label])), 2)
 
+    def _median_of(values: list[float | None]) -> float | None:
+        known = [v for v in values if v is not None]
+        return round(float(statistics.median(known)), 2) if known else None
+
     full = plan[0][0]
-    summary = []
+    summary: list[dict[str, Any]] = []
     for label, dropped in plan:
         row: dict[str, Any] = {
             "variant": label,
             "dropped": dropped,
             "server_query_cpu_us_per_event": med(label, "server_query_cpu_us_per_event"),
             "usage_rated_insert_cpu_us_per_event": med_table(label, "usage_rated"),
+            "usage_rated_median_batch_cpu_us_per_event": _median_of(
+                [r["median_batch_cpu_us_per_event_by_table"]["usage_rated"] for r in runs[label]]),
             "events_raw_insert_cpu_us_per_event": med_table(label, "events_raw"),
             "budget_alerts_insert_cpu_us_per_event": med_table(label, "budget_alerts"),
             "server_process_cpu_us_per_event_with_merges": med(label, "server_process_cpu_us_per_event_with_merges"),
@@ -418,6 +442,10 @@ def phase_insert(dsn: str, pid: int, args: argparse.Namespace) -> dict[str, Any]
         if dropped and label != full:
             row["saved_vs_full_us_per_event"] = round(
                 med(full, "server_query_cpu_us_per_event") - row["server_query_cpu_us_per_event"], 2)
+            full_batch = summary[0]["usage_rated_median_batch_cpu_us_per_event"]
+            if full_batch is not None and row["usage_rated_median_batch_cpu_us_per_event"] is not None:
+                row["saved_vs_full_median_batch_us_per_event"] = round(
+                    full_batch - row["usage_rated_median_batch_cpu_us_per_event"], 2)
             row["saved_vs_full_process_us_per_event"] = round(
                 med(full, "server_process_cpu_us_per_event_with_merges")
                 - row["server_process_cpu_us_per_event_with_merges"], 2)  # fmt: skip
@@ -467,6 +495,7 @@ SELECT {bucket} AS {name}, customer_id, meter, model, workflow_id, count() AS ev
        sum(cost_to_serve) AS cost_to_serve
 FROM usage_rated FINAL
 WHERE period = {{period:String}} AND ({{customer:String}} = '' OR customer_id = {{customer:String}})
+  AND ({{day:String}} = '' OR toDate(occurred_at, 'UTC') = toDateOrZero({{day:String}}))
 GROUP BY {name}, customer_id, meter, model, workflow_id
 ORDER BY {name}, customer_id, meter, model, workflow_id
 """
@@ -638,18 +667,25 @@ def phase_read(dsn: str, args: argparse.Namespace) -> dict[str, Any]:
                        "period_usage from usage_rated FINAL only": lambda: month_to_date(run_with(True), catalog, period)},
                       max(3, args.runs // 2), lambda a, b: a.rows == b.rows and a.problems == b.problems, q),
         }  # fmt: skip
-        for view, name, final in (("usage_daily_mv", "usage_daily", DAILY_FINAL),
-                                  ("usage_hourly_mv", "usage_hourly", HOURLY_FINAL)):  # fmt: skip
-            for label, customer in (("heaviest customer", heaviest[0]), ("every customer", "")):
-                p = {"period": period, "customer": customer, "day": ""}
-                sources = Counter(r[-1] for r in q(saved_query(name), p).rows)
-                reads[f"{name}, {label}"] = {
-                    "serves": [view],
-                    "saved_query_row_sources": dict(sources),
-                    **compare({"saved query (rollup)": partial(q, saved_query(name), p),
-                               "usage_rated FINAL only": partial(q, final, p)},
-                              args.runs, rows_equal(("source",)), q),
-                }  # fmt: skip
+        # `meterstream usage daily|hourly [--customer C] [--day D]`: the whole period for every
+        # customer hourly returns ~0.9M rows here (~15 s either way): only with --all-hourly.
+        one_day = (datetime.fromisoformat(meta["as_of"]) - timedelta(days=1)).date().isoformat()
+        series = [("usage_daily_mv", "usage_daily", DAILY_FINAL, "heaviest customer", heaviest[0], ""),
+                  ("usage_daily_mv", "usage_daily", DAILY_FINAL, "every customer", "", ""),
+                  ("usage_hourly_mv", "usage_hourly", HOURLY_FINAL, "heaviest customer", heaviest[0], ""),
+                  ("usage_hourly_mv", "usage_hourly", HOURLY_FINAL, f"every customer, --day {one_day}", "", one_day)]
+        if args.all_hourly:
+            series.append(("usage_hourly_mv", "usage_hourly", HOURLY_FINAL, "every customer, whole period", "", ""))
+        for view, name, final, label, customer, day in series:
+            p = {"period": period, "customer": customer, "day": day}
+            sources = Counter(r[-1] for r in q(saved_query(name), p).rows)
+            reads[f"{name}, {label}"] = {
+                "serves": [view],
+                "saved_query_row_sources": dict(sources),
+                **compare({"saved query (rollup)": partial(q, saved_query(name), p),
+                           "usage_rated FINAL only": partial(q, final, p)},
+                          args.runs, rows_equal(("source",)), q),
+            }  # fmt: skip
         p = {"customer": heaviest[0]}
         reads["customer_periods, heaviest customer"] = {
             "serves": ["usage_day_counts_mv"],
@@ -671,16 +707,21 @@ def _print(results: dict[str, Any]) -> None:
         w = ins["workload"]
         t = Table(title=f"Insert cost per stored event ({w['stored_events']:,} events, {w['batches']} batches of "
                         f"≤ {w['batch_size']:,}, {w['alerts']:,} alerts; median of {ins['rounds']} rounds)")  # fmt: skip
-        for col in ("variant", "server µs/event (query_log)", "range", "of which usage_rated",
-                    "saved vs full", "server process µs/event (+merges)", "client: Arrow build", "client: insert_batch"):
+        for col in ("variant", "all inserts µs/event (query_log)", "range", "usage_rated insert",
+                    "usage_rated, median batch", "full − this (median batch)", "process µs/event (+merges)",
+                    "client: Arrow build", "client: insert_batch"):  # fmt: skip
             t.add_column(col, justify="left" if col == "variant" else "right")
+
+        def f(value: float | None) -> str:
+            return "" if value is None else f"{value:.1f}"
+
         for r in ins["summary"]:
-            t.add_row(r["variant"], f"{r['server_query_cpu_us_per_event']:.1f}",
-                      f"{r['range_server_query_cpu_us_per_event'][0]:.1f}–{r['range_server_query_cpu_us_per_event'][1]:.1f}",
-                      f"{r['usage_rated_insert_cpu_us_per_event']:.1f}",
-                      f"{r['saved_vs_full_us_per_event']:.1f}" if "saved_vs_full_us_per_event" in r else "",
-                      f"{r['server_process_cpu_us_per_event_with_merges']:.1f}",
-                      f"{r['client_arrow_build_cpu_us_per_event']:.1f}", f"{r['client_insert_batch_cpu_us_per_event']:.1f}")
+            low, high = r["range_server_query_cpu_us_per_event"]
+            t.add_row(r["variant"], f(r["server_query_cpu_us_per_event"]), f"{low:.1f}–{high:.1f}",
+                      f(r["usage_rated_insert_cpu_us_per_event"]), f(r["usage_rated_median_batch_cpu_us_per_event"]),
+                      f(r.get("saved_vs_full_median_batch_us_per_event")),
+                      f(r["server_process_cpu_us_per_event_with_merges"]),
+                      f(r["client_arrow_build_cpu_us_per_event"]), f(r["client_insert_batch_cpu_us_per_event"]))
         console.print(t)
     if "read" in results:
         rd = results["read"]
@@ -713,6 +754,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--read-customers", type=int, default=1_000, help="read: customers of the read store")
     parser.add_argument("--runs", type=int, default=7, help="read: timed runs per way (after one untimed)")
     parser.add_argument("--rebuild", action="store_true", help="read: build the read store again")
+    parser.add_argument("--all-hourly", action="store_true",
+                        help="read: also usage_hourly for every customer over the whole period (~15 s a call)")
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args(argv)
     phases = {p.strip() for p in args.phases.split(",") if p.strip()}
