@@ -1,7 +1,7 @@
 """Write amplification in the open: what each insert feeds, what it costs, and the reads it buys.
 
-    .venv/bin/python -m bench.store_writes                   # both phases (~3-5 min; the read store is cached)
-    .venv/bin/python -m bench.store_writes --phases insert   # insert cost per target only (~1-2 min)
+    .venv/bin/python -m bench.store_writes                   # both phases (~8 min on the loaded 2-core VM; read store cached)
+    .venv/bin/python -m bench.store_writes --phases insert   # insert cost per target only (~3-4 min)
     .venv/bin/python -m bench.store_writes --phases read     # read benefit per view only
 
 It starts a **private ClickHouse server** (the project's own, ``meterstream.services.clickhouse``,
@@ -67,6 +67,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import clickhouse_connect
+import pyarrow
 from rich.console import Console
 from rich.table import Table
 
@@ -745,14 +746,14 @@ def _print(results: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--phases", default="insert,read", help="insert,read (default both)")
-    parser.add_argument("--events", type=int, default=100_000, help="insert: messages generated (resends included)")
+    parser.add_argument("--events", type=int, default=50_000, help="insert: messages generated (resends included)")
     parser.add_argument("--customers", type=int, default=10_000, help="insert: customers of the workload")
     parser.add_argument("--batch-size", type=int, default=5_000, help="insert: the worker's default batch_size")
-    parser.add_argument("--rounds", type=int, default=3, help="insert: rounds over every variant (rotated order)")
+    parser.add_argument("--rounds", type=int, default=5, help="insert: rounds over every variant (rotated order)")
     parser.add_argument("--merge-timeout", type=float, default=20.0, help="insert: wait for merges, seconds")
     parser.add_argument("--rows", type=int, default=2_000_000, help="read: rated rows in the read store")
     parser.add_argument("--read-customers", type=int, default=1_000, help="read: customers of the read store")
-    parser.add_argument("--runs", type=int, default=7, help="read: timed runs per way (after one untimed)")
+    parser.add_argument("--runs", type=int, default=5, help="read: timed runs per way (after one untimed)")
     parser.add_argument("--rebuild", action="store_true", help="read: build the read store again")
     parser.add_argument("--all-hourly", action="store_true",
                         help="read: also usage_hourly for every customer over the whole period (~15 s a call)")
@@ -767,6 +768,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"run": stamp, "command": " ".join(sys.argv), "machine": machine_info(),
                                "versions": versions(None), "source": source_fingerprint(),
                                "args": vars(args) | {"json_out": str(args.json_out)}}  # fmt: skip
+    results["versions"]["pyarrow"] = pyarrow.__version__
     results["versions"].pop("kafka_broker", None)
     results["versions"].pop("java", None)
     STATE_DIR.mkdir(parents=True, exist_ok=True)
