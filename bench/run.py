@@ -26,6 +26,10 @@ database on the ClickHouse server of METERSTREAM_CLICKHOUSE__DSN (the local one 
 `meterstream services up` by default: started if needed, stopped if started here). Prints the
 machine, the versions and a table; writes ``bench/results/<timestamp>.json``.
 Every wait is bounded; every process started here is stopped on exit.
+
+The store's write amplification (what each insert feeds: events_raw, usage_rated and its
+materialized views, budget_alerts; the insert CPU of each view and the reads it buys) is
+measured apart, on a private ClickHouse server: ``python -m bench.store_writes``.
 """
 
 from __future__ import annotations
