@@ -86,7 +86,7 @@ from meterstream.storage.clickhouse import SQL_DIR, ClickHouseStore, QueryResult
 from meterstream.storage.columns import raw_table
 from meterstream.storage.queries import saved_query
 from meterstream.storage.settle import settle
-from meterstream.stream_processors.processing import BatchProcessor, InboundMessage, MonthToDate, dedupe_key
+from meterstream.stream_processors.processing import BatchProcessor, InboundMessage, MonthToDate
 
 REPO = Path(__file__).resolve().parents[1]
 STATE_DIR = REPO / ".local" / "bench" / "store-writes"
@@ -238,8 +238,7 @@ def _rate(messages: Sequence[InboundMessage], budgets: BudgetBook, now: datetime
     for start in range(0, len(messages), batch_size):
         result = processor.process(messages[start : start + batch_size], lambda k: totals.get(k, MonthToDate()), now=now)
         totals.update(result.month_to_date)
-        for row in result.rated:  # what the worker's state commit remembers
-            processor.seen.add(dedupe_key(row.customer_id, row.event_id))
+        processor.commit(result)  # what the worker's state commit remembers
         out.duplicates += result.duplicates
         if result.dead_letters:
             raise RuntimeError(f"the workload produced dead letters: {result.dead_letters[0]}")
