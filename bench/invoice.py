@@ -217,7 +217,7 @@ def build(store_dir: Path, rows: int, customers: int, now: datetime | None = Non
 FULL_FINAL_INVOICE = """
 SELECT kind, meter, model, outcome_type, attribution, price_book_version AS plan_version,
        endsWith(rule, ':reversal') AS is_reversal, count() AS events, sum(credits) AS credits,
-       sum(cost_to_serve) AS cost_to_serve, max(quantity) AS max_quantity
+       sum(cost_to_serve) AS cost_to_serve, max(quantity) AS max_quantity, sum(quantity) AS sum_quantity
 FROM usage_rated FINAL
 WHERE customer_id = {customer:String} AND period = {period:String}
   AND (billed_in = '' OR ({late_until:String} != '' AND billed_in <= {late_until:String}))
