@@ -1,7 +1,8 @@
 """Events validated as columns: fast accept, exact reject.
 
 :func:`accept` looks at a batch of records given as columns (one list of values per
-wire field) and accepts, with whole-column operations (Arrow compute kernels and
+wire field) and accepts, with whole-column operations (one regex pass over a column's
+values joined, RE2 through Arrow for large columns; sets, ``min``/``max`` and other
 C-level list passes), the rows it can prove the pydantic models accept. It never
 rejects anything: every row it does not accept is for the caller to validate alone
 with :class:`~meterstream.schemas.events.UsageEvent` /
@@ -68,7 +69,7 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from functools import cache
 from itertools import chain
-from operator import le
+from operator import attrgetter, le
 from typing import Any, Final
 
 import orjson
@@ -103,6 +104,7 @@ _ATTRIBUTIONS = frozenset(a.value for a in Attribution)
 _TOKENS = Meter.TOKENS.value
 _NONE = type(None)
 _UTC = timezone.utc
+_tzinfo = attrgetter("tzinfo")
 
 
 @dataclass(frozen=True)
@@ -268,7 +270,8 @@ def _utc_datetimes(values: list[Any] | None) -> bool:
     """Every value an exact datetime in ``timezone.utc``: what the model keeps as it is."""
     if not values or set(map(type, values)) != {datetime}:
         return False
-    return all(v.tzinfo is _UTC for v in values)  # identity, as the model tests it (an equal tzinfo is parsed)
+    # identity, as the model tests it (an equal tzinfo is parsed): the ids of the tzinfos, in C
+    return set(map(id, map(_tzinfo, values))) == {id(_UTC)}
 
 
 def _accept_kind(cols: dict[str, list[Any]], n: int, outcome: bool, none_is_absent: bool, now: datetime,
@@ -407,7 +410,9 @@ def _attributes(rows: _Rows) -> list[str]:
     if values is None:
         return ["{}"] * rows.n
     if set(map(type, values)) == {dict} and _all_plain_attributes(values):
-        return [text.decode() for text in map(orjson.dumps, values)]
+        written = list(map(orjson.dumps, values))
+        decoded = {raw: raw.decode() for raw in set(written)}  # few distinct attribute sets, usually
+        return list(map(decoded.__getitem__, written))
     out: list[str] = []
     for i, value in enumerate(values):
         if value is None and rows.none_is_absent:
