@@ -603,3 +603,23 @@ def orjson_dumps(value: Any) -> bytes:
     import orjson
 
     return orjson.dumps(value)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(values=st.lists(st.one_of(ids, hostile_text, st.sampled_from(["2026-11-27T10:15:00Z", "2026-11-27T10:15:00.123Z",
+                                                                     "007", "12", "0", "a\nb", "x" * 128, "page"])),
+                       min_size=1, max_size=30))  # fmt: skip
+def test_small_columns_are_matched_by_python_re_as_by_re2(values: list[str]) -> None:
+    """Columns under ``_RE2_FROM`` values are matched with Python's ``re`` (RE2 through Arrow compiles the
+    pattern per call): both engines give the same verdicts for every pattern of the rule."""
+    from meterstream.schemas import columnar
+
+    patterns = [columnar._IDENTIFIER, columnar._CANONICAL_UTC, columnar._QUANTITY_DIGITS, columnar._PLAIN_UNIT]
+    values = [v for v in values if not any("\ud800" <= c <= "\udfff" for c in v)]  # Arrow needs UTF-8
+    if not values:
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        python = [(columnar._all_match(values, p), columnar._each_match(values, p)) for p in patterns]
+        patch.setattr(columnar, "_RE2_FROM", 0)
+        re2 = [(columnar._all_match(values, p), columnar._each_match(values, p)) for p in patterns]
+    assert python == re2
