@@ -408,6 +408,7 @@ def _accept_as_columns(items: list[Any]) -> tuple[list[int], list[tuple[bool, by
         if len(got.rows) != len(members):
             accepted = set(got.rows)
             slow.extend(m for r, m in enumerate(members) if r not in accepted)
+    slow.sort()  # batch order: the first invalid item is the one reported
     return positions, messages, slow
 
 

@@ -299,6 +299,14 @@ def test_record_many_reports_the_first_invalid_item_with_its_position() -> None:
     alone = oracle({**bad, "event_id": "e", "occurred_at": NOW})
     assert str(caught.value) == str(alone)
     assert "item 2 of the batch" in " ".join(caught.value.__notes__)
+    # the first invalid item in batch order, whichever key layout (column group) it is in
+    goods = [{**good, "event_id": f"e{i}", "occurred_at": NOW} for i in range(20)]
+    batch: list[Any] = [*goods[:3], {"type": "outcome", "event_id": "o", "occurred_at": NOW}, *goods[3:]]
+    batch[6] = {**batch[6], "input_tokens": "12"}
+    with pytest.raises(ValidationError) as caught:
+        _wire_many(batch)
+    assert str(caught.value) == str(oracle(batch[3]))
+    assert "item 3 of the batch" in " ".join(caught.value.__notes__)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
