@@ -17,9 +17,12 @@ import json
 import logging
 import os
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
+from itertools import repeat
+from operator import contains, gt
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
@@ -32,6 +35,7 @@ from meterstream.producers.llm import (
     usage_from_anthropic,
     usage_from_openai,
 )
+from meterstream.schemas import columnar
 from meterstream.schemas.events import Attribution, Meter, OutcomeEvent, UsageEvent
 from meterstream.topics import Topics
 
@@ -113,12 +117,15 @@ class MeterClient:
         Items are built events or field mappings in the wire format (``customer_id`` and
         the event's fields; ``"type": "outcome"`` marks an outcome; ``event_id`` and
         ``occurred_at`` default to new/now as in :meth:`record_usage`). Every item is
-        validated before anything is sent, by the models, in one pydantic-core call per
-        kind (``TypeAdapter(list[UsageEvent])``, no Python ``__init__`` per item). If an
-        item is invalid, the :class:`pydantic.ValidationError` building it alone raises
-        (same errors, same text) is raised for the first invalid item, with a note giving
-        its position, and nothing of the batch is queued. Every event gets the delivery
-        callback that :meth:`record` gives it (``delivered``/``failed``/``on_delivery_error``).
+        validated before anything is sent. Field dicts are checked as columns, grouped by
+        their keys (:func:`meterstream.schemas.columnar.accept`: it accepts only what it
+        can prove the models accept, and writes the bytes they would write); every item it
+        does not accept, and every built event or other mapping, goes through the models,
+        in one pydantic-core call per kind. If an item is invalid, the
+        :class:`pydantic.ValidationError` building it alone raises (same errors, same text)
+        is raised for the first invalid item, with a note giving its position, and nothing
+        of the batch is queued. Every event gets the delivery callback that :meth:`record`
+        gives it (``delivered``/``failed``/``on_delivery_error``).
         """
         if self._closed:
             raise ProducerClosed("this MeterClient is closed")
@@ -324,13 +331,37 @@ _UUID4_SET = 0x4000 << 64 | 0x8000 << 48
 
 _USAGE_LIST = TypeAdapter(list[UsageEvent])
 _OUTCOME_LIST = TypeAdapter(list[OutcomeEvent])
+#: Items of one key layout below this many are validated by the models alone (not worth a column pass).
+_MIN_GROUP = 16
 
 
 def _wire_many(items: list[UsageEvent | OutcomeEvent | Mapping[str, Any]]) -> list[tuple[bool, bytes, bytes]]:
     """``(is_outcome, key, value)`` per item, in order: what ``record`` of the item's model would produce.
 
-    Raises the first invalid item's own ValidationError (see ``record_many``).
+    Field dicts are grouped by their keys (in order) and each group of at least
+    :data:`_MIN_GROUP` goes through :func:`columnar.accept` as columns, against the clock read
+    before it (the models read theirs later, so what it accepts they accept too); its accepted
+    rows are sent with the wire bytes it builds. Every other item is validated by the models
+    (:func:`_validate_many`), whose errors are raised (see ``record_many``).
     """
+    given: list[Any] = items
+    if set(map(type, given)) == {dict} and all(map(contains, given, repeat("event_id"))) and \
+            all(map(contains, given, repeat("occurred_at"))):  # fmt: skip
+        filled = given  # the usual batch: dicts with ids and times, checked in C
+    else:
+        filled = _filled(given)
+    positions, messages, slow = _accept_as_columns(filled)
+    if slow:
+        events = _validate_many([filled[i] for i in slow], slow)
+        positions += slow
+        messages += [(type(event) is OutcomeEvent, event.customer_id.encode(), event.wire_bytes()) for event in events]
+    if len(positions) > 1 and any(map(gt, positions, positions[1:])):  # back in batch order
+        messages = list(map(messages.__getitem__, sorted(range(len(positions)), key=positions.__getitem__)))
+    return messages
+
+
+def _filled(items: list[Any]) -> list[Any]:
+    """The items with ``event_id`` and ``occurred_at`` filled in where missing (new/now, as ``record_usage``)."""
     filled: list[Any] = []
     for i, item in enumerate(items):
         if type(item) is dict and "event_id" in item and "occurred_at" in item:
@@ -343,8 +374,42 @@ def _wire_many(items: list[UsageEvent | OutcomeEvent | Mapping[str, Any]]) -> li
             filled.append({"event_id": new_event_id(), "occurred_at": utc_now(), **item})
         else:
             filled.append(item)
-    return [(type(event) is OutcomeEvent, event.customer_id.encode(), event.wire_bytes())
-            for event in _validate_many(filled)]
+    return filled
+
+
+def _accept_as_columns(items: list[Any]) -> tuple[list[int], list[tuple[bool, bytes, bytes]], list[int]]:
+    """``(positions, messages)`` of the field dicts :func:`columnar.accept` accepts; the positions of the other items."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    slow: list[int] = []
+    if set(map(type, items)) == {dict} and len(layouts := set(map(tuple, items))) == 1:
+        groups[layouts.pop()] = list(range(len(items)))  # the usual batch: one key layout
+    else:
+        grouped: dict[tuple[Any, ...], list[int]] = defaultdict(list)
+        for i, item in enumerate(items):
+            if type(item) is dict:
+                grouped[tuple(item)].append(i)
+            else:
+                slow.append(i)  # a built event (its own wire bytes) or another mapping: the model path
+        groups = grouped
+    positions: list[int] = []
+    messages: list[tuple[bool, bytes, bytes]] = []
+    now = utc_now()
+    for keys, members in groups.items():
+        if len(members) < _MIN_GROUP:
+            slow.extend(members)
+            continue
+        rows = items if len(members) == len(items) else [items[i] for i in members]
+        # one layout: every dict's values are in the order of ``keys``, so one transpose gives the columns
+        columns = dict(zip(keys, map(list, zip(*map(dict.values, rows), strict=True)), strict=True))
+        got = columnar.accept(columns, len(rows), none_is_absent=False, now=now, wire=True, python=True)
+        assert got.wire is not None
+        positions += map(members.__getitem__, got.rows)
+        messages += zip(got.outcome, map(str.encode, got.customer_id), got.wire, strict=True)
+        if len(got.rows) != len(members):
+            accepted = set(got.rows)
+            slow.extend(m for r, m in enumerate(members) if r not in accepted)
+    slow.sort()  # batch order: the first invalid item is the one reported
+    return positions, messages, slow
 
 
 def _validate_many(items: list[Any], positions: list[int] | None = None) -> list[UsageEvent | OutcomeEvent]:

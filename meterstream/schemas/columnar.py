@@ -1,7 +1,8 @@
 """Events validated as columns: fast accept, exact reject.
 
 :func:`accept` looks at a batch of records given as columns (one list of values per
-wire field) and accepts, with whole-column operations (Arrow compute kernels and
+wire field) and accepts, with whole-column operations (one regex pass over a column's
+values joined, RE2 through Arrow for large columns; sets, ``min``/``max`` and other
 C-level list passes), the rows it can prove the pydantic models accept. It never
 rejects anything: every row it does not accept is for the caller to validate alone
 with :class:`~meterstream.schemas.events.UsageEvent` /
@@ -44,7 +45,20 @@ else goes to the model:
 identifiers and ``unit``) is a rejection here unless ``none_is_absent``. For accepted
 rows :func:`accept` also builds, column-wise, the bytes ``wire_bytes()`` of the
 model would produce (``tests/unit/test_ingest_fuzz.py`` compares both on generated
-and hostile input, for JSON Lines, CSV and Parquet).
+and hostile input, for JSON Lines, CSV and Parquet, and for ``record_many``'s batches).
+
+**Python values** (``python=True``, the SDK's ``record_many``: fields as an application
+passes them to the model, never read from JSON). Besides the above, the fast path then
+takes the values the model reads exactly as their wire form, and nothing else:
+
+- ``occurred_at`` an exact :class:`~datetime.datetime` whose ``tzinfo`` is
+  :data:`datetime.timezone.utc` (the model keeps it as it is), within the same limits,
+  when the whole column of the kind's rows is such datetimes (a column mixing them with
+  strings goes to the model);
+- ``meter`` / ``attribution`` an exact :class:`~meterstream.schemas.events.Meter` /
+  :class:`~meterstream.schemas.events.Attribution` member (as its value);
+- ``quantity`` an exact :class:`~decimal.Decimal` whose ``str`` is the digits form above
+  (the model keeps the Decimal and writes its ``str``).
 """
 
 from __future__ import annotations
@@ -52,8 +66,11 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from operator import le
+from datetime import datetime, timezone
+from decimal import Decimal
+from functools import cache
+from itertools import chain
+from operator import attrgetter, le
 from typing import Any, Final
 
 import orjson
@@ -87,6 +104,8 @@ _METERS = frozenset(m.value for m in Meter)
 _ATTRIBUTIONS = frozenset(a.value for a in Attribution)
 _TOKENS = Meter.TOKENS.value
 _NONE = type(None)
+_UTC = timezone.utc
+_tzinfo = attrgetter("tzinfo")
 
 
 @dataclass(frozen=True)
@@ -105,15 +124,30 @@ class Accepted:
     wire: list[bytes] | None
 
 
+#: Below this many values a pattern is matched with Python's ``re``: RE2 compiles the pattern on every
+#: Arrow call (~6 ms for the identifier's ``{0,127}``), which only a large column repays.
+_RE2_FROM = 20_000
+
+
+@cache
+def _compiled(pattern: str, joined: bool) -> re.Pattern[str]:
+    return re.compile(f"(?:(?:{pattern})\n)*" if joined else f"(?:{pattern})")
+
+
 def _all_match(values: list[str], pattern: str) -> bool:
-    """Every value (all ``str``) matches ``pattern`` whole: one RE2 pass over the values joined by newlines."""
+    """Every value (all ``str``) matches ``pattern`` whole: one pass over the values joined by newlines."""
     text = "\n".join(values)
     if text.count("\n") != len(values) - 1:  # a value holding a newline: not one of ours
         return False
+    if len(values) < _RE2_FROM:
+        return _compiled(pattern, True).fullmatch(text + "\n") is not None
     return bool(pc.match_substring_regex(pa.array([text + "\n"]), f"^(?:(?:{pattern})\n)*$")[0].as_py())
 
 
 def _each_match(values: list[str], pattern: str) -> list[bool]:
+    if len(values) < _RE2_FROM:
+        match = _compiled(pattern, False).fullmatch
+        return [match(v) is not None for v in values]
     return pc.match_substring_regex(pa.array(values, pa.string()), f"^(?:{pattern})$").to_pylist()  # type: ignore[no-any-return]
 
 
@@ -185,25 +219,29 @@ def accept(
     none_is_absent: bool,
     now: datetime,
     wire: bool = False,
+    python: bool = False,
 ) -> Accepted:
     """The rows of the batch the fast path accepts (see the module's rule), with their wire bytes if ``wire``.
 
     ``columns`` maps a field name to its ``n`` values; a name not in ``columns`` is absent
     from every row. With ``none_is_absent`` False (JSON: the caller groups lines by their
     keys) every row has every key of ``columns``, and ``None`` is an explicit JSON null.
-    ``now`` is the caller's clock, read before the call.
+    ``now`` is the caller's clock, read before the call. ``python``: the values are Python
+    values given to the model as they are (see the module's rule).
     """
     cols = {name: list(values) for name, values in columns.items()}
+    if python:
+        _python_values(cols)
     types = cols.get("type")
     if types is None or "outcome" not in types:
-        return _accept_kind(cols, n, False, none_is_absent, now, wire)
+        return _accept_kind(cols, n, False, none_is_absent, now, wire, python)
     if all(t == "outcome" for t in types):
-        return _accept_kind(cols, n, True, none_is_absent, now, wire)
+        return _accept_kind(cols, n, True, none_is_absent, now, wire, python)
     parts = []
     for outcome in (False, True):
         index = [i for i, t in enumerate(types) if (t == "outcome") is outcome]
         sub = {name: [values[i] for i in index] for name, values in cols.items()}
-        got = _accept_kind(sub, len(index), outcome, none_is_absent, now, wire)
+        got = _accept_kind(sub, len(index), outcome, none_is_absent, now, wire, python)
         parts.append((index, got))
     merged = sorted((index[r], part, j) for index, part in parts for j, r in enumerate(part.rows))
     return Accepted(
@@ -216,8 +254,29 @@ def accept(
     )
 
 
+def _python_values(cols: dict[str, list[Any]]) -> None:
+    """Enum members and plain-digit Decimals as the wire values the model reads them as (in place)."""
+    for name, enum in (("meter", Meter), ("attribution", Attribution)):
+        values = cols.get(name)
+        if values is not None and enum in set(map(type, values)):
+            cols[name] = [v.value if type(v) is enum else v for v in values]
+    quantity = cols.get("quantity")
+    if quantity is not None and Decimal in set(map(type, quantity)):
+        # the model keeps a Decimal and writes str(); plain digits read as an int write the same
+        cols["quantity"] = [int(text) if type(v) is Decimal and (text := str(v)).isascii()
+                            and re.fullmatch(_QUANTITY_DIGITS, text) else v for v in quantity]  # fmt: skip
+
+
+def _utc_datetimes(values: list[Any] | None) -> bool:
+    """Every value an exact datetime in ``timezone.utc``: what the model keeps as it is."""
+    if not values or set(map(type, values)) != {datetime}:
+        return False
+    # identity, as the model tests it (an equal tzinfo is parsed): the ids of the tzinfos, in C
+    return set(map(id, map(_tzinfo, values))) == {id(_UTC)}
+
+
 def _accept_kind(cols: dict[str, list[Any]], n: int, outcome: bool, none_is_absent: bool, now: datetime,
-                 wire: bool) -> Accepted:  # fmt: skip
+                 wire: bool, python: bool = False) -> Accepted:  # fmt: skip
     """:func:`accept` for rows of one kind (every ``type`` is "outcome", or none is)."""
     if n == 0:
         return Accepted([], [], [], [], [], [] if wire else None)
@@ -231,8 +290,10 @@ def _accept_kind(cols: dict[str, list[Any]], n: int, outcome: bool, none_is_abse
     rows.identifier("workflow_id", required=False)
     rows.identifier("run_id", required=False)
     rows.check("schema_version", int, nullable=False, all_ok=lambda v: set(v) == {1}, each_ok=lambda v: [x == 1 for x in v])
-    rows.check("occurred_at", str, nullable=False, required=True, all_ok=lambda v: _all_match(v, _CANONICAL_UTC),
-               each_ok=lambda v: _each_match(v, _CANONICAL_UTC))  # fmt: skip
+    datetimes = python and _utc_datetimes(cols.get("occurred_at"))
+    if not datetimes:
+        rows.check("occurred_at", str, nullable=False, required=True, all_ok=lambda v: _all_match(v, _CANONICAL_UTC),
+                   each_ok=lambda v: _each_match(v, _CANONICAL_UTC))  # fmt: skip
     attributes = _attributes(rows, wire)
     if outcome:
         rows.in_set("type", frozenset({"outcome"}), required=True)
@@ -260,7 +321,7 @@ def _accept_kind(cols: dict[str, list[Any]], n: int, outcome: bool, none_is_abse
         return [values[i] for i in keep]
 
     occurred = column("occurred_at") or []
-    at, inside = _instants(occurred, now)
+    at, inside = _within_limits(occurred, now) if datetimes else _instants(occurred, now)
     if len(inside) != len(keep):
         keep = [keep[i] for i in inside]
         whole = False
@@ -268,8 +329,13 @@ def _accept_kind(cols: dict[str, list[Any]], n: int, outcome: bool, none_is_abse
     customers, event_ids = column("customer_id") or [], column("event_id") or []
     wire_bytes = None
     if wire:
+        if datetimes:
+            # orjson writes a UTC datetime as pydantic does (RFC 3339, Z, microseconds when there are any),
+            # a list of them in one C call (isoformat() costs ~10x per value)
+            occurred = orjson.loads(orjson.dumps(occurred, option=orjson.OPT_UTC_Z))
         wire_bytes = _wire(outcome, column, occurred, attributes if whole else [attributes[i] for i in keep],
-                           quantity if not outcome and whole else [quantity[i] for i in keep] if not outcome else [])  # fmt: skip
+                           quantity if not outcome and whole else [quantity[i] for i in keep] if not outcome else [],
+                           written=datetimes)  # fmt: skip
     return Accepted(keep, [outcome] * len(keep), customers, event_ids, at, wire_bytes)
 
 
@@ -326,11 +392,17 @@ def _instants(texts: list[str], now: datetime) -> tuple[list[datetime], list[int
                 pass
     else:
         keep = list(range(len(texts)))
+    at, inside = _within_limits(at, now)
+    return at, [keep[i] for i in inside] if len(inside) != len(keep) else keep
+
+
+def _within_limits(at: list[datetime], now: datetime) -> tuple[list[datetime], list[int]]:
+    """The UTC datetimes within the limits (not before 2000, at most the skew after ``now``) and their positions."""
     latest = now + MAX_FUTURE_SKEW
     if at and (min(at) < EARLIEST_OCCURRED_AT or max(at) > latest):
         inside = [i for i, value in enumerate(at) if EARLIEST_OCCURRED_AT <= value <= latest]
-        at, keep = [at[i] for i in inside], [keep[i] for i in inside]
-    return at, keep
+        return [at[i] for i in inside], inside
+    return at, list(range(len(at)))
 
 
 def _attributes(rows: _Rows, text: bool = True) -> list[str]:
@@ -339,6 +411,12 @@ def _attributes(rows: _Rows, text: bool = True) -> list[str]:
     values = rows.columns.get("attributes")
     if values is None:
         return ["{}" if text else ""] * rows.n
+    if set(map(type, values)) == {dict} and _all_plain_attributes(values):
+        if not text:
+            return [""] * rows.n
+        written = list(map(orjson.dumps, values))
+        decoded = {raw: raw.decode() for raw in set(written)}  # few distinct attribute sets, usually
+        return list(map(decoded.__getitem__, written))
     out: list[str] = []
     verdicts: dict[tuple[tuple[Any, ...], ...], str | None] = {}
     for i, value in enumerate(values):
@@ -368,6 +446,28 @@ def _attributes(rows: _Rows, text: bool = True) -> list[str]:
 _UNSEEN: Any = object()
 
 
+def _all_plain_attributes(values: list[dict[Any, Any]]) -> bool:
+    """Every dict inside the rule, checked column-wise (their keys and values flattened); False: look at each."""
+    if max(map(len, values)) > MAX_ATTRIBUTES:
+        return False
+    keys = set(chain.from_iterable(values))
+    if not all(type(k) is str and 1 <= len(k) <= MAX_ATTRIBUTE_KEY_LENGTH and _plain(k) for k in keys):
+        return False
+    items = list(chain.from_iterable(map(dict.values, values)))
+    kinds = set(map(type, items))
+    if not kinds <= {str, bool, int}:
+        return False
+    if kinds == {str}:
+        texts = items
+    else:
+        texts = [v for v in items if type(v) is str]
+        numbers = [v for v in items if type(v) is int]
+        if numbers and not (_INT64[0] <= min(numbers) and max(numbers) < _INT64[1]):
+            return False
+    distinct = set(texts)
+    return all(len(v) <= MAX_ATTRIBUTE_VALUE_LENGTH and _plain(v) for v in distinct)
+
+
 def _plain_attributes(value: Any, text: bool = True) -> str | None:
     """The JSON of an attributes dict inside the rule (orjson writes it as pydantic does; ``""`` unless
     ``text``), else None."""
@@ -393,54 +493,90 @@ def _plain_attributes(value: Any, text: bool = True) -> str | None:
     return orjson.dumps(value).decode() if text else ""
 
 
-def _text(values: list[Any] | None, n: int, default: str | None) -> pa.Array:
-    if values is None:
-        return pa.array([default] * n, pa.string())
-    if default is not None and None in values:
-        values = [default if v is None else v for v in values]
-    return pa.array(values, pa.string())
+class _Template:
+    """A wire text per row: literal pieces and columns, joined by one ``%`` per row, called from C (``map``)."""
 
+    def __init__(self) -> None:
+        self.pieces: list[str] = [""]
+        self.columns: list[list[Any]] = []
 
-def _field(name: str, values: list[Any] | None, n: int) -> pa.Array | str:
-    """``,"name":"value"`` where the value is there, else nothing (pydantic's exclude_none)."""
-    if values is None:
-        return ""
-    arr = pa.array(values, pa.string())
-    joined = pc.binary_join_element_wise(f',"{name}":"', arr, '"', "")
-    return pc.if_else(pc.is_null(arr), "", joined) if arr.null_count else joined
+    def text(self, literal: str) -> None:
+        self.pieces[-1] += literal.replace("%", "%%")
+
+    def column(self, values: list[Any]) -> None:
+        self.columns.append(values)
+        self.pieces.append("")
+
+    def value(self, values: list[Any] | None, n: int, default: Any) -> None:
+        """The column, with ``default`` for None / absence."""
+        if values is None:
+            self.text(str(default))
+        else:
+            self.column([default if v is None else v for v in values] if None in values else values)
+
+    def field(self, name: str, values: list[Any] | None) -> None:
+        """``,"name":"value"`` where the value is there, else nothing (pydantic's exclude_none)."""
+        if values is None:
+            return
+        if None not in values:
+            self.text(f',"{name}":"')
+            self.column(values)
+            self.text('"')
+        else:
+            self.column(["" if v is None else f',"{name}":"{v}"' for v in values])
+
+    def rows(self) -> list[bytes]:
+        template = "%s".join(self.pieces)  # %s of a str is the str, of an int its digits (as JSON writes it)
+        return list(map(str.encode, map(template.__mod__, zip(*self.columns, strict=True))))
 
 
 def _wire(outcome: bool, column: Callable[[str], list[Any] | None], occurred: list[str], attributes: list[str],
-          quantity: list[int]) -> list[bytes]:  # fmt: skip
-    """The model's ``wire_bytes()`` of the accepted rows, joined column by column (Arrow string kernels)."""
+          quantity: list[int], written: bool = False) -> list[bytes]:  # fmt: skip
+    """The model's ``wire_bytes()`` of the accepted rows, written row by row from one template.
+
+    Every text value here is plain ASCII without ``"`` or ``\\`` (the rule), so it goes
+    into the JSON as it is. ``occurred``: the canonical ``occurred_at`` strings, or
+    (``written``) the text pydantic writes.
+    """
     n = len(occurred)
     if n == 0:
         return []
-    # pydantic writes a UTC datetime with microseconds when there are any: .123 -> .123000, .000(000) -> none
-    at = pa.array(occurred, pa.string())
-    if set(map(len, occurred)) != {20}:
-        at = pc.replace_substring_regex(at, r"\.000(?:000)?Z$", "Z")
-        at = pc.replace_substring_regex(at, r"(\.[0-9]{3})Z$", r"\1000Z")
-    parts: list[Any] = ['{"schema_version":1,"event_id":"', _text(column("event_id"), n, None), '","customer_id":"',
-                        _text(column("customer_id"), n, None), '","occurred_at":"', at, '"',
-                        _field("workflow_id", column("workflow_id"), n), _field("run_id", column("run_id"), n),
-                        ',"attributes":', pa.array(attributes, pa.string())]  # fmt: skip
+    if not written and set(map(len, occurred)) != {20}:
+        # pydantic writes a UTC datetime with microseconds when there are any: .123 -> .123000,
+        # .000 and .000000 -> none, .123456 as it is
+        occurred = [t if len(t) == 20 else (t[:19] + "Z" if t.endswith((".000Z", ".000000Z")) else
+                                            t[:-1] + "000Z" if len(t) == 24 else t) for t in occurred]  # fmt: skip
+    w = _Template()
+    w.text('{"schema_version":1,"event_id":"')
+    w.value(column("event_id"), n, None)
+    w.text('","customer_id":"')
+    w.value(column("customer_id"), n, None)
+    w.text('","occurred_at":"')
+    w.column(occurred)
+    w.text('"')
+    w.field("workflow_id", column("workflow_id"))
+    w.field("run_id", column("run_id"))
+    w.text(',"attributes":')
+    w.column(attributes)
     if outcome:
-        parts += [',"type":"outcome","outcome_type":"', _text(column("outcome_type"), n, None), '","attribution":"',
-                  _text(column("attribution"), n, None), '"', _field("reversal_of", column("reversal_of"), n), "}"]  # fmt: skip
+        w.text(',"type":"outcome","outcome_type":"')
+        w.value(column("outcome_type"), n, None)
+        w.text('","attribution":"')
+        w.value(column("attribution"), n, None)
+        w.text('"')
+        w.field("reversal_of", column("reversal_of"))
     else:
-        def count(name: str) -> pa.Array | str:
-            values = column(name)
-            if values is None:
-                return "0"
-            return pc.cast(pa.array(values, pa.int64()), pa.string()) if None not in values else \
-                pc.cast(pc.fill_null(pa.array(values, pa.int64()), 0), pa.string())  # fmt: skip
-
-        parts += [',"type":"usage","meter":"', _text(column("meter"), n, _TOKENS), '"', _field("model", column("model"), n),
-                  _field("provider", column("provider"), n), ',"input_tokens":', count("input_tokens"),
-                  ',"output_tokens":', count("output_tokens"), ',"cached_input_tokens":', count("cached_input_tokens"),
-                  ',"quantity":"', pc.cast(pa.array(quantity, pa.int64()), pa.string()), '"',
-                  _field("unit", column("unit"), n), "}"]  # fmt: skip
-    # scalars ("" included) next to arrays: Arrow broadcasts them
-    joined = pc.binary_join_element_wise(*[p if not isinstance(p, str) else pa.scalar(p, pa.string()) for p in parts], "")
-    return pc.cast(joined, pa.binary()).to_pylist()  # type: ignore[no-any-return]
+        w.text(',"type":"usage","meter":"')
+        w.value(column("meter"), n, _TOKENS)
+        w.text('"')
+        w.field("model", column("model"))
+        w.field("provider", column("provider"))
+        for name in ("input_tokens", "output_tokens", "cached_input_tokens"):
+            w.text(f',"{name}":')
+            w.value(column(name), n, 0)
+        w.text(',"quantity":"')
+        w.column(quantity)
+        w.text('"')
+        w.field("unit", column("unit"))
+    w.text("}")
+    return w.rows()

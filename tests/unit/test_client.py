@@ -136,6 +136,23 @@ def test_undeliverable_event_is_reported_not_lost() -> None:
         meter.record(event)
 
 
+@pytest.mark.timeout(60)
+def test_undeliverable_batch_is_reported_event_by_event() -> None:
+    """record_many's column path keeps the delivery report of every event: each failure with its bytes."""
+    failures: list[DeliveryFailure] = []
+    meter = MeterClient(KafkaSettings(bootstrap_servers="127.0.0.1:1", topic_prefix=f"t{uuid.uuid4().hex[:8]}-"),
+                        on_delivery_error=failures.append, producer_config={"message.timeout.ms": 10})  # fmt: skip
+    batch = [{"event_id": f"evt-{i}", "customer_id": f"c{i % 3}", "occurred_at": T0, "model": "gpt-4o",
+              "input_tokens": i} for i in range(40)]  # fmt: skip
+    assert meter.record_many(batch) == 40
+    assert meter.flush(30) == 0
+    assert (meter.sent, meter.delivered, meter.failed) == (40, 0, 40)
+    assert sorted(f.event_id for f in failures) == sorted(f"evt-{i}" for i in range(40))
+    for failure in failures:
+        assert failure.value == UsageEvent(**batch[int(failure.event_id[4:])]).wire_bytes()
+    meter.close(1)
+
+
 # -- building events ------------------------------------------------------------------------------
 
 
@@ -260,6 +277,34 @@ def test_failed_delivery_is_reported_with_the_exact_bytes(
     assert decode_event(failures[0].value, "outcome") == lost
     assert ok.event_id not in caplog.text
     assert "delivery of event evt-lost to outcome.events failed: Local: Message timed out" in caplog.text
+
+
+def test_record_many_sends_what_record_sends_and_counts_every_delivery(
+    fake: Callable[..., tuple[MeterClient, FakeProducer]],
+) -> None:
+    """A batch mixing key layouts (column path and model path), built events and outcomes: the messages of
+    ``record`` for each item, in batch order, each with the delivery callback; failures reported with bytes."""
+    failures: list[DeliveryFailure] = []
+    meter, producer = fake(on_delivery_error=failures.append)
+    tokens = [{"event_id": f"t{i}", "customer_id": f"c{i % 4}", "occurred_at": T0 + timedelta(microseconds=i),
+               "model": "gpt-4o", "input_tokens": i, "attributes": {"feature": "triage"}} for i in range(30)]  # fmt: skip
+    outcomes = [{"event_id": f"o{i}", "customer_id": "acme", "occurred_at": "2025-03-15T12:00:00.250Z",
+                 "type": "outcome", "outcome_type": "resolved_ticket", "attribution": Attribution.AI_ONLY}
+                for i in range(20)]  # fmt: skip
+    documents = [{"event_id": f"d{i}", "customer_id": "globex", "occurred_at": T0, "meter": Meter.DOCUMENTS,
+                  "quantity": Decimal(i + 1)} for i in range(3)]  # fmt: skip
+    built = UsageEvent(event_id="b1", customer_id="acme", occurred_at=T0, model="gpt-4o", input_tokens=1)
+    batch: list[Any] = [*tokens[:10], *outcomes[:5], built, *documents, *tokens[10:], *outcomes[5:]]
+    assert meter.record_many(batch) == len(batch)
+    expected = [item if isinstance(item, UsageEvent) else
+                (OutcomeEvent if item.get("type") == "outcome" else UsageEvent)(**item) for item in batch]  # fmt: skip
+    assert producer.produced == [{"topic": "outcome.events" if isinstance(e, OutcomeEvent) else "usage.events",
+                                  "value": e.wire_bytes(), "key": e.customer_id.encode()} for e in expected]  # fmt: skip
+    lost = {producer.produced[3]["value"], producer.produced[12]["value"]}
+    producer.fail = lost
+    assert meter.flush() == 0
+    assert (meter.sent, meter.delivered, meter.failed, meter.pending) == (len(batch), len(batch) - 2, 2, 0)
+    assert {f.value for f in failures} == lost
 
 
 def test_one_delivery_callback_serves_every_event(fake: Callable[..., tuple[MeterClient, FakeProducer]]) -> None:
