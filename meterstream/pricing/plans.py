@@ -54,7 +54,7 @@ A version is effective from 00:00 UTC on its ``effective_from`` date.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
@@ -645,33 +645,45 @@ class Catalog(_Strict):
         label is the calendar month, or the anniversary period's (rated rows and the store are
         keyed by billing period). Customers not listed share the default plan's segments.
         """
-        listed = self.customers.get(customer_id)
-        if listed is not None:
-            period = listed.billing_period(at)
-            segments = self.segments(customer_id, period)
-        else:
-            period = self.billing_period(customer_id, at)
-            found = self._default_cache.get(period)
-            if found is None:
-                self.customer(customer_id)  # UnknownCustomerError without a default plan
-                found = self._default_cache[period] = self._compute_segments(customer_id, period)
-            segments = found
-        for segment in segments:
-            if segment.start <= at < segment.end:
-                return segment.version.price_book, period
-        plan_id, _ = self.plan_for(customer_id)
-        raise PlanError(f"customer {customer_id!r} (plan {plan_id!r}) has no plan version in effect at {at.isoformat()}")
+        return self._book_finder()(customer_id, at)
+
+    def _book_finder(self) -> Callable[[str, datetime], tuple[PriceBook, str]]:
+        """:meth:`book_of` with the catalog's caches bound once (a private attribute of a pydantic
+        model is a slow lookup, and the engine asks per event)."""
+        customers, default_cache, billing_period = self.customers, self._default_cache, self.billing_period
+
+        def book_of(customer_id: str, at: datetime) -> tuple[PriceBook, str]:
+            listed = customers.get(customer_id)
+            if listed is not None:
+                period = listed.billing_period(at)
+                segments = self.segments(customer_id, period)
+            else:
+                period = billing_period(customer_id, at)
+                found = default_cache.get(period)
+                if found is None:
+                    self.customer(customer_id)  # UnknownCustomerError without a default plan
+                    found = default_cache[period] = self._compute_segments(customer_id, period)
+                segments = found
+            for segment in segments:
+                if segment.start <= at < segment.end:
+                    return segment.version.price_book, period
+            plan_id, _ = self.plan_for(customer_id)
+            raise PlanError(
+                f"customer {customer_id!r} (plan {plan_id!r}) has no plan version in effect at {at.isoformat()}"
+            )
+
+        return book_of
 
     def rate_rows(self, rows: Sequence[EventRow]) -> Rating:
         """Rate a batch of events (the rating engine, meterstream/pricing/engine.py) with each customer's plan."""
-        return rate_rows(rows, self.book_of)
+        return rate_rows(rows, self._book_finder())
 
     def rate(self, event: UsageEvent | OutcomeEvent) -> RatedUsage:
         """Rate one event with the rate card in effect for its customer when it occurred (a batch of one).
 
         Raises :class:`~meterstream.pricing.rating.RatingError` or :class:`PlanError` if it has no price.
         """
-        rating = rate_rows([row_of(event)], self.book_of)
+        rating = rate_rows([row_of(event)], self._book_finder())
         error = rating.errors[0]
         if error is not None:
             raise error
