@@ -80,12 +80,6 @@ class WindowCounts:
     events: int = 0
     tokens: int = 0
 
-    def add(self, row: RatedUsage) -> None:
-        self.credits += row.credits
-        self.cost_to_serve += row.cost_to_serve
-        self.events += 1
-        self.tokens += row.input_tokens + row.output_tokens
-
 
 @dataclass
 class BatchResult:
