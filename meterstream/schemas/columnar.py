@@ -74,8 +74,12 @@ from operator import attrgetter, le
 from typing import Any, Final
 
 import orjson
-import pyarrow as pa
-import pyarrow.compute as pc
+
+try:  # RE2 through Arrow for long columns (imports, the worker); the SDK installed alone matches with `re`
+    import pyarrow as pa
+    import pyarrow.compute as pc
+except ImportError:  # pragma: no cover - exercised by tests/system/test_packaging.py's SDK-only venv
+    pa = pc = None
 
 from meterstream.schemas.events import (
     EARLIEST_OCCURRED_AT,
@@ -139,13 +143,13 @@ def _all_match(values: list[str], pattern: str) -> bool:
     text = "\n".join(values)
     if text.count("\n") != len(values) - 1:  # a value holding a newline: not one of ours
         return False
-    if len(values) < _RE2_FROM:
+    if len(values) < _RE2_FROM or pc is None:
         return _compiled(pattern, True).fullmatch(text + "\n") is not None
     return bool(pc.match_substring_regex(pa.array([text + "\n"]), f"^(?:(?:{pattern})\n)*$")[0].as_py())
 
 
 def _each_match(values: list[str], pattern: str) -> list[bool]:
-    if len(values) < _RE2_FROM:
+    if len(values) < _RE2_FROM or pc is None:
         match = _compiled(pattern, False).fullmatch
         return [match(v) is not None for v in values]
     return pc.match_substring_regex(pa.array(values, pa.string()), f"^(?:{pattern})$").to_pylist()  # type: ignore[no-any-return]

@@ -106,6 +106,14 @@ def test_the_sdk_installs_alone_and_records_an_event(wheel: Path, tmp_path: Path
         with MeterClient() as meter:
             meter.record_llm_call("sdk-only", "gpt-4o", input_tokens=1200, output_tokens=300, event_id={event_id!r})
         assert (meter.delivered, meter.failed) == (1, 0), (meter.delivered, meter.failed)
+        # record_many checks a batch as columns (orjson; without pyarrow, Python's re does the matching)
+        import sys
+        from meterstream.schemas import columnar
+        assert "pyarrow" not in sys.modules and columnar.pc is None
+        with MeterClient() as meter:
+            queued = meter.record_many([{{"customer_id": "sdk-only", "event_id": f"{event_id}-{{i}}", "model": "gpt-4o",
+                                         "occurred_at": "2026-03-14T09:26:53Z", "input_tokens": i}} for i in range(40)])
+        assert queued == 40 and (meter.delivered, meter.failed) == (40, 0), (queued, meter.delivered, meter.failed)
         print("recorded")
         """
     )
