@@ -71,7 +71,7 @@ import pyarrow
 from rich.console import Console
 from rich.table import Table
 
-from bench.invoice import insert_sql, spec_for
+from bench.invoice import FULL_FINAL_INVOICE, insert_sql, spec_for
 from bench.run import machine_info, source_fingerprint, versions
 from bench.workload import generate, serialize
 from meterstream.budgets import Budget, BudgetBook
@@ -464,16 +464,7 @@ def phase_insert(dsn: str, pid: int, args: argparse.Namespace) -> dict[str, Any]
 # -- read benefit per view -------------------------------------------------------------------------
 
 #: invoice_usage over usage_rated FINAL alone (no settled days, no usage_recent, no usage_day_counts).
-INVOICE_FINAL = """
-SELECT kind, meter, model, outcome_type, attribution, price_book_version AS plan_version,
-       endsWith(rule, ':reversal') AS is_reversal, count() AS events, sum(credits) AS credits,
-       sum(cost_to_serve) AS cost_to_serve, max(quantity) AS max_quantity, sum(quantity) AS sum_quantity
-FROM usage_rated FINAL
-WHERE customer_id = {customer:String} AND period = {period:String}
-  AND (billed_in = '' OR ({late_until:String} != '' AND billed_in <= {late_until:String}))
-GROUP BY kind, meter, model, outcome_type, attribution, plan_version, is_reversal
-ORDER BY kind, meter, model, outcome_type, attribution, plan_version, is_reversal
-"""
+INVOICE_FINAL = FULL_FINAL_INVOICE
 
 #: period_usage over usage_rated FINAL alone.
 PERIOD_USAGE_FINAL = """

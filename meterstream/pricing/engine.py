@@ -23,18 +23,18 @@ significant digits; the integers here do not round at all before that cut.)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
 from math import gcd
 from operator import itemgetter
-from typing import Any, NamedTuple, overload
+from typing import Any, NamedTuple
 
 from meterstream.pricing.pricebook import PriceBook, TokenRates
 from meterstream.pricing.rating import RatingError
 from meterstream.schemas.events import OutcomeEvent, UsageEvent
-from meterstream.schemas.records import RatedUsage
+from meterstream.schemas.records import RatedUsage, RowColumns
 
 #: One unit of the store's money columns (Decimal(38, 18)) is 10**-18.
 SCALE = 10**18
@@ -122,7 +122,7 @@ def _fixed(rates: Sequence[Decimal], per: int) -> _Fixed:
 
 
 @dataclass(eq=False)
-class RatedBatch(Sequence[RatedUsage]):
+class RatedBatch(RowColumns[RatedUsage]):
     """Rated rows as columns, in the order of the events; a :class:`RatedUsage` per row on demand.
 
     ``credits`` and ``cost`` are amounts in 10⁻¹⁸ (:func:`money` makes one a Decimal). The
@@ -145,27 +145,6 @@ class RatedBatch(Sequence[RatedUsage]):
 
     def __len__(self) -> int:
         return len(self.events)
-
-    @overload
-    def __getitem__(self, index: int) -> RatedUsage: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[RatedUsage]: ...
-
-    def __getitem__(self, index: int | slice) -> RatedUsage | list[RatedUsage]:
-        if isinstance(index, slice):
-            return [self.row(i) for i in range(len(self))[index]]
-        return self.row(range(len(self))[index])
-
-    def __iter__(self) -> Iterator[RatedUsage]:
-        return map(self.row, range(len(self)))
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, (RatedBatch, list, tuple)):
-            return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]
 
     def row(self, i: int) -> RatedUsage:
         """Row ``i`` as the model the rest of the code reads."""
@@ -303,10 +282,7 @@ def _rate_tokens(rows: Sequence[EventRow], members: list[int], book: PriceBook, 
                  cost: list[int], provider: list[str], rule: list[str], errors: list[ValueError | None]) -> None:  # fmt: skip
     prices = book.models.get(model)
     if prices is None:
-        reason = RatingError(f"no price for model {model!r} in price book {book.version}")
-        for i in members:
-            errors[i] = reason
-        return
+        return _refuse(members, errors, f"no price for model {model!r} in price book {book.version}")
     by_credits, by_cost = _token_rates(prices.credits_per_1k, 1000), _token_rates(prices.cost_per_1m, 1_000_000)
     ci, cc, co = by_credits.rates
     ki, kc, ko = by_cost.rates
@@ -322,6 +298,13 @@ def _rate_tokens(rows: Sequence[EventRow], members: list[int], book: PriceBook, 
         rule[i] = name
 
 
+def _refuse(members: list[int], errors: list[ValueError | None], reason: str) -> None:
+    """The group has no price in its book: each of its rows gets the same RatingError."""
+    error = RatingError(reason)
+    for i in members:
+        errors[i] = error
+
+
 def _token_rates(rates: TokenRates, per: int) -> _Fixed:
     return _fixed((rates.input, rates.cached_input_rate, rates.output), per)
 
@@ -330,10 +313,7 @@ def _rate_meter(rows: Sequence[EventRow], members: list[int], book: PriceBook, m
                 cost: list[int], provider: list[str], rule: list[str], errors: list[ValueError | None]) -> None:  # fmt: skip
     price = book.meters.get(meter)
     if price is None:
-        reason = RatingError(f"no price for meter {meter!r} in price book {book.version}")
-        for i in members:
-            errors[i] = reason
-        return
+        return _refuse(members, errors, f"no price for meter {meter!r} in price book {book.version}")
     # quantity has at most 9 fractional digits (the model's rule): an integer of 10**-9 units.
     by_credits = _fixed((price.credits_per_unit,), 10**9)
     by_cost = _fixed((price.cost_per_unit,), 10**9)
@@ -351,10 +331,7 @@ def _rate_outcomes(rows: Sequence[EventRow], members: list[int], book: PriceBook
                    credits: list[int], cost: list[int], rule: list[str], errors: list[ValueError | None]) -> None:  # fmt: skip
     price = book.outcomes.get(outcome_type)
     if price is None:
-        reason = RatingError(f"no outcome price for {outcome_type!r} in price book {book.version}")
-        for i in members:
-            errors[i] = reason
-        return
+        return _refuse(members, errors, f"no outcome price for {outcome_type!r} in price book {book.version}")
     ai_only, assisted, per_outcome = units(price.ai_only), units(price.human_assisted), units(price.cost_per_outcome)
     for i in members:
         row = rows[i]

@@ -463,8 +463,7 @@ def _validate_lines(lines: list[bytes], now: datetime) -> tuple[list[int], list[
             slow.extend(members)
             continue
         rows = objs if len(members) == len(objs) else [objs[i] for i in members]
-        # one layout: every dict's values are in the order of ``keys``, so one transpose gives the columns
-        columns = dict(zip(keys, map(list, zip(*map(dict.values, rows), strict=True)), strict=True))
+        columns = columnar.transpose(keys, rows)
         got = columnar.accept(columns, len(rows), none_is_absent=False, now=now)
         positions.extend(members[r] for r in got.rows)
         customers.extend(got.customer_id)

@@ -399,8 +399,7 @@ def _accept_as_columns(items: list[Any]) -> tuple[list[int], list[tuple[bool, by
             slow.extend(members)
             continue
         rows = items if len(members) == len(items) else [items[i] for i in members]
-        # one layout: every dict's values are in the order of ``keys``, so one transpose gives the columns
-        columns = dict(zip(keys, map(list, zip(*map(dict.values, rows), strict=True)), strict=True))
+        columns = columnar.transpose(keys, rows)
         got = columnar.accept(columns, len(rows), none_is_absent=False, now=now, wire=True, python=True)
         assert got.wire is not None
         positions += map(members.__getitem__, got.rows)

@@ -216,6 +216,11 @@ class _Rows:
         return [i for i in range(self.n) if i not in self.refused] if self.refused else list(range(self.n))
 
 
+def transpose(keys: Sequence[str], rows: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Dicts of one key layout (every dict's keys are ``keys``, in that order) as columns, in one C-level pass."""
+    return dict(zip(keys, map(list, zip(*map(dict.values, rows), strict=True)), strict=True))
+
+
 def accept(
     columns: Mapping[str, Sequence[Any]],
     n: int,

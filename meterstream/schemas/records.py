@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar, overload
 
 from pydantic import (
     AwareDatetime,
@@ -258,8 +258,43 @@ class RawEvent:
     source_offset: int
 
 
+_Row = TypeVar("_Row")
+
+
+class RowColumns(Sequence[_Row]):
+    """Rows held as columns (what the worker inserts); the row object of an index built on demand.
+
+    Subclasses give :meth:`row` and ``__len__``; indexing, slicing, iteration and equality with
+    another batch or a list of rows follow from them.
+    """
+
+    def row(self, i: int) -> _Row:
+        raise NotImplementedError
+
+    @overload
+    def __getitem__(self, index: int) -> _Row: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[_Row]: ...
+
+    def __getitem__(self, index: int | slice) -> _Row | list[_Row]:
+        if isinstance(index, slice):
+            return [self.row(i) for i in range(len(self))[index]]
+        return self.row(range(len(self))[index])
+
+    def __iter__(self) -> Iterator[_Row]:
+        return map(self.row, range(len(self)))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (RowColumns, list, tuple)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 @dataclass(eq=False)
-class RawBatch(Sequence[RawEvent]):
+class RawBatch(RowColumns[RawEvent]):
     """Raw events as columns (what the worker inserts into events_raw); a :class:`RawEvent` per row on demand."""
 
     event_id: list[str] = field(default_factory=list)
@@ -275,19 +310,8 @@ class RawBatch(Sequence[RawEvent]):
     def __len__(self) -> int:
         return len(self.event_id)
 
-    def __getitem__(self, index: int) -> RawEvent:  # type: ignore[override]
-        i = range(len(self))[index]
+    def row(self, i: int) -> RawEvent:
         return RawEvent(*(getattr(self, f.name)[i] for f in fields(self)))
-
-    def __iter__(self) -> Iterator[RawEvent]:
-        return map(self.__getitem__, range(len(self)))
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, (RawBatch, list, tuple)):
-            return list(self) == list(other)
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]
 
     @classmethod
     def of(cls, rows: Sequence[RawEvent]) -> RawBatch:

@@ -141,7 +141,7 @@ def decode_batch(
             slow.extend(members)
             continue
         objs = [parsed[i] for i in members]
-        columns = dict(zip(keys, map(list, zip(*map(dict.values, objs), strict=True)), strict=True))
+        columns = columnar.transpose(keys, objs)
         if kind == "outcome" and "type" not in columns:
             columns["type"] = ["outcome"] * len(objs)  # the topic's model: an absent type is its default
         got = columnar.accept(columns, len(objs), none_is_absent=False, now=now)
