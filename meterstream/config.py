@@ -161,6 +161,10 @@ class WorkerSettings(_Section):
     #: long the consumer waits for anything when nothing has arrived.
     batch_size: int = Field(default=5000, ge=1, le=100_000)
     batch_timeout: float = Field(default=0.5, gt=0)
+    #: Batches rated (their decisions and alerts published) but not yet stored, at most: the
+    #: rating keeps up with the topic while a slow store write catches up, and a store that
+    #: stays slow holds the reading back after this many (memory: up to this × batch_size events).
+    writes_in_hand: int = Field(default=3, ge=1, le=16)
     #: Tumbling window for the real-time per-customer counters.
     window_seconds: int = Field(default=60, ge=1)
     #: How long windowed counters are kept before the worker drops them (checked every 60 s).

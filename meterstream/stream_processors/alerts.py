@@ -1,9 +1,11 @@
 """Budget alerts exactly once on the topic, across crashes: an outbox in ClickHouse.
 
-In a batch the worker stores rated rows, then the alert rows, then publishes
-the alerts and waits for the broker. A crash can stop it between any two of
-those steps, so when partitions are assigned, before their first batch is rated,
-:func:`reconcile_alerts` runs for the customers of those partitions:
+In a batch the worker publishes the alerts (as soon as the batch is rated, so
+they do not wait for the store), then stores the rated rows and the alert rows,
+and waits for the broker's confirmations before committing the offsets. A
+crash can stop it between any two of those steps, so when partitions are
+assigned, before their first batch is rated, :func:`reconcile_alerts` runs for
+the customers of those partitions:
 
 1. reads the ids already on ``budget-alerts`` since the start of the previous
    month (the topic is the record of what was sent);
@@ -12,7 +14,10 @@ those steps, so when partitions are assigned, before their first batch is rated,
    were crossed but not recorded (a crash between rated rows and alert rows);
 3. publishes every recorded alert whose id is not on the topic yet.
 
-So each threshold crossing is published once, and none is missed. Why at
+A crash after an alert was published but before its batch was stored replays
+the batch: it raises the same alert (deterministic id), which step 1 found on
+the topic, so it is recorded and not sent again. So each threshold crossing is
+published once, and none is missed. Why at
 assignment and not at start-up: a worker joining a running group found, at
 start-up, alerts another worker had stored and was about to publish, and
 published them too (tests/system/test_scale_out.py). At assignment every

@@ -301,18 +301,20 @@ def create_app(
             return exc
         return None
 
-    async def publish(result: BatchResult, keys: list[bytes | None]) -> dict[tuple[str, int], int]:
+    async def publish_alerts(result: BatchResult) -> list[Awaitable[Any]]:
+        """Send the batch's new alerts now, before its store write; the write waits for the broker.
+
+        A crash before the write replays the batch: the same alerts (deterministic ids) are
+        found on the topic by the outbox pass at assignment and not sent again; the write
+        records them (alerts.py).
+        """
         futures = []
-        held = await send_dead_letters(result, keys) if result.dead_letters else {}
         fresh = [alert for alert in result.alerts if alert.alert_id not in published]
         for alert in fresh:
             value = alert.model_dump_json().encode()
             futures.append(await send(topics.budget_alerts.name, alert.customer_id.encode(), value))
-        # Wait for the broker to confirm before the batch's offsets may be committed.
-        for fut in futures:
-            await fut
         published.update(alert.alert_id for alert in fresh)
-        return held
+        return futures
 
     def heartbeat(as_of: datetime | None = None) -> EnforcementState:
         """``updated_at``: how current the published view is (now, or the produce time it has reached)."""
@@ -376,6 +378,7 @@ def create_app(
         state.commit(result)
         activity.last_batch = time.monotonic()
         state_sent = await publish_states(result.enforcement, reached(messages))
+        alerts_sent = await publish_alerts(result)
         if result.dead_letters:
             key_of: dict[tuple[str | None, int | None, int | None], Any] = {
                 (m.topic, m.partition, m.offset): key for m, key in zip(messages, keys, strict=True)
@@ -400,8 +403,9 @@ def create_app(
                     # Conservative meanwhile: the batch's settled calls stay held (until their TTL)
                     # and the next batch of each customer sets its counted total again.
                     log.warning("ledger not updated for this batch: %s", exc)
-            held = await publish(result, dead_letter_keys)
-            for fut in state_sent:
+            held = await send_dead_letters(result, dead_letter_keys) if result.dead_letters else {}
+            # The broker's confirmations, before the batch's offsets may be committed.
+            for fut in (*alerts_sent, *state_sent):
                 await fut
             stats.messages += len(messages)
             stats.rated += len(result.rated)
@@ -431,6 +435,7 @@ def create_app(
         commit_interval=worker.commit_interval,
         session_timeout=worker.session_timeout,
         shutdown_drain=worker.shutdown_drain_seconds,
+        writes_in_hand=worker.writes_in_hand,
         # The fatal path (consumer.fatal) commits nothing, closes the store, flushes the log, exits.
         on_fatal=getattr(store, "close", lambda: None),
         loop=app.loop,

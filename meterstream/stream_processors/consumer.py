@@ -21,13 +21,16 @@ replays harmless):
   its side-topic messages are confirmed by the broker; commits are batched
   every ``commit_interval`` seconds, and always made before partitions are
   revoked and before a clean stop;
-- two stages overlap: batch *n + 1* is rated while batch *n* is written
-  (chDB releases the GIL, so the two use both cores); writes start in batch
-  order and each waits for the previous one;
-- a rebalance waits for the batch in hand (it is finished and committed
+- two stages overlap: batches are rated (and their decisions and alerts
+  published) while the batches before them are written (the store works
+  outside the GIL, so the two use both cores); writes start in batch order and
+  each waits for the previous one; at most ``writes_in_hand`` writes wait, so a
+  slow store holds the reading back instead of filling memory;
+- a rebalance waits for the batches in hand (they are finished and committed
   first); records of partitions no longer assigned are not processed;
-- on shutdown the batch in hand is finished (within ``shutdown_drain``); if it
-  cannot finish, the process exits without committing it, so it is replayed.
+- on shutdown the batches in hand are finished (within ``shutdown_drain``); if
+  they cannot finish, the process exits without committing them, so they are
+  replayed.
 
 Partitions are assigned with aiokafka's default range assignor: partition *p*
 of the usage topic and partition *p* of the outcome topic go to the same
@@ -38,6 +41,7 @@ same partition count) are always rated by one worker.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import time
@@ -93,6 +97,7 @@ class BatchConsumer(Service):
         commit_interval: float,
         session_timeout: float,
         shutdown_drain: float,
+        writes_in_hand: int = 2,
         on_fatal: Callable[[], None] = lambda: None,
         **kwargs: Any,
     ) -> None:
@@ -120,8 +125,11 @@ class BatchConsumer(Service):
         self._pending: dict[TopicPartition, int] = {}
         self._last_commit = time.monotonic()
         self._in_flight: asyncio.Future[None] | None = None
-        #: The previous batch's write, running while the next batch is rated.
+        #: The newest batch's write (it waits for the writes before it), running while the next batch is rated.
         self._write: asyncio.Future[None] | None = None
+        #: Every write in hand, oldest first; at most ``writes_in_hand`` of them.
+        self._writes: collections.deque[tuple[asyncio.Future[None], str]] = collections.deque()
+        self.writes_in_hand = writes_in_hand
         self._stopping = False
         self._commit_lock = asyncio.Lock()
         #: Partitions held at an offset whose message could not be made durable (see hold).
@@ -263,7 +271,8 @@ class BatchConsumer(Service):
         # Shielded: whoever waits may be cancelled (a stop during a rebalance); the write goes on.
         await asyncio.shield(write)
         if self._write is write:
-            self._write = None
+            self._write = None  # the last write waits for all the others: none is left
+            self._writes.clear()
 
     async def _durable(
         self,
@@ -322,14 +331,34 @@ class BatchConsumer(Service):
             first[tp] = batch[0].offset
         if not messages:
             return
+        if self._write is not None and self._write.done():
+            await self._finish_write()  # surfaces a failed write before anything more is rated
         where = describe_ranges(last, first)
-        self.in_hand = where if self._write is None or self._write.done() else f"{self.in_hand}; {where}"
-        # Two stages: this batch is rated while the previous one is still being written (chDB
-        # works outside the GIL), then this batch's write starts once the previous one is done,
-        # so writes, and offsets, stay in order.
+        self.in_hand = "; ".join([*(w for f, w in self._writes if not f.done()), where])
+        # Two stages: this batch is rated (and its decisions published) while the batches before
+        # it are still being written; its write starts when the previous write is done, so
+        # writes, and offsets, stay in order. At most ``writes_in_hand`` writes wait: the rating
+        # stage keeps up with the topic (decisions stay fresh) while a slow write catches up.
         write = await self.stage(messages, keys)
-        await self._finish_write()
-        self._write = asyncio.ensure_future(self._durable(write, last, where))
+        self._write = asyncio.ensure_future(self._durable_after(self._write, write, last, where))
+        self._writes.append((self._write, where))
+        while len(self._writes) > self.writes_in_hand:
+            oldest, _ = self._writes.popleft()
+            await asyncio.shield(oldest)  # raises if it failed: nothing after it is committed
+        if self._write.done():
+            await self._finish_write()
+
+    async def _durable_after(
+        self,
+        previous: asyncio.Future[None] | None,
+        write: Callable[[], Awaitable[dict[tuple[str, int], int] | None]],
+        last: dict[TopicPartition, int],
+        where: str,
+    ) -> None:
+        """This batch's write, once the previous one is durable (if that failed, this one fails too)."""
+        if previous is not None:
+            await asyncio.shield(previous)
+        await self._durable(write, last, where)
 
     def fatal(self, message: str, *, level: int = logging.CRITICAL) -> NoReturn:
         """End the process now and commit nothing: the next worker replays the batches in hand.

@@ -36,7 +36,9 @@ def _records(tp: TopicPartition, first: int, n: int) -> dict[TopicPartition, lis
     return {tp: [SimpleNamespace(offset=first + i, value=b"{}", key=b"acme", timestamp=1_764_547_200_000) for i in range(n)]}
 
 
-def _consumer(stage, commit_interval: float = 0.0, on_revoked=lambda: None) -> tuple[BatchConsumer, FakeKafkaConsumer]:
+def _consumer(
+    stage, commit_interval: float = 0.0, on_revoked=lambda: None, writes_in_hand: int = 1
+) -> tuple[BatchConsumer, FakeKafkaConsumer]:
     consumer = BatchConsumer(
         KafkaSettings(),
         topics=[TP0.topic, TP1.topic],
@@ -49,6 +51,7 @@ def _consumer(stage, commit_interval: float = 0.0, on_revoked=lambda: None) -> t
         commit_interval=commit_interval,
         session_timeout=10,
         shutdown_drain=5,
+        writes_in_hand=writes_in_hand,
     )
     fake = FakeKafkaConsumer()
     consumer.consumer = fake  # type: ignore[assignment]
@@ -87,6 +90,68 @@ def test_the_next_batch_is_rated_while_the_previous_one_is_written_and_writes_st
     assert log == ["rate b0", "rate b3", "write b0", "write b3"]
     # Each offset is committed only after its batch's write; the last commit is the next offset to read.
     assert commits == [{TP0: 3}, {TP0: 5}]
+
+
+def test_batches_are_rated_ahead_of_a_slow_write_up_to_writes_in_hand_and_written_in_order():
+    log: list[str] = []
+    release_first_write = asyncio.Event()
+
+    async def stage(messages, keys):
+        name = f"b{messages[0].offset}"
+        log.append(f"rate {name}")
+
+        async def write():
+            if name == "b0":
+                await release_first_write.wait()
+            await asyncio.sleep(0.01 if name == "b2" else 0)  # a later write finishing out of step
+            log.append(f"write {name}")
+
+        return write
+
+    async def run():
+        consumer, fake = _consumer(stage, writes_in_hand=2)
+        await consumer._process(_records(TP0, 0, 2))
+        await consumer._process(_records(TP0, 2, 2))
+        # Two writes in hand: the third batch is rated, then held until the first write is done.
+        third = asyncio.ensure_future(consumer._process(_records(TP0, 4, 2)))
+        await asyncio.sleep(0.05)
+        assert log == ["rate b0", "rate b2", "rate b4"]
+        assert not third.done() and fake.commits == []
+        assert consumer.in_hand == "usage.events:0@0-1; usage.events:0@2-3; usage.events:0@4-5"
+        release_first_write.set()
+        await third
+        await consumer._settle()
+        return log, fake.commits
+
+    log, commits = asyncio.run(run())
+    assert log == ["rate b0", "rate b2", "rate b4", "write b0", "write b2", "write b4"]
+    assert commits == [{TP0: 2}, {TP0: 4}, {TP0: 6}]
+
+
+def test_a_failed_write_fails_the_writes_queued_behind_it_and_nothing_after_it_is_committed():
+    release = asyncio.Event()
+
+    async def stage(messages, keys):
+        first = messages[0].offset
+
+        async def write():
+            await release.wait()
+            if first == 2:
+                raise RuntimeError("store refused the batch")
+
+        return write
+
+    async def run():
+        consumer, fake = _consumer(stage, writes_in_hand=3)
+        for first in (0, 2, 4):
+            await consumer._process(_records(TP0, first, 2))
+        release.set()
+        with pytest.raises(RuntimeError, match="refused"):
+            await consumer._settle()
+        return fake.commits
+
+    # The first batch is durable and committed; the failed one and the one after it are not.
+    assert asyncio.run(run()) == [{TP0: 2}]
 
 
 def test_a_failed_write_is_never_committed_and_surfaces():
