@@ -23,6 +23,7 @@ significant digits; the integers here do not round at all before that cut.)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -63,6 +64,11 @@ class EventRow(NamedTuple):
     outcome_type: str = ""
     attribution: str = ""
     reversal_of: str = ""
+
+
+#: ``rows_of_columns(zip(*columns))``: engine rows from columns in EventRow's field order, made in
+#: C (a NamedTuple's own constructor is a Python function: a third more per row).
+rows_of_columns = functools.partial(map, functools.partial(tuple.__new__, EventRow))
 
 
 def row_of(event: UsageEvent | OutcomeEvent) -> EventRow:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import ValidationError
 
-from meterstream.pricing.engine import EventRow, row_of
+from meterstream.pricing.engine import EventRow, row_of, rows_of_columns
 from meterstream.schemas import columnar
 from meterstream.schemas.events import MAX_FUTURE_SKEW, OutcomeEvent, UsageEvent
 from meterstream.schemas.validation import MAX_EVENT_BYTES, describe_validation_error
@@ -211,15 +211,16 @@ def _rows_of(columns: dict[str, list[Any]], got: columnar.Accepted, outcome: boo
     n = len(keep)
     kind = "outcome" if outcome else "usage"
     if outcome:
-        return list(map(
-            EventRow, [kind] * n, got.event_id, got.customer_id, got.occurred_at, column("workflow_id", ""),
+        return list(rows_of_columns(zip(
+            [kind] * n, got.event_id, got.customer_id, got.occurred_at, column("workflow_id", ""),
             column("run_id", ""), ["outcome"] * n, [""] * n, [""] * n, [0] * n, [0] * n, [0] * n, [_ZERO] * n,
             [""] * n, column("outcome_type", ""), column("attribution", ""), column("reversal_of", ""),
-        ))  # fmt: skip
+            strict=True,
+        )))  # fmt: skip
     quantities = [_ZERO if q == 0 else Decimal(q) for q in column("quantity", 0)]
-    return list(map(
-        EventRow, [kind] * n, got.event_id, got.customer_id, got.occurred_at, column("workflow_id", ""),
+    return list(rows_of_columns(zip(
+        [kind] * n, got.event_id, got.customer_id, got.occurred_at, column("workflow_id", ""),
         column("run_id", ""), column("meter", "tokens"), column("model", ""), column("provider", ""),
         column("input_tokens", 0), column("cached_input_tokens", 0), column("output_tokens", 0), quantities,
-        column("unit", ""), [""] * n, [""] * n, [""] * n,
-    ))  # fmt: skip
+        column("unit", ""), [""] * n, [""] * n, [""] * n, strict=True,
+    )))  # fmt: skip
