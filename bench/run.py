@@ -950,7 +950,10 @@ class Bench:
             workers = self.start_workers(kafka, app_id, budgets_file=budgets_file, wait_ready=True)
             progress: list[tuple[float, int, int]] = []  # (t, sent, worker messages)
             sent_box = [0]
-            monitor = threading.Thread(target=self._watch, args=(workers, sent_box, progress, stop), daemon=True)
+            batch_samples: list[tuple[float, int, int, float, float]] = []  # (t, staged, last batch, rate s, write s)
+            monitor = threading.Thread(
+                target=self._watch, args=(workers, sent_box, progress, stop, batch_samples), daemon=True
+            )
             stamps: dict[str, float] = {}
             built: dict[int, Any] = {}
             failures: list[DeliveryFailure] = []
@@ -1068,6 +1071,11 @@ class Bench:
             "vmhwm_bytes": [m.get("VmHWM") for m in memory],
             "cpu": cpu,
             "backlog_samples": [(round(t, 1), s, d) for t, s, d in progress[:: max(1, len(progress) // 60)]],
+            # The first worker's last batch at each sample: (t, staged messages, its size, rate s, write s).
+            "batch_samples": batch_samples[:: max(1, len(batch_samples) // 60)],
+            "last_batch_messages_p50_max": _p50_max([b[2] for b in batch_samples]),
+            "rate_seconds_p50_max": _p50_max([b[3] for b in batch_samples]),
+            "write_seconds_p50_max": _p50_max([b[4] for b in batch_samples]),
         }
 
     def budgets_for(self, workload: Workload) -> tuple[str, list[str]]:
@@ -1129,13 +1137,20 @@ class Bench:
             consumer.close()
 
     def _watch(
-        self, workers: list[BenchWorker], sent: list[int], out: list[tuple[float, int, int]], stop: threading.Event
+        self, workers: list[BenchWorker], sent: list[int], out: list[tuple[float, int, int]], stop: threading.Event,
+        batches: list[tuple[float, int, int, float, float]] | None = None,
     ) -> None:
+        """Every 0.5 s: (t, sent, stored); with ``batches``, (t, staged, last batch's messages, its rate and write s)."""
         started = time.monotonic()
         while not stop.wait(0.5):
             with contextlib.suppress(Exception):
-                done = sum(w.stats(timeout=2.0)["messages"] for w in workers)
-                out.append((time.monotonic() - started, sent[0], done))
+                stats = [w.stats(timeout=2.0) for w in workers]
+                t = time.monotonic() - started
+                out.append((t, sent[0], sum(s["messages"] for s in stats)))
+                if batches is not None and "last_batch" in stats[0]:
+                    last = stats[0]["last_batch"]
+                    batches.append((round(t, 1), sum(s.get("staged", 0) for s in stats), last["messages"],
+                                    last["rate_seconds"], last["write_seconds"]))  # fmt: skip
 
     def _wait_messages(
         self, workers: list[BenchWorker], expected: int, timeout: float
@@ -1178,6 +1193,10 @@ class Bench:
 
 
 # -- report -----------------------------------------------------------------------------------------
+
+
+def _p50_max(values: list[float]) -> list[float] | None:
+    return [statistics.median(values), max(values)] if values else None
 
 
 def _fmt_rate(v: Any) -> str:

@@ -79,7 +79,10 @@ MAX_DEAD_LETTER_KEY = 1024
 class WorkerStats:
     """Counters served at ``/stats/`` and logged: how far the worker has got."""
 
+    #: Messages stored and committable (``staged``: rated, decisions and alerts published, the
+    #: write maybe still in hand).
     messages: int = 0
+    staged: int = 0
     rated: int = 0
     duplicates: int = 0
     dead_letters: int = 0
@@ -91,11 +94,17 @@ class WorkerStats:
     #: Since when (epoch seconds) the store has been unavailable, and why; None while it answers.
     store_unavailable_since: float | None = None
     store_last_error: str | None = None
+    #: The last batch: its messages, seconds to rate it (decode to decisions published) and to
+    #: write it (store write to broker confirmations; not the wait for the writes before it).
+    last_batch_messages: int = 0
+    last_rate_seconds: float = 0.0
+    last_write_seconds: float = 0.0
     started_at: float = field(default_factory=time.time)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "messages": self.messages,
+            "staged": self.staged,
             "rated": self.rated,
             "duplicates": self.duplicates,
             "dead_letters": self.dead_letters,
@@ -107,6 +116,8 @@ class WorkerStats:
             "store_unavailable_seconds": None if self.store_unavailable_since is None
             else round(time.time() - self.store_unavailable_since, 1),
             "store_last_error": self.store_last_error,
+            "last_batch": {"messages": self.last_batch_messages, "rate_seconds": round(self.last_rate_seconds, 4),
+                           "write_seconds": round(self.last_write_seconds, 4)},
             "uptime_seconds": round(time.time() - self.started_at, 1),
             "pid": os.getpid(),
         }
@@ -369,6 +380,7 @@ def create_app(
         if the write cannot complete the process exits (see consumer.py) and a restart
         rebuilds it from what was stored.
         """
+        rating_started = time.monotonic()
         result = await with_store(
             lambda: processor.process(messages, state.month_to_date, prepare=state.prepare, history=state),
             "loading state",
@@ -379,6 +391,8 @@ def create_app(
         activity.last_batch = time.monotonic()
         state_sent = await publish_states(result.enforcement, reached(messages))
         alerts_sent = await publish_alerts(result)
+        stats.staged += len(messages)
+        stats.last_batch_messages, stats.last_rate_seconds = len(messages), time.monotonic() - rating_started
         if result.dead_letters:
             key_of: dict[tuple[str | None, int | None, int | None], Any] = {
                 (m.topic, m.partition, m.offset): key for m, key in zip(messages, keys, strict=True)
@@ -390,6 +404,7 @@ def create_app(
             dead_letter_keys = []
 
         async def write() -> dict[tuple[str, int], int]:
+            write_started = time.monotonic()
             activity.writing += 1
             try:
                 await with_store(lambda: store.insert_batch(result.raw, result.rated, result.alerts, raw_stored=raw_stored),
@@ -413,6 +428,7 @@ def create_app(
             stats.dead_letters += len(result.dead_letters)
             stats.alerts += len(result.alerts)
             stats.batches += 1
+            stats.last_write_seconds = time.monotonic() - write_started
             return held
 
         return write
