@@ -132,8 +132,12 @@ def test_agent_raises_each_threshold_once(tmp_path):
     assert [(s["customer_id"], s["decision"]) for s in states] == [("acme", "warn")]
 
 
-def test_the_state_does_not_wait_for_the_store_but_alerts_do(tmp_path):
-    """Enforcement states (a view) go out as soon as the batch is rated; alerts only once stored."""
+def test_the_state_and_the_alerts_do_not_wait_for_the_store(tmp_path):
+    """Enforcement states and alerts go out as soon as the batch is rated; the store write comes after.
+
+    The alerts' rows are written with the batch (the outbox, alerts.py): a crash before that
+    replays the batch, and the outbox pass finds the alerts on the topic and records them once.
+    """
     budgets = 'customers:\n  acme: {monthly_credits: "10", thresholds: [50, 100], action: block}\n'
     store = MemoryStore(failures=10**9)  # the store never accepts the write
     holder: dict = {}
@@ -144,7 +148,8 @@ def test_the_state_does_not_wait_for_the_store_but_alerts_do(tmp_path):
     assert ("enforcement-state", b"acme") in topics_sent and ("enforcement-state", HEARTBEAT_KEY.encode()) in topics_sent
     state = json.loads(next(c.args[2] for c in calls if c.args[:2] == ("enforcement-state", b"acme")))
     assert (state["decision"], state["counted_ids"]) == ("block", ["e0", "e1", "e2"])
-    assert not [t for t, _ in topics_sent if t == "budget-alerts"] and store.rated == []
+    alerts = [json.loads(c.args[2]) for c in calls if c.args[0] == "budget-alerts"]
+    assert sorted(a["threshold_percent"] for a in alerts) == [50, 100] and store.rated == [] and store.alerts == []
 
 
 def test_agent_retries_the_store_and_loses_nothing(tmp_path):
