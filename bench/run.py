@@ -950,7 +950,7 @@ class Bench:
             workers = self.start_workers(kafka, app_id, budgets_file=budgets_file, wait_ready=True)
             progress: list[tuple[float, int, int]] = []  # (t, sent, worker messages)
             sent_box = [0]
-            batch_samples: list[tuple[float, int, int, float, float]] = []  # (t, staged, last batch, rate s, write s)
+            batch_samples: list[tuple[float, int, int, float, float, float]] = []  # t, staged, batch, rate/write/store s
             monitor = threading.Thread(
                 target=self._watch, args=(workers, sent_box, progress, stop, batch_samples), daemon=True
             )
@@ -1071,11 +1071,12 @@ class Bench:
             "vmhwm_bytes": [m.get("VmHWM") for m in memory],
             "cpu": cpu,
             "backlog_samples": [(round(t, 1), s, d) for t, s, d in progress[:: max(1, len(progress) // 60)]],
-            # The first worker's last batch at each sample: (t, staged messages, its size, rate s, write s).
+            # The first worker's last batch at each sample: (t, staged messages, its size, rate, write, store s).
             "batch_samples": batch_samples[:: max(1, len(batch_samples) // 60)],
             "last_batch_messages_p50_max": _p50_max([b[2] for b in batch_samples]),
             "rate_seconds_p50_max": _p50_max([b[3] for b in batch_samples]),
             "write_seconds_p50_max": _p50_max([b[4] for b in batch_samples]),
+            "store_seconds_p50_max": _p50_max([b[5] for b in batch_samples]),
         }
 
     def budgets_for(self, workload: Workload) -> tuple[str, list[str]]:
@@ -1138,9 +1139,10 @@ class Bench:
 
     def _watch(
         self, workers: list[BenchWorker], sent: list[int], out: list[tuple[float, int, int]], stop: threading.Event,
-        batches: list[tuple[float, int, int, float, float]] | None = None,
+        batches: list[tuple[float, int, int, float, float, float]] | None = None,
     ) -> None:
-        """Every 0.5 s: (t, sent, stored); with ``batches``, (t, staged, last batch's messages, its rate and write s)."""
+        """Every 0.5 s: (t, sent, stored); with ``batches``, (t, staged, last batch's messages, its rate, write and
+        store seconds)."""
         started = time.monotonic()
         while not stop.wait(0.5):
             with contextlib.suppress(Exception):
@@ -1150,7 +1152,7 @@ class Bench:
                 if batches is not None and "last_batch" in stats[0]:
                     last = stats[0]["last_batch"]
                     batches.append((round(t, 1), sum(s.get("staged", 0) for s in stats), last["messages"],
-                                    last["rate_seconds"], last["write_seconds"]))  # fmt: skip
+                                    last["rate_seconds"], last["write_seconds"], last.get("store_seconds", 0.0)))  # fmt: skip
 
     def _wait_messages(
         self, workers: list[BenchWorker], expected: int, timeout: float

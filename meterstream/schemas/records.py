@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
-from typing import Any, TypeVar, overload
+from typing import Any, Self, TypeVar, overload
 
 from pydantic import (
     AwareDatetime,
@@ -291,6 +292,14 @@ class RowColumns(Sequence[_Row]):
         return NotImplemented
 
     __hash__ = None  # type: ignore[assignment]
+
+    @classmethod
+    def concat(cls, batches: Sequence[Self]) -> Self:
+        """The rows of ``batches``, in order, as one batch (subclasses are dataclasses of list columns)."""
+        if len(batches) == 1:
+            return batches[0]
+        return cls(*(list(itertools.chain.from_iterable(getattr(b, f.name) for b in batches))
+                     for f in fields(cls)))  # type: ignore[arg-type]  # fmt: skip
 
 
 @dataclass(eq=False)

@@ -38,6 +38,7 @@ state is not in Faust tables.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import time
@@ -56,9 +57,10 @@ from meterstream.clock import Clock, utc_now
 from meterstream.config import Settings
 from meterstream.kafka_clients import faust_broker, faust_credentials
 from meterstream.periods import period_of
+from meterstream.pricing.engine import RatedBatch
 from meterstream.pricing.plans import load_catalog
 from meterstream.producers.ledger import LedgerUnavailable, RedisLedger
-from meterstream.schemas.records import HEARTBEAT_KEY, Decision, EnforcementState, ThresholdAction
+from meterstream.schemas.records import HEARTBEAT_KEY, Decision, EnforcementState, RawBatch, ThresholdAction
 from meterstream.storage.clickhouse import Storage, StoreError
 from meterstream.storage.settle import settle_store
 from meterstream.stream_processors import quiet_logs
@@ -84,6 +86,8 @@ class WorkerStats:
     messages: int = 0
     staged: int = 0
     rated: int = 0
+    #: Store writes made: fewer than ``batches`` when batches waiting for a slow store went as one.
+    inserts: int = 0
     duplicates: int = 0
     dead_letters: int = 0
     alerts: int = 0
@@ -95,10 +99,12 @@ class WorkerStats:
     store_unavailable_since: float | None = None
     store_last_error: str | None = None
     #: The last batch: its messages, seconds to rate it (decode to decisions published) and to
-    #: write it (store write to broker confirmations; not the wait for the writes before it).
+    #: write it (store write to broker confirmations; not the wait for the writes before it), and
+    #: the store's part of that.
     last_batch_messages: int = 0
     last_rate_seconds: float = 0.0
     last_write_seconds: float = 0.0
+    last_store_seconds: float = 0.0
     started_at: float = field(default_factory=time.time)
 
     def as_dict(self) -> dict[str, Any]:
@@ -106,6 +112,7 @@ class WorkerStats:
             "messages": self.messages,
             "staged": self.staged,
             "rated": self.rated,
+            "inserts": self.inserts,
             "duplicates": self.duplicates,
             "dead_letters": self.dead_letters,
             "alerts": self.alerts,
@@ -117,10 +124,20 @@ class WorkerStats:
             else round(time.time() - self.store_unavailable_since, 1),
             "store_last_error": self.store_last_error,
             "last_batch": {"messages": self.last_batch_messages, "rate_seconds": round(self.last_rate_seconds, 4),
-                           "write_seconds": round(self.last_write_seconds, 4)},
+                           "write_seconds": round(self.last_write_seconds, 4),
+                           "store_seconds": round(self.last_store_seconds, 4)},
             "uptime_seconds": round(time.time() - self.started_at, 1),
             "pid": os.getpid(),
         }
+
+
+@dataclass(eq=False)
+class _Staged:
+    """A rated batch whose rows are not stored yet (the write that stores them may be another batch's)."""
+
+    result: BatchResult
+    raw_stored: frozenset[tuple[str, int, int]]
+    stored: bool = False
 
 
 @dataclass
@@ -370,6 +387,34 @@ def create_app(
                 continue
             ledger.count(state.customer_id, state.period, state.spent_credits, state.counted_ids)
 
+    #: Rated batches not stored yet, in order: a write stores every one of them in one insert.
+    unstored: collections.deque[_Staged] = collections.deque()
+
+    async def store_rows(entry: _Staged) -> None:
+        """Store ``entry``'s rows, with those of every batch rated after it that waits for its write.
+
+        Writes run in batch order, each after the previous one succeeded, so ``entry`` is the
+        oldest unstored batch. When the store is slower than the rating, the batches in hand go
+        as one insert (a store pays a fixed cost per insert and per part); each batch's offsets
+        are still committed only after its own write, which finds its rows stored.
+        """
+        if entry.stored:
+            return
+        group = list(unstored)
+        assert group and group[0] is entry, "writes out of order"
+        if len(group) == 1:
+            raw, rated, alerts, raw_stored = entry.result.raw, entry.result.rated, entry.result.alerts, entry.raw_stored
+        else:
+            raw = RawBatch.concat([e.result.raw for e in group])
+            rated = RatedBatch.concat([e.result.rated for e in group])
+            alerts = [a for e in group for a in e.result.alerts]
+            raw_stored = frozenset().union(*(e.raw_stored for e in group))
+        await with_store(lambda: store.insert_batch(raw, rated, alerts, raw_stored=raw_stored), "store write")
+        for e in group:
+            e.stored = True
+            unstored.popleft()
+        stats.inserts += 1
+
     async def stage_batch(
         messages: Sequence[InboundMessage], keys: Sequence[bytes | None]
     ) -> Callable[[], Awaitable[dict[tuple[str, int], int]]]:
@@ -386,7 +431,8 @@ def create_app(
             "loading state",
             exclusive=False,
         )
-        raw_stored = frozenset(state.raw_stored)
+        entry = _Staged(result, frozenset(state.raw_stored))
+        unstored.append(entry)
         state.commit(result)
         activity.last_batch = time.monotonic()
         state_sent = await publish_states(result.enforcement, reached(messages))
@@ -407,10 +453,10 @@ def create_app(
             write_started = time.monotonic()
             activity.writing += 1
             try:
-                await with_store(lambda: store.insert_batch(result.raw, result.rated, result.alerts, raw_stored=raw_stored),
-                                 "store write")  # fmt: skip
+                await store_rows(entry)
             finally:
                 activity.writing -= 1
+            stats.last_store_seconds = time.monotonic() - write_started
             if ledger is not None and result.enforcement:
                 try:
                     await asyncio.to_thread(count_in_ledger, result.enforcement)
@@ -502,4 +548,5 @@ def create_app(
     app.meterstream_stats = stats  # type: ignore[attr-defined]
     app.meterstream_state = state  # type: ignore[attr-defined]
     app.meterstream_handle_batch = handle_batch  # type: ignore[attr-defined]
+    app.meterstream_stage_batch = stage_batch  # type: ignore[attr-defined]
     return app

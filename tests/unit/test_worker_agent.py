@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -195,3 +196,47 @@ def test_the_heartbeat_says_how_far_the_view_has_reached(tmp_path):
     asyncio.run(asyncio.wait_for(app.meterstream_handle_batch(messages, [b"acme", b"acme"]), 10))
     [beat] = beats
     assert beat["updated_at"] == (OCCURRED_AT + timedelta(seconds=10)).isoformat().replace("+00:00", "Z")
+
+
+def test_batches_waiting_for_a_slow_store_go_as_one_insert_and_each_is_stored_once(tmp_path):
+    """Batch 1's insert hangs; batches 2 and 3 are rated meanwhile and written by one insert."""
+
+    class SlowFirstStore(MemoryStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.release = threading.Event()
+            self.inserts: list[list[str]] = []
+
+        def insert_batch(self, raw, rated, alerts=(), *, raw_stored=()) -> None:
+            if not self.inserts:
+                assert self.release.wait(10)
+            self.inserts.append([r.event_id for r in rated])
+            super().insert_batch(raw, rated, alerts, raw_stored=raw_stored)
+
+    store = SlowFirstStore()
+    settings = Settings(worker=WorkerSettings(app_id="unit", batch_timeout=0.05, data_dir=tmp_path))
+    app = create_app(settings, store, clock=CLOCK)
+
+    async def capture(topic, key, value, partition, timestamp, headers):
+        return _sent_future()
+
+    app.producer.send = AsyncMock(side_effect=capture)
+    messages = [InboundMessage("usage", _event(f"s{i}"), "usage.events", 0, i) for i in range(6)]
+
+    async def run():
+        stage = app.meterstream_stage_batch
+        first = asyncio.ensure_future((await stage(messages[0:2], [b"acme"] * 2))())
+        await asyncio.sleep(0.1)  # the first insert is hanging in its thread
+        second = await stage(messages[2:4], [b"acme"] * 2)
+        third = await stage(messages[4:6], [b"acme"] * 2)
+        store.release.set()
+        await asyncio.wait_for(first, 10)
+        await asyncio.wait_for(second(), 10)  # stores batches 2 and 3
+        await asyncio.wait_for(third(), 10)  # finds its rows stored
+
+    asyncio.run(run())
+    assert store.inserts == [["s0", "s1"], ["s2", "s3", "s4", "s5"]]
+    assert [r.event_id for r in store.rated] == [f"s{i}" for i in range(6)]
+    assert [r.event_id for r in store.raw] == [f"s{i}" for i in range(6)]
+    stats = app.meterstream_stats.as_dict()
+    assert (stats["batches"], stats["inserts"], stats["messages"], stats["staged"]) == (3, 2, 6, 6)
