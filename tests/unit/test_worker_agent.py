@@ -214,7 +214,8 @@ def test_batches_waiting_for_a_slow_store_go_as_one_insert_and_each_is_stored_on
             super().insert_batch(raw, rated, alerts, raw_stored=raw_stored)
 
     store = SlowFirstStore()
-    settings = Settings(worker=WorkerSettings(app_id="unit", batch_timeout=0.05, data_dir=tmp_path))
+    settings = Settings(worker=WorkerSettings(app_id="unit", batch_timeout=0.05, data_dir=tmp_path,
+                                              insert_linger_seconds=0))  # fmt: skip
     app = create_app(settings, store, clock=CLOCK)
 
     async def capture(topic, key, value, partition, timestamp, headers):
@@ -240,3 +241,46 @@ def test_batches_waiting_for_a_slow_store_go_as_one_insert_and_each_is_stored_on
     assert [r.event_id for r in store.raw] == [f"s{i}" for i in range(6)]
     stats = app.meterstream_stats.as_dict()
     assert (stats["batches"], stats["inserts"], stats["messages"], stats["staged"]) == (3, 2, 6, 6)
+
+
+@pytest.mark.parametrize("linger", [0.0, 5.0])
+def test_a_write_lingers_for_the_batches_rated_after_it_then_stores_them_in_one_insert(tmp_path, linger):
+    """Small batches in quick succession: one insert with the linger (until writes_in_hand wait), one each without."""
+
+    class CountingStore(MemoryStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inserts: list[list[str]] = []
+
+        def insert_batch(self, raw, rated, alerts=(), *, raw_stored=()) -> None:
+            self.inserts.append([r.event_id for r in rated])
+            super().insert_batch(raw, rated, alerts, raw_stored=raw_stored)
+
+    store = CountingStore()
+    settings = Settings(worker=WorkerSettings(app_id="unit", batch_timeout=0.05, data_dir=tmp_path,
+                                              insert_linger_seconds=linger, writes_in_hand=3))  # fmt: skip
+    app = create_app(settings, store, clock=CLOCK)
+
+    async def capture(topic, key, value, partition, timestamp, headers):
+        return _sent_future()
+
+    app.producer.send = AsyncMock(side_effect=capture)
+    messages = [InboundMessage("usage", _event(f"l{i}"), "usage.events", 0, i) for i in range(3)]
+
+    async def chained(previous, write):  # as the consumer runs them: each after the one before
+        if previous is not None:
+            await previous
+        await write()
+
+    async def run():
+        last = None
+        for i in range(3):
+            last = asyncio.ensure_future(chained(last, await app.meterstream_stage_batch(messages[i : i + 1], [b"acme"])))
+            await asyncio.sleep(0.05)
+        # With a 5 s linger the third batch (writes_in_hand) ends the wait: no 5 s pause.
+        await asyncio.wait_for(last, 2.0)
+
+    asyncio.run(run())
+    expected = [["l0", "l1", "l2"]] if linger else [["l0"], ["l1"], ["l2"]]
+    assert store.inserts == expected
+    assert [r.event_id for r in store.rated] == ["l0", "l1", "l2"]
