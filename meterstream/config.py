@@ -167,8 +167,9 @@ class WorkerSettings(_Section):
     writes_in_hand: int = Field(default=3, ge=1, le=16)
     #: A store write waits until its oldest batch was rated this long ago (or until
     #: ``writes_in_hand`` batches or ``batch_size`` events wait), and writes every batch waiting
-    #: as one insert: ClickHouse pays a fixed cost per insert (~100 ms of server CPU on the local
-    #: server here, whatever its size), so a trickle of small batches costs more than the events.
+    #: as one insert: ClickHouse pays a fixed cost per insert (60-100 ms of server CPU on the local
+    #: server here, whatever its size: bench/insert_size.py), so a trickle of small batches costs
+    #: more than the events.
     #: Decisions and alerts do not wait for it; offsets are committed after it.
     insert_linger_seconds: float = Field(default=0.25, ge=0, le=10)
     #: Tumbling window for the real-time per-customer counters.
