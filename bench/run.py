@@ -532,10 +532,14 @@ class Bench:
         for worker in workers:
             worker.stop(timeout=30)
         for database in {worker.clickhouse.database for worker in workers}:  # keep the logs, drop the store
-            with contextlib.suppress(Exception):
-                client = connect(self.clickhouse, create_database=False)
+            try:
+                # Connected to the run's own database: the configured one may not exist on this server
+                # (it did not, and every run's database was left behind, the error swallowed).
+                client = connect(self.clickhouse.model_copy(update={"database": database}), create_database=False)
                 client.command(f"DROP DATABASE IF EXISTS {database}")
                 client.close()
+            except Exception as exc:  # a leftover database is harmless, but say so
+                console.print(f"[yellow]could not drop the run's database {database}: {exc}[/]")
 
     def cleanup(self) -> None:
         for recorder in self.recorders:
