@@ -100,7 +100,7 @@ class WorkerStats:
     store_last_error: str | None = None
     #: The last batch: its messages, seconds to rate it (decode to decisions published) and to
     #: write it (store write to broker confirmations; not the wait for the writes before it), and
-    #: the store's part of that.
+    #: the store's part of that (its linger included).
     last_batch_messages: int = 0
     last_rate_seconds: float = 0.0
     last_write_seconds: float = 0.0

@@ -58,9 +58,8 @@ def _consumer(
     return consumer, fake
 
 
-def test_the_next_batch_is_rated_while_the_previous_one_is_written_and_writes_stay_in_order():
-    log: list[str] = []
-    release_first_write = asyncio.Event()
+def _logging_stage(log: list[str], release_first_write: asyncio.Event, slower: str | None = None):
+    """A stager that logs ``rate bN`` / ``write bN``; b0's write waits for the event, ``slower``'s sleeps."""
 
     async def stage(messages, keys):
         name = f"b{messages[0].offset}"
@@ -69,9 +68,18 @@ def test_the_next_batch_is_rated_while_the_previous_one_is_written_and_writes_st
         async def write():
             if name == "b0":
                 await release_first_write.wait()  # the first write is slow
+            await asyncio.sleep(0.01 if name == slower else 0)  # a later write finishing out of step
             log.append(f"write {name}")
 
         return write
+
+    return stage
+
+
+def test_the_next_batch_is_rated_while_the_previous_one_is_written_and_writes_stay_in_order():
+    log: list[str] = []
+    release_first_write = asyncio.Event()
+    stage = _logging_stage(log, release_first_write)
 
     async def run():
         consumer, fake = _consumer(stage)
@@ -95,18 +103,7 @@ def test_the_next_batch_is_rated_while_the_previous_one_is_written_and_writes_st
 def test_batches_are_rated_ahead_of_a_slow_write_up_to_writes_in_hand_and_written_in_order():
     log: list[str] = []
     release_first_write = asyncio.Event()
-
-    async def stage(messages, keys):
-        name = f"b{messages[0].offset}"
-        log.append(f"rate {name}")
-
-        async def write():
-            if name == "b0":
-                await release_first_write.wait()
-            await asyncio.sleep(0.01 if name == "b2" else 0)  # a later write finishing out of step
-            log.append(f"write {name}")
-
-        return write
+    stage = _logging_stage(log, release_first_write, slower="b2")
 
     async def run():
         consumer, fake = _consumer(stage, writes_in_hand=2)
