@@ -1,7 +1,10 @@
 """Profile a running process with py-spy (optional: not a project dependency) and summarise it.
 
-``py-spy record --format raw`` writes collapsed stacks (``frame;frame;... count``,
-each frame ``function (file:line)``, leaf last). :func:`summarise` turns them into
+``py-spy record --gil --format raw`` writes collapsed stacks (``frame;frame;... count``,
+each frame ``function (file:line)``, leaf last), sampling only the thread that holds the GIL:
+the worker's three Python threads (event loop, rating, store writes) share one GIL, so that
+thread's work is what bounds its events/s (without ``--gil`` a thread waiting for the GIL or
+the store's HTTP answer showed as working). :func:`summarise` turns them into
 the top functions by self time and by inclusive time, with the share of all
 samples, plus the shares of a few named stages of the worker's hot path.
 """
@@ -66,7 +69,7 @@ class Recorder:
         self.out = out
         self.log = out.with_suffix(".log")
         self.process = subprocess.Popen(
-            [exe, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw", "--output", str(out)],
+            [exe, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw", "--output", str(out), "--gil"],
             stdout=self.log.open("wb"),
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -128,8 +131,8 @@ def summarise(raw_file: Path, top: int = 20) -> dict[str, Any]:
     return {
         "samples_working": total,
         "samples_idle": idle,
-        "note": "percent of samples in which a thread was working (idle waits in select/queues excluded); "
-        "threads add up, so a stage's share is of all working samples",
+        "note": "percent of the samples of the thread holding the GIL (py-spy --gil; idle waits in "
+        "select/queues excluded): a stage's share of the one core the worker's Python can use",
         "stages": [
             {"stage": s, "samples": n, "percent": round(100 * n / total, 1) if total else 0.0}
             for s, n in stage_counts.most_common()

@@ -203,7 +203,7 @@ def worker(
         reconcile_ledger,
         standalone_outbox,
     )
-    from meterstream.stream_processors.app import create_app
+    from meterstream.stream_processors.app import create_app, take_over_garbage_collection
     from meterstream.topics import TopicError, customer_partition, ensure_topics
 
     settings = get_settings()
@@ -246,6 +246,8 @@ def worker(
         except LedgerUnavailable as exc:  # each batch sets its customers' totals again
             err_console.print(f"warning: {exc}; the ledger's counted totals follow with the next batches")
         faust_app = create_app(settings, store, published, reconcile_for)
+        if settings.worker.gc_collect_seconds > 0:
+            take_over_garbage_collection()
         faust.Worker(faust_app, loop=loop, loglevel=loglevel).execute_from_commandline()
     except (PriceBookError, PlanError, BudgetBookError, StoreError, KafkaError, TimeoutError, ValueError) as exc:
         raise fail(str(exc)) from None

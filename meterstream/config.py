@@ -172,6 +172,12 @@ class WorkerSettings(_Section):
     #: more than the events.
     #: Decisions and alerts do not wait for it; offsets are committed after it.
     insert_linger_seconds: float = Field(default=0.25, ge=0, le=10)
+    #: Python's cyclic garbage collector in the worker process. Above 0: what start-up built is
+    #: frozen (never scanned again), the automatic collector is off, and a full collection runs
+    #: every this many seconds. A batch holds ~20 objects per event until it is stored, and the
+    #: automatic collector (a pass every 700 new objects) scanned each of them several times:
+    #: a third of the worker's events/s (BENCHMARKS.md). 0: Python's automatic collector.
+    gc_collect_seconds: float = Field(default=30.0, ge=0, le=3600)
     #: Tumbling window for the real-time per-customer counters.
     window_seconds: int = Field(default=60, ge=1)
     #: How long windowed counters are kept before the worker drops them (checked every 60 s).

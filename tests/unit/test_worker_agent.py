@@ -9,8 +9,10 @@ rows to the store, rejections to the dead-letter topic, alerts to budget-alerts.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import threading
+import weakref
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -22,7 +24,12 @@ from meterstream.clock import fixed_clock
 from meterstream.config import Settings, WorkerSettings
 from meterstream.schemas.records import HEARTBEAT_KEY
 from meterstream.storage.clickhouse import QueryResult, StoreAccessError, StoreStatementError
-from meterstream.stream_processors.app import create_app
+from meterstream.stream_processors.app import (
+    WorkerStats,
+    collect_garbage,
+    create_app,
+    take_over_garbage_collection,
+)
 from meterstream.stream_processors.processing import InboundMessage
 
 
@@ -284,3 +291,29 @@ def test_a_write_lingers_for_the_batches_rated_after_it_then_stores_them_in_one_
     expected = [["l0", "l1", "l2"]] if linger else [["l0"], ["l1"], ["l2"]]
     assert store.inserts == expected
     assert [r.event_id for r in store.rated] == ["l0", "l1", "l2"]
+
+
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_the_worker_collects_garbage_itself_once_it_took_over() -> None:
+    stats = WorkerStats()
+    collect_garbage(stats)
+    assert stats.gc_collections == 0  # Python's automatic collector is on: nothing to do
+    try:
+        take_over_garbage_collection()
+        assert not gc.isenabled() and gc.get_freeze_count() > 0
+        cycle = _Cycle()
+        alive = weakref.ref(cycle)
+        del cycle
+        assert alive() is not None  # unreachable, but only a collection frees a cycle
+        collect_garbage(stats)
+        assert alive() is None
+        assert stats.gc_collections == 1 and stats.gc_last_seconds > 0
+        assert stats.as_dict()["gc"] == {"automatic": False, "collections": 1,
+                                         "last_seconds": round(stats.gc_last_seconds, 4)}  # fmt: skip
+    finally:
+        gc.enable()
+        gc.unfreeze()
