@@ -1081,6 +1081,8 @@ class Bench:
             "rate_seconds_p50_max": _p50_max([b[3] for b in batch_samples]),
             "write_seconds_p50_max": _p50_max([b[4] for b in batch_samples]),
             "store_seconds_p50_max": _p50_max([b[5] for b in batch_samples]),
+            # The workers' own garbage collections (WORKER__GC_COLLECT_SECONDS): how many, the last one's seconds.
+            "gc": [s.get("gc") for s in final],
         }
 
     def budgets_for(self, workload: Workload) -> tuple[str, list[str]]:
