@@ -27,7 +27,7 @@ import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from decimal import Decimal
+from decimal import Context, Decimal
 from math import gcd
 from operator import itemgetter
 from typing import Any, NamedTuple
@@ -89,13 +89,16 @@ def row_of(event: UsageEvent | OutcomeEvent) -> EventRow:
     )  # fmt: skip
 
 
+#: Wide enough for every amount of Decimal(38, 18) and beyond: nothing is rounded in :func:`money`.
+_EXACT = Context(prec=80)
+
+
 def money(units: int) -> Decimal:
     """An amount in 10⁻¹⁸ as a Decimal, exactly, without trailing zeros (``150``, ``0.0308625``)."""
-    whole, fraction = divmod(abs(units), SCALE)
-    if not fraction:
-        return Decimal(units // SCALE)
-    digits = f"{fraction:018d}".rstrip("0")  # string work in C: no loop over the digits
-    return Decimal(f"{'-' if units < 0 else ''}{whole}.{digits}")
+    if units % SCALE:
+        # The exponent moved and the trailing zeros dropped, in C (no string: half the time).
+        return Decimal(units).scaleb(-_DIGITS, _EXACT).normalize(_EXACT)
+    return Decimal(units // SCALE)
 
 
 def units(amount: Decimal) -> int:

@@ -145,6 +145,11 @@ def test_money_and_units_are_exact_inverses(amount: int) -> None:
     assert units(money(amount)) == amount
     with localcontext(EXACT):  # the default context would round past 28 digits; money does not
         assert money(amount) == Decimal(amount) / SCALE
+    # Written the same as the digits of the amount with the trailing zeros dropped (150, 0.0308625).
+    whole, fraction = divmod(abs(amount), SCALE)
+    digits = f"{fraction:018d}".rstrip("0")
+    written = Decimal(f"{'-' if amount < 0 else ''}{whole}.{digits}") if fraction else Decimal(amount // SCALE)
+    assert money(amount).as_tuple() == written.as_tuple()
 
 
 def test_units_cut_toward_zero_as_the_store_does() -> None:
