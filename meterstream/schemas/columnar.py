@@ -372,18 +372,32 @@ def _quantity(rows: _Rows) -> list[int]:
     values = rows.columns.get("quantity")
     if values is None:
         return [0] * rows.n
+    kinds = set(map(type, values))
+    if kinds == {int} and 0 <= min(values) and max(values) <= _MAX_QUANTITY:
+        return values
+    if kinds == {str}:
+        # the SDK writes quantity as a string ("0" for every tokens event): each distinct one read once
+        distinct = set(values)
+        numbers = {text: number for text in distinct if (number := _quantity_digits(text)) is not None}
+        if len(numbers) == len(distinct):
+            return list(map(numbers.__getitem__, values))
     out: list[int] = []
     for i, value in enumerate(values):
         kind = type(value)
         if kind is int and 0 <= value <= _MAX_QUANTITY:
             out.append(value)
-        elif kind is str and re.fullmatch(_QUANTITY_DIGITS, value) and value.isascii():
-            out.append(int(value))
+        elif kind is str and (number := _quantity_digits(value)) is not None:
+            out.append(number)
         else:
             out.append(0)
             if not (value is None and rows.none_is_absent):
                 rows.refused.add(i)
     return out
+
+
+def _quantity_digits(text: str) -> int | None:
+    """A quantity string of the rule's digits as its int, else None."""
+    return int(text) if text.isascii() and re.fullmatch(_QUANTITY_DIGITS, text) else None
 
 
 def _instants(texts: list[str], now: datetime) -> tuple[list[datetime], list[int]]:

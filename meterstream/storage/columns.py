@@ -12,14 +12,14 @@ of 10**-18 and go to ``decimal128(38, 18)`` as their 16-byte two's complement,
 exactly (meterstream/pricing/engine.py); a row model's Decimal is made such an
 integer first, cut toward zero at the column's scale as clickhouse-connect's
 row insert did (``int(value * 10**scale)``), so the stored figure does not
-depend on the insert path. Quantities go as Decimal values, cut the same way.
+depend on the insert path. Quantities go the same way, as integers of 10**-9.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from decimal import ROUND_DOWN, Decimal
+from decimal import Decimal
 
 import pyarrow as pa
 
@@ -29,44 +29,48 @@ from meterstream.schemas.records import RatedUsage, RawBatch, RawEvent
 _TIMESTAMP = pa.timestamp("ms", tz="UTC")
 _MONEY = pa.decimal128(38, 18)
 _QUANTITY = pa.decimal128(38, 9)
-_MONEY_STEP = Decimal(1).scaleb(-18)
-_QUANTITY_STEP = Decimal(1).scaleb(-9)
 _ONE = Decimal(1)
-_MONEY_LIMIT = 10**38
-
-
-def _exponent(value: Decimal) -> int:
-    exponent = value.as_tuple().exponent
-    if isinstance(exponent, str):  # NaN and infinities: no column takes them
-        raise ValueError(f"{value} is not a finite decimal")
-    return exponent
-
-
-def _decimals(values: list[Decimal], step: Decimal, scale: int, type_: pa.DataType) -> pa.Array:
-    # Exact when every value fits the scale (the usual case); otherwise cut each to it first.
-    fitted = [v if _exponent(v) >= -scale else v.quantize(step, rounding=ROUND_DOWN) for v in values]
-    return pa.array(fitted, type_)
+#: decimal128(38, s) holds integers of 10**-s below 10**38 in magnitude.
+_DECIMAL128_LIMIT = 10**38
 
 
 def _strings(values: Sequence[str]) -> pa.Array:
+    n = len(values)
+    if n and values.count(values[0]) == n:  # one value (a batch's currency, its id): no conversion per row
+        return pa.repeat(pa.scalar(values[0], pa.string()), n)
     return pa.array(values, pa.string())
 
 
+def _scaled(value: Decimal, scale: int) -> int:
+    """``value`` as an integer of 10**-scale, cut toward zero beyond ``scale`` digits (``int(value * 10**scale)``)."""
+    if not value.is_finite():  # NaN and infinities: no column takes them
+        raise ValueError(f"{value} is not a finite decimal")
+    numerator, denominator = value.as_integer_ratio()
+    scaled: int = abs(numerator) * 10**scale // denominator
+    return -scaled if numerator < 0 else scaled
+
+
 def _quantities(values: Sequence[Decimal]) -> pa.Array:
-    """decimal128(38, 9); a batch of token events (every quantity 0) without a Decimal conversion per value."""
-    if not any(values):
+    """decimal128(38, 9), cut toward zero at 9 digits; each distinct quantity converted once (a batch has few)."""
+    if not any(values):  # a batch of token events: every quantity 0
         return pa.Array.from_buffers(_QUANTITY, len(values), [None, pa.py_buffer(bytes(16 * len(values)))])
-    return _decimals(list(values), _QUANTITY_STEP, 9, _QUANTITY)
+    nanos = {value: _scaled(value, 9) for value in set(values)}  # equal Decimals are one value and cut alike
+    return _decimal128(list(map(nanos.__getitem__, values)), _QUANTITY, "a quantity")
 
 
 def _money(units: list[int]) -> pa.Array:
     """Amounts in 10**-18 (the rating engine's integers) as decimal128(38, 18), without a Decimal per value."""
+    return _decimal128(units, _MONEY, "an amount")
+
+
+def _decimal128(units: list[int], type_: pa.Decimal128Type, what: str) -> pa.Array:
+    """Integers of 10**-scale as a decimal128 column: their 16-byte two's complement, exactly."""
     if not units:
-        return pa.array([], _MONEY)
-    if max(units) >= _MONEY_LIMIT or min(units) <= -_MONEY_LIMIT:
-        raise ValueError(f"an amount of {max(map(abs, units))}e-18 does not fit Decimal(38, 18)")
+        return pa.array([], type_)
+    if max(units) >= _DECIMAL128_LIMIT or min(units) <= -_DECIMAL128_LIMIT:
+        raise ValueError(f"{what} of {max(map(abs, units))}e-{type_.scale} does not fit Decimal(38, {type_.scale})")
     data = b"".join([u.to_bytes(16, "little", signed=True) for u in units])
-    return pa.Array.from_buffers(_MONEY, len(units), [None, pa.py_buffer(data)])
+    return pa.Array.from_buffers(type_, len(units), [None, pa.py_buffer(data)])
 
 
 def raw_table(rows: Sequence[RawEvent], ingested_at: datetime) -> pa.Table:

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
+from itertools import compress, repeat
+from operator import eq
 from typing import Any, Literal
 
 import orjson
@@ -116,8 +118,13 @@ def decode_batch(
         except orjson.JSONDecodeError:
             parsed = []
     if parsed and set(map(type, parsed)) == {dict}:  # the usual batch: every value an object
-        for i, layout in enumerate(zip(kinds, map(tuple, parsed), strict=True)):
-            groups.setdefault(layout, []).append(i)
+        layouts = list(zip(kinds, map(tuple, parsed), strict=True))
+        distinct = set(layouts)
+        if len(distinct) <= _FEW_LAYOUTS:  # a pass per layout, in C
+            groups = {layout: list(compress(range(n), map(eq, layouts, repeat(layout)))) for layout in distinct}
+        else:
+            for i, layout in enumerate(layouts):
+                groups.setdefault(layout, []).append(i)
     else:
         parsed = [None] * n
         for i, value in enumerate(values):
@@ -146,8 +153,15 @@ def decode_batch(
             columns["type"] = ["outcome"] * len(objs)  # the topic's model: an absent type is its default
         got = columnar.accept(columns, len(objs), none_is_absent=False, now=now)
         outcome = kind == "outcome"
-        taken = _rows_of(columns, got, outcome)
+        taken = _rows_of(columns, len(objs), got, outcome)
         late = _after_receipt(got.occurred_at, [timestamps_ms[members[r]] for r in got.rows], now)
+        if not late and set(got.outcome) <= {outcome}:  # the usual group: every accepted row is the topic's kind
+            positions.extend(map(members.__getitem__, got.rows))
+            rows.extend(taken)
+            if len(got.rows) != len(members):
+                accepted_rows = set(got.rows)
+                slow.extend(members[r] for r in range(len(members)) if r not in accepted_rows)
+            continue
         accepted: set[int] = set()
         for j, r in enumerate(got.rows):
             accepted.add(r)
@@ -174,6 +188,9 @@ def decode_batch(
     return DecodedBatch(positions, rows, rejections)
 
 
+#: Up to this many topic and key layouts in a batch, its messages are grouped with a C pass per layout.
+_FEW_LAYOUTS = 8
+
 #: Messages of one topic and key layout below this many are decoded one by one (not worth a column pass).
 _MIN_GROUP = 8
 
@@ -198,14 +215,17 @@ def _after_receipt(instants: list[datetime], timestamps_ms: list[int | None], no
     return late
 
 
-def _rows_of(columns: dict[str, list[Any]], got: columnar.Accepted, outcome: bool) -> list[EventRow]:
-    """The accepted rows of a group as engine rows (absent fields take the models' defaults)."""
+def _rows_of(columns: dict[str, list[Any]], size: int, got: columnar.Accepted, outcome: bool) -> list[EventRow]:
+    """The accepted rows of a group of ``size`` as engine rows (absent fields take the models' defaults)."""
     keep = got.rows
+    whole = len(keep) == size
 
     def column(name: str, default: Any) -> list[Any]:
         values = columns.get(name)
         if values is None:
             return [default] * len(keep)
+        if whole and None not in values:  # every row accepted, none null: the column as it is
+            return values
         return [default if values[i] is None else values[i] for i in keep]
 
     n = len(keep)
@@ -217,7 +237,10 @@ def _rows_of(columns: dict[str, list[Any]], got: columnar.Accepted, outcome: boo
             [""] * n, column("outcome_type", ""), column("attribution", ""), column("reversal_of", ""),
             strict=True,
         )))  # fmt: skip
-    quantities = [_ZERO if q == 0 else Decimal(q) for q in column("quantity", 0)]
+    # a quantity is an int or a string of digits (the rule); a batch has few distinct ones
+    given = column("quantity", 0)
+    distinct = {q: Decimal(q) for q in set(given)}
+    quantities = list(map(distinct.__getitem__, given))
     return list(rows_of_columns(zip(
         [kind] * n, got.event_id, got.customer_id, got.occurred_at, column("workflow_id", ""),
         column("run_id", ""), column("meter", "tokens"), column("model", ""), column("provider", ""),

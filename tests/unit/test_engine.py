@@ -158,6 +158,25 @@ def test_units_cut_toward_zero_as_the_store_does() -> None:
     assert str(money(150 * SCALE)) == "150" and str(money(30862500000000000)) == "0.0308625"
 
 
+@given(st.lists(st.decimals(min_value=-(10**19), max_value=10**19, allow_nan=False, allow_infinity=False)
+                | st.sampled_from([Decimal(0), Decimal(1), Decimal("1.0"), Decimal("2.5000000001"), Decimal("-0.0000000009")]),
+                min_size=1, max_size=40))
+def test_the_decimal_columns_hold_each_value_cut_toward_zero(values: list[Decimal]) -> None:
+    """Quantities go to decimal128(38, 9) as integers: the same as pyarrow's own conversion of the cut value."""
+    import pyarrow as pa
+
+    from meterstream.storage.columns import _money, _quantities
+
+    cut = [v.quantize(Decimal(1).scaleb(-9), rounding=ROUND_DOWN, context=EXACT) for v in values]
+    assert _quantities(values).equals(pa.array(cut, pa.decimal128(38, 9)))
+    assert _quantities(values).to_pylist() == cut
+    assert _money([units(v) for v in values]).to_pylist() == [money(units(v)) for v in values]
+    with pytest.raises(ValueError, match="not a finite decimal"):
+        _quantities([*values, Decimal("NaN")])
+    with pytest.raises(ValueError, match="does not fit Decimal"):
+        _quantities([*values, Decimal(10) ** 29])
+
+
 def test_a_rated_batch_is_a_sequence_of_rated_rows() -> None:
     book = PriceBook.model_validate({"version": "v", "models": {"m": {"provider": "p", "credits_per_1k": {
         "input": "1", "output": "2"}, "cost_per_1m": {"input": "3", "output": "4"}}}})  # fmt: skip
