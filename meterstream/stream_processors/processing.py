@@ -98,6 +98,8 @@ class BatchResult:
     #: New ``(credits, steps)`` totals per ``customer|run_id`` the batch touched.
     runs: dict[str, tuple[Decimal, int]] = field(default_factory=dict)
     duplicates: int = 0
+    #: The :func:`dedupe_key` of each rated row, in the order of ``rated``.
+    keys: list[str] = field(default_factory=list)
     #: ``customer|outcome id`` -> the id of the reversal this batch accepted for it.
     reversals: dict[str, str] = field(default_factory=dict)
 
@@ -152,16 +154,17 @@ class OutcomeBook:
         return self.reversals.get(dedupe_key(customer_id, event_id))
 
     def remember(self, result: BatchResult) -> None:
-        for row in billed_outcomes(result.rated):
+        for j in billed_outcomes(result.rated):
+            row = result.rated.row(j)
             self.outcomes[dedupe_key(row.customer_id, row.event_id)] = row
         self.reversals.update(result.reversals)
 
 
-def billed_outcomes(rated: RatedBatch) -> Iterator[RatedUsage]:
-    """The outcome rows of a batch that are not reversals (what a later reversal may name)."""
+def billed_outcomes(rated: RatedBatch) -> Iterator[int]:
+    """The positions of a batch's outcome rows that are not reversals (what a later reversal may name)."""
     for j, event in enumerate(rated.events):
         if event.kind == "outcome" and not rated.rule[j].endswith(REVERSAL_SUFFIX):
-            yield rated.row(j)
+            yield j
 
 
 def dedupe_key(customer_id: str, event_id: str) -> str:
@@ -187,6 +190,13 @@ class RecentIds:
         self._ids[event_id] = None
         if len(self._ids) > self.capacity:
             self._ids.popitem(last=False)
+
+    def update(self, event_ids: list[str]) -> None:
+        """:meth:`add` each of ``event_ids`` (distinct: a batch's keys after dedupe), in order."""
+        ids = self._ids
+        ids.update(dict.fromkeys(event_ids))
+        for _ in range(len(ids) - self.capacity):
+            ids.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -325,6 +335,7 @@ class BatchProcessor:
                 else:
                     batch_outcomes[key] = j
             batch_ids.add(key)
+            result.keys.append(key)
             keep.append(j)
             kept_positions.append(position)
         if refused:
@@ -545,8 +556,8 @@ class BatchProcessor:
 
     def commit(self, result: BatchResult) -> None:
         """Remember the batch's events once its writes have succeeded."""
-        for event in result.rated.events:
-            self.seen.add(dedupe_key(event.customer_id, event.event_id))
+        for key in result.keys:
+            self.seen.add(key)
         self.outcomes.remember(result)
 
     @staticmethod

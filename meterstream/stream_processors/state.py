@@ -33,6 +33,7 @@ have written in the meantime.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -41,7 +42,7 @@ from typing import Any
 from meterstream.clock import Clock, utc_now
 from meterstream.periods import Period
 from meterstream.periods import period_of as calendar_period
-from meterstream.pricing.engine import EventRow
+from meterstream.pricing.engine import EventRow, RatedBatch
 from meterstream.schemas.records import RatedUsage
 from meterstream.storage.clickhouse import ClickHouseStore
 from meterstream.stream_processors.processing import (
@@ -162,6 +163,7 @@ class StoreBackedState:
         window_seconds: int,
         window_expires_seconds: int,
         recent_capacity: int = 1_000_000,
+        billed_capacity: int = 100_000,
         dedupe_horizon_seconds: int = 3600,
         run_capped: Callable[[str], bool] = lambda customer_id: True,
         clock: Clock = utc_now,
@@ -206,9 +208,11 @@ class StoreBackedState:
         self._windows_complete = False
         #: Only customers whose budget caps runs need run totals.
         self.run_capped = run_capped
-        #: customer|outcome id -> its billed row (None: not billed), for reversals.
-        self.billed: dict[str, RatedUsage | None] = {}
-        #: customer|outcome id -> the accepted reversal of it.
+        #: customer|outcome id -> its billed row (None: not billed; a one-row batch: billed here), for
+        #: reversals; the newest ``billed_capacity``, the store answers for the rest.
+        self.billed: OrderedDict[str, RatedUsage | RatedBatch | None] = OrderedDict()
+        self.billed_capacity = billed_capacity
+        #: customer|outcome id -> the accepted reversal of it (dropped with the outcome's entry in ``billed``).
         self.reversed: dict[str, str] = {}
 
     # -- the SeenEvents protocol -----------------------------------------------------------------
@@ -294,15 +298,14 @@ class StoreBackedState:
         if not self._windows_complete:
             self._load_windows({e.customer_id for e in events} - self._window_customers)
         self._load_runs(
-            {f"{e.customer_id}|{e.run_id}" for e in events if e.run_id and self.run_capped(e.customer_id)} - set(self.runs)
+            {
+                key
+                for e in events
+                if e.run_id and (key := f"{e.customer_id}|{e.run_id}") not in self.runs and self.run_capped(e.customer_id)
+            }
         )
         self._load_reversal_targets(
-            {
-                dedupe_key(e.customer_id, e.reversal_of)
-                for e in events
-                if e.reversal_of
-            }
-            - set(self.billed)
+            {key for e in events if e.reversal_of and (key := dedupe_key(e.customer_id, e.reversal_of)) not in self.billed}
         )
         read_again = [
             (message, event)
@@ -410,15 +413,22 @@ class StoreBackedState:
     # -- the BilledOutcomes protocol ---------------------------------------------------------------
 
     def billed_outcome(self, customer_id: str, event_id: str) -> RatedUsage | None:
-        return self.billed.get(dedupe_key(customer_id, event_id))
+        found = self.billed.get(dedupe_key(customer_id, event_id))
+        return found.row(0) if isinstance(found, RatedBatch) else found
 
     def reversed_by(self, customer_id: str, event_id: str) -> str | None:
         return self.reversed.get(dedupe_key(customer_id, event_id))
 
     def remember(self, result: BatchResult) -> None:
-        for row in billed_outcomes(result.rated):
-            self.billed[dedupe_key(row.customer_id, row.event_id)] = row
+        rated, billed = result.rated, self.billed
+        for j in billed_outcomes(rated):
+            event = rated.events[j]
+            billed[dedupe_key(event.customer_id, event.event_id)] = rated.take([j])  # its row model when asked
         self.reversed.update(result.reversals)
+        while len(billed) > self.billed_capacity:
+            # The oldest go (a reversal of one loads it from the store again), with what reversed them.
+            key, _ = billed.popitem(last=False)
+            self.reversed.pop(key, None)
 
     # -- the SpendHistory protocol -----------------------------------------------------------------
 
@@ -452,8 +462,7 @@ class StoreBackedState:
             current.cost_to_serve += counts.cost_to_serve
             current.events += counts.events
             current.tokens += counts.tokens
-        for event in result.rated.events:
-            self.recent.add(dedupe_key(event.customer_id, event.event_id))
+        self.recent.update(result.keys)
         self.remember(result)
         self._stored_in_batch = set()
 

@@ -99,3 +99,36 @@ def test_reversals_are_matched_once_at_the_billed_price_across_restarts(clickhou
         assert invoice.total == Decimal("0.00")
     finally:
         store.close()
+
+
+def test_a_long_running_worker_keeps_only_the_newest_billed_outcomes_and_asks_the_store_for_the_rest(clickhouse) -> None:
+    """The outcomes a reversal may name are kept in memory up to a bound; the older ones (and what
+    reversed them) come from the store, so a reversal is matched and refused the same either way."""
+    store = open_store(clickhouse)
+    try:
+        state = StoreBackedState(store, topics=["outcome.events"], window_seconds=60, window_expires_seconds=3600,
+                                 billed_capacity=2)  # fmt: skip
+        processor = BatchProcessor(CATALOG, BudgetBook(), seen=state, outcomes=state)
+        now = datetime(2026, 10, 25, tzinfo=UTC)
+
+        def batch(messages: list[InboundMessage]):
+            result = processor.process(messages, state.month_to_date, now=now, prepare=state.prepare, history=state)
+            store.insert_batch(result.raw, result.rated)
+            state.commit(result)
+            assert len(state.billed) <= 2
+            return result
+
+        batch([_outcome(f"k{i}", T0) for i in range(5)])
+        assert list(state.billed) == ["acme|k3", "acme|k4"]  # the newest two
+        later = T0 + timedelta(days=10)
+        second = batch([_outcome("q1", later, "k0"), _outcome("q2", later, "k4")])  # k0 from the store, k4 in memory
+        assert [(r.event_id, r.credits, r.price_book_version) for r in second.rated] == [
+            ("q1", Decimal(-1), "p-1"), ("q2", Decimal(-1), "p-1")]  # fmt: skip
+        batch([_outcome(f"m{i}", later) for i in range(3)])  # k0, k4 and their reversals leave memory
+        assert "acme|k0" not in state.reversed and "acme|k4" not in state.reversed
+        third = batch([_outcome("q3", later, "k0"), _outcome("q4", later, "k4"), _outcome("q5", later, "k1")])
+        assert sorted(d.reason for d in third.dead_letters) == [
+            "outcome 'k0' was already reversed by 'q1'", "outcome 'k4' was already reversed by 'q2'"]  # fmt: skip
+        assert [r.event_id for r in third.rated] == ["q5"]
+    finally:
+        store.close()
