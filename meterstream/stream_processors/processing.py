@@ -192,9 +192,15 @@ class RecentIds:
             self._ids.popitem(last=False)
 
     def update(self, event_ids: list[str]) -> None:
-        """:meth:`add` each of ``event_ids`` (distinct: a batch's keys after dedupe), in order."""
+        """:meth:`add` each of ``event_ids``, in order (in one C-level update when they are distinct and new,
+        as a batch's keys after dedupe are)."""
         ids = self._ids
-        ids.update(dict.fromkeys(event_ids))
+        new = dict.fromkeys(event_ids)
+        if len(new) != len(event_ids) or any(map(ids.__contains__, new)):
+            for event_id in event_ids:
+                self.add(event_id)
+            return
+        ids.update(new)
         for _ in range(len(ids) - self.capacity):
             ids.popitem(last=False)
 
