@@ -279,25 +279,26 @@ class BatchProcessor:
         messages: Sequence[InboundMessage],
         month_to_date: Callable[[str], MonthToDate],
         now: datetime | None = None,
-        prepare: Callable[[Sequence[tuple[InboundMessage, EventRow]]], None] | None = None,
+        prepare: Callable[[Sequence[tuple[InboundMessage, EventRow, str]]], None] | None = None,
         history: SpendHistory | None = None,
     ) -> BatchResult:
         """Decode, dedupe, rate and aggregate one batch, as whole-batch steps over columns.
 
-        ``prepare`` sees the batch's valid events before dedupe and aggregation, so
-        a state that lives in the store can load what it needs in one round trip.
+        ``prepare`` sees the batch's valid events (each with its message and its billing
+        period as rated, ``""`` if it has none) before dedupe and aggregation, so a state
+        that lives in the store can load what it needs in one round trip.
         """
         now = now or self.clock()
         result = BatchResult()
         decoded = decode_batch(
             [m.value for m in messages], [m.kind for m in messages], [m.timestamp_ms for m in messages], now
         )
-        if prepare is not None:
-            prepare([(messages[p], row) for p, row in zip(decoded.positions, decoded.rows, strict=True)])
         # One engine call prices the whole batch (meterstream/pricing/engine.py); duplicates are
         # priced too and dropped below, which costs less than a second pass.
         rating = self.catalog.rate_rows(decoded.rows)
         rated, errors = rating.rated, rating.errors
+        if prepare is not None:
+            prepare(list(zip(map(messages.__getitem__, decoded.positions), decoded.rows, rated.period, strict=True)))
         refused: list[tuple[int, str]] = list(decoded.rejections)
         batch_ids: set[str] = set()
         seen = self.seen

@@ -264,8 +264,12 @@ class StoreBackedState:
         self._add_windows(self._query(_ALL_WINDOWS, {"seconds": self.window_seconds, "since": since}))
         self._windows_complete = True
 
-    def prepare(self, batch: Sequence[tuple[InboundMessage, EventRow]]) -> None:
-        """Load what this batch needs from the store, in a few queries per batch at most."""
+    def prepare(self, batch: Sequence[tuple[InboundMessage, EventRow, str]]) -> None:
+        """Load what this batch needs from the store, in a few queries per batch at most.
+
+        ``batch``: each valid event with its message and its billing period as rated (``""``
+        when it could not be rated: :attr:`period_of` gives it then).
+        """
         self._stored_in_batch = set()
         self.raw_stored = set()
         if not batch:
@@ -283,16 +287,15 @@ class StoreBackedState:
             self._load_recent_ids()
             self._preload(self.clock())
             self.stored_upto = stored_upto
-        events = [event for _, event in batch]
+        events = [event for _, event, _ in batch]
+        periods = [period or self.period_of(event.customer_id, event.occurred_at) for _, event, period in batch]
         complete = self._complete_periods
         cache = self.month_to_date_cache
-        period_of = self.period_of
         self._load_month_to_date(
             {
                 key
-                for e in events
-                if (period := period_of(e.customer_id, e.occurred_at)) not in complete
-                and (key := month_key(e.customer_id, period)) not in cache
+                for e, period in zip(events, periods, strict=True)
+                if period not in complete and (key := month_key(e.customer_id, period)) not in cache
             }
         )
         if not self._windows_complete:
@@ -308,16 +311,17 @@ class StoreBackedState:
             {key for e in events if e.reversal_of and (key := dedupe_key(e.customer_id, e.reversal_of)) not in self.billed}
         )
         read_again = [
-            (message, event)
-            for message, event in batch
+            (message, event, period)
+            for (message, event, _), period in zip(batch, periods, strict=True)
             if message.offset <= self.stored_upto.get((message.topic, message.partition), -1)
         ]
-        replayed = [event for _, event in read_again if dedupe_key(event.customer_id, event.event_id) not in self.recent]
+        replayed = [(event, period) for _, event, period in read_again
+                    if dedupe_key(event.customer_id, event.event_id) not in self.recent]  # fmt: skip
         if replayed:
             self._stored_in_batch = self._stored_ids(replayed)
         if read_again:
             # A batch cut after its events_raw insert: its raw rows are not written twice.
-            self.raw_stored = self._raw_stored(read_again)
+            self.raw_stored = self._raw_stored([(message, event) for message, event, _ in read_again])
 
     def _query(self, sql: str, parameters: dict[str, Any]) -> list[dict[str, Any]]:
         self.lookups += 1
@@ -441,12 +445,12 @@ class StoreBackedState:
         windows = list(self.windows.get(customer_id, {}).items())
         return sum((c.credits for w, c in windows if low <= w < high), Decimal(0))
 
-    def _stored_ids(self, events: list[EventRow]) -> set[str]:
+    def _stored_ids(self, events: list[tuple[EventRow, str]]) -> set[str]:
         params = {
-            "customers": sorted({e.customer_id for e in events}),
+            "customers": sorted({e.customer_id for e, _ in events}),
             # usage_rated is partitioned by billing period (an anniversary customer's may not be the month).
-            "periods": sorted({self.period_of(e.customer_id, e.occurred_at) for e in events}),
-            "ids": sorted({e.event_id for e in events}),
+            "periods": sorted({period for _, period in events}),
+            "ids": sorted({e.event_id for e, _ in events}),
         }
         return {dedupe_key(r["customer_id"], r["event_id"]) for r in self._query(_STORED_IDS, params)}
 
