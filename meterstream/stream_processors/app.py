@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import gc
+import itertools
 import logging
 import os
 import time
@@ -47,6 +48,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+from operator import attrgetter
 from typing import Any, TypeVar
 
 import faust
@@ -72,6 +74,7 @@ from meterstream.stream_processors.state import StoreBackedState
 from meterstream.topics import Topics
 
 log = logging.getLogger(__name__)
+_place, _timestamp_ms = attrgetter("topic", "partition"), attrgetter("timestamp_ms")
 T = TypeVar("T")
 
 #: Longer message keys are not copied onto a dead letter (it records where the message is).
@@ -395,9 +398,10 @@ def create_app(
         view's real age, not the time of the last batch.
         """
         newest: dict[tuple[str, int], int] = {}
-        for m in messages:
-            if (m.timestamp_ms or 0) > newest.get((m.topic, m.partition), 0):
-                newest[(m.topic, m.partition)] = m.timestamp_ms or 0
+        for place, group in itertools.groupby(messages, key=_place):  # a group per run of one partition (few)
+            top = max(filter(None, map(_timestamp_ms, group)), default=0)  # no timestamp counts as none
+            if top > newest.get(place, 0):
+                newest[place] = top
         if not newest or min(newest.values()) <= 0:
             return None
         return datetime.fromtimestamp(min(newest.values()) / 1000, tz=timezone.utc)

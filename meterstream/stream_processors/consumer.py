@@ -42,10 +42,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from itertools import repeat
+from operator import attrgetter
 from typing import Any, NoReturn
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -58,6 +61,9 @@ from meterstream.kafka_clients import aiokafka_client_args
 from meterstream.stream_processors.processing import InboundMessage
 
 log = logging.getLogger(__name__)
+
+_inbound = functools.partial(tuple.__new__, InboundMessage)
+_value, _key, _offset, _timestamp = (attrgetter(name) for name in ("value", "key", "offset", "timestamp"))
 
 #: Stage one of a batch: rate the messages (in offset order per partition; keys for dead
 #: letters) and return stage two, the write that makes the batch durable.
@@ -321,12 +327,11 @@ class BatchConsumer(Service):
         for tp, batch in records.items():
             if tp not in owned or not batch or tp in self.held:
                 continue  # revoked since the fetch (its new owner reads it), or held
-            kind = self.kinds[tp.topic]
-            for record in batch:
-                messages.append(
-                    InboundMessage(kind, record.value, tp.topic, tp.partition, record.offset, record.timestamp)  # type: ignore[arg-type]
-                )
-                keys.append(record.key)
+            # One message per record, made in C (a NamedTuple's constructor is a Python call per record).
+            n = len(batch)
+            messages.extend(map(_inbound, zip(repeat(self.kinds[tp.topic], n), map(_value, batch), repeat(tp.topic, n),
+                                              repeat(tp.partition, n), map(_offset, batch), map(_timestamp, batch), strict=True)))  # fmt: skip
+            keys.extend(map(_key, batch))
             last[tp] = batch[-1].offset
             first[tp] = batch[0].offset
         if not messages:
