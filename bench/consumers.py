@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import sys
+import tempfile
 import time
 import uuid
 from typing import Any
@@ -107,8 +109,10 @@ def run_confluent(bootstrap: str, topics: list[str], expected: int, timeout: flo
 def run_faust(bootstrap: str, topics: list[str], expected: int, timeout: float, batch: int) -> dict[str, Any]:
     import faust
 
+    datadir = tempfile.mkdtemp(prefix="bench-ref-faust-")  # Faust's app directory, removed at the end
     app = faust.App(
         f"bench-ref-faust-{uuid.uuid4().hex[:8]}",
+        datadir=datadir,
         broker=f"kafka://{bootstrap}",
         store="memory://",
         value_serializer="raw",
@@ -142,6 +146,8 @@ def run_faust(bootstrap: str, topics: list[str], expected: int, timeout: float, 
         worker.execute_from_commandline()
     except SystemExit:
         pass
+    finally:
+        shutil.rmtree(datadir, ignore_errors=True)
     if state["t_end"] is None:
         raise TimeoutError(f"a Faust agent read {state['total']} of {expected} messages in {timeout:.0f} s")
     return _result("faust-agent", state["total"], state["first"], state["t0"], state["t_end"], state["total"])

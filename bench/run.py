@@ -830,6 +830,8 @@ class Bench:
             "duplicates": sum(s["duplicates"] for s in stats),
             "dead_letters": sum(s["dead_letters"] for s in stats),
             "batches": sum(s["batches"] for s in stats),
+            # Per worker, seconds rating and in store writes since it started (the two overlapping stages).
+            "busy_seconds": [s.get("busy_seconds") for s in stats],
             "store": stored,
             # One store for every worker: an event two workers both wrote across a rebalance is one row (FINAL).
             "rows_ok": None if stored is None else (

@@ -109,6 +109,10 @@ class WorkerStats:
     last_rate_seconds: float = 0.0
     last_write_seconds: float = 0.0
     last_store_seconds: float = 0.0
+    #: Seconds spent since start rating batches (decode to decisions published) and in store writes:
+    #: beside the uptime, which of the two stages bounds the worker's rate.
+    rate_seconds: float = 0.0
+    store_seconds: float = 0.0
     #: Full garbage collections the worker ran (WORKER__GC_COLLECT_SECONDS) and the last one's seconds.
     gc_collections: int = 0
     gc_last_seconds: float = 0.0
@@ -133,6 +137,7 @@ class WorkerStats:
             "last_batch": {"messages": self.last_batch_messages, "rate_seconds": round(self.last_rate_seconds, 4),
                            "write_seconds": round(self.last_write_seconds, 4),
                            "store_seconds": round(self.last_store_seconds, 4)},
+            "busy_seconds": {"rate": round(self.rate_seconds, 3), "store": round(self.store_seconds, 3)},
             "gc": {"automatic": gc.isenabled(), "collections": self.gc_collections,
                    "last_seconds": round(self.gc_last_seconds, 4)},
             "uptime_seconds": round(time.time() - self.started_at, 1),
@@ -465,7 +470,9 @@ def create_app(
             rated = RatedBatch.concat([e.result.rated for e in group])
             alerts = [a for e in group for a in e.result.alerts]
             raw_stored = frozenset().union(*(e.raw_stored for e in group))
+        started = time.monotonic()
         await with_store(lambda: store.insert_batch(raw, rated, alerts, raw_stored=raw_stored), "store write")
+        stats.store_seconds += time.monotonic() - started
         for e in group:
             e.stored = True
             unstored.popleft()
@@ -496,6 +503,7 @@ def create_app(
         alerts_sent = await publish_alerts(result)
         stats.staged += len(messages)
         stats.last_batch_messages, stats.last_rate_seconds = len(messages), time.monotonic() - rating_started
+        stats.rate_seconds += stats.last_rate_seconds
         if result.dead_letters:
             key_of: dict[tuple[str | None, int | None, int | None], Any] = {
                 (m.topic, m.partition, m.offset): key for m, key in zip(messages, keys, strict=True)
