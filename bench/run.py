@@ -830,6 +830,7 @@ class Bench:
             "duplicates": sum(s["duplicates"] for s in stats),
             "dead_letters": sum(s["dead_letters"] for s in stats),
             "batches": sum(s["batches"] for s in stats),
+            "inserts": sum(s.get("inserts", 0) for s in stats),
             # Per worker, seconds rating and in store writes since it started (the two overlapping stages).
             "busy_seconds": [s.get("busy_seconds") for s in stats],
             "store": stored,
