@@ -11,12 +11,15 @@ pure makes it unit-testable and keeps one copy of the rules.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from functools import lru_cache
+from itertools import repeat
+from operator import add, attrgetter, mod, sub
 from typing import Literal, NamedTuple, Protocol
 
 from meterstream.budgets import (
@@ -73,14 +76,34 @@ class MonthToDate(NamedTuple):
     alerted: frozenset[int] = frozenset()
 
 
-@dataclass
-class WindowCounts:
-    """One customer's usage in one tumbling window."""
+class WindowCounts(NamedTuple):
+    """One customer's usage in one tumbling window, money in 10**-18 (a batch makes one per window)."""
 
-    credits: Decimal = ZERO
-    cost_to_serve: Decimal = ZERO
+    credits_units: int = 0
+    cost_units: int = 0
     events: int = 0
     tokens: int = 0
+
+    @property
+    def credits(self) -> Decimal:
+        return money(self.credits_units)
+
+    @property
+    def cost_to_serve(self) -> Decimal:
+        return money(self.cost_units)
+
+    def plus(self, other: WindowCounts) -> WindowCounts:
+        return WindowCounts(self.credits_units + other.credits_units, self.cost_units + other.cost_units,
+                            self.events + other.events, self.tokens + other.tokens)  # fmt: skip
+
+
+_customer_id, _occurred_at = attrgetter("customer_id"), attrgetter("occurred_at")
+_input_tokens, _output_tokens = attrgetter("input_tokens"), attrgetter("output_tokens")
+#: ``customer|period``, ``customer|window start``: keys made in C.
+_pair = "{}|{}".format
+
+#: ``WindowCounts`` of a list ``[credits, cost, events, tokens]``, made in C.
+_window_counts = functools.partial(tuple.__new__, WindowCounts)
 
 
 @dataclass
@@ -144,19 +167,22 @@ class OutcomeBook:
     """An in-memory :class:`BilledOutcomes` (offline runs and tests); the worker's lives in the store."""
 
     def __init__(self) -> None:
-        self.outcomes: dict[str, RatedUsage] = {}
+        #: customer|outcome id -> its rated row, as a one-row batch (the row model is made when asked for).
+        self.outcomes: dict[str, RatedBatch] = {}
         self.reversals: dict[str, str] = {}
 
     def billed_outcome(self, customer_id: str, event_id: str) -> RatedUsage | None:
-        return self.outcomes.get(dedupe_key(customer_id, event_id))
+        found = self.outcomes.get(dedupe_key(customer_id, event_id))
+        return found.row(0) if found is not None else None
 
     def reversed_by(self, customer_id: str, event_id: str) -> str | None:
         return self.reversals.get(dedupe_key(customer_id, event_id))
 
     def remember(self, result: BatchResult) -> None:
-        for j in billed_outcomes(result.rated):
-            row = result.rated.row(j)
-            self.outcomes[dedupe_key(row.customer_id, row.event_id)] = row
+        rated = result.rated
+        for j in billed_outcomes(rated):
+            event = rated.events[j]
+            self.outcomes[dedupe_key(event.customer_id, event.event_id)] = rated.take([j])
         self.reversals.update(result.reversals)
 
 
@@ -371,21 +397,25 @@ class BatchProcessor:
         are checked per event only for customers with a budget.
         """
         running: dict[str, _Running] = {}
-        budget_of: dict[str, Budget | None] = {}
         #: Credits of this batch per customer in the last hour: the history does not hold them yet.
         batch_hour: dict[str, int] = {}
         #: Usage event ids per ``customer|period`` under a hard cap: guards release settled calls by id.
         counted_ids: dict[str, list[str]] = {}
         hour_ago = now - timedelta(hours=1)
-        window_seconds = self.window_seconds
         windows: dict[str, list[int]] = {}
+        events = rows.events
+        # The columns each row needs, made in C before the one pass that sums them.
+        customers = list(map(_customer_id, events))
+        occurred = list(map(_occurred_at, events))
+        epochs = list(map(int, map(datetime.timestamp, occurred)))
+        starts = map(_window_start, map(sub, epochs, map(mod, epochs, repeat(self.window_seconds))))
         for_customer = self.budgets.for_customer
-        for j, (event, period, credits, cost) in enumerate(zip(rows.events, rows.period, rows.credits, rows.cost,
-                                                                strict=True)):  # fmt: skip
-            customer = event.customer_id
-            at = event.occurred_at
-            key = f"{customer}|{period}"
-            tokens = event.input_tokens + event.output_tokens
+        budget_of = {customer: for_customer(customer) for customer in set(customers)}
+        budgeted = {customer for customer, budget in budget_of.items() if budget is not None}
+        for j, (customer, key, wkey, at, credits, cost, tokens) in enumerate(zip(
+            customers, map(_pair, customers, rows.period), map(_pair, customers, starts), occurred, rows.credits,
+            rows.cost, map(add, map(_input_tokens, events), map(_output_tokens, events)), strict=True,
+        )):  # fmt: skip
             acc = running.get(key)
             if acc is None:
                 current = month_to_date(key)
@@ -399,14 +429,9 @@ class BatchProcessor:
             acc.tokens += tokens
             if at > acc.watermark:
                 acc.watermark = at
-            if customer in budget_of:
-                budget = budget_of[customer]
-            else:
-                budget = budget_of[customer] = for_customer(customer)
-            if budget is not None:
-                self._budget_step(result, history, budget, rows, j, acc, key, counted_ids, batch_hour, hour_ago, now)
-            epoch = int(at.timestamp())
-            wkey = f"{customer}|{_window_start(epoch - epoch % window_seconds)}"
+            if customer in budgeted:
+                self._budget_step(result, history, budget_of[customer], rows, j, acc, key, counted_ids,  # type: ignore[arg-type]
+                                  batch_hour, hour_ago, now)  # fmt: skip
             counts = windows.get(wkey)
             if counts is None:
                 windows[wkey] = [credits, cost, 1, tokens]
@@ -415,9 +440,7 @@ class BatchProcessor:
                 counts[1] += cost
                 counts[2] += 1
                 counts[3] += tokens
-        result.windows = {
-            key: WindowCounts(money(c), money(k), events, tokens) for key, (c, k, events, tokens) in windows.items()
-        }
+        result.windows = dict(zip(windows, map(_window_counts, windows.values()), strict=True))
         watermarks = {key: acc.watermark for key, acc in running.items()}
         for key, acc in running.items():
             result.month_to_date[key] = MonthToDate(
@@ -536,12 +559,13 @@ class BatchProcessor:
         rule = self.budgets.spike
         assert rule is not None
         recent_start = now - timedelta(minutes=5)
+        in_batch: dict[str, int] = {}  # the batch's credits per customer, in 10**-18
+        for key, counts in result.windows.items():
+            customer_id = key.split("|", 1)[0]
+            in_batch[customer_id] = in_batch.get(customer_id, 0) + counts.credits_units
         for key in result.month_to_date:
             customer_id, period = key.split("|", 1)
-            batch = sum(
-                (c.credits for k, c in result.windows.items() if k.split("|", 1)[0] == customer_id), ZERO
-            )
-            recent = history.credits_between(customer_id, recent_start, now) + batch
+            recent = history.credits_between(customer_id, recent_start, now) + money(in_batch.get(customer_id, 0))
             baseline = history.credits_between(customer_id, now - timedelta(minutes=65), recent_start) / 12
             if not is_spike(recent, baseline, rule):
                 continue

@@ -42,7 +42,7 @@ from typing import Any
 from meterstream.clock import Clock, utc_now
 from meterstream.periods import Period
 from meterstream.periods import period_of as calendar_period
-from meterstream.pricing.engine import EventRow, RatedBatch
+from meterstream.pricing.engine import EventRow, RatedBatch, money, units
 from meterstream.schemas.records import RatedUsage
 from meterstream.storage.clickhouse import ClickHouseStore
 from meterstream.stream_processors.processing import (
@@ -379,9 +379,8 @@ class StoreBackedState:
         for row in rows:
             start = row["start"].strftime("%Y-%m-%dT%H:%M:%SZ")
             self.windows.setdefault(row["customer_id"], {})[start] = WindowCounts(
-                credits=row["credits"], cost_to_serve=row["cost_to_serve"],
-                events=int(row["events"]), tokens=int(row["tokens"]),
-            )  # fmt: skip
+                units(row["credits"]), units(row["cost_to_serve"]), int(row["events"]), int(row["tokens"])
+            )
 
     def _load_runs(self, keys: set[str]) -> None:
         if not keys:
@@ -443,7 +442,7 @@ class StoreBackedState:
         low, high = start.strftime("%Y-%m-%dT%H:%M:%SZ"), end.strftime("%Y-%m-%dT%H:%M:%SZ")
         # A snapshot: this runs in the rating thread while the expiry timer may delete windows.
         windows = list(self.windows.get(customer_id, {}).items())
-        return sum((c.credits for w, c in windows if low <= w < high), Decimal(0))
+        return money(sum(c.credits_units for w, c in windows if low <= w < high))
 
     def _stored_ids(self, events: list[tuple[EventRow, str]]) -> set[str]:
         params = {
@@ -459,13 +458,15 @@ class StoreBackedState:
     def commit(self, result: BatchResult) -> None:
         self.month_to_date_cache.update(result.month_to_date)
         self.runs.update(result.runs)
+        windows = self.windows
         for key, counts in result.windows.items():
             customer_id, start = key.split("|", 1)
-            current = self.windows.setdefault(customer_id, {}).setdefault(start, WindowCounts())
-            current.credits += counts.credits
-            current.cost_to_serve += counts.cost_to_serve
-            current.events += counts.events
-            current.tokens += counts.tokens
+            of_customer = windows.get(customer_id)
+            if of_customer is None:
+                windows[customer_id] = {start: counts}
+            else:
+                current = of_customer.get(start)
+                of_customer[start] = counts if current is None else current.plus(counts)
         self.recent.update(result.keys)
         self.remember(result)
         self._stored_in_batch = set()
