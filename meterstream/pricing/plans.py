@@ -658,7 +658,8 @@ class Catalog(_Strict):
                 period = listed.billing_period(at)
                 segments = self.segments(customer_id, period)
             else:
-                period = billing_period(customer_id, at)
+                # Catalog.billing_period of a customer not listed (the calendar month), inline: per event
+                period = f"{at.year:04d}-{at.month:02d}" if at.tzinfo is timezone.utc else billing_period(customer_id, at)
                 found = default_cache.get(period)
                 if found is None:
                     self.customer(customer_id)  # UnknownCustomerError without a default plan

@@ -97,7 +97,9 @@ class WindowCounts(NamedTuple):
                             self.events + other.events, self.tokens + other.tokens)  # fmt: skip
 
 
-_customer_id, _occurred_at = attrgetter("customer_id"), attrgetter("occurred_at")
+_customer_id, _event_id, _kind, _occurred_at = (attrgetter(name) for name in ("customer_id", "event_id", "kind",
+                                                                               "occurred_at"))  # fmt: skip
+_value, _topic, _partition, _offset = (attrgetter(name) for name in ("value", "topic", "partition", "offset"))
 _input_tokens, _output_tokens = attrgetter("input_tokens"), attrgetter("output_tokens")
 #: ``customer|period``, ``customer|window start``: keys made in C.
 _pair = "{}|{}".format
@@ -332,8 +334,8 @@ class BatchProcessor:
         kept_positions: list[int] = []
         batch_outcomes: dict[str, int] = {}
         closed: dict[tuple[str, str], bool] = {}
-        for j, (position, row) in enumerate(zip(decoded.positions, decoded.rows, strict=True)):
-            key = f"{row.customer_id}|{row.event_id}"
+        keys = map(_pair, map(_customer_id, decoded.rows), map(_event_id, decoded.rows))  # dedupe_key, in C
+        for j, (position, row, key) in enumerate(zip(decoded.positions, decoded.rows, keys, strict=True)):
             if key in batch_ids or key in seen:
                 result.duplicates += 1
                 continue
@@ -375,16 +377,18 @@ class BatchProcessor:
             refused.sort()
             result.dead_letters = [self._dead_letter(messages[p], reason, now) for p, reason in refused]
         result.rated = rows = rated.take(keep)
+        events = rows.events
+        kept = list(map(messages.__getitem__, kept_positions))  # every kept message has a value (decoded)
         result.raw = RawBatch(
-            event_id=[e.event_id for e in rows.events],
-            customer_id=[e.customer_id for e in rows.events],
-            kind=[e.kind for e in rows.events],
-            occurred_at=[e.occurred_at for e in rows.events],
+            event_id=list(map(_event_id, events)),
+            customer_id=list(map(_customer_id, events)),
+            kind=list(map(_kind, events)),
+            occurred_at=list(map(_occurred_at, events)),
             period=rows.period,
-            payload=[messages[p].value or b"" for p in kept_positions],
-            source_topic=[messages[p].topic for p in kept_positions],
-            source_partition=[messages[p].partition for p in kept_positions],
-            source_offset=[messages[p].offset for p in kept_positions],
+            payload=list(map(_value, kept)),
+            source_topic=list(map(_topic, kept)),
+            source_partition=list(map(_partition, kept)),
+            source_offset=list(map(_offset, kept)),
         )
         self._aggregate(result, rows, month_to_date, now, history or NoHistory())
         return result
