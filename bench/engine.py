@@ -12,7 +12,8 @@ consumer and the store, without Kafka or ClickHouse, and times it with the proce
   oracle, ``Decimal``), a ``RatedUsage`` and a ``RawEvent`` per event, the same Arrow tables
   built from those objects.
 
-Both must store the same credits (checked). The output gives µs of CPU per event for each
+Both must store the same credits (checked). Python's automatic garbage collector is off, as in the
+worker process (``--python-gc`` keeps it on: ~30% more CPU per event for the engine). The output gives µs of CPU per event for each
 stage, the ratio, the machine and its load average, and (``--profile``) the top functions of
 the engine from cProfile; ``--output`` writes it as JSON (default
 ``bench/results/engine-<timestamp>.json``). Timing is CPU time of this process (a busy
@@ -41,6 +42,7 @@ from meterstream.pricing.rating import rate_event
 from meterstream.schemas.records import RatedUsage, RawBatch, RawEvent
 from meterstream.storage.batches import batch_id, ordered_rated_table, sources_of
 from meterstream.storage.columns import raw_table
+from meterstream.stream_processors.app import take_over_garbage_collection
 from meterstream.stream_processors.decode import Rejection, decode_event, received_at
 from meterstream.stream_processors.processing import BatchProcessor, InboundMessage, MonthToDate, RecentIds
 
@@ -114,10 +116,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--budgets", action="store_true", help="every customer has a budget (thresholds checked per event)")
     parser.add_argument("--profile", action="store_true", help="cProfile one extra engine run")
+    parser.add_argument("--python-gc", action="store_true",
+                        help="keep Python's automatic garbage collector on (the worker turns it off and collects "
+                             "every WORKER__GC_COLLECT_SECONDS; by default this benchmark does as the worker does)")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
 
     messages, now = _messages(args.events, args.customers, seed=2)
+    if not args.python_gc:
+        take_over_garbage_collection()  # as `meterstream worker` does: the figures are the worker's
     budgets = BudgetBook(default=Budget(monthly_credits=1000)) if args.budgets else BudgetBook()
     load = os.getloadavg()
     engine_s, per_event_s = [], []
@@ -134,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         "run_id": datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"),
         "machine": {"cpu_count": os.cpu_count(), "load_average_start": load, "load_average_end": os.getloadavg()},
         "events": len(messages), "customers": args.customers, "batch": args.batch, "budgets": args.budgets,
+        "automatic_gc": args.python_gc,
         "engine_cpu_us_per_event": round(statistics.median(engine_s) / len(messages) * 1e6, 2),
         "per_event_cpu_us_per_event": round(statistics.median(per_event_s) / len(messages) * 1e6, 2),
         "engine_events_per_cpu_second": round(len(messages) / statistics.median(engine_s)),
