@@ -87,9 +87,10 @@ def _stats(worker: WorkerProcess) -> dict:
 def test_store_outage_while_events_flow_worker_retries_and_catches_up_exactly(base_settings, tmp_path, how):
     with private_clickhouse(tmp_path / "ch") as (server, dsn):
         (tmp_path / "p").mkdir()
-        # The worker process collects garbage itself (take_over_garbage_collection): often, here.
-        pipeline = Pipeline(base_settings, tmp_path / "p", dsn, BUDGETS, env={"METERSTREAM_WORKER__GC_COLLECT_SECONDS": "2"})
-        pipeline.env["METERSTREAM_CLICKHOUSE__RETRY_BACKOFF_MAX"] = "2"
+        # The worker process collects garbage itself (take_over_garbage_collection): often, here. Its
+        # settings go in at construction (the worker process copies the environment then).
+        pipeline = Pipeline(base_settings, tmp_path / "p", dsn, BUDGETS, env={
+            "METERSTREAM_WORKER__GC_COLLECT_SECONDS": "2", "METERSTREAM_CLICKHOUSE__RETRY_BACKOFF_MAX": "2"})  # fmt: skip
         try:
             pipeline.start()
             events = _events(9_000)
