@@ -70,7 +70,7 @@ from meterstream.stream_processors import quiet_logs
 from meterstream.stream_processors.alerts import OutboxKafka
 from meterstream.stream_processors.consumer import BatchConsumer
 from meterstream.stream_processors.processing import BatchProcessor, BatchResult, InboundMessage
-from meterstream.stream_processors.state import StoreBackedState
+from meterstream.stream_processors.state import StoreBackedState, state_capacities
 from meterstream.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -230,7 +230,8 @@ def create_app(
         topics=[topics.usage.name, topics.outcomes.name],
         window_seconds=worker.window_seconds,
         window_expires_seconds=worker.window_expires_seconds,
-        recent_capacity=worker.recent_ids,
+        **state_capacities(recent_ids=worker.recent_ids, batch_size=worker.batch_size,
+                           writes_in_hand=worker.writes_in_hand),  # fmt: skip
         dedupe_horizon_seconds=worker.dedupe_horizon_seconds,
         run_capped=lambda customer_id: getattr(budgets.for_customer(customer_id), "run_cap", None) is not None,
         clock=clock,

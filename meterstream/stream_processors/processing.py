@@ -101,7 +101,8 @@ _customer_id, _event_id, _kind, _occurred_at = (attrgetter(name) for name in ("c
                                                                                "occurred_at"))  # fmt: skip
 _value, _topic, _partition, _offset = (attrgetter(name) for name in ("value", "topic", "partition", "offset"))
 _input_tokens, _output_tokens = attrgetter("input_tokens"), attrgetter("output_tokens")
-#: ``customer|period``, ``customer|window start``: keys made in C.
+#: The one format of the worker's keys, ``customer|event id`` (:func:`dedupe_key`), ``customer|period``
+#: (:func:`month_key`), ``customer|window start``: a bound method, so ``map`` makes them in C.
 _pair = "{}|{}".format
 
 #: ``WindowCounts`` of a list ``[credits, cost, events, tokens]``, made in C.
@@ -197,7 +198,7 @@ def billed_outcomes(rated: RatedBatch) -> Iterator[int]:
 
 def dedupe_key(customer_id: str, event_id: str) -> str:
     """An event's identity: its idempotency key within its customer (as in the store's ORDER BY)."""
-    return f"{customer_id}|{event_id}"
+    return _pair(customer_id, event_id)
 
 
 class RecentIds:
@@ -237,12 +238,17 @@ class RecentIds:
 
 
 def month_key(customer_id: str, period: str) -> str:
-    return f"{customer_id}|{period}"
+    return _pair(customer_id, period)
+
+
+def run_key(customer_id: str, run_id: str) -> str:
+    """A run's key in the run totals (run caps)."""
+    return _pair(customer_id, run_id)
 
 
 def window_key(customer_id: str, occurred_at: datetime, window_seconds: int) -> str:
     epoch = int(occurred_at.timestamp())
-    return f"{customer_id}|{_window_start(epoch - epoch % window_seconds)}"
+    return _pair(customer_id, _window_start(epoch - epoch % window_seconds))
 
 
 @lru_cache(maxsize=65_536)
@@ -528,7 +534,7 @@ class BatchProcessor:
     ) -> None:
         cap = budget.run_cap
         assert cap is not None
-        key = f"{event.customer_id}|{event.run_id}"
+        key = run_key(event.customer_id, event.run_id)
         credits, steps = result.runs.get(key) or history.run_totals(event.customer_id, event.run_id)
         credits, steps = credits + event_credits, steps + 1
         result.runs[key] = (credits, steps)

@@ -54,6 +54,7 @@ from meterstream.stream_processors.processing import (
     billed_outcomes,
     dedupe_key,
     month_key,
+    run_key,
 )
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,18 @@ GROUP BY customer_id, start
 """
 
 
+def state_capacities(
+    *, recent_ids: int, batch_size: int, writes_in_hand: int, billed: int = 100_000, runs: int = 100_000
+) -> dict[str, int]:
+    """The capacities to give :class:`StoreBackedState`: each at least what may be unstored at once."""
+    unstored = (writes_in_hand + 1) * batch_size
+    return {
+        "recent_capacity": max(recent_ids, unstored),
+        "billed_capacity": max(billed, unstored),
+        "runs_capacity": max(runs, unstored),
+    }
+
+
 def calendar_preload(now: datetime) -> list[str]:
     """This and last calendar month (UTC): the billing periods open around ``now`` on calendar billing."""
     this_month = Period.of(now)
@@ -153,7 +166,14 @@ def calendar_preload(now: datetime) -> list[str]:
 
 
 class StoreBackedState:
-    """Month-to-date totals, dedupe and windows for the worker, rebuilt from the store on demand."""
+    """Month-to-date totals, dedupe and windows for the worker, rebuilt from the store on demand.
+
+    The state takes a batch before it is stored (the next batch is rated while it is written),
+    and what it drops past a capacity (recent ids, billed outcomes, run totals) is read from the
+    store again when needed. So each capacity must be at least the events of the batches that
+    may be unstored at once: the worker passes at least ``(writes_in_hand + 1) × batch_size``
+    (:func:`state_capacities`), and the oldest entries dropped are then always stored.
+    """
 
     def __init__(
         self,
@@ -164,6 +184,7 @@ class StoreBackedState:
         window_expires_seconds: int,
         recent_capacity: int = 1_000_000,
         billed_capacity: int = 100_000,
+        runs_capacity: int = 100_000,
         dedupe_horizon_seconds: int = 3600,
         run_capped: Callable[[str], bool] = lambda customer_id: True,
         clock: Clock = utc_now,
@@ -193,8 +214,10 @@ class StoreBackedState:
         #: customer -> window start (ISO, UTC) -> counts
         self.windows: dict[str, dict[str, WindowCounts]] = {}
         self._window_customers: set[str] = set()
-        #: customer|run_id -> (credits, steps), for run caps
-        self.runs: dict[str, tuple[Decimal, int]] = {}
+        #: customer|run_id -> (credits, steps), for run caps: the ``runs_capacity`` most recently
+        #: updated (a run evicted is loaded from the store again when it goes on).
+        self.runs: OrderedDict[str, tuple[Decimal, int]] = OrderedDict()
+        self.runs_capacity = runs_capacity
         #: Highest offset per (topic, partition) whose event is in the store: below it, replays.
         self.stored_upto: dict[tuple[str, int], int] | None = None
         #: Replayed events found in the store during the current batch.
@@ -304,7 +327,7 @@ class StoreBackedState:
             {
                 key
                 for e in events
-                if e.run_id and (key := f"{e.customer_id}|{e.run_id}") not in self.runs and self.run_capped(e.customer_id)
+                if e.run_id and (key := run_key(e.customer_id, e.run_id)) not in self.runs and self.run_capped(e.customer_id)
             }
         )
         self._load_reversal_targets(
@@ -389,7 +412,7 @@ class StoreBackedState:
             "customers": sorted({k.split("|", 1)[0] for k in keys}),
             "runs": sorted({k.split("|", 1)[1] for k in keys}),
         }
-        found = {f"{r['customer_id']}|{r['run_id']}": (r["credits"], int(r["steps"])) for r in self._query(_RUN_TOTALS, params)}
+        found = {run_key(r["customer_id"], r["run_id"]): (r["credits"], int(r["steps"])) for r in self._query(_RUN_TOTALS, params)}
         for key in keys:
             self.runs[key] = found.get(key, (Decimal(0), 0))
 
@@ -436,7 +459,7 @@ class StoreBackedState:
     # -- the SpendHistory protocol -----------------------------------------------------------------
 
     def run_totals(self, customer_id: str, run_id: str) -> tuple[Decimal, int]:
-        return self.runs.get(f"{customer_id}|{run_id}", (Decimal(0), 0))
+        return self.runs.get(run_key(customer_id, run_id), (Decimal(0), 0))
 
     def credits_between(self, customer_id: str, start: datetime, end: datetime) -> Decimal:
         low, high = start.strftime("%Y-%m-%dT%H:%M:%SZ"), end.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -457,7 +480,12 @@ class StoreBackedState:
 
     def commit(self, result: BatchResult) -> None:
         self.month_to_date_cache.update(result.month_to_date)
-        self.runs.update(result.runs)
+        runs = self.runs
+        runs.update(result.runs)
+        for key in result.runs:
+            runs.move_to_end(key)
+        for _ in range(len(runs) - self.runs_capacity):
+            runs.popitem(last=False)
         windows = self.windows
         for key, counts in result.windows.items():
             customer_id, start = key.split("|", 1)
