@@ -32,7 +32,7 @@ from meterstream.budgets import (
     thresholds_to_alert,
 )
 from meterstream.clock import Clock, utc_now
-from meterstream.pricing.engine import EventRow, RatedBatch, money, units
+from meterstream.pricing.engine import EventRow, RatedBatch, Rating, money, units
 from meterstream.pricing.plans import Catalog
 from meterstream.pricing.reversals import REVERSAL_SUFFIX, ReversalRefused, reverse_billed_outcome
 from meterstream.schemas.records import (
@@ -101,6 +101,7 @@ _customer_id, _event_id, _kind, _occurred_at = (attrgetter(name) for name in ("c
                                                                                "occurred_at"))  # fmt: skip
 _value, _topic, _partition, _offset = (attrgetter(name) for name in ("value", "topic", "partition", "offset"))
 _input_tokens, _output_tokens = attrgetter("input_tokens"), attrgetter("output_tokens")
+_reversal_of = attrgetter("reversal_of")
 #: The one format of the worker's keys, ``customer|event id`` (:func:`dedupe_key`), ``customer|period``
 #: (:func:`month_key`), ``customer|window start``: a bound method, so ``map`` makes them in C.
 _pair = "{}|{}".format
@@ -154,6 +155,10 @@ class SeenEvents(Protocol):
     def __contains__(self, key: str) -> bool: ...
 
     def add(self, key: str) -> None: ...
+
+    def seen_among(self, keys: list[str]) -> set[str]:
+        """The keys of ``keys`` already counted (one call per batch)."""
+        ...
 
 
 class BilledOutcomes(Protocol):
@@ -219,6 +224,9 @@ class RecentIds:
         self._ids[event_id] = None
         if len(self._ids) > self.capacity:
             self._ids.popitem(last=False)
+
+    def seen_among(self, keys: list[str]) -> set[str]:
+        return set(filter(self._ids.__contains__, keys))
 
     def update(self, event_ids: list[str]) -> None:
         """:meth:`add` each of ``event_ids``, in order (in one C-level update when they are distinct and new,
@@ -334,15 +342,57 @@ class BatchProcessor:
         if prepare is not None:
             prepare(list(zip(map(messages.__getitem__, decoded.positions), decoded.rows, rated.period, strict=True)))
         refused: list[tuple[int, str]] = list(decoded.rejections)
+        rows_in = decoded.rows
+        customers = list(map(_customer_id, rows_in))
+        keys = list(map(_pair, customers, map(_event_id, rows_in)))  # dedupe_key, in C
+        already = self.seen.seen_among(keys)
+        n = len(keys)
+        if errors.count(None) == n and not any(map(_reversal_of, rows_in)) and \
+                self._none_closed(customers, rated.period, now):  # fmt: skip
+            # The usual batch (each row priced, none a reversal, no period closed): only duplicates
+            # to drop, in C. The first row of each key is kept unless the key was counted before.
+            first = dict(zip(reversed(keys), range(n - 1, -1, -1), strict=True))
+            if len(first) == n and not already:
+                rows, kept_positions, result.keys = rated, decoded.positions, keys
+            else:
+                keep = sorted(map(first.__getitem__, first.keys() - already))
+                result.duplicates = n - len(keep)
+                result.keys = list(map(keys.__getitem__, keep))
+                rows, kept_positions = rated.take(keep), list(map(decoded.positions.__getitem__, keep))
+        else:
+            rows, kept_positions = self._sift(decoded.positions, rows_in, keys, already, rating, refused, result, now)
+        result.rated = rows
+        if refused:
+            refused.sort()
+            result.dead_letters = [self._dead_letter(messages[p], reason, now) for p, reason in refused]
+        events = rows.events
+        kept = list(map(messages.__getitem__, kept_positions))  # every kept message has a value (decoded)
+        result.raw = RawBatch(
+            event_id=list(map(_event_id, events)),
+            customer_id=list(map(_customer_id, events)),
+            kind=list(map(_kind, events)),
+            occurred_at=list(map(_occurred_at, events)),
+            period=rows.period,
+            payload=list(map(_value, kept)),
+            source_topic=list(map(_topic, kept)),
+            source_partition=list(map(_partition, kept)),
+            source_offset=list(map(_offset, kept)),
+        )
+        self._aggregate(result, rows, month_to_date, now, history or NoHistory())
+        return result
+
+    def _sift(self, positions: list[int], rows_in: list[EventRow], keys: list[str], already: set[str], rating: Rating,
+              refused: list[tuple[int, str]], result: BatchResult, now: datetime) -> tuple[RatedBatch, list[int]]:  # fmt: skip
+        """A batch with refusals, reversals or a closed period, row by row: the rows kept (``result.keys``
+        and ``result.duplicates`` filled, refusals added to ``refused``) and their positions."""
+        rated, errors = rating.rated, rating.errors
         batch_ids: set[str] = set()
-        seen = self.seen
         keep: list[int] = []
         kept_positions: list[int] = []
         batch_outcomes: dict[str, int] = {}
         closed: dict[tuple[str, str], bool] = {}
-        keys = map(_pair, map(_customer_id, decoded.rows), map(_event_id, decoded.rows))  # dedupe_key, in C
-        for j, (position, row, key) in enumerate(zip(decoded.positions, decoded.rows, keys, strict=True)):
-            if key in batch_ids or key in seen:
+        for j, (position, row, key) in enumerate(zip(positions, rows_in, keys, strict=True)):
+            if key in batch_ids or key in already:
                 result.duplicates += 1
                 continue
             error = errors[j]
@@ -379,25 +429,7 @@ class BatchProcessor:
             result.keys.append(key)
             keep.append(j)
             kept_positions.append(position)
-        if refused:
-            refused.sort()
-            result.dead_letters = [self._dead_letter(messages[p], reason, now) for p, reason in refused]
-        result.rated = rows = rated.take(keep)
-        events = rows.events
-        kept = list(map(messages.__getitem__, kept_positions))  # every kept message has a value (decoded)
-        result.raw = RawBatch(
-            event_id=list(map(_event_id, events)),
-            customer_id=list(map(_customer_id, events)),
-            kind=list(map(_kind, events)),
-            occurred_at=list(map(_occurred_at, events)),
-            period=rows.period,
-            payload=list(map(_value, kept)),
-            source_topic=list(map(_topic, kept)),
-            source_partition=list(map(_partition, kept)),
-            source_offset=list(map(_offset, kept)),
-        )
-        self._aggregate(result, rows, month_to_date, now, history or NoHistory())
-        return result
+        return rated.take(keep), kept_positions
 
     def _aggregate(self, result: BatchResult, rows: RatedBatch, month_to_date: Callable[[str], MonthToDate],
                    now: datetime, history: SpendHistory) -> None:  # fmt: skip
@@ -512,6 +544,15 @@ class BatchProcessor:
         event = rows.events[j]
         if budget.run_cap is not None and event.run_id and event.kind == "usage":
             self._run_step(result, history, budget, event, rows.period[j], money(rows.credits[j]), now)
+
+    def _none_closed(self, customers: list[str], periods: list[str], now: datetime) -> bool:
+        """Whether no row's billing period is closed: checked once per period for the customers the
+        catalog does not list (calendar months alike), per (customer, period) for those it does."""
+        listed = self.catalog.customers
+        if listed.keys().isdisjoint(customers):
+            pairs = dict(zip(periods, customers, strict=True)).items()  # a customer of each period, in C
+            return not any(self._closed(customer, period, now) for period, customer in pairs)
+        return not any(self._closed(customer, period, now) for customer, period in set(zip(customers, periods, strict=True)))
 
     def _closed(self, customer_id: str, period: str, now: datetime) -> bool:
         """Whether the customer's ``period`` has ended and its grace has passed (its invoice is closed)."""

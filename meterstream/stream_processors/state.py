@@ -246,6 +246,9 @@ class StoreBackedState:
     def add(self, key: str) -> None:
         self.recent.add(key)
 
+    def seen_among(self, keys: list[str]) -> set[str]:
+        return set(filter(self._stored_in_batch.__contains__, keys)) | self.recent.seen_among(keys)
+
     # -- loading -----------------------------------------------------------------------------------
 
     def reset(self) -> None:

@@ -388,6 +388,36 @@ def test_splitting_a_stream_into_batches_changes_nothing(
     assert many[0].credits == expected_credits
 
 
+@given(sizes=event_sizes, customers=st.lists(st.sampled_from(["acme", "beta", "gamma"]), min_size=25, max_size=25),
+       outcomes=st.integers(0, 3), duplicated=st.lists(st.integers(0, 24), max_size=4))
+def test_duplicates_dropped_in_one_step_and_row_by_row_agree(
+    book: PriceBook, sizes: list[tuple[int, int]], customers: list[str], outcomes: int, duplicated: list[int]
+) -> None:
+    """The usual batch (all priced, no reversal, no closed period) drops its duplicates in one step; an
+    event that cannot be priced sends the same batch row by row: the kept rows and everything they
+    make are equal, duplicates included."""
+    values = [("usage", usage(f"e{i}", customers[i], input_tokens=inp, output_tokens=out))
+              for i, (inp, out) in enumerate(sizes)]  # fmt: skip
+    values += [("outcome", outcome(f"o{i}", customers[i])) for i in range(outcomes)]
+    duplicated = [i for i in duplicated if i < len(values)]
+
+    def run(batch: list[tuple[str, bytes]]) -> BatchResult:
+        processor = BatchProcessor(Catalog.for_price_book(book), budgets("10", thresholds=(10, 50, 80, 100)))
+        messages = [InboundMessage(kind, v, f"{kind}.events", 0, i) for i, (kind, v) in enumerate(batch)]  # type: ignore[arg-type]
+        return processor.process(messages, Store().get, now=NOW)
+
+    values += [values[i] for i in duplicated]  # resent within the batch
+    unpriced = ("usage", usage("x1", model="no-such-model"))
+    whole, sifted = run(values), run([*values, unpriced])
+    assert whole.duplicates == sifted.duplicates == len(duplicated)
+    assert len(sifted.dead_letters) == 1
+    assert list(whole.rated) == list(sifted.rated) and whole.keys == sifted.keys
+    assert list(whole.raw) == list(sifted.raw)
+    assert (whole.month_to_date, whole.windows, whole.enforcement, whole.runs) == \
+        (sifted.month_to_date, sifted.windows, sifted.enforcement, sifted.runs)  # fmt: skip
+    assert whole.alerts == sifted.alerts and not whole.dead_letters
+
+
 # -- anniversary billing periods ------------------------------------------------------------------
 
 
