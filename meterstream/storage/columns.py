@@ -41,6 +41,11 @@ def _strings(values: Sequence[str]) -> pa.Array:
     return pa.array(values, pa.string())
 
 
+def _instants(value: datetime, n: int) -> pa.Array:
+    """One instant ``n`` times (a batch's ingest or rating time), converted once."""
+    return pa.repeat(pa.scalar(value, _TIMESTAMP), n)
+
+
 def _scaled(value: Decimal, scale: int) -> int:
     """``value`` as an integer of 10**-scale, cut toward zero beyond ``scale`` digits (``int(value * 10**scale)``)."""
     if not value.is_finite():  # NaN and infinities: no column takes them
@@ -88,7 +93,7 @@ def raw_table(rows: Sequence[RawEvent], ingested_at: datetime) -> pa.Table:
             "source_topic": _strings(raw.source_topic),
             "source_partition": pa.array(raw.source_partition, pa.uint32()),
             "source_offset": pa.array(raw.source_offset, pa.uint64()),
-            "ingested_at": pa.array([ingested_at] * n, _TIMESTAMP),
+            "ingested_at": _instants(ingested_at, n),
         }
     )
 
@@ -108,6 +113,7 @@ def rated_table(
     rated = rows if isinstance(rows, RatedBatch) else RatedBatch.of(rows)
     n = len(rated)
     places = sources if sources is not None else [("", 0, 0)] * n
+    topics, partitions, offsets = zip(*places, strict=True) if n else ((), (), ())
     # The engine's rows as columns in one C-level transpose (EventRow's field order).
     (kind, event_id, customer_id, occurred_at, workflow_id, run_id, meter, model, _, input_tokens, cached_input_tokens,
      output_tokens, quantity, unit, outcome_type, attribution, _) = zip(*rated.events, strict=True) if n else ((),) * 17  # fmt: skip
@@ -138,10 +144,10 @@ def rated_table(
             "price_book_version": _strings(rated.price_book_version),
             "rule": _strings(rated.rule),
             "billed_in": _strings(rated.billed_in),
-            "rated_at": pa.array([rated_at] * n, _TIMESTAMP),
+            "rated_at": _instants(rated_at, n),
             "batch_id": _strings([batch_id] * n),
-            "source_topic": _strings([p[0] for p in places]),
-            "source_partition": pa.array([p[1] for p in places], pa.uint32()),
-            "source_offset": pa.array([p[2] for p in places], pa.uint64()),
+            "source_topic": _strings(topics),
+            "source_partition": pa.array(partitions, pa.uint32()),
+            "source_offset": pa.array(offsets, pa.uint64()),
         }
     )
