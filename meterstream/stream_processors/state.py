@@ -37,6 +37,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
+from itertools import compress, repeat
+from operator import attrgetter, eq, itemgetter
 from typing import Any
 
 from meterstream.clock import Clock, utc_now
@@ -58,6 +60,10 @@ from meterstream.stream_processors.processing import (
 )
 
 log = logging.getLogger(__name__)
+
+_message_of, _event_of, _period_of = itemgetter(0), itemgetter(1), itemgetter(2)
+_customer_id, _run_id, _reversal_of = attrgetter("customer_id"), attrgetter("run_id"), attrgetter("reversal_of")
+_topic, _partition, _offset = attrgetter("topic"), attrgetter("partition"), attrgetter("offset")
 
 # The outcomes that reversals in a batch name, and the reversals already accepted for them
 # (events_raw keeps only accepted events; refused reversals went to the dead-letter topic).
@@ -313,34 +319,29 @@ class StoreBackedState:
             self._load_recent_ids()
             self._preload(self.clock())
             self.stored_upto = stored_upto
-        events = [event for _, event, _ in batch]
-        periods = [period or self.period_of(event.customer_id, event.occurred_at) for _, event, period in batch]
+        events = list(map(_event_of, batch))
+        periods = list(map(_period_of, batch))
+        if "" in periods:  # not rated: the period its customer's billing gives
+            periods = [period or self.period_of(e.customer_id, e.occurred_at) for e, period in zip(events, periods, strict=True)]
+        customers = list(map(_customer_id, events))
         complete = self._complete_periods
-        cache = self.month_to_date_cache
-        self._load_month_to_date(
-            {
-                key
-                for e, period in zip(events, periods, strict=True)
-                if period not in complete and (key := month_key(e.customer_id, period)) not in cache
-            }
-        )
+        if not complete.issuperset(periods):
+            self._load_month_to_date({key for key, period in zip(map(month_key, customers, periods), periods, strict=True)
+                                      if period not in complete} - self.month_to_date_cache.keys())  # fmt: skip
         if not self._windows_complete:
-            self._load_windows({e.customer_id for e in events} - self._window_customers)
-        self._load_runs(
-            {
-                key
-                for e in events
-                if e.run_id and (key := run_key(e.customer_id, e.run_id)) not in self.runs and self.run_capped(e.customer_id)
-            }
-        )
-        self._load_reversal_targets(
-            {key for e in events if e.reversal_of and (key := dedupe_key(e.customer_id, e.reversal_of)) not in self.billed}
-        )
-        read_again = [
-            (message, event, period)
-            for (message, event, _), period in zip(batch, periods, strict=True)
-            if message.offset <= self.stored_upto.get((message.topic, message.partition), -1)
-        ]
+            self._load_windows(set(customers) - self._window_customers)
+        run_ids = list(map(_run_id, events))
+        if any(run_ids):
+            # Run caps are looked up once per customer of the batch, not per event.
+            capped = set(filter(self.run_capped, set(compress(customers, run_ids))))
+            if capped:
+                self._load_runs({run_key(customer, run_id) for customer, run_id in zip(customers, run_ids, strict=True)
+                                 if run_id and customer in capped} - self.runs.keys())  # fmt: skip
+        if any(map(_reversal_of, events)):
+            self._load_reversal_targets(
+                {key for e in events if e.reversal_of and (key := dedupe_key(e.customer_id, e.reversal_of)) not in self.billed}
+            )
+        read_again = self._read_again(batch, periods)
         replayed = [(event, period) for _, event, period in read_again
                     if dedupe_key(event.customer_id, event.event_id) not in self.recent]  # fmt: skip
         if replayed:
@@ -348,6 +349,29 @@ class StoreBackedState:
         if read_again:
             # A batch cut after its events_raw insert: its raw rows are not written twice.
             self.raw_stored = self._raw_stored([(message, event) for message, event, _ in read_again])
+
+    def _read_again(
+        self, batch: Sequence[tuple[InboundMessage, EventRow, str]], periods: list[str]
+    ) -> list[tuple[InboundMessage, EventRow, str]]:
+        """The batch's events at or below the offset stored on their partition when it was assigned
+        (replays: the store may hold them). A partition leaves :attr:`stored_upto` once a batch is
+        wholly past it there (a retry of that batch has nothing to read again on it either)."""
+        stored_upto = self.stored_upto
+        assert stored_upto is not None
+        messages = list(map(_message_of, batch))
+        places = list(zip(map(_topic, messages), map(_partition, messages), strict=True))
+        behind = [place for place in set(places) if place in stored_upto]
+        if not behind:
+            return []
+        offsets = list(map(_offset, messages))
+        for place in behind:
+            if min(compress(offsets, map(eq, places, repeat(place)))) > stored_upto[place]:
+                del stored_upto[place]
+        return [
+            (message, event, period)
+            for (message, event, _), period in zip(batch, periods, strict=True)
+            if message.offset <= stored_upto.get((message.topic, message.partition), -1)
+        ]
 
     def _query(self, sql: str, parameters: dict[str, Any]) -> list[dict[str, Any]]:
         self.lookups += 1
