@@ -1350,6 +1350,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=None, help="repetitions for the SDK and worker figures")
     parser.add_argument("--latency-rate", type=int, default=None, help="offered events/s (default 5,000)")
     parser.add_argument("--latency-seconds", type=float, default=None)
+    parser.add_argument("--latency-reps", type=int, default=None,
+                        help="latency runs at the offered rate, each with its own topics and worker (default 1)")
     parser.add_argument("--state-rates", type=lambda s: [int(x) for x in s.split(",")], default=[500, 5000],
                         help="offered events/s of the produce -> enforcement-state phase (default 500,5000)")
     parser.add_argument("--backlog-seconds", type=float, default=1800,
@@ -1375,6 +1377,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     updates: dict[str, Any] = {}
     for arg, name in (("customers", "customers"), ("sdk_events", "sdk_events"), ("worker_events", "worker_events"),
                       ("latency_rate", "latency_rate"), ("latency_seconds", "latency_seconds"),
+                      ("latency_reps", "latency_reps"),
                       ("invoice_rows", "invoice_rows"), ("profile", "profile")):  # fmt: skip
         if getattr(args, arg) is not None:
             updates[name] = getattr(args, arg)
