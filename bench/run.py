@@ -930,7 +930,7 @@ class Bench:
         console.print(f"  {label}: offering {total:,} events at {rate:,}/s from {customers:,} customers")
         with quiet_heap():
             workload = generate(total, customers, seed=seed, backlog_seconds=None)
-            budgets_text, crossing = self.budgets_for(workload)
+            budgets_text, crossing, alerts_expected = self.budgets_for(workload)
         kafka = self.kafka(label)
         topics = ensure_topics(kafka)
         budgets_file = self.run_dir / f"budgets-{label}.yaml"
@@ -1001,7 +1001,6 @@ class Bench:
             final, drained = self._wait_messages(workers, len(messages), timeout=drain_cap)
             drain_seconds = time.monotonic() - last_sent
             cpu = window.finish()
-            alerts_expected = 3 * len(crossing)
             deadline = time.monotonic() + (15 if drained else 3)
             while time.monotonic() < deadline and len({a[2]["alert_id"] for a in alerts}) < alerts_expected:
                 time.sleep(0.2)
@@ -1088,13 +1087,16 @@ class Bench:
             "gc": [s.get("gc") for s in final],
         }
 
-    def budgets_for(self, workload: Workload) -> tuple[str, list[str]]:
+    def budgets_for(self, workload: Workload) -> tuple[str, list[str], int]:
         """Budgets that customers cross during the run (at 50/80/100%), spread over its length.
 
         Each customer with at least 20 events gets a budget of f x its total credits
-        in this run, f uniform in [0.4, 1.0): its 50% threshold falls at ~0.5 f of
-        its spend, its 100% threshold at ~f, so all three are crossed before the end,
-        at times spread over the run. Customers with fewer events get no budget.
+        in this run, f uniform in [0.4, 1.0) rounded to 3 digits: its 50% threshold falls at
+        ~0.5 f of its spend, its 100% threshold at ~f, so the three are crossed before the end,
+        at times spread over the run. Customers with fewer events get no budget. Returns the
+        budgets file, the customers with one and the alerts expected: each threshold the
+        customer's total reaches (an f rounded up to 1.0 with the budget rounded above the total
+        leaves 100% unreached: seed 102 has one such customer).
         """
         import random
 
@@ -1112,6 +1114,7 @@ class Bench:
         rng = random.Random(42)
         lines = ["customers:"]
         crossing = []
+        expected = 0
         for customer, n in sorted(events.items()):
             if n < 20 or credits[customer] <= 0:
                 continue
@@ -1119,8 +1122,9 @@ class Bench:
             if budget <= 0:
                 continue
             crossing.append(customer)
+            expected += sum(credits[customer] * 100 >= budget * t for t in (50, 80, 100))
             lines.append(f'  {customer}: {{monthly_credits: "{budget}", thresholds: [50, 80, 100], action: alert}}')
-        return "\n".join(lines) + "\n", crossing
+        return "\n".join(lines) + "\n", crossing, expected
 
     def _read_alerts(
         self, kafka: KafkaSettings, topic: str, sink: list[tuple[float, float, dict[str, Any]]], stop: threading.Event
