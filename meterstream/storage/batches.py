@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -39,8 +39,8 @@ import pyarrow as pa
 from clickhouse_connect.driver.client import Client
 
 from meterstream.pricing.engine import RatedBatch
-from meterstream.schemas.records import BudgetAlert, RawBatch
-from meterstream.storage.columns import instants, rated_table, raw_table
+from meterstream.schemas.records import RawBatch
+from meterstream.storage.columns import rated_table
 
 log = logging.getLogger(__name__)
 
@@ -50,89 +50,19 @@ ORDER = ("source_topic", "source_partition", "source_offset", "customer_id", "ev
 
 def batch_id(raw: RawBatch, rated: RatedBatch, alert_ids: Sequence[str]) -> str:
     """A digest of what a batch writes: the same rows give the same id (and tokens)."""
-    return _digest([_id_texts(raw, rated)], alert_ids)
-
-
-def _id_texts(raw: RawBatch, rated: RatedBatch) -> tuple[bytes, bytes]:
-    """What :func:`batch_id` digests of a batch's raw and rated rows (a group's are its batches' joined)."""
-    raw_text = "".join([
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update("".join([
         f"r|{t}|{p}|{o}|{c}|{e}\n"
         for t, p, o, c, e in zip(raw.source_topic, raw.source_partition, raw.source_offset, raw.customer_id,
                                  raw.event_id, strict=True)
-    ]).encode()  # fmt: skip
-    rated_text = "".join([
+    ]).encode())  # fmt: skip
+    digest.update("".join([
         f"u|{e.customer_id}|{e.event_id}|{period}|{credits}\n"
         for e, period, credits in zip(rated.events, rated.period, rated.credits, strict=True)
-    ]).encode()  # fmt: skip
-    return raw_text, rated_text
-
-
-def _digest(texts: Sequence[tuple[bytes, bytes]], alert_ids: Sequence[str]) -> str:
-    """The id of the batches whose :func:`_id_texts` are ``texts``, in order: the raw rows of all, then
-    the rated rows of all, then the alerts (so a group's id is the id of its rows concatenated)."""
-    digest = hashlib.blake2b(digest_size=16)
-    for raw_text, _ in texts:
-        digest.update(raw_text)
-    for _, rated_text in texts:
-        digest.update(rated_text)
+    ]).encode())  # fmt: skip
     for a in alert_ids:
         digest.update(f"a|{a}\n".encode())
     return digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class PreparedInsert:
-    """One batch's write, built where it was rated: the write joins the batches in hand and sends.
-
-    The worker builds it in its rating stage, so the write stage (which waits for the server)
-    holds the GIL only to join tables; ``rated_at``, ``ingested_at`` and ``batch_id`` are set by
-    the write (:func:`group_tables`), as a write of rows sets them.
-    """
-
-    raw: pa.Table  # events_raw: the rows to write (those already stored left out)
-    rated: pa.Table  # usage_rated, in the batch's order
-    raw_text: bytes
-    rated_text: bytes
-    alerts: tuple[BudgetAlert, ...]
-
-
-def prepare_insert(
-    raw: RawBatch, rated: RatedBatch, alerts: Sequence[BudgetAlert], raw_stored: Collection[tuple[str, int, int]],
-    now: datetime,
-) -> PreparedInsert:
-    """A batch's :class:`PreparedInsert`; ``raw_stored``: places whose raw row events_raw already holds."""
-    raw_text, rated_text = _id_texts(raw, rated)
-    sources = sources_of(raw, rated)
-    if raw_stored:
-        raw = RawBatch.of([r for r in raw if (r.source_topic, r.source_partition, r.source_offset) not in raw_stored])
-    return PreparedInsert(raw_table(raw, now), rated_table(rated, now, "", sources), raw_text, rated_text,
-                          tuple(alerts))  # fmt: skip
-
-
-def group_tables(prepared: Sequence[PreparedInsert], now: datetime) -> tuple[str, pa.Table, pa.Table]:
-    """The id, events_raw table and usage_rated table (in :data:`ORDER`) of the batches ``prepared``,
-    written as one insert at ``now``; each table one Arrow record batch (a block: see the module)."""
-    batch = _digest([(p.raw_text, p.rated_text) for p in prepared], [a.alert_id for p in prepared for a in p.alerts])
-    raw = _joined([p.raw for p in prepared])
-    raw = _set(raw, "ingested_at", instants(now, raw.num_rows))
-    rated = _joined([p.rated for p in prepared])
-    rated = _set(_set(rated, "rated_at", instants(now, rated.num_rows)), "batch_id",
-                 pa.repeat(pa.scalar(batch, pa.string()), rated.num_rows))  # fmt: skip
-    return batch, raw, _ordered(rated)
-
-
-def _joined(tables: list[pa.Table]) -> pa.Table:
-    return tables[0] if len(tables) == 1 else pa.concat_tables(tables).combine_chunks()
-
-
-def _set(table: pa.Table, name: str, column: pa.Array) -> pa.Table:
-    index = table.schema.get_field_index(name)
-    return table.set_column(index, table.schema.field(index), column)
-
-
-def _ordered(table: pa.Table) -> pa.Table:
-    """usage_rated's rows in :data:`ORDER` (sorted by Arrow: UTF-8 bytes sort as code points)."""
-    return table.sort_by([(name, "ascending") for name in ORDER])
 
 
 def insert_settings(batch: str, table: str) -> dict[str, object]:
@@ -155,8 +85,9 @@ def sources_of(raw: RawBatch, rated: RatedBatch) -> list[tuple[str, int, int]]:
 def ordered_rated_table(
     rated: RatedBatch, sources: Sequence[tuple[str, int, int]], rated_at: datetime, batch: str
 ) -> pa.Table:
-    """usage_rated's insert of a batch, its rows in :data:`ORDER`."""
-    return _ordered(rated_table(rated, rated_at, batch, sources))
+    """usage_rated's insert of a batch, its rows in :data:`ORDER` (sorted by Arrow: UTF-8 bytes sort as code points)."""
+    table = rated_table(rated, rated_at, batch, sources)
+    return table.sort_by([(name, "ascending") for name in ORDER])
 
 
 @dataclass

@@ -32,7 +32,7 @@ from meterstream.pricing.engine import RatedBatch
 from meterstream.schemas.records import AlertKind, BudgetAlert, RatedUsage, RawBatch, RawEvent
 
 if TYPE_CHECKING:
-    from meterstream.storage.batches import PreparedInsert, Recovery
+    from meterstream.storage.batches import Recovery
 
 log = logging.getLogger(__name__)
 
@@ -304,23 +304,12 @@ def _revive(value: Any, clickhouse_type: str) -> Any:
 
 
 class Storage(Protocol):
-    """What the worker needs from a store: write a batch, run a saved query.
-
-    The worker writes in two steps: :meth:`prepare_insert` where it rates a batch, and
-    :meth:`insert_prepared` of the batches waiting, in order, where it writes.
-    """
+    """What the worker needs from a store: write a batch, run a saved query."""
 
     def insert_batch(
         self, raw: Sequence[RawEvent], rated: Sequence[RatedUsage], alerts: Sequence[BudgetAlert] = (),
         *, raw_stored: Collection[tuple[str, int, int]] = (),
     ) -> None: ...
-
-    def prepare_insert(
-        self, raw: Sequence[RawEvent], rated: Sequence[RatedUsage], alerts: Sequence[BudgetAlert] = (),
-        *, raw_stored: Collection[tuple[str, int, int]] = (),
-    ) -> Any: ...
-
-    def insert_prepared(self, prepared: Sequence[Any]) -> None: ...
 
     def query(self, sql: str, parameters: dict[str, Any] | None = None) -> QueryResult: ...
 
@@ -348,44 +337,30 @@ class ClickHouseStore:
         ``raw_stored``: places (topic, partition, offset) whose raw row events_raw already holds
         (a batch read again after a crash cut its write): not written again.
         """
-        self.insert_prepared([self.prepare_insert(raw, rated, alerts, raw_stored=raw_stored)])
-
-    def prepare_insert(
-        self,
-        raw: Sequence[RawEvent],
-        rated: Sequence[RatedUsage],
-        alerts: Sequence[BudgetAlert] = (),
-        *,
-        raw_stored: Collection[tuple[str, int, int]] = (),
-    ) -> PreparedInsert:
-        """What :meth:`insert_prepared` writes for a batch, built now (the worker does it where it rates)."""
         # pyarrow is imported by the first write, not by every command that imports the store
         # (it is a third of a report command's start-up).
-        from meterstream.storage.batches import prepare_insert
+        from meterstream.storage.batches import batch_id, insert_settings, ordered_rated_table, sources_of
+        from meterstream.storage.columns import raw_table
 
+        now = utc_now()
         raw = raw if isinstance(raw, RawBatch) else RawBatch.of(raw)
         rated = rated if isinstance(rated, RatedBatch) else RatedBatch.of(rated)
+        batch = batch_id(raw, rated, [a.alert_id for a in alerts])
+        sources = sources_of(raw, rated)
+        if raw_stored:
+            raw = RawBatch.of([r for r in raw if (r.source_topic, r.source_partition, r.source_offset) not in raw_stored])
+        statement = "INSERT INTO events_raw"
         try:
-            return prepare_insert(raw, rated, alerts, raw_stored, utc_now())
-        except Exception as exc:
-            raise classify_error(exc, "the Arrow tables of a batch's insert") from exc
-
-    def insert_prepared(self, prepared: Sequence[PreparedInsert]) -> None:
-        """Write the batches ``prepared`` (in order) as one insert per table, as :meth:`insert_batch` writes one."""
-        from meterstream.storage.batches import group_tables, insert_settings
-
-        statement = "the Arrow tables of a batch's insert"
-        try:
-            batch, raw, rated = group_tables(prepared, utc_now())
-            alerts = [a for p in prepared for a in p.alerts]
-            statement = "INSERT INTO events_raw"
             # Raw events and rated rows go as Arrow columns (meterstream/storage/columns.py).
-            if raw.num_rows:
-                self.client.insert_arrow("events_raw", raw, settings=insert_settings(batch, "events_raw"))
+            if raw:
+                self.client.insert_arrow("events_raw", raw_table(raw, now), settings=insert_settings(batch, "events_raw"))
                 _test_pause("events_raw")
             statement = "INSERT INTO usage_rated"
-            if rated.num_rows:
-                self.client.insert_arrow("usage_rated", rated, settings=insert_settings(batch, "usage_rated"))
+            if rated:
+                self.client.insert_arrow(
+                    "usage_rated", ordered_rated_table(rated, sources, now, batch),
+                    settings=insert_settings(batch, "usage_rated"),
+                )  # fmt: skip
                 _test_pause("usage_rated")
             statement = "INSERT INTO budget_alerts"
             if alerts:

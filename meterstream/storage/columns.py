@@ -41,7 +41,7 @@ def _strings(values: Sequence[str]) -> pa.Array:
     return pa.array(values, pa.string())
 
 
-def instants(value: datetime, n: int) -> pa.Array:
+def _instants(value: datetime, n: int) -> pa.Array:
     """One instant ``n`` times (a batch's ingest or rating time), converted once."""
     return pa.repeat(pa.scalar(value, _TIMESTAMP), n)
 
@@ -93,7 +93,7 @@ def raw_table(rows: Sequence[RawEvent], ingested_at: datetime) -> pa.Table:
             "source_topic": _strings(raw.source_topic),
             "source_partition": pa.array(raw.source_partition, pa.uint32()),
             "source_offset": pa.array(raw.source_offset, pa.uint64()),
-            "ingested_at": instants(ingested_at, n),
+            "ingested_at": _instants(ingested_at, n),
         }
     )
 
@@ -144,7 +144,7 @@ def rated_table(
             "price_book_version": _strings(rated.price_book_version),
             "rule": _strings(rated.rule),
             "billed_in": _strings(rated.billed_in),
-            "rated_at": instants(rated_at, n),
+            "rated_at": _instants(rated_at, n),
             "batch_id": _strings([batch_id] * n),
             "source_topic": _strings(topics),
             "source_partition": pa.array(partitions, pa.uint32()),

@@ -60,9 +60,10 @@ from meterstream.clock import Clock, utc_now
 from meterstream.config import Settings
 from meterstream.kafka_clients import faust_broker, faust_credentials
 from meterstream.periods import period_of
+from meterstream.pricing.engine import RatedBatch
 from meterstream.pricing.plans import load_catalog
 from meterstream.producers.ledger import LedgerUnavailable, RedisLedger
-from meterstream.schemas.records import HEARTBEAT_KEY, Decision, EnforcementState, ThresholdAction
+from meterstream.schemas.records import HEARTBEAT_KEY, Decision, EnforcementState, RawBatch, ThresholdAction
 from meterstream.storage.clickhouse import Storage, StoreError
 from meterstream.storage.settle import settle_store
 from meterstream.stream_processors import quiet_logs
@@ -173,7 +174,7 @@ class _Staged:
     """A rated batch whose rows are not stored yet (the write that stores them may be another batch's)."""
 
     result: BatchResult
-    prepared: Any  # the store's insert of it (Storage.prepare_insert), built where it was rated
+    raw_stored: frozenset[tuple[str, int, int]]
     rated_at: float  # time.monotonic()
     stored: bool = False
 
@@ -463,9 +464,15 @@ def create_app(
         await linger(entry)
         group = list(unstored)
         assert group and group[0] is entry, "writes out of order"
-        prepared = [e.prepared for e in group]
+        if len(group) == 1:
+            raw, rated, alerts, raw_stored = entry.result.raw, entry.result.rated, entry.result.alerts, entry.raw_stored
+        else:
+            raw = RawBatch.concat([e.result.raw for e in group])
+            rated = RatedBatch.concat([e.result.rated for e in group])
+            alerts = [a for e in group for a in e.result.alerts]
+            raw_stored = frozenset().union(*(e.raw_stored for e in group))
         started = time.monotonic()
-        await with_store(lambda: store.insert_prepared(prepared), "store write")
+        await with_store(lambda: store.insert_batch(raw, rated, alerts, raw_stored=raw_stored), "store write")
         stats.store_seconds += time.monotonic() - started
         for e in group:
             e.stored = True
@@ -483,15 +490,12 @@ def create_app(
         rebuilds it from what was stored.
         """
         rating_started = time.monotonic()
-        def rate() -> tuple[BatchResult, Any]:
-            result = processor.process(messages, state.month_to_date, prepare=state.prepare, history=state)
-            # Its insert is built here too: the write stage, which waits for the server, then holds
-            # the GIL only to join the batches in hand (BENCHMARKS.md, "Less Python per batch").
-            return result, store.prepare_insert(result.raw, result.rated, result.alerts,
-                                                raw_stored=frozenset(state.raw_stored))  # fmt: skip
-
-        result, prepared = await with_store(rate, "loading state", exclusive=False)
-        entry = _Staged(result, prepared, time.monotonic())
+        result = await with_store(
+            lambda: processor.process(messages, state.month_to_date, prepare=state.prepare, history=state),
+            "loading state",
+            exclusive=False,
+        )
+        entry = _Staged(result, frozenset(state.raw_stored), time.monotonic())
         unstored.append(entry)
         staged_more.set()
         state.commit(result)

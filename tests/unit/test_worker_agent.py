@@ -53,17 +53,6 @@ class MemoryStore:
         self.rated += rated
         self.alerts += alerts
 
-    def prepare_insert(self, raw, rated, alerts=(), *, raw_stored=()):
-        return raw, rated, alerts, raw_stored
-
-    def insert_prepared(self, prepared) -> None:
-        """The batches in hand as one insert_batch, as the store writes them in one insert per table."""
-        from meterstream.pricing.engine import RatedBatch
-        from meterstream.schemas.records import RawBatch
-
-        self.insert_batch(RawBatch.concat([p[0] for p in prepared]), RatedBatch.concat([p[1] for p in prepared]),
-                          [a for p in prepared for a in p[2]], raw_stored=frozenset().union(*(p[3] for p in prepared)))
-
     def query(self, sql, parameters=None) -> QueryResult:
         return QueryResult([], [], [])
 
