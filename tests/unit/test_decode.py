@@ -13,6 +13,10 @@ from hypothesis import strategies as st
 from meterstream.schemas.events import OutcomeEvent, UsageEvent
 from meterstream.stream_processors.decode import MAX_EVENT_BYTES, Rejection, decode_event
 
+#: When the messages below reached the broker: the future-time limit is measured from it, not from
+#: today (decode_event's ``received``), so these verdicts hold whatever day the tests run on.
+RECEIVED = datetime(2025, 3, 15, 12, 30, tzinfo=timezone.utc)
+
 USAGE: dict[str, Any] = {
     "event_id": "evt-1",
     "customer_id": "acme",
@@ -35,27 +39,27 @@ def encode(data: Any) -> bytes:
 
 
 def test_valid_usage_event() -> None:
-    event = decode_event(encode(USAGE), "usage")
+    event = decode_event(encode(USAGE), "usage", RECEIVED)
     assert isinstance(event, UsageEvent)
     assert event.input_tokens == 1200
     assert event.occurred_at == datetime(2025, 3, 15, 12, tzinfo=timezone.utc)
 
 
 def test_valid_outcome_event() -> None:
-    event = decode_event(encode(OUTCOME), "outcome")
+    event = decode_event(encode(OUTCOME), "outcome", RECEIVED)
     assert isinstance(event, OutcomeEvent)
     assert event.outcome_type == "resolved_ticket"
 
 
 def test_explicit_matching_type_is_accepted() -> None:
-    assert isinstance(decode_event(encode({**USAGE, "type": "usage"}), "usage"), UsageEvent)
+    assert isinstance(decode_event(encode({**USAGE, "type": "usage"}), "usage", RECEIVED), UsageEvent)
 
 
 def test_event_exactly_at_the_size_limit_is_read() -> None:
     body = encode(USAGE)
     padded = body[:-1] + b" " * (MAX_EVENT_BYTES - len(body)) + b"}"
     assert len(padded) == MAX_EVENT_BYTES
-    assert isinstance(decode_event(padded, "usage"), UsageEvent)
+    assert isinstance(decode_event(padded, "usage", RECEIVED), UsageEvent)
 
 
 NESTED_LISTS = b"[" * 10_000 + b"]" * 10_000
@@ -97,7 +101,7 @@ NESTED_IN_EVENT = encode(USAGE)[:-1] + b', "attributes": {"x": ' + b"[" * 10_000
     ],
 )
 def test_bad_input_is_a_rejection_with_a_reason(raw: bytes | None, kind: Any, fragment: str) -> None:
-    result = decode_event(raw, kind)
+    result = decode_event(raw, kind, RECEIVED)
     assert isinstance(result, Rejection), result
     assert result.reason.strip()
     assert fragment in result.reason
@@ -108,7 +112,7 @@ def test_oversized_message_is_rejected_unread() -> None:
     body = encode(USAGE)
     raw = body[:-1] + b" " * (MAX_EVENT_BYTES + 1 - len(body)) + b"}"
     assert len(raw) == MAX_EVENT_BYTES + 1
-    result = decode_event(raw, "usage")
+    result = decode_event(raw, "usage", RECEIVED)
     assert isinstance(result, Rejection)
     assert result.reason == f"message is {MAX_EVENT_BYTES + 1} bytes; the limit is {MAX_EVENT_BYTES}"
 
@@ -116,7 +120,7 @@ def test_oversized_message_is_rejected_unread() -> None:
 def test_many_errors_are_summarised() -> None:
     bad = {"event_id": 1, "customer_id": 2, "occurred_at": "yesterday", "model": 4, "input_tokens": "x", "output_tokens": "y",
            "provider": 5}
-    result = decode_event(encode(bad), "usage")
+    result = decode_event(encode(bad), "usage", RECEIVED)
     assert isinstance(result, Rejection)
     assert result.reason.startswith("invalid event: ")
     assert result.reason.count(";") == 5  # five field errors, then the summary
@@ -129,7 +133,7 @@ def test_many_errors_are_summarised() -> None:
 @given(st.binary(max_size=2048))
 def test_arbitrary_bytes_never_raise(raw: bytes) -> None:
     for kind in ("usage", "outcome"):
-        result = decode_event(raw, kind)
+        result = decode_event(raw, kind, RECEIVED)
         assert isinstance(result, Rejection | UsageEvent | OutcomeEvent)
 
 
