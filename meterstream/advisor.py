@@ -18,7 +18,7 @@ customer, the rows ``invoice_usage.sql`` gives for one customer, so each
 customer's :class:`PeriodUsage` comes from
 :func:`meterstream.billing.period_usage_from_aggregates` exactly as an invoice's
 does (cohorts by first-seen month also read ``customer_first_periods.sql``).
-Saved queries only, so the CLI can ask a running worker that owns the store.
+Saved queries only (``sql/queries/``), run on the command's own connection to the store.
 
 **Quantile method: nearest rank.** The p-th percentile of n values is the
 value at rank ``ceil(p/100 × n)`` (1-based) in ascending order, i.e. the

@@ -226,7 +226,7 @@ class WebSettings(_Section):
     #: Whether customers see the provider cost of their usage (cost to serve) beside credits.
     #: Off by default: with credits and cost side by side a customer can read our margin.
     show_cost_to_serve: bool = False
-    #: Embedded mode: seconds to wait for the worker to answer one saved query.
+    #: Seconds an invoice or invoices request waits for each saved query it runs before it fails.
     query_timeout: float = Field(default=30.0, gt=0)
 
 

@@ -14,8 +14,8 @@ memory does not grow with the file's events:
    event is what it keeps), and spools what the send will produce (customer id,
    event id, kind, bytes) to temporary files, so the send parses nothing.
 2. **stored ids**: the event ids already stored for those customers and periods
-   (saved query ``sql/queries/stored_event_ids.sql``, so it works through the
-   worker that owns an embedded store and against a ClickHouse server alike).
+   (saved query ``sql/queries/stored_event_ids.sql``, on the command's own connection
+   to the ClickHouse server).
 3. **send** (or, with ``--dry-run``, **price**): stream the spool and produce
    every valid, new event, keyed by customer, to ``usage.events`` or
    ``outcome.events`` with the SDK's delivery guarantees; or read the file again and rate them with the
