@@ -109,7 +109,8 @@ def usage(
                     Column("invoice_status", "invoice"), Column("plan_version", "plan version")]  # fmt: skip
         fields += ["billed_credits", "spend", "currency", "plan_version", "invoice_status"]
         notes.append(BILLED_NOTE)
-    report = Report(f"Month-to-date usage and spend, {period}", columns, result.rows, fields, notes=notes)
+    title = "Month-to-date usage and spend" if spend else "Month-to-date usage"
+    report = Report(f"{title}, {period}", columns, result.rows, fields, notes=notes)
     show(report, fmt, result.problems)
 
 

@@ -517,6 +517,9 @@ def test_cli_usage_reports_as_table_json_and_csv(loaded, catalog_file):
     table = ok("usage", "--period", PERIOD)
     assert "acme" in table and "193.55" in table and "1,285.00" in table and "180.00" in table
     assert "usage credits:" in table and "billed credits:" in table  # what each word means
+    assert f"Month-to-date usage and spend, {PERIOD}" in table
+    bare = ok("usage", "--period", PERIOD, "--no-spend")  # the title says what the table holds
+    assert f"Month-to-date usage, {PERIOD}" in bare and "spend" not in bare and "billed credits:" not in bare
 
     top = list(csv.DictReader(io.StringIO(ok("usage", "top-customers", "--period", PERIOD, "--limit", "2", "--csv"))))
     assert [(r["customer_id"], D(r["cost_to_serve"])) for r in top] == [("acme", D("5.825")), ("globex", D("0.0725"))]
