@@ -100,6 +100,18 @@ def services_down(names: ServiceArgument = None) -> None:
         console.print(f"{label} stopped" if stopped else f"{label} was not running")
 
 
+def _port_taken_hint(name: str, services: Any) -> None:
+    """A stopped service whose port answers: most likely one started from another directory's state."""
+    from meterstream.services.process import port_in_use, port_owner
+
+    port = services.kafka_port if name == "kafka" else services.clickhouse_http_port
+    if port_in_use(port):
+        owner = port_owner(port) or "another process"
+        console.print(f"  but port {port} is in use by {owner}: a {name} started with another state directory "
+                      f"(this one is {services.state_dir}, relative to where the command runs; "
+                      "METERSTREAM_SERVICES__STATE_DIR) or another program")
+
+
 @services_app.command("status")
 def services_status(names: ServiceArgument = None, as_json: JsonOption = False) -> None:
     """Show whether the local services run, where, and with which data directory (exit 3 if one is stopped)."""
@@ -116,6 +128,8 @@ def services_status(names: ServiceArgument = None, as_json: JsonOption = False) 
         else:
             console.print(f"ClickHouse {state}  pid={status.pid}  http={status.http_url}  "
                           f"tcp={status.tcp_port}  data={status.data_dir}")
+        if not status.running:
+            _port_taken_hint(name, settings.services)
     if not all(status.running for status in statuses.values()):
         raise typer.Exit(3)
 

@@ -123,3 +123,34 @@ def test_errors_are_told_apart_unavailable_access_statement():
     syntax = classify_error(DatabaseError("Code: 62. Syntax error", code=62), "SELEC 1\nFROM t")
     assert isinstance(syntax, StoreStatementError) and syntax.statement == "SELEC 1 FROM t"
     assert "migrate" not in str(syntax)
+
+
+def test_status_of_a_stopped_server_names_whatever_holds_its_port(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """`services status` run with another state directory than the running server's says stopped, and why."""
+    from typer.testing import CliRunner
+
+    from meterstream.cli import app
+    from meterstream.config import get_settings
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        monkeypatch.setenv("METERSTREAM_SERVICES__STATE_DIR", str(tmp_path))
+        monkeypatch.setenv("METERSTREAM_SERVICES__CLICKHOUSE_HTTP_PORT", str(port))
+        monkeypatch.setenv("METERSTREAM_SERVICES__CLICKHOUSE_TCP_PORT", str(port + 1))
+        get_settings.cache_clear()
+        try:
+            held = CliRunner().invoke(app, ["services", "status", "clickhouse"], terminal_width=400)
+        finally:
+            get_settings.cache_clear()
+    assert held.exit_code == 3
+    assert "ClickHouse stopped" in held.stdout
+    assert f"but port {port} is in use by" in held.stdout and str(tmp_path) in held.stdout
+    monkeypatch.setenv("METERSTREAM_SERVICES__CLICKHOUSE_HTTP_PORT", str(port))  # nothing listens there now
+    get_settings.cache_clear()
+    try:
+        free = CliRunner().invoke(app, ["services", "status", "clickhouse"], terminal_width=400)
+    finally:
+        get_settings.cache_clear()
+    assert free.exit_code == 3 and "ClickHouse stopped" in free.stdout and "in use" not in free.stdout
