@@ -28,8 +28,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Context, Decimal
+from itertools import compress, repeat
 from math import gcd
-from operator import itemgetter
+from operator import is_, itemgetter
 from typing import Any, NamedTuple
 
 from meterstream.pricing.pricebook import PriceBook, TokenRates
@@ -233,17 +234,33 @@ class Rating(NamedTuple):
     errors: list[ValueError | None]
 
 
-def rate_rows(rows: Sequence[EventRow], book_of: Callable[[str, datetime], tuple[PriceBook, str]]) -> Rating:
+#: What :func:`rate_rows` may be given beside ``book_of``: the book and period label of every row
+#: it can tell at once (``None`` where it cannot), so that ``book_of`` is asked only for the rest.
+BooksAtOnce = Callable[[Sequence[EventRow]], tuple[list[PriceBook | None], list[str]]]
+
+
+def rate_rows(rows: Sequence[EventRow], book_of: Callable[[str, datetime], tuple[PriceBook, str]],
+              books_at_once: BooksAtOnce | None = None) -> Rating:  # fmt: skip
     """Price ``rows``; ``book_of(customer, occurred_at)`` gives the price book and the period label.
 
     ``book_of`` raises ``ValueError`` (a PlanError) when the customer has no plan version then:
     that row gets the error. A row the book has no price for gets a :class:`RatingError`.
+    ``books_at_once`` (:data:`BooksAtOnce`) answers for whole groups of rows first; it must
+    give, for every row it answers, what ``book_of`` would.
     """
     n = len(rows)
-    books: list[PriceBook | None] = [None] * n
-    periods: list[str] = [""] * n
+    books: list[PriceBook | None]
+    periods: list[str]
+    if books_at_once is not None:
+        books, periods = books_at_once(rows)
+        if len(books) != n or len(periods) != n:
+            raise ValueError(f"books_at_once answered {len(books)} books for {n} rows")
+    else:
+        books, periods = [None] * n, [""] * n
     errors: list[ValueError | None] = [None] * n
-    for i, row in enumerate(rows):
+    unanswered = compress(range(n), map(is_, books, repeat(None))) if books_at_once is not None else range(n)
+    for i in unanswered:
+        row = rows[i]
         try:
             books[i], periods[i] = book_of(row.customer_id, row.occurred_at)
         except ValueError as exc:

@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meterstream.pricing.engine import SCALE, EventRow, RatedBatch, money, rate_rows, row_of, units
-from meterstream.pricing.plans import load_catalog
+from meterstream.pricing.plans import load_catalog, parse_catalog
 from meterstream.pricing.pricebook import PriceBook
 from meterstream.pricing.rating import RatingError, rate_event
 from meterstream.schemas.events import OutcomeEvent, UsageEvent
@@ -138,6 +138,61 @@ def test_catalog_rate_is_the_engine_for_a_batch_of_one() -> None:
     assert default_catalog.rate(event) == rate_event(event, book)
     with pytest.raises(RatingError, match="no price for model 'nope'"):
         default_catalog.rate(event.model_copy(update={"model": "nope"}))
+
+
+
+def _book(version: str, rate: str) -> dict[str, Any]:
+    return {"version": version, "models": {"m1": {"provider": "openai", "credits_per_1k": {"input": rate, "output": rate},
+                                                   "cost_per_1m": {"input": "1", "output": "1"}}}}  # fmt: skip
+
+
+def _plan(version: str, effective_from: str, rate: str) -> dict[str, Any]:
+    return {"version": version, "effective_from": effective_from, "price_book": _book(f"book-{version}", rate),
+            "overage": {"model": "per_unit", "unit_price": "0.01"}}  # fmt: skip
+
+
+#: A default plan that starts mid-January and changes in mid-March and on 1 April, a listed customer
+#: on a plan of its own, one on the default plan billed on anniversary periods, one changing at once.
+VERSIONED = {
+    "currency": "USD",
+    "default_plan": "p",
+    "plans": {"p": {"versions": [_plan("p-1", "2026-01-15", "1"), _plan("p-2", "2026-03-15", "2"),
+                                 _plan("p-3", "2026-04-01", "3")]},
+              "q": {"versions": [_plan("q-1", "2025-06-01", "7")]}},
+    "customers": {"listed": {"plan": "q"},
+                  "anniv": {"plan": "p", "billing_anchor": "anniversary", "effective_from": "2026-02-10"},
+                  "at-once": {"plan": "p", "change_rule": "immediate"}},
+}  # fmt: skip
+instants = st.datetimes(min_value=datetime(2025, 12, 1), max_value=datetime(2026, 5, 31),
+                        timezones=st.sampled_from([timezone.utc, timezone.utc, timezone.utc, timezone(timedelta(hours=2))]))  # fmt: skip
+
+
+@settings(max_examples=200, deadline=None)
+@given(batch=st.lists(st.tuples(st.sampled_from(["u1", "u2", "listed", "anniv", "at-once"]), instants), max_size=40))
+def test_books_found_for_a_whole_batch_are_those_found_row_by_row(batch: list[tuple[str, datetime]]) -> None:
+    """Catalog.rate_rows answers unlisted customers' rows a month at a time: the same books, periods,
+    prices and errors as asking the catalog row by row, before and after its month caches fill."""
+    catalog = parse_catalog(VERSIONED)
+    rows = [EventRow("usage", f"e{i}", customer, at, model="m1", input_tokens=1000) for i, (customer, at) in enumerate(batch)]
+    expected = rate_rows(rows, catalog._book_finder())
+    for _ in range(2):  # the second time, every month this batch touched is cached
+        got = catalog.rate_rows(rows)
+        assert got.rated == expected.rated
+        assert [str(e) if e else None for e in got.errors] == [str(e) if e else None for e in expected.errors]
+
+
+def test_a_month_one_version_covers_whole_is_answered_at_once() -> None:
+    catalog = parse_catalog(VERSIONED)
+    april, march = datetime(2026, 4, 3, tzinfo=timezone.utc), datetime(2026, 3, 20, tzinfo=timezone.utc)
+    december = datetime(2025, 12, 20, tzinfo=timezone.utc)  # before the plan's first version: no book
+    rows = [EventRow("usage", "e", c, at, model="m1") for c in ("u1", "listed") for at in (april, march, december)]
+    assert catalog._whole_month_books(rows) == ([None] * 6, [""] * 6)  # nothing cached yet
+    rating = catalog.rate_rows(rows)
+    assert "no version in effect in 2025-12" in str(rating.errors[2])
+    books, periods = catalog._whole_month_books(rows)
+    assert [b.version if b else None for b in books] == ["p-3", "p-1", None, None, None, None]
+    assert periods == ["2026-04", "2026-03", "", "", "", ""]
+    assert catalog.book_of("u1", march)[0].version == "p-1"  # next period: March stays on p-1
 
 
 @given(st.integers(-(10**37), 10**37))
