@@ -226,7 +226,8 @@ class WebSettings(_Section):
     #: Whether customers see the provider cost of their usage (cost to serve) beside credits.
     #: Off by default: with credits and cost side by side a customer can read our margin.
     show_cost_to_serve: bool = False
-    #: Seconds an invoice or invoices request waits for each saved query it runs before it fails.
+    #: Seconds each saved query of the customer web server may run (the server's ``max_execution_time``:
+    #: a slower one ends and the request answers 503); an invoice request waits no longer for one.
     query_timeout: float = Field(default=30.0, gt=0)
 
 

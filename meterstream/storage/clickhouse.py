@@ -311,7 +311,9 @@ class Storage(Protocol):
         *, raw_stored: Collection[tuple[str, int, int]] = (),
     ) -> None: ...
 
-    def query(self, sql: str, parameters: dict[str, Any] | None = None) -> QueryResult: ...
+    def query(
+        self, sql: str, parameters: dict[str, Any] | None = None, settings: dict[str, Any] | None = None
+    ) -> QueryResult: ...
 
     def recover_batches(self, committed: Mapping[tuple[str, int], int | None]) -> Recovery: ...
 
@@ -383,9 +385,13 @@ class ClickHouseStore:
         except Exception as exc:
             raise classify_error(exc, statement) from exc
 
-    def query(self, sql: str, parameters: dict[str, Any] | None = None) -> QueryResult:
+    def query(
+        self, sql: str, parameters: dict[str, Any] | None = None, settings: dict[str, Any] | None = None
+    ) -> QueryResult:
+        """Run ``sql``; ``settings`` are the server's query settings for this query alone
+        (e.g. ``max_execution_time``)."""
         try:
-            result = self.client.query(sql, parameters=parameters or {})
+            result = self.client.query(sql, parameters=parameters or {}, settings=settings)
         except Exception as exc:
             raise classify_error(exc, sql) from exc
         return QueryResult(

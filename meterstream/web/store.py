@@ -19,7 +19,12 @@ class Rows(Protocol):
 
 
 class CustomerQueries:
-    """Run a saved query for one customer; refuses queries that do not bind ``customer``."""
+    """Run a saved query for one customer; refuses queries that do not bind ``customer``.
+
+    Each query runs with the server's ``max_execution_time`` set to ``timeout`` seconds, so a
+    slow one ends there (a StoreError: the API answers 503) instead of holding the one
+    connection, and every other customer's request behind it.
+    """
 
     def __init__(self, settings: ClickHouseSettings, timeout: float) -> None:
         self.settings = settings
@@ -42,7 +47,8 @@ class CustomerQueries:
                 self._store = await asyncio.to_thread(open_store, self.settings, apply_migrations=False)
             store = self._store
             try:
-                result = await asyncio.to_thread(store.query, saved_query(name), bound)
+                result = await asyncio.to_thread(store.query, saved_query(name), bound,
+                                                 {"max_execution_time": self.timeout})  # fmt: skip
             except StoreError:
                 self._store = None  # reconnect next time
                 await asyncio.to_thread(store.close)
