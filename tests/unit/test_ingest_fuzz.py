@@ -44,8 +44,9 @@ from meterstream.schemas.events import Attribution, Meter, OutcomeEvent, UsageEv
 
 COUNT = {"inputs": 0, "valid": 0}
 #: The instant every comparison runs at: the clock is stopped there for each test (below), so the
-#: future-time limit reads the same "now" in both paths however long the run takes.
-NOW = datetime.now(timezone.utc).replace(microsecond=0)
+#: future-time limit reads the same "now" in both paths however long the run takes, and on any day
+#: (the fixed timestamps here, 2026-11-27, and test_engine.py's, 2026-03, are before it).
+NOW = datetime(2026, 12, 1, 12, 30, tzinfo=timezone.utc)
 
 
 @pytest.fixture(autouse=True)

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 
+import pytest
+import time_machine
 from typer.testing import CliRunner
 
 from meterstream.cli import app
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "plans.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _clock_after_the_events() -> Iterator[None]:
+    """The events below are from autumn 2026; the models refuse events dated ahead of the clock."""
+    with time_machine.travel(datetime(2026, 11, 16, 12, 30, tzinfo=timezone.utc), tick=False):
+        yield
 
 
 def _write(path: Path, events: list[dict]) -> Path:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
+import time_machine
 from pydantic import ValidationError
 
 from meterstream.schemas.events import (
@@ -26,7 +27,16 @@ from meterstream.schemas.jsonschema import EXPORTED, export_json_schemas
 from meterstream.schemas.records import BudgetAlert, DeadLetter
 
 T0 = datetime(2025, 3, 15, 12, 0, 0, tzinfo=timezone.utc)
+#: The clock the models' future-time limit reads, stopped: the verdicts on T0 and on the day after
+#: NOW hold whatever day the tests run on.
+NOW = datetime(2026, 11, 16, 12, 30, tzinfo=timezone.utc)
 REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _clock_stopped_at_now() -> Iterator[None]:
+    with time_machine.travel(NOW, tick=False):
+        yield
 
 VALID_TOKENS: dict[str, Any] = {
     "event_id": "evt-1",
@@ -142,9 +152,8 @@ def test_events_are_immutable() -> None:
 
 # -- invalid events: every error names its field --------------------------------------------------
 
-# Computed at import: a day ahead stays "too far in the future" however long the suite runs
-# (ten minutes did not: the integration tests run first and take longer than that).
-NOW_PLUS_1_DAY = datetime.now(timezone.utc) + timedelta(days=1)
+# A day ahead of the stopped clock: "too far in the future" on any day the tests run.
+NOW_PLUS_1_DAY = NOW + timedelta(days=1)
 
 
 @pytest.mark.parametrize(
