@@ -696,9 +696,9 @@ class Catalog(_Strict):
         if not n or set(map(_tzinfo, instants)) != {timezone.utc}:
             return [None] * n, [""] * n
         months = list(map(_year_month, instants))
-        book_of_month = {month: self._whole_month_book(*month) for month in set(months)}
-        label_of_month = {month: f"{month[0]:04d}-{month[1]:02d}" if book is not None else ""
-                          for month, book in book_of_month.items()}  # fmt: skip
+        label_of_month = {month: f"{month[0]:04d}-{month[1]:02d}" for month in set(months)}
+        book_of_month = {month: self._whole_month_book(label) for month, label in label_of_month.items()}
+        label_of_month = {month: label if book_of_month[month] is not None else "" for month, label in label_of_month.items()}
         books = list(map(book_of_month.__getitem__, months))
         periods = list(map(label_of_month.__getitem__, months))
         listed = self.customers
@@ -708,16 +708,12 @@ class Catalog(_Strict):
             periods = ["" if book is None else period for book, period in zip(books, periods, strict=True)]
         return books, periods
 
-    def _whole_month_book(self, year: int, month: int) -> PriceBook | None:
+    def _whole_month_book(self, period: str) -> PriceBook | None:
         """The default plan's book for a whole calendar month, if one segment covers all of it."""
-        period = f"{year:04d}-{month:02d}"
         segments = self._default_cache.get(period)
-        if segments is None:
-            return None  # book_of computes (or refuses) it first
-        if len(segments) != 1:
-            return None
-        start = datetime(year, month, 1, tzinfo=timezone.utc)
-        end = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=timezone.utc)
+        if segments is None or len(segments) != 1:
+            return None  # not computed yet (book_of computes or refuses it first), or split
+        start, end = period_bounds(period)
         (segment,) = segments
         return segment.version.price_book if segment.start <= start and end <= segment.end else None
 

@@ -140,7 +140,6 @@ def test_catalog_rate_is_the_engine_for_a_batch_of_one() -> None:
         default_catalog.rate(event.model_copy(update={"model": "nope"}))
 
 
-
 def _book(version: str, rate: str) -> dict[str, Any]:
     return {"version": version, "models": {"m1": {"provider": "openai", "credits_per_1k": {"input": rate, "output": rate},
                                                    "cost_per_1m": {"input": "1", "output": "1"}}}}  # fmt: skip
